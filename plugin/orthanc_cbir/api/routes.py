@@ -1,0 +1,53 @@
+"""Transport-free HTTP handlers: plain functions from a request to a :class:`Response`.
+
+An adapter (Orthanc's Python plugin, a standalone server) turns its own request
+into arguments, calls the handler and writes the :class:`Response` back. Handlers
+never raise for a client's mistake: they answer 4xx with a JSON message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .. import __version__
+from ..config import Settings
+
+
+@dataclass(frozen=True)
+class Response:
+    """What an adapter sends back."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200) -> Response:
+        return cls(status=status, body=json.dumps(payload, indent=2).encode())
+
+    @classmethod
+    def error(cls, status: int, message: str) -> Response:
+        return cls.json({"error": message, "status": status}, status=status)
+
+
+def status(settings: Settings) -> Response:
+    """``GET /cbir/status``: version and Redis health (HTTP 200 even when Redis is down,
+    so that a monitor can read what is wrong)."""
+    return Response.json({"version": __version__, "redis": redis_health(settings.redis_url)})
+
+
+def redis_health(url: str) -> dict[str, Any]:
+    """``{"ok": true, "version": ...}`` or ``{"ok": false, "error": ...}``; never raises."""
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        info = client.info("server")
+        return {"ok": True, "version": info.get("redis_version")}
+    except redis.RedisError as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        client.close()

@@ -1,0 +1,98 @@
+"""One settings object for every adapter (Orthanc plugin, worker, CLI).
+
+Where a value comes from, strongest first:
+
+1. a CLI flag (passed to :func:`load_settings` as an override);
+2. an environment variable ``CBIR_<FIELD>`` (``CBIR_REDIS_URL``);
+3. inside Orthanc, the ``Cbir`` section of its configuration, keys in CamelCase
+   (``"RedisUrl"``);
+4. the default below.
+
+>>> load_settings(env={"CBIR_FRAMES_PER_INSTANCE": "3"}).frames_per_instance
+3
+>>> load_settings(orthanc_section={"RedisUrl": "redis://cache:6379/2"}, env={}).redis_url
+'redis://cache:6379/2'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "CBIR_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an operator can set. Each field's docstring says what it does."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis that holds the index, the ingest stream and the rejected list."""
+
+    frames_per_instance: int = 1
+    """Frames of a multi-frame instance that become index entries, spread evenly
+    (1 = the middle frame)."""
+
+    log_level: str = "INFO"
+    """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
+
+
+def load_settings(
+    orthanc_section: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from the Orthanc ``Cbir`` section, the environment and overrides.
+
+    ``overrides`` whose value is ``None`` are ignored, so CLI flags that were not
+    given can be passed straight through.
+
+    Raises:
+        ValueError: a value cannot be read as its field's type, or a key is unknown.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    fields = {field.name: field for field in dataclasses.fields(Settings)}
+    for key, value in (orthanc_section or {}).items():
+        name = _snake_case(key)
+        if name not in fields:
+            raise ValueError(f"unknown setting {key!r} in the Cbir section (known: {', '.join(sorted(fields))})")
+        values[name] = value
+    for name in fields:
+        if ENV_PREFIX + name.upper() in env:
+            values[name] = env[ENV_PREFIX + name.upper()]
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    return Settings(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if text.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"setting {name} must be {kind.__name__}, got {value!r}") from None
+
+
+def _snake_case(key: str) -> str:
+    out = []
+    for i, char in enumerate(key):
+        if char.isupper() and i and not key[i - 1].isupper():
+            out.append("_")
+        out.append(char.lower())
+    return "".join(out)

@@ -1,0 +1,32 @@
+"""DICOM in: decoded, normalised grey images and one metadata record per instance.
+
+:func:`decode_instance` is the entry point; see :mod:`.pixels` for the grey value
+pipeline and :mod:`.metadata` for the record.
+"""
+
+from .metadata import InstanceMetadata, extract_metadata, parse_age, parse_da
+from .pixels import (
+    DecodedInstance,
+    NormalisedImage,
+    Rejection,
+    RejectionReason,
+    decode_dataset,
+    decode_instance,
+    read_dataset,
+    select_frames,
+)
+
+__all__ = [
+    "DecodedInstance",
+    "InstanceMetadata",
+    "NormalisedImage",
+    "Rejection",
+    "RejectionReason",
+    "decode_dataset",
+    "decode_instance",
+    "extract_metadata",
+    "parse_age",
+    "parse_da",
+    "read_dataset",
+    "select_frames",
+]

@@ -1,0 +1,180 @@
+"""The metadata of one DICOM instance as one typed record.
+
+The record holds what retrieval filters and answers need (UIDs, modality, body
+part, sex, age, dates, geometry). It never holds the patient's name or ID: the
+one patient field is :attr:`InstanceMetadata.patient_key`, a one-way hash that
+lets a query exclude the same patient without storing who the patient is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+_AGE_UNIT_YEARS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """What the index keeps about an instance besides its pixels."""
+
+    sop_instance_uid: str | None
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    sop_class_uid: str | None
+    modality: str | None
+    body_part_examined: str | None
+    study_description: str | None
+    series_description: str | None
+    patient_sex: str | None
+    """``M``, ``F`` or ``O``; ``None`` when absent or not one of those."""
+    patient_age_years: float | None
+    """From PatientAge (``045Y``, ``006M``...), else BirthDate to StudyDate."""
+    study_date: dt.date | None
+    manufacturer: str | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int
+    pixel_spacing_mm: tuple[float, float] | None
+    """Row and column spacing: PixelSpacing, else ImagerPixelSpacing."""
+    slice_location: float | None
+    image_position_patient: tuple[float, float, float] | None
+    patient_key: str | None
+    """SHA-256 (16 hex digits) of issuer and PatientID: equal for the same patient,
+    useless for finding out who the patient is."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the date as ``YYYY-MM-DD``, tuples as lists)."""
+        record = asdict(self)
+        record["study_date"] = self.study_date.isoformat() if self.study_date else None
+        for name in ("pixel_spacing_mm", "image_position_patient"):
+            if record[name] is not None:
+                record[name] = list(record[name])
+        return record
+
+
+def extract_metadata(ds: Dataset) -> InstanceMetadata:
+    """Read the :class:`InstanceMetadata` of a dataset; absent or malformed values become ``None``."""
+    study_date = parse_da(_text(ds, "StudyDate"))
+    return InstanceMetadata(
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID") or _meta_text(ds, "MediaStorageSOPClassUID"),
+        modality=_text(ds, "Modality"),
+        body_part_examined=_upper(_text(ds, "BodyPartExamined")),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        patient_sex=_sex(_text(ds, "PatientSex")),
+        patient_age_years=_age_years(ds, study_date),
+        study_date=study_date,
+        manufacturer=_text(ds, "Manufacturer"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=max(_int(ds, "NumberOfFrames") or 1, 1),
+        pixel_spacing_mm=_floats(ds, "PixelSpacing", 2) or _floats(ds, "ImagerPixelSpacing", 2),
+        slice_location=_float(ds, "SliceLocation"),
+        image_position_patient=_floats(ds, "ImagePositionPatient", 3),
+        patient_key=_patient_key(ds),
+    )
+
+
+def parse_age(value: str | None) -> float | None:
+    """Years from a DICOM AS value (``045Y``, ``006M``, ``003W``, ``010D``); ``None`` if malformed."""
+    if not value:
+        return None
+    value = value.strip().upper()
+    number, unit = value[:-1], value[-1:]
+    if unit not in _AGE_UNIT_YEARS or not number.isdigit():
+        return None
+    return round(int(number) * _AGE_UNIT_YEARS[unit], 3)
+
+
+def parse_da(value: str | None) -> dt.date | None:
+    """A date from a DICOM DA value (``YYYYMMDD``, or the old ``YYYY.MM.DD``); ``None`` if malformed."""
+    if not value:
+        return None
+    digits = value.strip().replace(".", "")
+    try:
+        return dt.datetime.strptime(digits[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _age_years(ds: Dataset, study_date: dt.date | None) -> float | None:
+    age = parse_age(_text(ds, "PatientAge"))
+    if age is not None:
+        return age
+    birth = parse_da(_text(ds, "PatientBirthDate"))
+    if birth is None or study_date is None or study_date < birth:
+        return None
+    return round((study_date - birth).days / 365.25, 3)
+
+
+def _patient_key(ds: Dataset) -> str | None:
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        return None
+    issuer = _text(ds, "IssuerOfPatientID") or ""
+    return hashlib.sha256(f"{issuer}\x00{patient_id}".encode()).hexdigest()[:16]
+
+
+def _sex(value: str | None) -> str | None:
+    value = (value or "").strip().upper()
+    return value if value in {"M", "F", "O"} else None
+
+
+def _upper(value: str | None) -> str | None:
+    return value.upper() if value else None
+
+
+def _raw(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:  # a malformed element must not cost the whole record
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = _raw(ds, keyword)
+    if value is None:
+        return None
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else ""
+    text = str(value).strip().strip("\x00")
+    return text or None
+
+
+def _meta_text(ds: Dataset, keyword: str) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    return _text(meta, keyword) if meta is not None else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = _raw(ds, keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = _raw(ds, keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    value = _raw(ds, keyword)
+    try:
+        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None

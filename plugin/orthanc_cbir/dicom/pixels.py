@@ -1,0 +1,478 @@
+"""Decode a DICOM instance into normalised grey images, or say why it cannot be one.
+
+A caller hands over a file path or the bytes of a DICOM file and gets back either a
+:class:`DecodedInstance` (its :class:`InstanceMetadata` and one
+:class:`NormalisedImage` per selected frame: float32, one channel, values in 0..1,
+with the decisions that produced it) or a :class:`Rejection` with a
+:class:`RejectionReason` and a sentence that says what was wrong. Nothing raises on
+bad input.
+
+The grey value pipeline follows PS3.3 C.11 in the order a viewer applies it:
+decode (pydicom with pylibjpeg / GDCM; DCMTK when those refuse) -> colour to grey
+(palette and YBR through RGB to BT.601 luma) -> Modality LUT (rescale or LUT
+sequence, per-frame values for enhanced objects) -> VOI (LUT sequence, else the
+first window, else a modality default) -> MONOCHROME1 inversion.
+
+>>> from orthanc_cbir.dicom import decode_instance
+>>> result = decode_instance("CT_small.dcm")          # doctest: +SKIP
+>>> result.images[0].pixels.shape, result.images[0].decisions[:2]   # doctest: +SKIP
+((128, 128), ('decoder: pydicom (Explicit VR Little Endian)', 'modality LUT: ...'))
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+)
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
+
+from .metadata import InstanceMetadata, extract_metadata
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+"""A DICOM file: a path, its bytes, or a binary file object."""
+
+
+class RejectionReason(str, enum.Enum):
+    """Why an instance cannot become an index entry. The value is what users read."""
+
+    NOT_DICOM = "not DICOM"
+    NOT_AN_IMAGE = "not an image"
+    UNSUPPORTED_IMAGE = "unsupported image"
+    NO_DECODER = "no decoder"
+    CORRUPT_PIXEL_DATA = "corrupt pixel data"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An instance that will not be indexed, and why."""
+
+    reason: RejectionReason
+    detail: str
+    metadata: InstanceMetadata | None = None
+    """What could be read of the instance (``None`` when it is not DICOM at all)."""
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class NormalisedImage:
+    """One frame as the model sees it before resizing."""
+
+    pixels: np.ndarray
+    """float32, shape (rows, columns), values in 0..1, 1 = brightest as displayed."""
+    frame_index: int
+    """0-based frame number within the instance."""
+    decisions: tuple[str, ...]
+    """Each step taken, in order, in words (decoder, LUTs, window, inversion)."""
+
+
+@dataclass(frozen=True)
+class DecodedInstance:
+    """An instance that decoded: its metadata and the frames chosen for the index."""
+
+    metadata: InstanceMetadata
+    number_of_frames: int
+    images: tuple[NormalisedImage, ...]
+
+
+# The DCMTK tools that decompress a transfer syntax in place of pydicom's plugins
+# where those refuse (notably 12-bit JPEG Extended, which pylibjpeg and GDCM lack).
+_DCMTK_DECOMPRESSORS: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "dcmdjpeg",
+    "1.2.840.10008.1.2.4.51": "dcmdjpeg",
+    "1.2.840.10008.1.2.4.57": "dcmdjpeg",
+    "1.2.840.10008.1.2.4.70": "dcmdjpeg",
+    "1.2.840.10008.1.2.4.80": "dcmdjpls",
+    "1.2.840.10008.1.2.4.81": "dcmdjpls",
+    "1.2.840.10008.1.2.5": "dcmdrle",
+}
+
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# CT defaults (centre, width in HU) where the file carries no VOI: lung for the
+# chest, brain for the head, soft tissue elsewhere.
+_CT_WINDOWS: tuple[tuple[frozenset[str], str, float, float], ...] = (
+    (frozenset({"CHEST", "LUNG", "THORAX"}), "lung", -600.0, 1500.0),
+    (frozenset({"HEAD", "BRAIN", "SKULL"}), "brain", 40.0, 80.0),
+)
+_CT_SOFT_TISSUE = ("soft tissue", 40.0, 400.0)
+_AUTO_PERCENTILES = (0.5, 99.5)
+# ITU-R BT.601 luma weights, the Y of DICOM's YBR_FULL (PS3.3 C.7.6.3.1.2).
+_BT601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def read_dataset(source: Source) -> Dataset:
+    """Parse a DICOM file, with or without its preamble and file meta.
+
+    Files written without file meta (old ACR-NEMA style) get a Transfer Syntax UID
+    inferred from their encoding, so that the pixel decoders can run.
+
+    Raises:
+        pydicom.errors.InvalidDicomError: the data is not DICOM.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    try:
+        ds = pydicom.dcmread(source)
+    except InvalidDicomError:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        ds = pydicom.dcmread(source, force=True)
+        if not _looks_like_dicom(ds):
+            raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _infer_transfer_syntax(ds)
+    return ds
+
+
+def decode_instance(source: Source, *, max_frames: int = 1) -> DecodedInstance | Rejection:
+    """Decode a DICOM file into up to ``max_frames`` normalised images, or reject it."""
+    # pydicom warns about malformed values by quoting them, names included: such
+    # text must not reach a log, and the outcome already says what matters.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(source)
+        except Exception as exc:  # any parse failure means the same thing to the caller
+            return Rejection(RejectionReason.NOT_DICOM, _first_line(exc))
+        return decode_dataset(ds, max_frames=max_frames)
+
+
+def decode_dataset(ds: Dataset, *, max_frames: int = 1) -> DecodedInstance | Rejection:
+    """Decode an already parsed dataset (see :func:`decode_instance`)."""
+    try:
+        metadata = extract_metadata(ds)
+    except Exception as exc:
+        return Rejection(RejectionReason.NOT_DICOM, f"unreadable attributes: {_first_line(exc)}")
+
+    not_image = _not_an_image(ds)
+    if not_image:
+        return Rejection(RejectionReason.NOT_AN_IMAGE, not_image, metadata)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in _GREY + _COLOUR + ("PALETTE COLOR",):
+        return Rejection(
+            RejectionReason.UNSUPPORTED_IMAGE,
+            f"photometric interpretation {photometric or '(absent)'!r} has no grey rendering",
+            metadata,
+        )
+    if "PixelData" not in ds:
+        return Rejection(
+            RejectionReason.UNSUPPORTED_IMAGE, "floating-point pixel data (e.g. a parametric map)", metadata
+        )
+
+    frames = select_frames(metadata.number_of_frames, max_frames)
+    pixel_source, decoder_note = ds, None
+    images = []
+    for index in frames:
+        try:
+            raw, decoded_photometric, note = _decode_frame(pixel_source, index)
+        except _DecodeFailure as failure:
+            if pixel_source is not ds or not _dcmtk_tool(ds):
+                return Rejection(failure.reason, failure.detail, metadata)
+            try:
+                pixel_source, tool = _dcmtk_decompress(ds)
+                decoder_note = f"decoder: DCMTK {tool} (no pydicom plugin decodes this {_syntax_name(ds)} file)"
+                raw, decoded_photometric, note = _decode_frame(pixel_source, index)
+            except _DecodeFailure as second:
+                return Rejection(second.reason, f"{failure.detail}; DCMTK: {second.detail}", metadata)
+        decisions = [decoder_note or note]
+        try:
+            pixels = _to_grey(pixel_source, raw, index, decoded_photometric, metadata, decisions)
+        except Exception as exc:  # a LUT or window that contradicts the pixel data
+            return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: {_first_line(exc)}", metadata)
+        images.append(NormalisedImage(pixels=pixels, frame_index=index, decisions=tuple(decisions)))
+    return DecodedInstance(metadata=metadata, number_of_frames=metadata.number_of_frames, images=tuple(images))
+
+
+def select_frames(number_of_frames: int, max_frames: int) -> list[int]:
+    """Which frames of a multi-frame instance become index entries.
+
+    All frames when there are at most ``max_frames``; otherwise ``max_frames`` frames
+    spread evenly, each at the centre of its share (so ``max_frames=1`` takes the
+    middle frame: the representative one of a cine loop or an enhanced volume).
+    """
+    if max_frames < 1:
+        raise ValueError("max_frames must be at least 1")
+    if number_of_frames <= max_frames:
+        return list(range(number_of_frames))
+    return [int((k + 0.5) * number_of_frames / max_frames) for k in range(max_frames)]
+
+
+class _DecodeFailure(Exception):
+    def __init__(self, reason: RejectionReason, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str, str]:
+    """The raw stored values of one frame, its photometric interpretation after
+    decoding (YBR becomes RGB), and a note naming the decoder."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise _DecodeFailure(RejectionReason.NO_DECODER, f"no pixel decoder for transfer syntax {syntax.name}")
+    if not decoder.is_available:
+        raise _DecodeFailure(
+            RejectionReason.NO_DECODER, f"no installed decoder for {syntax.name}: {decoder.missing_dependencies}"
+        )
+    try:
+        array, meta = decoder.as_array(ds, index=index, as_rgb=True)
+    except Exception as exc:
+        reason = RejectionReason.NO_DECODER if syntax.is_compressed else RejectionReason.CORRUPT_PIXEL_DATA
+        raise _DecodeFailure(reason, f"{syntax.name}: {_first_line(exc)}")
+    photometric = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+    return array, photometric, f"decoder: pydicom ({syntax.name})"
+
+
+def _dcmtk_tool(ds: Dataset) -> str | None:
+    tool = _DCMTK_DECOMPRESSORS.get(str(ds.file_meta.TransferSyntaxUID))
+    return tool if tool and shutil.which(tool) else None
+
+
+def _dcmtk_decompress(ds: Dataset) -> tuple[Dataset, str]:
+    """The dataset decompressed by DCMTK into Explicit VR Little Endian, and the tool used."""
+    tool = _dcmtk_tool(ds)
+    assert tool is not None
+    with tempfile.TemporaryDirectory(prefix="cbir-dcmtk-") as tmp:
+        src, dst = Path(tmp, "in.dcm"), Path(tmp, "out.dcm")
+        ds.save_as(src, enforce_file_format=True)
+        done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0 or not dst.exists():
+            raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(done.stderr)}")
+        return pydicom.dcmread(dst), tool
+
+
+def _to_grey(
+    ds: Dataset,
+    raw: np.ndarray,
+    index: int,
+    photometric: str,
+    metadata: InstanceMetadata,
+    decisions: list[str],
+) -> np.ndarray:
+    """Map one decoded frame to float32 grey in 0..1, appending each decision."""
+    photometric = photometric.strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, ds)
+        bits = 8 if rgb.dtype == np.uint8 else 16
+        decisions.append(f"palette colour -> {bits}-bit RGB -> BT.601 luma")
+        return _luma(rgb, bits)
+    if photometric in _COLOUR or raw.ndim == 3:
+        bits = int(ds.get("BitsStored", 8) or 8)
+        if photometric.startswith("YBR"):
+            decisions.append(f"{photometric}: luma from the Y channel")
+            return _clip01(raw[..., 0].astype(np.float32) / float(2**bits - 1))
+        decisions.append(f"{photometric} -> BT.601 luma")
+        return _luma(raw, bits)
+
+    view = _frame_view(ds, index)
+    values, modality_note = _modality_lut(raw, view)
+    decisions.append(modality_note)
+    grey = _voi(values, view, metadata, decisions)
+    inverse_shape = str(view.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or inverse_shape:
+        grey = 1.0 - grey
+        decisions.append("inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)")
+    return _clip01(grey)
+
+
+def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
+    if view.get("ModalityLUTSequence"):
+        explanation = view.ModalityLUTSequence[0].get("LUTExplanation", "")
+        note = f"modality LUT: sequence {explanation}".strip()
+    elif "RescaleSlope" in view or "RescaleIntercept" in view:
+        view.RescaleSlope = float(view.get("RescaleSlope", 1.0) or 1.0)
+        view.RescaleIntercept = float(view.get("RescaleIntercept", 0.0) or 0.0)
+        note = f"modality LUT: slope {view.RescaleSlope:g}, intercept {view.RescaleIntercept:g}"
+    else:
+        return raw.astype(np.float64), "modality LUT: none (stored values)"
+    return np.asarray(apply_modality_lut(raw, view), dtype=np.float64), note
+
+
+def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
+    if view.get("VOILUTSequence"):
+        item = view.VOILUTSequence[0]
+        out_bits = int(item.LUTDescriptor[2])
+        # A LUT is indexed by stored values: keep integral input integral.
+        lut_input = values.astype(np.int64) if np.array_equal(values, np.round(values)) else values
+        grey = np.asarray(apply_voi(lut_input, view, index=0), dtype=np.float64) / float(2**out_bits - 1)
+        decisions.append(f"VOI: LUT sequence {item.get('LUTExplanation', '')}".strip())
+        return grey
+    window = _file_window(view)
+    if window is not None:
+        centre, width, function, note = window
+        decisions.append(f"VOI: window centre {centre:g} width {width:g} ({note})")
+        return _apply_window(values, centre, width, function)
+    calibrated = "RescaleIntercept" in view or bool(view.get("ModalityLUTSequence"))
+    if metadata.modality == "CT" and calibrated:
+        name, centre, width = _ct_default(metadata.body_part_examined)
+        decisions.append(f"VOI: none in file; CT {name} default centre {centre:g} width {width:g}")
+        return _apply_window(values, centre, width, "LINEAR")
+    low, high = np.percentile(values, _AUTO_PERCENTILES)
+    if high <= low:
+        high = low + 1.0
+    decisions.append(
+        f"VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile [{low:g}, {high:g}]"
+    )
+    return (values - low) / (high - low)
+
+
+def _file_window(view: Dataset) -> tuple[float, float, str, str] | None:
+    """The first usable window of the file: (centre, width, function, note)."""
+    if "WindowCenter" not in view or "WindowWidth" not in view:
+        return None
+    centres, widths = _as_list(view.WindowCenter), _as_list(view.WindowWidth)
+    function = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        function = "LINEAR"
+    explanations = _as_list(view.get("WindowCenterWidthExplanation", []))
+    for i, (centre, width) in enumerate(zip(centres, widths)):
+        try:
+            centre, width = float(centre), float(width)
+        except (TypeError, ValueError):
+            continue
+        if width >= 1.0 or (function != "LINEAR" and width > 0):
+            label = str(explanations[i]) if i < len(explanations) and explanations[i] else f"window {i + 1} of {len(centres)}"
+            return centre, width, function, f"{label}, {function}"
+    return None
+
+
+def _apply_window(values: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    # pydicom's windowing maps into the stored value range of the dataset it is
+    # given; a one-bit unsigned range makes that range exactly 0..1.
+    unit_range = Dataset()
+    unit_range.PhotometricInterpretation = "MONOCHROME2"
+    unit_range.BitsStored = 1
+    unit_range.PixelRepresentation = 0
+    unit_range.WindowCenter = centre
+    unit_range.WindowWidth = width
+    unit_range.VOILUTFunction = function
+    return np.asarray(apply_windowing(values, unit_range), dtype=np.float64)
+
+
+def _ct_default(body_part: str | None) -> tuple[str, float, float]:
+    for parts, name, centre, width in _CT_WINDOWS:
+        if body_part in parts:
+            return name, centre, width
+    return _CT_SOFT_TISSUE
+
+
+_VIEW_KEYWORDS = (
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation",
+    "VOILUTSequence", "PresentationLUTShape",
+)  # fmt: skip
+
+
+def _frame_view(ds: Dataset, index: int) -> Dataset:
+    """The pixel-module attributes that hold for one frame.
+
+    Enhanced multi-frame objects keep rescale and window in functional groups
+    (shared, then per frame, the per-frame value winning); pydicom's LUT functions
+    read them from the top level, so they are copied there.
+    """
+    view = Dataset()
+    for keyword in _VIEW_KEYWORDS:
+        if keyword in ds:
+            setattr(view, keyword, ds[keyword].value)
+    groups = []
+    if ds.get("SharedFunctionalGroupsSequence"):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    for group in groups:
+        if group.get("PixelValueTransformationSequence"):
+            item = group.PixelValueTransformationSequence[0]
+            for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+                if keyword in item:
+                    setattr(view, keyword, item[keyword].value)
+        if group.get("FrameVOILUTSequence"):
+            item = group.FrameVOILUTSequence[0]
+            for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"):
+                if keyword in item:
+                    setattr(view, keyword, item[keyword].value)
+    return view
+
+
+def _not_an_image(ds: Dataset) -> str | None:
+    """Why the dataset is not an image, or ``None`` when it is one."""
+    sop_class = UID(str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")))
+    if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR (media directory), not an image"
+    known = bool(sop_class) and sop_class.name != sop_class
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        return f"{sop_class.name if known else 'the object'} has no pixel data"
+    if known and "Image Storage" not in sop_class.name:
+        return f"{sop_class.name} holds pixel data that is not an image for retrieval"
+    return None
+
+
+def _luma(rgb: np.ndarray, bits: int) -> np.ndarray:
+    luma = rgb.astype(np.float32) @ _BT601_LUMA
+    return _clip01(luma / float(2**bits - 1))
+
+
+def _clip01(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def _as_list(value: object) -> list:
+    return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+
+def _looks_like_dicom(ds: Dataset) -> bool:
+    return len(ds) > 0 and any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "PixelData", "Modality", "Rows"))
+
+
+def _infer_transfer_syntax(ds: Dataset) -> None:
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = True, True
+    if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
+        ds.file_meta = FileMetaDataset()
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _syntax_name(ds: Dataset) -> str:
+    return UID(ds.file_meta.TransferSyntaxUID).name
+
+
+def _first_line(value: object) -> str:
+    """A message on one line, short enough for a rejection list."""
+    text = " ".join(str(value).split())
+    return text[:300] if text else type(value).__name__

@@ -1,0 +1,227 @@
+"""Start a private redis-server and Orthanc on free loopback ports, in a state directory.
+
+``make demo`` and the integration tests use these; production runs the Debian
+services or the docker compose file instead. Both classes are context managers
+that stop what they started (and wait for it to exit) when the block ends::
+
+    with RedisServer(state / "redis") as redis_server, \\
+         OrthancServer(state / "orthanc", redis_url=redis_server.url) as orthanc:
+        requests.get(orthanc.url + "/cbir/status", auth=orthanc.auth)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+from typing import Any
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout: holds ``orthanc.json``, ``plugin/orthanc_entry.py`` and ``.venv``."""
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+class ServiceError(RuntimeError):
+    """A service did not start; the message ends with the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Process:
+    """A child process with its log in the state directory."""
+
+    name = "service"
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.log_path = self.state_dir / f"{self.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, cwd=self.state_dir, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_until(self, ready, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServiceError(f"{self.name} exited with {self.process.returncode}\n{self.log_tail()}")
+            if ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise ServiceError(f"{self.name} not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the service's log."""
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask the process to stop, wait for it to exit, kill it if it will not."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisServer(_Process):
+    """A redis-server bound to 127.0.0.1 on a free port.
+
+    With ``persistent=False`` (tests) nothing is written to disk; otherwise the
+    data is kept as an append-only file in the state directory.
+    """
+
+    name = "redis"
+
+    def __init__(self, state_dir: Path, *, port: int | None = None, persistent: bool = False):
+        super().__init__(state_dir)
+        self.port = port or free_port()
+        self.persistent = persistent
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20.0) -> RedisServer:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        persistence = ["--appendonly", "yes"] if self.persistent else ["--appendonly", "no", "--save", ""]
+        self._spawn(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state_dir),
+             "--protected-mode", "yes", *persistence]
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        self._wait_until(lambda: _redis_answers(client), timeout_s)
+        return self
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+
+class OrthancServer(_Process):
+    """Orthanc with the DICOMweb and Python plugins, configured from the repository's
+    ``orthanc.json`` with ports, storage and a fresh password of its own.
+
+    Authentication stays on and remote access off, so although Orthanc 1.10 binds
+    every interface, only loopback clients with the password get in.
+    """
+
+    name = "orthanc"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        redis_url: str,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        aet: str = "CBIR",
+        cbir: dict[str, Any] | None = None,
+    ):
+        super().__init__(state_dir)
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.aet = aet
+        self.username = "cbir"
+        self.password = secrets.token_urlsafe(16)
+        self.cbir_section = {"RedisUrl": redis_url, **(cbir or {})}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return self.username, self.password
+
+    def configuration(self) -> dict[str, Any]:
+        """The repository's ``orthanc.json`` with this instance's ports, paths and user."""
+        config = json.loads((REPO_ROOT / "orthanc.json").read_text())
+        config.update(
+            {
+                "Name": f"orthanc-cbir-{self.http_port}",
+                "StorageDirectory": str(self.state_dir / "storage"),
+                "IndexDirectory": str(self.state_dir / "storage"),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "DicomAet": self.aet,
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": True,
+                "RegisteredUsers": {self.username: self.password},
+                "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so"), str(ORTHANC_PLUGINS / "libOrthancPython.so")],
+                "PythonScript": str(REPO_ROOT / "plugin" / "orthanc_entry.py"),
+            }
+        )
+        config["Cbir"] = {**config.get("Cbir", {}), **self.cbir_section}
+        return config
+
+    def start(self, timeout_s: float = 60.0) -> OrthancServer:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.state_dir / "orthanc.json"
+        config_path.write_text(json.dumps(self.configuration(), indent=2))
+        self._spawn([ORTHANC_BINARY, str(config_path)])
+        self._wait_until(lambda: self._answers("/system"), timeout_s)
+        return self
+
+    def _answers(self, path: str) -> bool:
+        try:
+            self.get_json(path, timeout_s=2)
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def request(self, method: str, path: str, body: bytes | None = None, *, content_type: str | None = None,
+                timeout_s: float = 30) -> tuple[int, bytes, str]:  # fmt: skip
+        """One authenticated HTTP request: (status, body, content type). 4xx/5xx do not raise."""
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        token = b64encode(f"{self.username}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.status, response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), error.headers.get("Content-Type", "")
+
+    def get_json(self, path: str, *, timeout_s: float = 30) -> Any:
+        """GET a JSON resource; raises ``ValueError`` on a status other than 200."""
+        status, body, _ = self.request("GET", path, timeout_s=timeout_s)
+        if status != 200:
+            raise ValueError(f"GET {path}: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+
+def _redis_answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
