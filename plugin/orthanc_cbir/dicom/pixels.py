@@ -247,9 +247,8 @@ def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str, str]:
         )
     try:
         array, meta = decoder.as_array(ds, index=index, as_rgb=True)
-    except Exception as exc:
-        reason = RejectionReason.NO_DECODER if syntax.is_compressed else RejectionReason.CORRUPT_PIXEL_DATA
-        raise _DecodeFailure(reason, f"{syntax.name}: {_first_line(exc)}")
+    except Exception as exc:  # every installed plugin refused: the message lists why
+        raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"{syntax.name}: {_first_line(exc)}")
     photometric = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
     return array, photometric, f"decoder: pydicom ({syntax.name})"
 

@@ -1,0 +1,68 @@
+"""The metadata record: what is kept, how values are parsed, and that identity is not kept."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+
+from orthanc_cbir.dicom import extract_metadata, parse_age, parse_da
+from tests import dicom_factory as factory
+
+
+@pytest.mark.parametrize(
+    ("value", "years"),
+    [("063Y", 63.0), ("006M", 0.5), ("052W", 0.997), ("010D", 0.027), (" 045Y", 45.0), ("45", None), ("", None), ("0XXY", None)],
+)
+def test_patient_age_is_parsed_to_years(value, years):
+    assert parse_age(value) == (pytest.approx(years, abs=1e-3) if years is not None else None)
+
+
+@pytest.mark.parametrize(
+    ("value", "date"),
+    [("20240131", dt.date(2024, 1, 31)), ("2024.01.31", dt.date(2024, 1, 31)), ("20241340", None), ("", None), (None, None)],
+)
+def test_study_date_is_parsed_from_da(value, date):
+    assert parse_da(value) == date
+
+
+def test_record_holds_uids_modality_and_geometry():
+    ds = factory.grey_image(np.zeros((4, 6), dtype=np.uint16), BodyPartExamined="chest", PixelSpacing=[0.7, 0.8],
+                            SliceLocation="-120.5", ImagePositionPatient=[-200, -180, -120.5])  # fmt: skip
+    record = extract_metadata(ds)
+    assert record.sop_instance_uid == ds.SOPInstanceUID
+    assert record.series_instance_uid == ds.SeriesInstanceUID and record.study_instance_uid == ds.StudyInstanceUID
+    assert record.sop_class_uid == factory.CT_IMAGE
+    assert (record.modality, record.body_part_examined, record.patient_sex) == ("CT", "CHEST", "F")
+    assert record.patient_age_years == 63.0 and record.study_date == dt.date(2024, 1, 31)
+    assert (record.rows, record.columns, record.number_of_frames) == (4, 6, 1)
+    assert record.pixel_spacing_mm == (0.7, 0.8) and record.slice_location == -120.5
+    assert record.image_position_patient == (-200.0, -180.0, -120.5)
+    assert record.study_description == "CT CHEST" and record.manufacturer == "TestVendor"
+
+
+def test_age_falls_back_to_birth_date_and_study_date():
+    ds = factory.grey_image(np.zeros((2, 2), dtype=np.uint16), PatientBirthDate="19940131")
+    del ds.PatientAge
+    assert extract_metadata(ds).patient_age_years == pytest.approx(30.0, abs=0.01)
+
+
+def test_record_keeps_no_patient_identity_but_a_stable_key():
+    first = factory.grey_image(np.zeros((2, 2), dtype=np.uint16))
+    second = factory.grey_image(np.zeros((2, 2), dtype=np.uint16))
+    other = factory.grey_image(np.zeros((2, 2), dtype=np.uint16), PatientID="SOMEONE-ELSE")
+    records = [extract_metadata(ds) for ds in (first, second, other)]
+    text = json.dumps([record.to_json() for record in records])
+    assert factory.PATIENT_ID not in text and "Doe" not in text
+    assert records[0].patient_key == records[1].patient_key != records[2].patient_key
+
+
+def test_malformed_values_become_none_instead_of_raising():
+    ds = factory.grey_image(np.zeros((2, 2), dtype=np.uint16), PatientSex="unknown", StudyDate="yesterday")
+    ds.PatientAge = "sixty"
+    ds.add_new(0x00280030, "DS", None)  # PixelSpacing present but empty
+    record = extract_metadata(ds)
+    assert (record.patient_sex, record.study_date, record.patient_age_years, record.pixel_spacing_mm) == (None,) * 4
+    assert json.loads(json.dumps(record.to_json()))["study_date"] is None
