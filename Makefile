@@ -5,6 +5,8 @@
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3.11
 VENV := .venv
+# Extras of the package to install: `make install EXTRAS=` gives the runtime alone (the Docker image).
+EXTRAS ?= test
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk redis-server python3.11-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -24,7 +26,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	@touch $@
 
 demo: install
