@@ -5,8 +5,9 @@
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3.11
 VENV := .venv
-# Extras of the package to install: `make install EXTRAS=` gives the runtime alone (the Docker image).
-EXTRAS ?= test
+# Extras of the package to install: `make install EXTRAS=` gives the runtime alone (the Docker image);
+# the default adds torch (training, and the tests that compare ONNX with torch) and the test tools.
+EXTRAS ?= test,train
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk redis-server python3.11-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

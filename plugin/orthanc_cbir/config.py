@@ -20,9 +20,12 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CBIR_"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "onnx_models" / "cbir-resnet-64.onnx"
+"""The model this checkout ships."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,15 @@ class Settings:
     frames_per_instance: int = 1
     """Frames of a multi-frame instance that become index entries, spread evenly
     (1 = the middle frame)."""
+
+    model: str = str(DEFAULT_MODEL)
+    """The ONNX retrieval model; its card (same name, .json) must sit beside it."""
+
+    embed_threads: int = 2
+    """onnxruntime threads per embedder (per worker process)."""
+
+    embed_batch_size: int = 32
+    """Images per onnxruntime call."""
 
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""

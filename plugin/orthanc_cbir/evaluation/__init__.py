@@ -1,0 +1,1 @@
+"""Retrieval measures (numpy only) and the reports built on them."""

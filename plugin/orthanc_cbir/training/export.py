@@ -1,0 +1,114 @@
+"""``orthanc-cbir export``: a training checkpoint to one ONNX file and its model card.
+
+The ONNX graph takes ``image`` [N,1,S,S] (0..1, from
+:func:`~orthanc_cbir.model.preprocess.to_model_input`) and gives ``features``
+[N,D], ``code_logits`` [N,B] (label sub-codes then the ITQ ``appearance`` bits)
+and ``class_logits_<head>`` per label head. The card (same name, ``.json``)
+records the contract, the training run and the file's hash; validation figures
+are added by :mod:`orthanc_cbir.evaluation.model_report`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.codes import CodeLayout
+from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, card_path, file_sha256
+from ..model.preprocess import INPUT_SIZE
+from .data import LABELS
+from .net import RetrievalNet
+from .train import TrainConfig, build_net
+
+DATA_CREDITS = {
+    "MedNIST": "B. J. Erickson, Mayo Clinic (sources: TCIA, RSNA Bone Age, NIH Chest X-ray); CC BY-SA 4.0",
+    "PneumoniaMNIST": "MedMNIST v2 (Yang et al. 2023), from Kermany et al. 2018; CC BY 4.0",
+}
+
+
+class ExportedModel(nn.Module):
+    """The network plus the ITQ appearance code, with the output names of the contract."""
+
+    def __init__(self, net: RetrievalNet, itq_mean: np.ndarray, itq_projection: np.ndarray):
+        super().__init__()
+        self.net = net
+        self.register_buffer("itq_mean", torch.from_numpy(np.asarray(itq_mean, dtype=np.float32)))
+        self.register_buffer("itq_projection", torch.from_numpy(np.asarray(itq_projection, dtype=np.float32)))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(image)
+        appearance = (out["features"] - self.itq_mean) @ self.itq_projection
+        code_logits = torch.cat([out[f"code_{head}"] for head in LABELS] + [appearance], dim=1)
+        return (out["features"], code_logits, *[out[head] for head in LABELS])
+
+
+def load_checkpoint(checkpoint: Path) -> tuple[ExportedModel, TrainConfig, dict]:
+    """The exportable model, its training configuration and the training summary."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config_fields = dict(saved["summary"]["config"])
+    config_fields["widths"] = tuple(config_fields["widths"])
+    config = TrainConfig(**config_fields)
+    net = build_net(config)
+    net.load_state_dict(saved["state_dict"])
+    model = ExportedModel(net, saved["itq_mean"], saved["itq_projection"]).eval()
+    return model, config, saved["summary"]
+
+
+def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
+    """Write ``onnx_path`` and its card; returns the card's path."""
+    model, config, summary = load_checkpoint(checkpoint)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [FEATURES, CODE_LOGITS] + [CLASS_LOGITS_PREFIX + head for head in LABELS]
+    example = torch.rand(2, 1, INPUT_SIZE, INPUT_SIZE)
+    torch.onnx.export(
+        model, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=outputs,
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        opset_version=18, external_data=False, dynamo=True,
+    )  # fmt: skip
+    layout = CodeLayout.from_lengths(config.sub_code_lengths())
+    card = {
+        "name": name or onnx_path.stem,
+        "onnx": {"file": onnx_path.name, "sha256": file_sha256(onnx_path), "opset": 18},
+        "input": {
+            "name": INPUT_NAME,
+            "size": INPUT_SIZE,
+            "layout": "[N, 1, size, size] float32 in 0..1",
+            "preprocessing": "orthanc_cbir.dicom pixel step (Modality LUT, VOI, MONOCHROME1, colour to luma), "
+            "then orthanc_cbir.model.preprocess.to_model_input: pad to a square, area (down) / bilinear (up) resize",
+        },
+        "outputs": {
+            "features": config.embedding_dim,
+            "features_note": "L2-normalised; rank by Euclidean (= cosine) distance",
+            "code_logits": layout.bits,
+            "code_note": "bit = logit > 0, packed MSB first; sub-codes per code_layout",
+            **{CLASS_LOGITS_PREFIX + head: len(names) for head, names in LABELS.items()},
+        },
+        "code_layout": layout.to_json(),
+        "labels": {head: list(names) for head, names in LABELS.items()},
+        "architecture": {"backbone": "residual CNN, 4 stages x 2 basic blocks", "widths": list(config.widths),
+                         "parameters": sum(p.numel() for p in model.net.parameters())},  # fmt: skip
+        "training": {
+            "data": {"mednist": "mednist_dev.tar.gz, file-number blocks of 300 per class, every 10th block held out",
+                     "pneumoniamnist": "train split (val held out)" if config.pneumonia else None},  # fmt: skip
+            "credits": DATA_CREDITS,
+            "seed": config.seed,
+            "epochs": config.epochs,
+            "losses": "cross-entropy per head; CSQ hash centres per label sub-code; NT-Xent on two views "
+            "(JPEG, shift, zoom, rotation, intensity, noise; neighbouring slice as second view); "
+            "supervised contrastive on the finest label; ITQ appearance bits",
+            "seconds": summary["seconds"],
+            "torch": summary["torch"],
+            "history": summary["history"],
+            "command": f"orthanc-cbir train --epochs {config.epochs} --seed {config.seed}",
+        },
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "validation": None,
+    }
+    path = card_path(onnx_path)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path

@@ -1,0 +1,252 @@
+"""The training loop: ``orthanc-cbir train``.
+
+One network learns four things at once, each with its own loss:
+
+- label heads (modality, region, pathology): cross-entropy, unknown labels skipped;
+- sub-code heads: binary cross-entropy towards a per-class hash centre (CSQ), so
+  that the modality / region / pathology bits name the class (seed 004);
+- the embedding, *within* a class: NT-Xent (SimCLR) between two views of each
+  image, where the second view is sometimes the neighbouring slice of the same
+  volume; this orders images inside a class instead of collapsing it;
+- the embedding, *across* classes: a supervised-contrastive term on the finest
+  known label (MedNIST class, pneumonia label), weighted below the instance term.
+
+After the last epoch an ITQ rotation of the training features becomes the
+``appearance`` bits. The result is saved as ``checkpoint.pt`` (weights, ITQ,
+configuration) in the output folder; :mod:`.export` turns it into ONNX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .augment import jpeg_recompress, random_view
+from .data import LABELS, ImageSet, block_split, read_mednist, read_pneumonia
+from .itq import fit_itq
+from .net import RetrievalNet, hash_centres
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run is made of; saved beside the weights."""
+
+    mednist: str
+    """The MedNIST archive (``mednist_dev.tar.gz``)."""
+    pneumonia: str | None = None
+    """PneumoniaMNIST root (``train/`` and ``val/`` inside); ``None`` trains without pathology."""
+    epochs: int = 4
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    embedding_dim: int = 256
+    sub_code_bits: int = 8
+    """Bits of each label head's sub-code."""
+    appearance_bits: int = 104
+    """ITQ bits of the embedding; the code has 3 * sub_code_bits + appearance_bits bits."""
+    temperature: float = 0.1
+    supervised_weight: float = 0.2
+    neighbour_probability: float = 0.1
+    """Chance that an image's second view is its neighbouring slice (volume classes only)."""
+    pneumonia_repeat: int = 2
+    """Times the (small) PneumoniaMNIST train set appears per epoch."""
+    seed: int = 0
+    threads: int = 2
+    limit: int | None = None
+    """Use only this many training images (tiny runs in tests)."""
+    split_block: int = 300
+    """MedNIST file-number block size of the train / validation split (see :func:`.data.block_split`)."""
+    cache_dir: str | None = "state/cache"
+
+    def sub_code_lengths(self) -> dict[str, int]:
+        return {**{head: self.sub_code_bits for head in LABELS}, "appearance": self.appearance_bits}
+
+
+@dataclass
+class TrainingData:
+    train: ImageSet
+    validation: ImageSet
+    pneumonia_validation: ImageSet | None
+
+
+def load_data(config: TrainConfig) -> TrainingData:
+    """MedNIST split by file-number blocks, plus PneumoniaMNIST's own train / val."""
+    mednist = read_mednist(Path(config.mednist), Path(config.cache_dir) if config.cache_dir else None)
+    train_index, validation_index = block_split(mednist, block=config.split_block)
+    train = mednist.subset(train_index)
+    pneumonia_validation = None
+    if config.pneumonia:
+        pneumonia = read_pneumonia(Path(config.pneumonia), "train")
+        pneumonia.fine_class = pneumonia.fine_class + len(np.unique(mednist.fine_class))
+        train = ImageSet.concatenate([train] + [pneumonia] * config.pneumonia_repeat)
+        pneumonia_validation = read_pneumonia(Path(config.pneumonia), "val")
+    if config.limit:
+        rng = np.random.default_rng(config.seed)
+        train = train.subset(np.sort(rng.choice(len(train), size=min(config.limit, len(train)), replace=False)))
+    return TrainingData(train, mednist.subset(validation_index), pneumonia_validation)
+
+
+def build_net(config: TrainConfig) -> RetrievalNet:
+    """The network a configuration describes (training and export build it the same way)."""
+    return RetrievalNet(
+        {head: len(names) for head, names in LABELS.items()}, {head: config.sub_code_bits for head in LABELS},
+        config.widths, config.embedding_dim,
+    )  # fmt: skip
+
+
+def neighbour_index(image_set: ImageSet) -> np.ndarray:
+    """For each image, a neighbouring slice of the same volume (or -1)."""
+    order = np.lexsort((image_set.position, image_set.group))
+    neighbours = np.full(len(image_set), -1, dtype=np.int64)
+    for previous, current in zip(order[:-1], order[1:]):
+        same_stack = image_set.group[current] >= 0 and image_set.group[current] == image_set.group[previous]
+        if same_stack and 0 < image_set.position[current] - image_set.position[previous] <= 2:
+            neighbours[current] = previous
+            if neighbours[previous] < 0:
+                neighbours[previous] = current
+    return neighbours
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss on (2N, D) normalised features whose rows i and i+N are two views."""
+    n = z.shape[0] // 2
+    similarity = z @ z.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(similarity, targets)
+
+
+def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Khosla et al. 2020 on (M, D) normalised features; rows labelled -1 are skipped."""
+    keep = labels >= 0
+    z, labels = z[keep], labels[keep]
+    similarity = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool)
+    similarity = similarity.masked_fill(self_mask, float("-inf"))
+    log_probability = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positives.sum(dim=1)
+    has_positive = count > 0
+    mean_log = log_probability.masked_fill(~positives, 0.0).sum(dim=1)[has_positive] / count[has_positive]
+    return -mean_log.mean()
+
+
+def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Train, fit ITQ, save ``checkpoint.pt`` in ``out_dir``; returns the training summary."""
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = load_data(config)
+    train_set = data.train
+    neighbours = neighbour_index(train_set)
+
+    head_sizes = {head: len(names) for head, names in LABELS.items()}
+    net = build_net(config)
+    centres = {head: hash_centres(size, config.sub_code_bits, seed=i) for i, (head, size) in enumerate(head_sizes.items())}
+    steps_per_epoch = max(1, len(train_set) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=total_steps,
+                                                   pct_start=0.15)  # fmt: skip
+    labels = {head: torch.from_numpy(values) for head, values in train_set.labels.items()}
+    fine = torch.from_numpy(train_set.fine_class)
+    history = []
+
+    bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    for epoch in range(config.epochs):
+        net.train()
+        order = rng.permutation(len(train_set))
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            partner = index.copy()
+            use_neighbour = (rng.random(len(index)) < config.neighbour_probability) & (neighbours[index] >= 0)
+            partner[use_neighbour] = neighbours[index[use_neighbour]]
+            views = [
+                random_view(_as_tensor(jpeg_recompress(train_set.images[i], rng)), generator) for i in (index, partner)
+            ]
+            out = net(torch.cat(views))
+            both = torch.from_numpy(np.concatenate([index, index]))
+            losses = {
+                "instance": nt_xent(out["features"], config.temperature),
+                "supervised": config.supervised_weight
+                * supervised_contrastive(out["features"], fine[both], config.temperature),
+            }
+            for head in LABELS:
+                target = labels[head][both]
+                if (target >= 0).any():
+                    known = target >= 0
+                    losses[head] = F.cross_entropy(out[head][known], target[known])
+                    losses[f"code_{head}"] = F.binary_cross_entropy_with_logits(
+                        out[f"code_{head}"][known], centres[head][target[known]]
+                    )
+            loss = sum(losses.values())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", inst=f"{losses['instance'].item():.3f}")
+        figures = validate(net, data)
+        history.append({"epoch": epoch + 1, "loss": float(loss.item()), **figures})
+        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    bar.close()
+
+    net.eval()
+    gallery_features = embed_features(net, train_set)
+    itq_sample = rng.choice(len(gallery_features), size=min(20000, len(gallery_features)), replace=False)
+    itq_mean, itq_projection = fit_itq(gallery_features[itq_sample], config.appearance_bits, seed=config.seed)
+    summary = {
+        "config": dataclasses.asdict(config),
+        "history": history,
+        "train_images": len(train_set),
+        "seconds": round(time.monotonic() - started, 1),
+        "torch": torch.__version__,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state_dict": net.state_dict(), "itq_mean": itq_mean, "itq_projection": itq_projection, "summary": summary},
+        out_dir / "checkpoint.pt",
+    )
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _as_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+
+
+@torch.no_grad()
+def embed_features(net: RetrievalNet, image_set: ImageSet, batch: int = 512) -> np.ndarray:
+    net.eval()
+    parts = [net(_as_tensor(image_set.images[i : i + batch]))["features"].numpy() for i in range(0, len(image_set), batch)]
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def validate(net: RetrievalNet, data: TrainingData) -> dict[str, float]:
+    """Quick figures after each epoch: MedNIST class accuracy, pneumonia accuracy."""
+    net.eval()
+    figures = {"mednist_accuracy": _accuracy(net, data.validation, ("modality", "region"))}
+    if data.pneumonia_validation is not None:
+        figures["pneumonia_accuracy"] = _accuracy(net, data.pneumonia_validation, ("pathology",))
+    return figures
+
+
+def _accuracy(net: RetrievalNet, image_set: ImageSet, heads: tuple[str, ...]) -> float:
+    correct = np.ones(len(image_set), dtype=bool)
+    for start in range(0, len(image_set), 512):
+        out = net(_as_tensor(image_set.images[start : start + 512]))
+        for head in heads:
+            predicted = out[head].argmax(dim=1).numpy()
+            correct[start : start + 512] &= predicted == image_set.labels[head][start : start + 512]
+    return float(correct.mean())

@@ -1,0 +1,75 @@
+"""The model this checkout ships: its card matches the file, and it does on real
+held-out data what the card says (re-measured here on a sample, through onnxruntime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orthanc_cbir.config import DEFAULT_MODEL
+from orthanc_cbir.evaluation.metrics import exact_top_k
+from orthanc_cbir.evaluation.model_report import perturb_copy
+from orthanc_cbir.model.embedder import Embedder, file_sha256
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+MEDNIST = SHARED / "mednist" / "mednist_dev.tar.gz"
+needs_mednist = pytest.mark.skipif(not MEDNIST.exists(), reason=f"MedNIST is absent ({MEDNIST} not found)")
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(DEFAULT_MODEL, batch_size=256)
+
+
+def test_shipped_card_matches_the_shipped_file(embedder):
+    card = embedder.card
+    assert card.sha256 == file_sha256(DEFAULT_MODEL)
+    assert [s.name for s in card.code_layout.sub_codes] == ["modality", "region", "pathology", "appearance"]
+    assert card.code_bits % 8 == 0 and card.embedding_dim >= 128
+    assert card.raw["training"]["seed"] == 0 and card.raw["validation"]["command"].startswith("orthanc-cbir validate-model")
+    assert DEFAULT_MODEL.stat().st_size < 20 * 2**20
+
+
+def test_shipped_model_runs_without_torch_installed_in_the_process():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; sys.modules['torch'] = None\n"
+            "from orthanc_cbir.model.embedder import Embedder\n"
+            "out = Embedder().embed(np.zeros((2, 64, 64), np.float32)); print(out.features.shape)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(2, " in done.stdout
+
+
+@pytest.fixture(scope="module")
+def mednist_split():
+    from orthanc_cbir.training.data import block_split, read_mednist
+
+    mednist = read_mednist(MEDNIST, Path("state/cache"))
+    return mednist, *block_split(mednist)
+
+
+@needs_mednist
+def test_shipped_model_classifies_held_out_mednist_blocks(embedder, mednist_split):
+    mednist, _, validation = mednist_split
+    probabilities = embedder.embed(mednist.subset(validation).as_float()).probabilities
+    correct = np.ones(len(validation), dtype=bool)
+    for head in ("modality", "region"):
+        correct &= probabilities[head].argmax(axis=1) == mednist.labels[head][validation]
+    assert correct.mean() >= 0.995
+
+
+@needs_mednist
+def test_shipped_model_orders_images_within_a_class(embedder, mednist_split):
+    """Exact top-10 neighbours of a held-out image mostly share its class, and its codes
+    are not one per class: thousands of distinct codes in a class of thousands."""
+    mednist, train, validation = mednist_split
+    gallery = embedder.embed(mednist.subset(train).as_float())
+    queries = validation[:: max(1, len(validation) // 300)]
+    top = exact_top_k(embedder.embed(mednist.subset(queries).as_float()).features, gallery.features, 10)
+    assert (mednist.fine_class[train][top] == mednist.fine_class[queries][:, None]).mean() >= 0.99
+    in_class = gallery.codes[mednist.fine_class[train] == 0]
+    assert len(np.unique(in_class, axis=0)) >= 0.5 * len(in_class)

@@ -1,0 +1,80 @@
+"""A few training steps, the export to ONNX, and the embedder on the exported file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from orthanc_cbir.model.embedder import Embedder, ModelContractError, card_path
+from orthanc_cbir.training.export import export, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    checkpoint, _ = tiny_checkpoint
+    onnx_path = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    export(checkpoint, onnx_path)
+    return onnx_path
+
+
+def test_a_tiny_training_run_records_its_history_and_checkpoint(tiny_checkpoint):
+    checkpoint, summary = tiny_checkpoint
+    assert checkpoint.exists()
+    assert summary["history"][0]["epoch"] == 1
+    assert 0.0 <= summary["history"][0]["mednist_accuracy"] <= 1.0
+    assert summary["config"]["seed"] == 0 and summary["torch"] == torch.__version__
+
+
+def test_onnx_agrees_with_torch(tiny_checkpoint, exported):
+    model, _, _ = load_checkpoint(tiny_checkpoint[0])
+    images = torch.rand(24, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features, code_logits, *class_logits = (t.numpy() for t in model(images))
+    out = Embedder(exported, batch_size=7).embed(images.numpy())
+    np.testing.assert_allclose(out.features, features, atol=1e-4)
+    np.testing.assert_array_equal(out.codes, np.packbits(code_logits > 0, axis=1))
+    for head_logits, probabilities in zip(class_logits, out.probabilities.values()):
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), head_logits.argmax(axis=1))
+
+
+def test_card_describes_the_exported_file(exported):
+    card = json.loads(card_path(exported).read_text())
+    embedder = Embedder(exported)
+    assert embedder.card.code_bits == 3 * 8 + 16 == sum(s["length"] for s in card["code_layout"])
+    assert [s["name"] for s in card["code_layout"]] == ["modality", "region", "pathology", "appearance"]
+    assert card["outputs"]["features"] == 32 and card["training"]["seed"] == 0
+    assert embedder.version.startswith("tiny@")
+
+
+def test_embedder_is_batch_size_invariant(exported):
+    images = np.random.default_rng(5).random((10, 64, 64)).astype(np.float32)
+    one, many = Embedder(exported, batch_size=1).embed(images), Embedder(exported, batch_size=32).embed(images)
+    np.testing.assert_allclose(one.features, many.features, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (("onnx", "sha256"), "0" * 64, "different exports"),
+        (("outputs", "features"), 31, None),
+        (("input", "size"), 96, None),
+    ],
+)
+def test_embedder_refuses_a_card_that_breaks_the_contract(exported, tmp_path, field, value, message):
+    card = json.loads(card_path(exported).read_text())
+    card[field[0]][field[1]] = value
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(exported.read_bytes())
+    card_path(copy).write_text(json.dumps(card))
+    with pytest.raises(ModelContractError, match=message):
+        Embedder(copy)
+
+
+def test_embedder_refuses_a_model_without_its_card(exported, tmp_path):
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(exported.read_bytes())
+    with pytest.raises(ModelContractError, match="no model card"):
+        Embedder(lonely)
