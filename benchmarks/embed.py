@@ -46,7 +46,7 @@ def resnet18_onnx(path: Path) -> Path:
         inputs = width
     model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)).eval()
     torch.onnx.export(model, (torch.rand(1, 3, 224, 224),), str(path), input_names=["x"], opset_version=18,
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=256)}}, dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},), dynamo=True,
                       external_data=False)  # fmt: skip
     return path
 

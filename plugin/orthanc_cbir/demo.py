@@ -5,8 +5,9 @@ ports, pushes real DICOM with DCMTK's dcmsend as a PACS would, reads
 every stored instance back through Orthanc's REST API, runs the pixel step on it
 and draws the contact sheet, then stops what it started.
 
-The pipeline currently ends after the pixel step; the model, the index and the
-queries join it as they land (see the README's roadmap).
+The pipeline currently ends after the model step (embeddings, codes and predicted
+labels of every image); the index and the queries join it as they land (see the
+README's roadmap).
 """
 
 from __future__ import annotations
@@ -68,8 +69,27 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
             entries.append(PreviewEntry(label=instance_id, outcome=outcome))
         sheet = render_sheet(entries, state_dir / "preview.png", columns=8)
     print(f"demo: pixel step done: {outcomes['image']} images, {outcomes['rejected']} rejected; sheet at {sheet}")
-    print("demo: the pipeline stops after the pixel step for now (model, index and search come next).")
+    embed_step([e.outcome for e in entries if not isinstance(e.outcome, Rejection)])
+    print("demo: the pipeline stops after the model step for now (index and search come next).")
     return 0
+
+
+def embed_step(decoded: list) -> None:
+    """Run the shipped model on every decoded image; print what it predicts."""
+    from .model.embedder import Embedder
+
+    embedder = Embedder()
+    started = time.monotonic()
+    out = embedder.embed_pixels([instance.images[0].pixels for instance in decoded])
+    seconds = time.monotonic() - started
+    print(f"demo: model {embedder.version}: {len(decoded)} images embedded in {seconds:.2f} s "
+          f"({out.features.shape[1]}-d features, {out.codes.shape[1] * 8}-bit codes)")  # fmt: skip
+    predicted: Counter[str] = Counter()
+    for i, instance in enumerate(decoded):
+        labels = {head: embedder.card.labels[head][int(p[i].argmax())] for head, p in out.probabilities.items()}
+        predicted[f"{instance.metadata.modality} -> {labels['modality']} {labels['region']}"] += 1
+    for line, count in sorted(predicted.items()):
+        print(f"  {count:3d} x DICOM {line}")
 
 
 def push_with_dcmtk(files: list[Path], orthanc: OrthancServer) -> None:
