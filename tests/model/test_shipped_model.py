@@ -10,7 +10,6 @@ import pytest
 
 from orthanc_cbir.config import DEFAULT_MODEL
 from orthanc_cbir.evaluation.metrics import exact_top_k
-from orthanc_cbir.evaluation.model_report import perturb_copy
 from orthanc_cbir.model.embedder import Embedder, file_sha256
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
