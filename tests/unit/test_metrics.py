@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.evaluation.metrics import (
+    all_heads_correct,
     average_precision_at_k,
     code_statistics,
     exact_top_k,
@@ -50,3 +51,10 @@ def test_code_statistics_of_a_known_set():
     stats = code_statistics(codes)
     assert stats["distinct_codes"] == 3
     assert stats["mean_bucket_size"] == pytest.approx((2 + 2 + 1 + 1) / 4)
+
+
+def test_an_image_counts_as_classified_only_when_every_head_is_right():
+    scores = {"modality": np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8]]),
+              "region": np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])}  # fmt: skip
+    labels = {"modality": np.array([0, 0, 0]), "region": np.array([1, 1, 1])}
+    assert all_heads_correct(scores, labels).tolist() == [True, False, False]

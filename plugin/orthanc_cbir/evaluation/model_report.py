@@ -16,7 +16,6 @@ into the model card. Everything here runs on held-out data only:
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,16 @@ import numpy as np
 from PIL import Image
 
 from ..model.embedder import Embedder
-from ..training.data import ImageSet, block_split, drop_duplicates, read_dicom_series, read_mednist, read_pneumonia
-from .metrics import code_statistics, exact_top_k, map_at_k, recall_vs_exact
+from ..training.data import (
+    ImageSet,
+    block_split,
+    drop_duplicates,
+    image_digests,
+    read_dicom_series,
+    read_mednist,
+    read_pneumonia,
+)
+from .metrics import all_heads_correct, code_statistics, exact_top_k, map_at_k, recall_vs_exact
 
 POOL_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
 
@@ -82,10 +89,8 @@ def _curve(qf, qc, gf, gc, weights=None) -> dict[str, float]:
 
 
 def _class_accuracy(probabilities: dict[str, np.ndarray], image_set: ImageSet, index: np.ndarray) -> float:
-    correct = np.ones(len(index), dtype=bool)
-    for head in ("modality", "region"):
-        correct &= probabilities[head][index].argmax(axis=1) == image_set.labels[head][index]
-    return round(float(correct.mean()), 5)
+    scores = {head: probabilities[head][index] for head in ("modality", "region")}
+    return round(float(all_heads_correct(scores, {h: image_set.labels[h][index] for h in scores}).mean()), 5)
 
 
 def _map_exact(query_features, query_labels, gallery_features, gallery_labels, k: int = 10) -> float:
@@ -113,7 +118,7 @@ def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, 
     queries = np.stack([perturb_copy(mednist.images[train_index[i]], rng) for i in chosen]).astype(np.float32)
     features = embedder.embed(queries).features
     top = exact_top_k(features, gallery_features, 1)[:, 0]
-    digests = [hashlib.blake2b(mednist.images[i].tobytes(), digest_size=12).digest() for i in train_index]
+    digests = image_digests(mednist.images[train_index])
     found = [digests[t] == digests[c] for t, c in zip(top, chosen)]
     return {"queries": int(len(chosen)), "rank1": round(float(np.mean(found)), 4),
             "perturbation": "JPEG q70, shift <= 4 px, intensity x U(0.9, 1.1)"}  # fmt: skip

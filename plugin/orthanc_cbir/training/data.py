@@ -87,7 +87,17 @@ class ImageSet:
 
     def as_float(self) -> np.ndarray:
         """float32 (N, 1, INPUT_SIZE, INPUT_SIZE) in 0..1: the model's input."""
-        return (self.images.astype(np.float32) / 255.0)[:, None]
+        return as_model_input(self.images)
+
+
+def as_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) -> float32 (N, 1, S, S) in 0..1."""
+    return (images.astype(np.float32) / 255.0)[:, None]
+
+
+def image_digests(images: np.ndarray) -> list[bytes]:
+    """A digest per image of its pixel bytes: equal exactly for byte-identical images."""
+    return [hashlib.blake2b(image.tobytes(), digest_size=12).digest() for image in images]
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -232,7 +242,7 @@ def block_split(image_set: ImageSet, block: int = 300, every: int = 10) -> tuple
 
 def drop_duplicates(queries: np.ndarray, image_set: ImageSet) -> np.ndarray:
     """``queries`` without images whose pixels are byte-identical to another image of the set."""
-    digests = [hashlib.blake2b(image.tobytes(), digest_size=12).digest() for image in image_set.images]
+    digests = image_digests(image_set.images)
     counts: dict[bytes, int] = {}
     for digest in digests:
         counts[digest] = counts.get(digest, 0) + 1

@@ -30,7 +30,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .augment import jpeg_recompress, random_view
-from .data import LABELS, ImageSet, block_split, read_mednist, read_pneumonia
+from ..evaluation.metrics import all_heads_correct
+from .data import LABELS, ImageSet, as_model_input, block_split, read_mednist, read_pneumonia
 from .itq import fit_itq
 from .net import RetrievalNet, hash_centres
 
@@ -222,7 +223,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    return torch.from_numpy(as_model_input(images))
 
 
 @torch.no_grad()
@@ -243,10 +244,6 @@ def validate(net: RetrievalNet, data: TrainingData) -> dict[str, float]:
 
 
 def _accuracy(net: RetrievalNet, image_set: ImageSet, heads: tuple[str, ...]) -> float:
-    correct = np.ones(len(image_set), dtype=bool)
-    for start in range(0, len(image_set), 512):
-        out = net(_as_tensor(image_set.images[start : start + 512]))
-        for head in heads:
-            predicted = out[head].argmax(dim=1).numpy()
-            correct[start : start + 512] &= predicted == image_set.labels[head][start : start + 512]
-    return float(correct.mean())
+    outputs = [net(_as_tensor(image_set.images[start : start + 512])) for start in range(0, len(image_set), 512)]
+    scores = {head: np.concatenate([out[head].numpy() for out in outputs]) for head in heads}
+    return float(all_heads_correct(scores, {head: image_set.labels[head] for head in heads}).mean())
