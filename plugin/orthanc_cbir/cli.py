@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, default=None, help="train on this many images only (smoke runs)")
     train.set_defaults(run=_run_train)
 
+    refit = commands.add_parser(
+        "refit",
+        help="redo the post-training fits (spectral PCA, ITQ) of a checkpoint",
+        description="What train does after its last epoch, on a saved checkpoint: same weights, same data. "
+        "Writes checkpoint.pt and training.json to --out.",
+    )
+    refit.add_argument("checkpoint", type=Path)
+    refit.add_argument("--out", type=Path, default=Path("state/training"))
+    refit.set_defaults(run=_run_refit)
+
     export = commands.add_parser(
         "export",
         help="export a training checkpoint to one ONNX file and its model card",
@@ -142,6 +152,14 @@ def _run_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     summary = train(config, args.out)
     print(f"trained in {summary['seconds']:.0f} s: {args.out / 'checkpoint.pt'}")
+    return 0
+
+
+def _run_refit(args: argparse.Namespace) -> int:
+    from .training.train import refit
+
+    refit(args.checkpoint, args.out)
+    print(f"refitted: {args.out / 'checkpoint.pt'}")
     return 0
 
 

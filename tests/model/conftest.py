@@ -46,6 +46,7 @@ def tiny_checkpoint(tiny_mednist, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("training")
     config = TrainConfig(mednist=str(tiny_mednist), epochs=1, batch_size=32, widths=(8, 16, 32, 64),
-                         embedding_dim=32, appearance_bits=16, split_block=4, cache_dir=None)  # fmt: skip
+                         embedding_dim=32, appearance_bits=16, spectral_frequencies=4, spectral_dims=16,
+                         split_block=4, cache_dir=None)  # fmt: skip
     summary = train(config, out, progress=False)
     return out / "checkpoint.pt", summary

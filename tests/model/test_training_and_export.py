@@ -10,6 +10,8 @@ import torch
 
 from orthanc_cbir.model.embedder import Embedder, ModelContractError, card_path
 from orthanc_cbir.training.export import export, load_checkpoint
+from orthanc_cbir.training.spectrum import SpectralDescriptor
+from orthanc_cbir.training.train import refit
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_card_describes_the_exported_file(exported):
     embedder = Embedder(exported)
     assert embedder.card.code_bits == 3 * 8 + 16 == sum(s["length"] for s in card["code_layout"])
     assert [s["name"] for s in card["code_layout"]] == ["modality", "region", "pathology", "appearance"]
-    assert card["outputs"]["features"] == 32 and card["training"]["seed"] == 0
+    assert card["outputs"]["features"] == 32 + 16 and card["training"]["seed"] == 0
     assert embedder.version.startswith("tiny@")
 
 
@@ -78,3 +80,29 @@ def test_embedder_refuses_a_model_without_its_card(exported, tmp_path):
     lonely.write_bytes(exported.read_bytes())
     with pytest.raises(ModelContractError, match="no model card"):
         Embedder(lonely)
+
+
+def test_spectral_log_magnitudes_are_those_of_the_fft_of_the_windowed_image():
+    spectral = SpectralDescriptor(size=64, frequencies=5, dims=8)
+    image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    windowed = (image - image.mean()) * np.outer(np.hanning(64), np.hanning(64))
+    spectrum = np.fft.rfft2(windowed)
+    rows = list(range(6)) + list(range(-5, 0))
+    expected = np.log1p(10 * np.abs(spectrum[rows][:, :6])).ravel()
+    actual = spectral.log_magnitudes(torch.from_numpy(image)[None, None])[0].numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_spectral_pca_needs_as_many_images_as_dimensions():
+    with pytest.raises(ValueError, match="needs >= 8 images"):
+        SpectralDescriptor(size=64, frequencies=5, dims=8).fit(np.zeros((4, 1, 64, 64), np.float32))
+
+
+def test_refit_reproduces_the_fits_of_the_training_run(tiny_checkpoint, tmp_path):
+    checkpoint, _ = tiny_checkpoint
+    summary = refit(checkpoint, tmp_path)
+    trained, refitted = (torch.load(path, weights_only=False) for path in (checkpoint, tmp_path / "checkpoint.pt"))
+    assert summary["refit"]["from"] == str(checkpoint)
+    for name, value in trained["spectral"].items():
+        torch.testing.assert_close(refitted["spectral"][name], value, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(refitted["itq_projection"], trained["itq_projection"], rtol=1e-4, atol=1e-5)

@@ -2,7 +2,8 @@
 
 The ONNX graph takes ``image`` [N,1,S,S] (0..1, from
 :func:`~orthanc_cbir.model.preprocess.to_model_input`) and gives ``features``
-[N,D], ``code_logits`` [N,B] (label sub-codes then the ITQ ``appearance`` bits)
+[N,D] (CNN embedding and spectral descriptor, :mod:`.spectrum`), ``code_logits``
+[N,B] (label sub-codes then the ITQ ``appearance`` bits)
 and ``class_logits_<head>`` per label head. The card (same name, ``.json``)
 records the contract, the training run and the file's hash; validation figures
 are added by :mod:`orthanc_cbir.evaluation.model_report`.
@@ -23,7 +24,8 @@ from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_N
 from ..model.preprocess import INPUT_SIZE
 from .data import LABELS
 from .net import RetrievalNet
-from .train import TrainConfig, build_net
+from .spectrum import SpectralDescriptor, combine_features
+from .train import TrainConfig, build_spectral, load_trained
 
 DATA_CREDITS = {
     "MedNIST": "B. J. Erickson, Mayo Clinic (sources: TCIA, RSNA Bone Age, NIH Chest X-ray); CC BY-SA 4.0",
@@ -32,30 +34,34 @@ DATA_CREDITS = {
 
 
 class ExportedModel(nn.Module):
-    """The network plus the ITQ appearance code, with the output names of the contract."""
+    """The network, the spectral descriptor and the ITQ appearance code, with the
+    output names of the contract."""
 
-    def __init__(self, net: RetrievalNet, itq_mean: np.ndarray, itq_projection: np.ndarray):
+    def __init__(self, net: RetrievalNet, spectral: SpectralDescriptor, spectral_weight: float,
+                 itq_mean: np.ndarray, itq_projection: np.ndarray):  # fmt: skip
         super().__init__()
         self.net = net
+        self.spectral = spectral
+        self.spectral_weight = spectral_weight
         self.register_buffer("itq_mean", torch.from_numpy(np.asarray(itq_mean, dtype=np.float32)))
         self.register_buffer("itq_projection", torch.from_numpy(np.asarray(itq_projection, dtype=np.float32)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(image)
-        appearance = (out["features"] - self.itq_mean) @ self.itq_projection
+        features = combine_features(out["features"], self.spectral(image), self.spectral_weight)
+        appearance = (features - self.itq_mean) @ self.itq_projection
         code_logits = torch.cat([out[f"code_{head}"] for head in LABELS] + [appearance], dim=1)
-        return (out["features"], code_logits, *[out[head] for head in LABELS])
+        return (features, code_logits, *[out[head] for head in LABELS])
 
 
 def load_checkpoint(checkpoint: Path) -> tuple[ExportedModel, TrainConfig, dict]:
     """The exportable model, its training configuration and the training summary."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config_fields = dict(saved["summary"]["config"])
-    config_fields["widths"] = tuple(config_fields["widths"])
-    config = TrainConfig(**config_fields)
-    net = build_net(config)
-    net.load_state_dict(saved["state_dict"])
-    model = ExportedModel(net, saved["itq_mean"], saved["itq_projection"]).eval()
+    net, config, saved = load_trained(checkpoint)
+    if "spectral" not in saved:
+        raise ValueError(f"{checkpoint} predates the spectral descriptor: run 'orthanc-cbir refit' on it first")
+    spectral = build_spectral(config)
+    spectral.load_state_dict(saved["spectral"])
+    model = ExportedModel(net, spectral, config.spectral_weight, saved["itq_mean"], saved["itq_projection"]).eval()
     return model, config, saved["summary"]
 
 
@@ -82,16 +88,20 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             "then orthanc_cbir.model.preprocess.to_model_input: pad to a square, area (down) / bilinear (up) resize",
         },
         "outputs": {
-            "features": config.embedding_dim,
-            "features_note": "L2-normalised; rank by Euclidean (= cosine) distance",
+            "features": config.embedding_dim + config.spectral_dims,
+            "features_note": "L2-normalised; rank by Euclidean (= cosine) distance. The CNN embedding "
+            f"({config.embedding_dim}) and the whitened log-spectrum ({config.spectral_dims}, |u|,|v| <= "
+            f"{config.spectral_frequencies}), weights {1 - config.spectral_weight:g} / {config.spectral_weight:g}",
             "code_logits": layout.bits,
             "code_note": "bit = logit > 0, packed MSB first; sub-codes per code_layout",
             **{CLASS_LOGITS_PREFIX + head: len(names) for head, names in LABELS.items()},
         },
         "code_layout": layout.to_json(),
         "labels": {head: list(names) for head, names in LABELS.items()},
-        "architecture": {"backbone": "residual CNN, 4 stages x 2 basic blocks", "widths": list(config.widths),
-                         "parameters": sum(p.numel() for p in model.net.parameters())},  # fmt: skip
+        "architecture": {"backbone": "residual CNN, 4 stages of basic blocks", "widths": list(config.widths),
+                         "blocks": list(config.blocks),
+                         "parameters": sum(p.numel() for p in model.net.parameters()),
+                         "spectral": "Hann-windowed low-frequency DFT log-magnitude, PCA-whitened"},  # fmt: skip
         "training": {
             "data": {"mednist": "mednist_dev.tar.gz, file-number blocks of 300 per class, every 10th block held out",
                      "pneumoniamnist": "train split (val held out)" if config.pneumonia else None},  # fmt: skip
@@ -100,11 +110,13 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             "epochs": config.epochs,
             "losses": "cross-entropy per head; CSQ hash centres per label sub-code; NT-Xent on two views "
             "(JPEG, shift, zoom, rotation, intensity, noise; neighbouring slice as second view); "
-            "supervised contrastive on the finest label; ITQ appearance bits",
+            "supervised contrastive on the finest label; after training: spectral PCA, ITQ appearance bits "
+            "of the whole descriptor",
             "seconds": summary["seconds"],
             "torch": summary["torch"],
             "history": summary["history"],
             "command": f"orthanc-cbir train --epochs {config.epochs} --seed {config.seed}",
+            **({"refit": summary["refit"]} if "refit" in summary else {}),
         },
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "validation": None,

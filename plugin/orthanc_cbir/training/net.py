@@ -39,7 +39,7 @@ class BasicBlock(nn.Module):
 
 
 class RetrievalNet(nn.Module):
-    """ResNet-style backbone: a stem to quarter resolution, four stages of two blocks."""
+    """ResNet-style backbone: a stem to quarter resolution, four stages of basic blocks."""
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class RetrievalNet(nn.Module):
         sub_code_bits: dict[str, int],
         widths: tuple[int, int, int, int] = (32, 64, 128, 256),
         embedding_dim: int = 256,
+        blocks: tuple[int, int, int, int] = (1, 1, 2, 2),
     ):
         super().__init__()
         self.stem = nn.Sequential(
@@ -54,9 +55,9 @@ class RetrievalNet(nn.Module):
             nn.MaxPool2d(3, stride=2, padding=1),
         )
         stages, inputs = [], widths[0]
-        for i, width in enumerate(widths):
+        for i, (width, count) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(inputs, width, stride), BasicBlock(width, width, 1)))
+            stages.append(nn.Sequential(BasicBlock(inputs, width, stride), *[BasicBlock(width, width, 1) for _ in range(count - 1)]))
             inputs = width
         self.stages = nn.Sequential(*stages)
         self.embedding = nn.Sequential(nn.Linear(inputs, 512), nn.ReLU(inplace=True), nn.Linear(512, embedding_dim))
