@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
-
 
 @dataclass(frozen=True)
 class SubCode:
@@ -84,10 +82,16 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
 
 def hamming_distances(query: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Hamming distance of one packed code (B/8,) to each of (N, B/8) packed codes: (N,) int."""
-    return _POPCOUNT[np.bitwise_xor(codes, query[None, :])].sum(axis=1, dtype=np.int32)
+    return np.bitwise_count(np.bitwise_xor(codes, query[None, :])).sum(axis=1, dtype=np.int32)
 
 
 def weighted_hamming_distances(query: np.ndarray, codes: np.ndarray, bit_weights: np.ndarray) -> np.ndarray:
-    """Hamming distance where each differing bit costs its weight: (N,) float32."""
-    differing = np.unpackbits(np.bitwise_xor(codes, query[None, :]), axis=1).astype(np.float32)
-    return differing @ bit_weights.astype(np.float32)
+    """Hamming distance where each differing bit costs its weight: (N,) float32.
+
+    When the weight is constant within each byte (sub-codes on byte boundaries, as
+    in the shipped layout) this is one popcount per byte, else the bits are unpacked."""
+    differing = np.bitwise_xor(codes, query[None, :])
+    per_byte = np.asarray(bit_weights, np.float32).reshape(-1, 8)
+    if np.all(per_byte == per_byte[:, :1]):
+        return np.bitwise_count(differing).astype(np.float32) @ per_byte[:, 0]
+    return np.unpackbits(differing, axis=1).astype(np.float32) @ per_byte.ravel()

@@ -1,0 +1,8 @@
+"""The Redis index: schema (:mod:`.schema`), writes (:mod:`.store`), multi-index
+hashing (:mod:`.hamming`) and a searcher's cached copy (:mod:`.snapshot`)."""
+
+from .schema import IndexRecord, KeySpace
+from .snapshot import IndexSnapshot
+from .store import AddResult, IndexInfo, IndexStore
+
+__all__ = ["AddResult", "IndexInfo", "IndexRecord", "IndexSnapshot", "IndexStore", "KeySpace"]

@@ -1,0 +1,253 @@
+"""Retrieval strategies, one per seed, selectable per query.
+
+- ``exact``: Euclidean distance of the features over every instance that passes
+  the filters. The reference the others are measured against.
+- ``hamming`` (seed 001, coarse-to-fine): candidates from the multi-index hash
+  buckets (:mod:`orthanc_cbir.index.hamming`), the ``candidates`` nearest by
+  Hamming distance of the whole code re-ranked by feature distance.
+- ``class`` (seeds 000, 002): predict the query's class (modality and region
+  heads), rank only instances predicted to be of the same class.
+- ``cluster`` (seed 003): instances are grouped offline by modularity
+  clustering of a cosine k-NN graph (``orthanc-cbir recluster``); a query ranks
+  the instances of its nearest cluster(s), plus any indexed since the last
+  clustering (so a new instance is never unreachable).
+- ``multilateral`` (seed 004): a Hamming distance in which each sub-code
+  (modality, region, pathology, appearance) weighs what the user says, e.g.
+  ``pathology=0`` for "same organ and modality, any finding"; ties broken by
+  feature distance.
+
+Every strategy applies the same :class:`~.filters.Filters` first. Distances in
+answers are feature distances (0 = identical, 2 = opposite) except for
+``multilateral``, whose distance is the weighted Hamming distance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..index.hamming import probe
+from ..index.schema import NO_CLUSTER
+from ..index.snapshot import IndexSnapshot
+from ..index.store import IndexStore
+from ..model.codes import hamming_distances, weighted_hamming_distances
+from .filters import Filters, QueryContext
+
+STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
+LEVELS = ("instance", "series", "study")
+CLASS_HEADS = ("modality", "region")
+"""The heads whose predicted classes define ``class``: the body-region classes of seeds 000 / 002."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query image as the model saw it."""
+
+    features: np.ndarray
+    code: np.ndarray
+    probabilities: Mapping[str, np.ndarray] = field(default_factory=dict)
+    context: QueryContext = QueryContext()
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to search. Defaults suit an interactive query."""
+
+    strategy: str = "hamming"
+    k: int = 10
+    filters: Filters = Filters()
+    level: str = "instance"
+    """``instance``, or ``series`` / ``study``: a group ranks by its best instance among
+    the top ``group_depth`` instances."""
+    candidates: int = 1000
+    """``hamming`` / ``multilateral``: instances re-ranked by feature distance."""
+    weights: Mapping[str, float] | None = None
+    """``multilateral``: weight per sub-code name (unnamed sub-codes weigh 1)."""
+    clusters: int = 1
+    """``cluster``: nearest clusters searched."""
+    group_depth: int = 1000
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown level {self.level!r}; choose one of {', '.join(LEVELS)}")
+        if not 1 <= self.k <= 1000:
+            raise ValueError("k must be between 1 and 1000")
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A strategy's answer in rows, best first."""
+
+    rows: np.ndarray
+    distances: np.ndarray
+    candidates: int
+    """Instances whose features (or weighted codes) were compared to the query's."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    sop_instance_uid: str
+    distance: float
+    record: dict
+    """What the index stores about the instance (metadata, probabilities, Orthanc ids)."""
+    instances: int = 1
+    """For series / study answers: how many of its instances were among the ranked ones."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    strategy: str
+    level: str
+    hits: list[Hit]
+    candidates: int
+    index_size: int
+    elapsed_ms: float
+
+    @property
+    def candidate_fraction(self) -> float:
+        return self.candidates / self.index_size if self.index_size else 0.0
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [hit.sop_instance_uid for hit in self.hits]
+
+
+class Searcher:
+    """Runs queries against one index version, on a snapshot refreshed before each query."""
+
+    def __init__(self, store: IndexStore):
+        self.store = store
+        self.snapshot = IndexSnapshot(store)
+        self._centroids: tuple[bytes | None, np.ndarray] = (None, np.zeros((0, store.info.feature_dim), np.float32))
+
+    def search(self, query: Query, options: SearchOptions = SearchOptions()) -> SearchResult:
+        started = time.perf_counter()
+        self.snapshot.refresh()
+        mask = options.filters.mask(self.snapshot.attributes, query.context)
+        if options.filters.exclude_self and query.context.sop_instance_uid:
+            described = self.store.describe([query.context.sop_instance_uid])[0]
+            if described is not None and described["row"] < len(mask):
+                mask[described["row"]] = False
+        depth = options.k if options.level == "instance" else max(options.group_depth, options.k)
+        ranking = _RANKERS[options.strategy](self, query, options, mask, depth)
+        hits = self._hits(ranking, options)
+        return SearchResult(options.strategy, options.level, hits, ranking.candidates,
+                            int(np.count_nonzero(self.snapshot.live)),
+                            (time.perf_counter() - started) * 1000)  # fmt: skip
+
+    # -- the strategies ---------------------------------------------------------------------
+
+    def _exact(self, query, options, mask, depth) -> Ranking:
+        rows = np.flatnonzero(mask)
+        return _nearest(self.snapshot, query.features, rows, depth)
+
+    def _hamming(self, query, options, mask, depth) -> Ranking:
+        allowed = int(np.count_nonzero(mask))
+        if allowed <= options.candidates:  # the filters leave fewer instances than the pool: rank them all
+            return self._exact(query, options, mask, depth)
+        found = probe(self.store.client, self.store.keys, self.store.multi_index, query.code, options.candidates,
+                      accept=lambda rows: _accepts(mask, rows))  # fmt: skip
+        rows = found.rows[_accepts(mask, found.rows)]
+        codes = self.snapshot.codes[rows]
+        distances = hamming_distances(query.code, codes)
+        pool = rows[_smallest(distances, options.candidates)]
+        return _nearest(self.snapshot, query.features, pool, depth)
+
+    def _class(self, query, options, mask, depth) -> Ranking:
+        for head in CLASS_HEADS:
+            if head in query.probabilities:
+                mask = mask & (self.snapshot.attributes[f"predicted_{head}"] == int(np.argmax(query.probabilities[head])))
+        return self._exact(query, options, mask, depth)
+
+    def _cluster(self, query, options, mask, depth) -> Ranking:
+        centroids = self.centroids()
+        cluster = self.snapshot.attributes["cluster"]
+        if len(centroids):
+            nearest = _smallest(((centroids - query.features) ** 2).sum(axis=1), options.clusters)
+            mask = mask & (np.isin(cluster, nearest) | (cluster == NO_CLUSTER))
+        return self._exact(query, options, mask, depth)
+
+    def _multilateral(self, query, options, mask, depth) -> Ranking:
+        rows = np.flatnonzero(mask)
+        weights = self.store.info.layout.bit_weights(options.weights)
+        distances = weighted_hamming_distances(query.code, self.snapshot.codes[rows], weights)
+        pool = rows[_smallest(distances, max(options.candidates, depth))]
+        pool_distances = distances[np.searchsorted(rows, pool)]
+        features = _feature_distances(self.snapshot, query.features, pool)
+        order = np.lexsort((features, pool_distances))[:depth]
+        return Ranking(pool[order], pool_distances[order], candidates=len(rows))
+
+    def centroids(self) -> np.ndarray:
+        """(clusters, D) float32 centroids of the last re-clustering (empty before)."""
+        raw = self.store.client.hget(self.store.keys.info, "centroids")
+        if raw != self._centroids[0]:
+            centroids = np.frombuffer(raw or b"", np.float32).reshape(-1, self.store.info.feature_dim)
+            self._centroids = (raw, centroids)
+        return self._centroids[1]
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _hits(self, ranking: Ranking, options: SearchOptions) -> list[Hit]:
+        rows, distances, counts = ranking.rows, ranking.distances, np.ones(len(ranking.rows), dtype=np.int64)
+        if options.level != "instance":
+            groups = self.snapshot.attributes["series" if options.level == "series" else "study"][rows]
+            # rows are best first, so a group's first row is its best instance
+            _, first, counts = np.unique(groups, return_index=True, return_counts=True)
+            order = np.argsort(first, kind="stable")
+            best = first[order][: options.k]
+            rows, distances, counts = rows[best], distances[best], counts[order][: options.k]
+        rows, distances, counts = rows[: options.k], distances[: options.k], counts[: options.k]
+        uids = self.store.sop_uids(rows)
+        records = self.store.describe([u for u in uids if u])
+        by_uid = {u: r for u, r in zip([u for u in uids if u], records)}
+        hits = []
+        for row_uid, distance, count in zip(uids, distances, counts):
+            if row_uid is None or by_uid.get(row_uid) is None:  # removed since the snapshot was taken
+                continue
+            hits.append(Hit(len(hits) + 1, row_uid, round(float(distance), 6), by_uid[row_uid], int(count)))
+        return hits
+
+
+_RANKERS = {
+    "exact": Searcher._exact,
+    "hamming": Searcher._hamming,
+    "class": Searcher._class,
+    "cluster": Searcher._cluster,
+    "multilateral": Searcher._multilateral,
+}
+
+
+def _accepts(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    inside = rows < len(mask)
+    out = np.zeros(len(rows), dtype=bool)
+    out[inside] = mask[rows[inside]]
+    return out
+
+
+def _smallest(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` smallest values, smallest first."""
+    if count < len(values):
+        part = np.argpartition(values, count - 1)[:count]
+        return part[np.argsort(values[part], kind="stable")]
+    return np.argsort(values, kind="stable")
+
+
+def _feature_distances(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    query = np.asarray(features, np.float32)
+    similarities = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        similarities[start : start + len(part)] = snapshot.features[part].astype(np.float32) @ query
+    return np.sqrt(np.maximum(2.0 - 2.0 * similarities, 0.0))
+
+
+def _nearest(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray, depth: int) -> Ranking:
+    distances = _feature_distances(snapshot, features, rows)
+    best = _smallest(distances, depth)
+    return Ranking(rows[best], distances[best], candidates=len(rows))

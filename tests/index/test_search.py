@@ -1,0 +1,153 @@
+"""The strategies against a real Redis: where they must agree with ``exact``, and
+that no filter ever lets a non-matching record through."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from orthanc_cbir.model.codes import hamming_distances, weighted_hamming_distances
+from orthanc_cbir.search import STRATEGIES, Filters, Query, QueryContext, Searcher, SearchOptions
+from orthanc_cbir.search.clustering import recluster
+
+from .conftest import LAYOUT, make_records
+
+
+@pytest.fixture
+def indexed(store):
+    records = make_records(600)
+    store.add(records)
+    return store, records, Searcher(store)
+
+
+def as_query(record, **context) -> Query:
+    return Query(record.features, record.code, record.probabilities, QueryContext(**context))
+
+
+def brute_force(records, query_features, k):
+    features = np.stack([r.features for r in records]).astype(np.float16).astype(np.float32)
+    order = np.argsort(np.sqrt(np.maximum(2 - 2 * features @ query_features, 0)), kind="stable")
+    return [records[i].key for i in order[:k]]
+
+
+def test_exact_is_the_brute_force_ranking(indexed):
+    store, records, searcher = indexed
+    query = make_records(1, seed=9)[0]
+    result = searcher.search(as_query(query), SearchOptions("exact", k=15))
+    assert result.sop_instance_uids == brute_force(records, query.features, 15)
+    assert result.candidates == 600 and result.candidate_fraction == 1.0
+    assert [h.rank for h in result.hits] == list(range(1, 16))
+
+
+def test_hamming_with_a_pool_as_large_as_the_index_is_exact(indexed):
+    _, records, searcher = indexed
+    query = as_query(make_records(1, seed=9)[0])
+    exact = searcher.search(query, SearchOptions("exact", k=10))
+    assert searcher.search(query, SearchOptions("hamming", k=10, candidates=600)).sop_instance_uids == exact.sop_instance_uids
+
+
+def test_hamming_ranks_a_small_pool_of_near_codes(indexed):
+    _, records, searcher = indexed
+    query = make_records(1, seed=9)[0]
+    result = searcher.search(as_query(query), SearchOptions("hamming", k=10, candidates=60))
+    assert result.candidates == 60 and result.candidate_fraction == pytest.approx(0.1)
+    pool_limit = np.sort(hamming_distances(query.code, np.stack([r.code for r in records])))[59]
+    by_key = {r.key: r for r in records}
+    assert all(hamming_distances(query.code, by_key[u].code[None])[0] <= pool_limit + 2 for u in result.sop_instance_uids)
+
+
+def test_class_answers_only_instances_predicted_as_the_query_class(indexed):
+    _, records, searcher = indexed
+    query = records[5]
+    result = searcher.search(as_query(query), SearchOptions("class", k=20))
+    assert len(result.hits) == 20
+    for hit in result.hits:
+        assert np.argmax(hit.record["probabilities"]["region"]) == np.argmax(query.probabilities["region"])
+
+
+def test_multilateral_ranks_by_the_weighted_sub_code_distance(indexed):
+    _, records, searcher = indexed
+    query = make_records(1, seed=9)[0]
+    weights = {"appearance": 0.0, "pathology": 0.0}
+    result = searcher.search(as_query(query), SearchOptions("multilateral", k=30, weights=weights))
+    expected = weighted_hamming_distances(query.code, np.stack([r.code for r in records]), LAYOUT.bit_weights(weights))
+    assert [h.distance for h in result.hits] == sorted(h.distance for h in result.hits)
+    assert result.hits[0].distance == expected.min()
+    assert sorted(h.distance for h in result.hits) == sorted(expected)[:30]
+
+
+def test_cluster_searches_the_nearest_cluster(indexed):
+    store, records, searcher = indexed
+    summary = recluster(store, neighbours=8)
+    assert summary.clusters >= 2 and summary.instances == 600
+    query = records[2]
+    result = searcher.search(as_query(query, sop_instance_uid=query.key), SearchOptions("cluster", k=10))
+    assert query.key not in result.sop_instance_uids  # the query itself is left out
+    assert result.candidates < 600
+    assert result.sop_instance_uids[:5] == searcher.search(as_query(query, sop_instance_uid=query.key),
+                                                           SearchOptions("exact", k=5)).sop_instance_uids  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("filters", [
+    ["modality=MR"], ["sex=F", "age=30-50"], ["date=2020-03-01..2020-06-30"], ["body_part=hand,head"],
+    ["exclude=same-patient,same-study"],
+])  # fmt: skip
+def test_filters_never_let_a_non_matching_record_through(indexed, strategy, filters):
+    _, records, searcher = indexed
+    query = records[17]
+    parsed = Filters.parse(filters)
+    context = {"patient_key": query.metadata.patient_key, "study_instance_uid": query.metadata.study_instance_uid}
+    result = searcher.search(as_query(query, **context), SearchOptions(strategy, k=25, filters=parsed, candidates=50))
+    assert result.hits, "the filters leave matching records: the answer must not be empty"
+    for hit in result.hits:
+        meta = hit.record["metadata"]
+        if parsed.modality:
+            assert meta["modality"] in parsed.modality
+        if parsed.body_part:
+            assert meta["body_part_examined"] in parsed.body_part
+        if parsed.sex:
+            assert meta["patient_sex"] in parsed.sex
+        if parsed.age_min is not None:
+            assert parsed.age_min <= meta["patient_age_years"] <= parsed.age_max
+        if parsed.date_from is not None:
+            assert parsed.date_from <= dt.date.fromisoformat(meta["study_date"]) <= parsed.date_to
+        if parsed.exclude_same_patient:
+            assert meta["patient_key"] != query.metadata.patient_key
+            assert meta["study_instance_uid"] != query.metadata.study_instance_uid
+
+
+def test_removed_instances_are_never_answered(indexed):
+    store, records, searcher = indexed
+    query = make_records(1, seed=9)[0]
+    first = searcher.search(as_query(query), SearchOptions("exact", k=5)).sop_instance_uids
+    store.remove(first[0])
+    for strategy in STRATEGIES:
+        assert first[0] not in searcher.search(as_query(query), SearchOptions(strategy, k=50)).sop_instance_uids
+
+
+@pytest.mark.parametrize("level", ["series", "study"])
+def test_series_and_study_rank_by_their_best_instance(indexed, level):
+    _, records, searcher = indexed
+    query = make_records(1, seed=9)[0]
+    groups = searcher.search(as_query(query), SearchOptions("exact", k=5, level=level)).hits
+    instances = searcher.search(as_query(query), SearchOptions("exact", k=600)).hits
+    field = f"{level}_instance_uid"
+    seen = []
+    for hit in instances:
+        group = hit.record["metadata"][field]
+        if group not in seen:
+            seen.append(group)
+    assert [h.record["metadata"][field] for h in groups] == seen[:5]
+    assert all(h.instances >= 1 for h in groups)
+
+
+def test_bad_options_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        SearchOptions("nearest")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        Filters.parse(["colour=red"])
+    with pytest.raises(ValueError, match="age is MIN-MAX"):
+        Filters.parse(["age=old"])
