@@ -14,10 +14,14 @@ from pathlib import Path
 
 from .config import load_settings
 
+STRATEGY_NAMES = ("exact", "hamming", "class", "cluster", "multilateral")
+"""The strategies of :mod:`orthanc_cbir.search.strategies` (kept here so --help needs no numpy)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -62,6 +66,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_run_demo)
 
+    index = commands.add_parser(
+        "index",
+        help="embed DICOM files and pictures and add them to the Redis index",
+        description="Walks each PATH (DICOM files, folders, PNG / JPEG pictures), decodes, embeds with the "
+        "model and adds one record per instance to the index at CBIR_REDIS_URL. Prints a summary of indexed, "
+        "skipped-as-duplicate and rejected files (with the reason).",
+    )
+    index.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    index.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    index.add_argument("--frames", type=int, help="frames per multi-frame instance (default: settings)")
+    index.add_argument("--batch", type=int, default=64, help="instances embedded and written together")
+    index.set_defaults(run=_run_index)
+
+    query = commands.add_parser(
+        "query",
+        help="find the indexed instances most similar to a file or an indexed instance",
+        description="Embeds FILE (DICOM or picture), or takes the stored vector of --uid, and prints the ranked "
+        "answer of the chosen strategy.",
+    )
+    source = query.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", type=Path, metavar="FILE")
+    source.add_argument("--uid", help="SOPInstanceUID of an indexed instance")
+    query.add_argument("--k", type=int, default=10)
+    query.add_argument("--strategy", default="hamming", choices=STRATEGY_NAMES)
+    query.add_argument("--level", default="instance", choices=("instance", "series", "study"))
+    query.add_argument("--filter", action="append", default=[], metavar="NAME=VALUE",
+                       help="modality=CT,MR | body_part=CHEST | sex=F | age=40-70 | date=2020-01-01..2020-12-31 | "
+                       "exclude=same-patient,same-study (repeatable)")  # fmt: skip
+    query.add_argument("--weights", default=None, metavar="SUB=W,...",
+                       help="multilateral: weight per sub-code, e.g. modality=1,region=1,pathology=0")  # fmt: skip
+    query.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    query.add_argument("--json", action="store_true", help="print the answer as JSON")
+    query.set_defaults(run=_run_query)
+
+    recluster_parser = commands.add_parser(
+        "recluster",
+        help="cluster the index offline for the 'cluster' strategy (seed 003)",
+        description="Builds the cosine k-NN graph of every indexed instance, clusters it by modularity (Louvain) "
+        "and stores each instance's cluster and the centroids.",
+    )
+    recluster_parser.add_argument("--neighbours", type=int, default=10)
+    recluster_parser.add_argument("--resolution", type=float, default=1.0)
+    recluster_parser.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    recluster_parser.set_defaults(run=_run_recluster)
+
     shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     train = commands.add_parser(
         "train",
@@ -96,6 +145,30 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=Path, default=Path("state/training/checkpoint.pt"))
     export.add_argument("--out", type=Path, default=Path("onnx_models/cbir-resnet-64.onnx"))
     export.set_defaults(run=_run_export)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure every retrieval strategy through a Redis index on labelled images",
+        description="Indexes a gallery (ImageFolder tree, class = folder; or MedNIST's training blocks) into a "
+        "private key space, queries it with every image of --queries (or MedNIST's held-out blocks) and reports "
+        "P@1, P@10, mAP@10/@100, nDCG@10, recall against exact, candidate fraction and latency per strategy, "
+        "per-class P@10, copy detection and (with --pneumonia) pathology retrieval. Writes report.md, "
+        "precision_recall.png, examples.png and summary.json to --report.",
+    )
+    evaluate.add_argument("--gallery", type=Path, help="ImageFolder tree indexed as the gallery")
+    evaluate.add_argument("--queries", type=Path, help="ImageFolder tree of query images")
+    evaluate.add_argument("--mednist", type=Path, help="instead of --gallery/--queries: MedNIST archive, "
+                          "gallery = training blocks, queries = held-out blocks")  # fmt: skip
+    evaluate.add_argument("--pneumonia", type=Path, help="also PneumoniaMNIST: gallery train, queries val")
+    evaluate.add_argument("--strategy", default="all", help="a strategy name or 'all'")
+    evaluate.add_argument("--k", type=int, default=10)
+    evaluate.add_argument("--copies", type=int, default=None,
+                          help="copy-detection queries (default 1000 with --mednist, else 0)")  # fmt: skip
+    evaluate.add_argument("--limit", type=int, default=None, help="use only this many queries (quick runs)")
+    evaluate.add_argument("--report", type=Path, default=Path("state/evaluation"))
+    evaluate.add_argument("--redis-url", help="default: a private redis-server started for the run")
+    evaluate.add_argument("--json", action="store_true", help="end with the one-line JSON summary")
+    evaluate.set_defaults(run=_run_evaluate)
 
     validate = commands.add_parser(
         "validate-model",
@@ -141,6 +214,223 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(state_dir=args.state, data_dir=args.data)
+
+
+def _redis(url: str | None):
+    import redis
+
+    return redis.Redis.from_url(url or load_settings().redis_url)
+
+
+def _embedder():
+    from .model.embedder import Embedder
+
+    settings = load_settings()
+    return Embedder(Path(settings.model), threads=settings.embed_threads, batch_size=settings.embed_batch_size)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from .dicom import Rejection, decode_instance
+    from .index import IndexInfo, IndexStore
+    from .index.records import embed_instances, picture_metadata
+    from .dicom.pixels import DecodedInstance, NormalisedImage
+    from .model.preprocess import read_picture
+
+    settings = load_settings(frames_per_instance=args.frames)
+    embedder = _embedder()
+    store = IndexStore(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
+    counts: Counter = Counter()
+    rejected: Counter = Counter()
+    batch: list = []
+
+    def flush() -> None:
+        if batch:
+            result = store.add(embed_instances(embedder, batch))
+            counts["indexed"] += result.added
+            counts["duplicate"] += result.duplicates
+            batch.clear()
+
+    files = list(_walk(args.paths))
+    for path in tqdm(files, desc="index", unit="file", dynamic_ncols=True):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            try:
+                pixels = read_picture(path)
+            except Exception as exc:  # a corrupt picture: say so, go on
+                rejected[f"unreadable picture ({type(exc).__name__})"] += 1
+                continue
+            outcome = DecodedInstance(picture_metadata(str(path.resolve())), 1, (NormalisedImage(pixels, 0, ()),))
+        else:
+            outcome = decode_instance(path, max_frames=settings.frames_per_instance)
+        if isinstance(outcome, Rejection):
+            rejected[outcome.reason.value] += 1
+            continue
+        batch.append(outcome)
+        if len(batch) >= args.batch:
+            flush()
+    flush()
+    print(f"indexed {counts['indexed']}, skipped as duplicate {counts['duplicate']}, rejected {sum(rejected.values())}"
+          f" ({store.info.version}; the index now holds {store.count()})")  # fmt: skip
+    for reason, count in rejected.most_common():
+        print(f"  rejected: {reason}: {count}")
+    return 0
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .dicom import Rejection, decode_instance
+    from .index import IndexInfo, IndexStore
+    from .index.records import embed_instances, picture_metadata
+    from .dicom.pixels import DecodedInstance, NormalisedImage
+    from .model.preprocess import read_picture
+    from .search import Filters, Query, QueryContext, Searcher, SearchOptions
+
+    try:
+        filters = Filters.parse(args.filter)
+        weights = _weights(args.weights)
+        options = SearchOptions(args.strategy, k=args.k, filters=filters, level=args.level, weights=weights)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    embedder = _embedder()
+    store = IndexStore(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
+    searcher = Searcher(store)
+    if args.uid:
+        stored = store.describe([args.uid])[0]
+        if stored is None:
+            print(f"error: {args.uid} is not in the index {store.info.version}", file=sys.stderr)
+            return 1
+        searcher.snapshot.refresh()
+        row = stored["row"]
+        meta = stored["metadata"]
+        query = Query(searcher.snapshot.features[row], searcher.snapshot.codes[row],
+                      {h: np.asarray(p) for h, p in stored["probabilities"].items()},
+                      QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), args.uid))  # fmt: skip
+    else:
+        if args.file.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            outcome = DecodedInstance(picture_metadata(str(args.file.resolve())), 1,
+                                      (NormalisedImage(read_picture(args.file), 0, ()),))  # fmt: skip
+        else:
+            outcome = decode_instance(args.file)
+        if isinstance(outcome, Rejection):
+            print(f"error: {args.file}: rejected: {outcome}", file=sys.stderr)
+            return 1
+        record = embed_instances(embedder, [outcome])[0]
+        meta = record.metadata
+        query = Query(record.features, record.code, record.probabilities,
+                      QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid))  # fmt: skip
+    result = searcher.search(query, options)
+    if args.json:
+        print(json.dumps({"strategy": result.strategy, "level": result.level, "index_size": result.index_size,
+                          "candidate_fraction": round(result.candidate_fraction, 6),
+                          "elapsed_ms": round(result.elapsed_ms, 2),
+                          "hits": [{"rank": h.rank, "distance": h.distance, "instances": h.instances,
+                                    **_hit_fields(h.record)} for h in result.hits]}, indent=2))  # fmt: skip
+        return 0
+    print(f"{result.strategy} over {result.index_size} instances: {len(result.hits)} hits in {result.elapsed_ms:.1f} ms "
+          f"({result.candidates} candidates)")  # fmt: skip
+    for hit in result.hits:
+        fields = _hit_fields(hit.record)
+        print(f"{hit.rank:3d}  {hit.distance:8.4f}  {fields['Modality'] or '-':3s}  {fields['BodyPartExamined'] or '-':10s}"
+              f"  {fields['SOPInstanceUID']}  {fields['SeriesDescription'] or ''}")  # fmt: skip
+    return 0
+
+
+def _hit_fields(record: dict) -> dict:
+    meta = record.get("metadata", {})
+    return {"StudyInstanceUID": meta.get("study_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
+            "SOPInstanceUID": meta.get("sop_instance_uid"), "Modality": meta.get("modality"),
+            "BodyPartExamined": meta.get("body_part_examined"), "SeriesDescription": meta.get("series_description"),
+            "StudyDate": meta.get("study_date"), "orthanc": record.get("orthanc", {})}  # fmt: skip
+
+
+def _weights(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"weights: {item!r} is not SUB=NUMBER") from None
+    return weights
+
+
+def _run_recluster(args: argparse.Namespace) -> int:
+    from .index import IndexInfo, IndexStore
+    from .model.embedder import ModelCard, card_path
+    from .search.clustering import recluster
+
+    card = ModelCard.load(card_path(Path(load_settings().model)))
+    summary = recluster(IndexStore(_redis(args.redis_url), IndexInfo.from_card(card)), args.neighbours, args.resolution)
+    print(f"{summary.instances} instances in {summary.clusters} clusters (largest {summary.largest}, modularity "
+          f"{summary.modularity}) in {summary.seconds} s")  # fmt: skip
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    import numpy as np
+
+    from .evaluation.retrieval import Labelled, evaluate, write_report
+    from .local_services import RedisServer
+    from .training.data import MEDNIST_CLASSES, block_split, read_image_folder, read_mednist, read_pneumonia
+
+    strategies = STRATEGY_NAMES if args.strategy == "all" else (args.strategy,)
+    if any(s not in STRATEGY_NAMES for s in strategies):
+        print(f"error: unknown strategy {args.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)} or all",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.mednist:
+        mednist = read_mednist(args.mednist, Path("state/cache"))
+        train_index, validation_index = block_split(mednist)
+        classes = sorted(MEDNIST_CLASSES)
+        gallery, queries = Labelled(mednist.subset(train_index), classes), Labelled(mednist.subset(validation_index), classes)
+        copies = 1000 if args.copies is None else args.copies
+    elif args.gallery and args.queries:
+        gallery_set, classes = read_image_folder(args.gallery)
+        query_set, _ = read_image_folder(args.queries, classes)
+        gallery, queries = Labelled(gallery_set, classes), Labelled(query_set, classes)
+        copies = args.copies or 0
+    else:
+        print("error: give --gallery and --queries, or --mednist", file=sys.stderr)
+        return 2
+    if args.limit:
+        keep = np.random.default_rng(0).permutation(len(queries.images))[: args.limit]
+        queries = Labelled(queries.images.subset(sorted(keep)), queries.classes)
+    embedder = _embedder()
+    command = "orthanc-cbir " + " ".join(args.argv)
+    with tempfile.TemporaryDirectory(prefix="cbir-evaluate-") as scratch:
+        server = None if args.redis_url else RedisServer(Path(scratch)).start()
+        try:
+            client = _redis(args.redis_url or server.url)
+            summary, reports = evaluate(client, embedder, gallery, queries, strategies, k=args.k, copies=copies)
+            write_report(args.report, summary, reports, gallery, queries, command)
+            if args.pneumonia:
+                pathology_gallery = Labelled(read_pneumonia(args.pneumonia, "train"), ["normal", "pneumonia"])
+                pathology_queries = Labelled(read_pneumonia(args.pneumonia, "val"), ["normal", "pneumonia"])
+                pathology, pathology_reports = evaluate(client, embedder, pathology_gallery, pathology_queries,
+                                                        strategies, k=args.k)  # fmt: skip
+                summary["pathology"] = pathology
+                write_report(args.report / "pathology", pathology, pathology_reports, pathology_gallery,
+                             pathology_queries, command)  # fmt: skip
+                (args.report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        finally:
+            if server is not None:
+                server.stop()
+    print((args.report / "report.md").read_text())
+    if args.json:
+        print(json.dumps(summary))
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -82,3 +82,17 @@ def test_multi_index_probe_finds_every_code_within_its_guaranteed_radius(store):
 def _searched_bits(code: np.ndarray, index: MultiIndex) -> np.ndarray:
     bits = np.unpackbits(code)[index.start : index.start + index.bits * index.count]
     return np.packbits(bits)
+
+
+def test_rows_across_block_boundaries_read_back_in_place(store):
+    from orthanc_cbir.index.schema import BLOCK_ROWS
+
+    records = make_records(BLOCK_ROWS + 50, seed=4)
+    store.add(records[:100])
+    store.add(records[100:])
+    snapshot = IndexSnapshot(store)
+    assert snapshot.refresh() == 2
+    last = store.describe([records[-1].key])[0]["row"]
+    assert last >= BLOCK_ROWS
+    np.testing.assert_array_equal(snapshot.codes[last], records[-1].code)
+    assert np.count_nonzero(snapshot.live) == BLOCK_ROWS + 50

@@ -103,3 +103,16 @@ def code_statistics(packed_codes: np.ndarray) -> dict[str, float]:
         "mean_bucket_size": float(counts[inverse.ravel()].mean()),
         "bit_imbalance": float(np.abs(ones - 0.5).mean()),
     }
+
+
+def precision_at_k(relevant: np.ndarray, k: int) -> float:
+    """Share of relevant hits among the first k (a short ranking counts its missing hits as wrong)."""
+    return float(np.count_nonzero(np.asarray(relevant[:k], dtype=bool))) / k
+
+
+def ndcg_at_k(relevant: np.ndarray, total_relevant: int, k: int) -> float:
+    """Binary-relevance nDCG@k: DCG (1 / log2(rank + 1) per relevant hit) over the DCG of
+    a perfect ranking of min(k, total relevant) relevant hits."""
+    gains = np.asarray(relevant[:k], dtype=float) / np.log2(np.arange(2, min(k, len(relevant)) + 2))
+    ideal = (1.0 / np.log2(np.arange(2, min(k, total_relevant) + 2))).sum()
+    return float(gains.sum() / ideal) if ideal else 0.0

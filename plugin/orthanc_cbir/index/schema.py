@@ -125,7 +125,7 @@ class IndexRecord:
     orthanc: dict[str, str] = field(default_factory=dict)
     """Orthanc ids where known: ``instance``, ``series``, ``study``, ``patient``."""
     frame: int = 0
-    """The frame the vector was computed from (0 for single-frame images)."""
+    """The frame whose code and probabilities the record holds (0 for single-frame images)."""
 
     @property
     def key(self) -> str:

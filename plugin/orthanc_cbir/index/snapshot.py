@@ -15,7 +15,7 @@ from .store import FEATURE_DTYPE, IndexStore
 
 
 class IndexSnapshot:
-    """``features`` (rows, D) float16, ``codes`` (rows, B/8) uint8 and
+    """``features`` (rows, D) float32 (stored as float16), ``codes`` (rows, B/8) uint8 and
     ``attributes`` (rows,) :data:`~.schema.ATTRIBUTES` of every allocated row."""
 
     def __init__(self, store: IndexStore):
@@ -23,7 +23,7 @@ class IndexSnapshot:
         self.rows = 0
         self._seen: dict[int, int] = {}
         info = store.info
-        self.features = np.zeros((0, info.feature_dim), FEATURE_DTYPE)
+        self.features = np.zeros((0, info.feature_dim), np.float32)
         self.codes = np.zeros((0, info.code_bytes), np.uint8)
         self.attributes = np.zeros(0, ATTRIBUTES)
 
@@ -38,7 +38,7 @@ class IndexSnapshot:
             start = block * BLOCK_ROWS
             features = np.frombuffer(columns["features"], FEATURE_DTYPE)
             features = features[: len(features) // self.store.info.feature_dim * self.store.info.feature_dim]
-            self._place(self.features, start, features.reshape(-1, self.store.info.feature_dim))
+            self._place(self.features, start, features.reshape(-1, self.store.info.feature_dim).astype(np.float32))
             codes = np.frombuffer(columns["codes"], np.uint8)
             self._place(self.codes, start, codes[: len(codes) // self.codes.shape[1] * self.codes.shape[1]]
                         .reshape(-1, self.codes.shape[1]))  # fmt: skip

@@ -112,30 +112,29 @@ class IndexStore:
     def _write_rows(self, new: list[tuple[IndexRecord, int]]) -> None:
         heads = tuple(self.info.labels)
         pipe = self.client.pipeline(transaction=True)
-        blocks: set[int] = set()
+        columns = {
+            "features": [np.asarray(record.features, FEATURE_DTYPE).tobytes() for record, _ in new],
+            "codes": [np.asarray(record.code, np.uint8).tobytes() for record, _ in new],
+            "attributes": [record.attributes(heads).tobytes() for record, _ in new],
+        }
+        rows = np.array([row for _, row in new])
+        for first, last in _runs(rows):  # consecutive rows of one block: one SETRANGE per column
+            block, slot = divmod(int(rows[first]), BLOCK_ROWS)
+            for column, payloads in columns.items():
+                pipe.setrange(self.keys.block(column, block), slot * self.info.column_width(column),
+                              b"".join(payloads[first:last]))  # fmt: skip
         for record, row in new:
-            block, slot = divmod(row, BLOCK_ROWS)
-            blocks.add(block)
-            values = {
-                "features": np.asarray(record.features, FEATURE_DTYPE).tobytes(),
-                "codes": np.asarray(record.code, np.uint8).tobytes(),
-                "attributes": record.attributes(heads).tobytes(),
-            }
-            for column, payload in values.items():
-                pipe.setrange(self.keys.block(column, block), slot * self.info.column_width(column), payload)
             pipe.hset(self.keys.instance(record.key), mapping={
                 "metadata": json.dumps(record.metadata.to_json()),
                 "probabilities": json.dumps({h: np.round(p.astype(float), 5).tolist()
                                              for h, p in record.probabilities.items()}),
                 "orthanc": json.dumps(record.orthanc), "frame": record.frame, "indexed_at": time.time(),
             })  # fmt: skip
-            pipe.hset(self.keys.rows, row, record.key)
-        rows = np.array([row for _, row in new])
-        codes = np.stack([record.code for record, _ in new])
-        for key, payload in bucket_writes(self.keys, self.multi_index, rows, codes):
+        pipe.hset(self.keys.rows, mapping={int(row): record.key for record, row in new})
+        for key, payload in bucket_writes(self.keys, self.multi_index, rows, np.stack([r.code for r, _ in new])):
             pipe.append(key, payload)
-        for block in blocks:
-            pipe.hincrby(self.keys.generations, block, 1)
+        for block in np.unique(rows // BLOCK_ROWS):
+            pipe.hincrby(self.keys.generations, int(block), 1)
         pipe.execute()
 
     def remove(self, sop_instance_uid: str) -> bool:
@@ -215,3 +214,10 @@ class IndexStore:
 
     def generations(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.client.hgetall(self.keys.generations).items()}
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[first, last) index ranges of ``rows`` that are consecutive and inside one block."""
+    breaks = np.flatnonzero((np.diff(rows) != 1) | (rows[1:] // BLOCK_ROWS != rows[:-1] // BLOCK_ROWS)) + 1
+    edges = [0, *breaks.tolist(), len(rows)]
+    return list(zip(edges[:-1], edges[1:]))

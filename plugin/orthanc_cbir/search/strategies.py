@@ -69,6 +69,8 @@ class SearchOptions:
     clusters: int = 1
     """``cluster``: nearest clusters searched."""
     group_depth: int = 1000
+    with_records: bool = True
+    """Read each hit's stored record (metadata, probabilities, Orthanc ids); off for bulk evaluation."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -204,8 +206,8 @@ class Searcher:
             rows, distances, counts = rows[best], distances[best], counts[order][: options.k]
         rows, distances, counts = rows[: options.k], distances[: options.k], counts[: options.k]
         uids = self.store.sop_uids(rows)
-        records = self.store.describe([u for u in uids if u])
-        by_uid = {u: r for u, r in zip([u for u in uids if u], records)}
+        known = [u for u in uids if u]
+        by_uid = dict(zip(known, self.store.describe(known))) if options.with_records else {u: {} for u in known}
         hits = []
         for row_uid, distance, count in zip(uids, distances, counts):
             if row_uid is None or by_uid.get(row_uid) is None:  # removed since the snapshot was taken
@@ -238,12 +240,12 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(values, kind="stable")
 
 
-def _feature_distances(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def _feature_distances(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
     query = np.asarray(features, np.float32)
-    similarities = np.empty(len(rows), np.float32)
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        similarities[start : start + len(part)] = snapshot.features[part].astype(np.float32) @ query
+    if len(rows) > len(snapshot.features) // 4:  # most rows: one pass over the whole matrix beats gathering
+        similarities = (snapshot.features @ query)[rows]
+    else:
+        similarities = snapshot.features[rows] @ query
     return np.sqrt(np.maximum(2.0 - 2.0 * similarities, 0.0))
 
 

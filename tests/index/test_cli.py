@@ -1,0 +1,79 @@
+"""``orthanc-cbir index``, ``query`` and ``evaluate`` end to end: the shipped model,
+a real redis-server, pictures written by the test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from orthanc_cbir.cli import main
+from tests.dicom_factory import grey_image, structured_report, to_bytes
+
+
+def write_image_folder(root, per_class: int = 8, seed: int = 0):
+    """Two classes that any model separates: bright discs and dark stripes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    for name in ("disc", "stripes"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            if name == "disc":
+                image = 200 * (((yy - 32 - i) ** 2 + (xx - 30) ** 2) < (12 + i) ** 2)
+            else:
+                image = 120 * ((xx // (4 + i % 3)) % 2)
+            image = np.clip(image + rng.normal(0, 5, (64, 64)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_index_twice_then_query_a_picture(redis_url, client, tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "pictures")
+    (tmp_path / "pictures" / "broken.png").write_bytes(b"not a picture")
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    ct = grey_image(np.arange(64 * 64, dtype=np.int16).reshape(64, 64), BodyPartExamined="CHEST")
+    (dicom / "ct.dcm").write_bytes(to_bytes(ct))
+    (dicom / "report.dcm").write_bytes(to_bytes(structured_report()))
+    assert main(["index", str(folder), str(dicom), "--redis-url", redis_url]) == 0
+    first = capsys.readouterr().out
+    assert "indexed 17, skipped as duplicate 0, rejected 2" in first
+    assert "unreadable picture" in first and "not an image" in first
+    assert main(["index", str(folder), str(dicom), "--redis-url", redis_url]) == 0
+    assert "indexed 0, skipped as duplicate 17" in capsys.readouterr().out
+
+    query = folder / "disc" / "003.png"
+    assert main(["query", str(query), "--redis-url", redis_url, "--strategy", "exact", "--k", "5", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["index_size"] == 17 and len(answer["hits"]) == 5
+    assert all(not hit["SeriesDescription"].endswith("disc/003.png") for hit in answer["hits"])  # never itself
+    assert all(hit["SeriesDescription"].split("/")[-2] == "disc" for hit in answer["hits"][:3])
+
+    assert main(["query", "--uid", ct.SOPInstanceUID, "--redis-url", redis_url, "--json", "--k", "3",
+                 "--filter", "modality=CT"]) == 0  # fmt: skip
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["hits"] == []  # the CT is the only CT, and a query never answers itself
+
+
+def test_query_refuses_a_bad_filter_with_a_message(redis_url, tmp_path, capsys):
+    assert main(["query", "--uid", "1.2.3", "--redis-url", redis_url, "--filter", "colour=red"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_evaluate_reports_every_strategy_as_one_json_line(redis_url, client, tmp_path, capsys):
+    gallery = write_image_folder(tmp_path / "gallery", per_class=10)
+    queries = write_image_folder(tmp_path / "queries", per_class=3, seed=1)
+    report = tmp_path / "report"
+    code = main(["evaluate", "--gallery", str(gallery), "--queries", str(queries), "--report", str(report),
+                 "--redis-url", redis_url, "--json"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_gallery"] == 20 and summary["n_queries"] == 6
+    assert set(summary["strategies"]) == {"exact", "hamming", "class", "cluster", "multilateral"}
+    for figures in summary["strategies"].values():
+        assert {"map@10", "p@1", "ndcg@10", "recall@10_vs_exact", "candidate_fraction", "latency_ms_p50"} <= set(figures)
+    assert summary["strategies"]["exact"]["p@1"] == 1.0  # two classes a child could tell apart
+    assert summary["strategies"]["exact"]["recall@10_vs_exact"] == 1.0
+    assert (report / "report.md").exists() and (report / "precision_recall.png").exists()
+    assert not list(client.scan_iter(match="cbir-eval-*"))  # the private key space is gone
