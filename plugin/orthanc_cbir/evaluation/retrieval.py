@@ -10,7 +10,8 @@ pneumonia label). Reported per strategy:
 - ``recall@10_vs_exact``: share of the exact top 10 a strategy also returns: what
   a faster strategy gives up against brute force;
 - ``candidate_fraction``: share of the index whose features (or weighted codes)
-  each query compared: what it saves;
+  each query compared: what it saves; ``examined_fraction``: for ``hamming``, the
+  share whose codes the multi-index probe returned (a superset);
 - latency p50 / p95 in ms (server side: from the stored query vector to the ranked
   answer, without the query's own embedding);
 - copy detection (optional): rank of the original for re-encoded, shifted,
@@ -128,7 +129,8 @@ def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, ex
     labels, gallery_labels = queries.labels, gallery.labels
     totals = np.bincount(gallery_labels, minlength=len(gallery.classes))
     figures: dict[str, list[float]] = {name: [] for name in ("p@1", "p@10", "map@10", "map@100", "ndcg@10",
-                                                              "recall@10_vs_exact", "candidate_fraction", "latency")}  # fmt: skip
+                                                              "recall@10_vs_exact", "candidate_fraction", "examined_fraction",
+                                                              "latency")}  # fmt: skip
     rankings = []
     for i in tqdm(range(len(labels)), desc=strategy, unit="query", disable=not progress, dynamic_ncols=True):
         result = searcher.search(_query(embedded, i), options)
@@ -144,6 +146,7 @@ def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, ex
         if exact_top is not None:
             figures["recall@10_vs_exact"].append(len(set(ranking[:k]) & set(exact_top[i])) / k)
         figures["candidate_fraction"].append(result.candidate_fraction)
+        figures["examined_fraction"].append(result.examined / max(result.index_size, 1))
         figures["latency"].append(result.elapsed_ms)
     latency = np.array(figures.pop("latency"))
     out = {name: round(float(np.mean(values)), 4) if values else 1.0 for name, values in figures.items()}
@@ -179,7 +182,7 @@ def write_report(out_dir: Path, summary: dict, reports: dict[str, StrategyReport
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(reports)
     columns = ["p@1", "p@10", "map@10", "map@100", "ndcg@10", "recall@10_vs_exact", "candidate_fraction",
-               "latency_ms_p50", "latency_ms_p95"]  # fmt: skip
+               "examined_fraction", "latency_ms_p50", "latency_ms_p95"]  # fmt: skip
     extra = [c for c in ("copy_rank1", "copy_found_in_10") if c in next(iter(reports.values())).figures]
     lines = [f"# Retrieval evaluation\n\n`{command}`\n\nModel `{summary['model']}`; gallery {summary['n_gallery']} "
              f"images, {summary['n_queries']} queries; relevance = same class.\n",

@@ -89,6 +89,8 @@ class Ranking:
     distances: np.ndarray
     candidates: int
     """Instances whose features (or weighted codes) were compared to the query's."""
+    examined: int = 0
+    """``hamming``: instances whose codes the multi-index probe returned (a superset of the candidates)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class SearchResult:
     candidates: int
     index_size: int
     elapsed_ms: float
+    examined: int = 0
 
     @property
     def candidate_fraction(self) -> float:
@@ -140,8 +143,8 @@ class Searcher:
         ranking = _RANKERS[options.strategy](self, query, options, mask, depth)
         hits = self._hits(ranking, options)
         return SearchResult(options.strategy, options.level, hits, ranking.candidates,
-                            int(np.count_nonzero(self.snapshot.live)),
-                            (time.perf_counter() - started) * 1000)  # fmt: skip
+                            int(np.count_nonzero(self.snapshot.live)), (time.perf_counter() - started) * 1000,
+                            ranking.examined or ranking.candidates)  # fmt: skip
 
     # -- the strategies ---------------------------------------------------------------------
 
@@ -159,7 +162,8 @@ class Searcher:
         codes = self.snapshot.codes[rows]
         distances = hamming_distances(query.code, codes)
         pool = rows[_smallest(distances, options.candidates)]
-        return _nearest(self.snapshot, query.features, pool, depth)
+        ranking = _nearest(self.snapshot, query.features, pool, depth)
+        return Ranking(ranking.rows, ranking.distances, ranking.candidates, examined=len(rows))
 
     def _class(self, query, options, mask, depth) -> Ranking:
         for head in CLASS_HEADS:
