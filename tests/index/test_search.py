@@ -151,3 +151,24 @@ def test_bad_options_are_refused_with_a_message():
         Filters.parse(["colour=red"])
     with pytest.raises(ValueError, match="age is MIN-MAX"):
         Filters.parse(["age=old"])
+
+
+@pytest.mark.parametrize("hamming_search", ["scan", "multi-index"])
+def test_hamming_finds_an_indexed_image_by_its_own_code_either_way(indexed, hamming_search):
+    _, records, searcher = indexed
+    target = records[123]
+    options = SearchOptions("hamming", k=3, candidates=50, hamming_search=hamming_search,
+                            filters=Filters(exclude_self=False))  # fmt: skip
+    result = searcher.search(as_query(target), options)
+    assert result.sop_instance_uids[0] == target.key and result.hits[0].distance < 0.02  # float16 storage
+    assert result.candidates == 50 and 50 <= result.examined <= 600
+
+
+def test_multi_index_search_respects_filters(indexed):
+    _, records, searcher = indexed
+    filters = Filters.parse(["modality=XR", "sex=M"])
+    options = SearchOptions("hamming", k=20, candidates=40, hamming_search="multi-index", filters=filters)
+    result = searcher.search(as_query(make_records(1, seed=9)[0]), options)
+    assert result.hits
+    assert all(h.record["metadata"]["modality"] == "XR" and h.record["metadata"]["patient_sex"] == "M"
+               for h in result.hits)  # fmt: skip

@@ -2,9 +2,15 @@
 
 - ``exact``: Euclidean distance of the features over every instance that passes
   the filters. The reference the others are measured against.
-- ``hamming`` (seed 001, coarse-to-fine): candidates from the multi-index hash
-  buckets (:mod:`orthanc_cbir.index.hamming`), the ``candidates`` nearest by
-  Hamming distance of the whole code re-ranked by feature distance.
+- ``hamming`` (seed 001, coarse-to-fine): the ``candidates`` instances nearest by
+  Hamming distance of the whole code, re-ranked by feature distance. Who finds
+  them depends on the index size (``SearchOptions.hamming_search``): below
+  :data:`MULTI_INDEX_MIN_ROWS` a popcount scan of the searcher's cached codes
+  (16 bytes a row: under a millisecond for 50,000), above it the multi-index
+  hash buckets in Redis (:mod:`orthanc_cbir.index.hamming`), which are sublinear
+  but need a crowded code space: on the 47,554 MedNIST training images their
+  exact-substring buckets miss too many true neighbours (recall@10 against
+  ``exact`` 0.86 when probing 4 % of the index, against 0.985 for the scan).
 - ``class`` (seeds 000, 002): predict the query's class (modality and region
   heads), rank only instances predicted to be of the same class.
 - ``cluster`` (seed 003): instances are grouped offline by modularity
@@ -38,6 +44,9 @@ from .filters import Filters, QueryContext
 
 STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
 LEVELS = ("instance", "series", "study")
+MULTI_INDEX_MIN_ROWS = 200_000
+"""From this many indexed instances on, ``hamming`` probes the multi-index buckets
+instead of scanning every code (``hamming_search="auto"``)."""
 CLASS_HEADS = ("modality", "region")
 """The heads whose predicted classes define ``class``: the body-region classes of seeds 000 / 002."""
 
@@ -68,6 +77,9 @@ class SearchOptions:
     """``multilateral``: weight per sub-code name (unnamed sub-codes weigh 1)."""
     clusters: int = 1
     """``cluster``: nearest clusters searched."""
+    hamming_search: str = "auto"
+    """``hamming``: ``scan`` (every cached code), ``multi-index`` (Redis buckets) or ``auto``
+    (multi-index from :data:`MULTI_INDEX_MIN_ROWS` instances on)."""
     group_depth: int = 1000
     with_records: bool = True
     """Read each hit's stored record (metadata, probabilities, Orthanc ids); off for bulk evaluation."""
@@ -77,6 +89,8 @@ class SearchOptions:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.level not in LEVELS:
             raise ValueError(f"unknown level {self.level!r}; choose one of {', '.join(LEVELS)}")
+        if self.hamming_search not in ("auto", "scan", "multi-index"):
+            raise ValueError(f"hamming_search must be auto, scan or multi-index, not {self.hamming_search!r}")
         if not 1 <= self.k <= 1000:
             raise ValueError("k must be between 1 and 1000")
 
@@ -156,9 +170,15 @@ class Searcher:
         allowed = int(np.count_nonzero(mask))
         if allowed <= options.candidates:  # the filters leave fewer instances than the pool: rank them all
             return self._exact(query, options, mask, depth)
-        found = probe(self.store.client, self.store.keys, self.store.multi_index, query.code, options.candidates,
-                      accept=lambda rows: _accepts(mask, rows))  # fmt: skip
-        rows = found.rows[_accepts(mask, found.rows)]
+        use_buckets = options.hamming_search == "multi-index" or (
+            options.hamming_search == "auto" and allowed >= MULTI_INDEX_MIN_ROWS
+        )
+        if use_buckets:
+            found = probe(self.store.client, self.store.keys, self.store.multi_index, query.code,
+                          options.candidates, accept=lambda rows: _accepts(mask, rows))  # fmt: skip
+            rows = found.rows[_accepts(mask, found.rows)]
+        else:
+            rows = np.flatnonzero(mask)
         codes = self.snapshot.codes[rows]
         distances = hamming_distances(query.code, codes)
         pool = rows[_smallest(distances, options.candidates)]
