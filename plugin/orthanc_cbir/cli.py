@@ -100,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the answer as JSON")
     query.set_defaults(run=_run_query)
 
+    worker = commands.add_parser(
+        "worker",
+        help="index what Orthanc stores: consume the ingest stream until stopped",
+        description="Takes entries of the ingest stream (a consumer group: run as many as you like), fetches "
+        "each instance from Orthanc's REST API (CBIR_ORTHANC_URL, CBIR_ORTHANC_USERNAME, "
+        "CBIR_ORTHANC_PASSWORD), decodes, embeds, indexes, then acknowledges. SIGTERM / Ctrl-C stops it "
+        "after the batch in hand.",
+    )
+    worker.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    worker.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
+    worker.set_defaults(run=_run_worker)
+
     recluster_parser = commands.add_parser(
         "recluster",
         help="cluster the index offline for the 'cluster' strategy (seed 003)",
@@ -361,6 +373,22 @@ def _weights(text: str | None) -> dict[str, float] | None:
         except ValueError:
             raise ValueError(f"weights: {item!r} is not SUB=NUMBER") from None
     return weights
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .ingest.worker import Worker
+
+    settings = load_settings(redis_url=args.redis_url, orthanc_url=args.orthanc_url)
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    worker = Worker.from_settings(settings, _redis(settings.redis_url))
+    worker.run(stop)
+    print(f"worker stopped: {dict(worker.totals)}")
+    return 0
 
 
 def _run_recluster(args: argparse.Namespace) -> int:

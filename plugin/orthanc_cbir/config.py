@@ -48,6 +48,21 @@ class Settings:
     embed_batch_size: int = 32
     """Images per onnxruntime call."""
 
+    orthanc_url: str = "http://127.0.0.1:8042"
+    """Orthanc's REST API, where workers fetch the stored files."""
+
+    orthanc_username: str = ""
+    """User for the workers' REST calls (empty: no authentication)."""
+
+    orthanc_password: str = ""
+    """Its password; prefer the CBIR_ORTHANC_PASSWORD variable to writing it in a file."""
+
+    worker_batch_size: int = 32
+    """Stream entries a worker takes, decodes and embeds together."""
+
+    claim_after_s: float = 60.0
+    """An entry a worker took but did not acknowledge for this long goes to another worker."""
+
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
 

@@ -18,12 +18,12 @@ import socket
 import subprocess
 import time
 import urllib.error
-import urllib.request
-from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from .ingest.orthanc_client import OrthancClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout: holds ``orthanc.json``, ``plugin/orthanc_entry.py`` and ``.venv``."""
@@ -195,26 +195,19 @@ class OrthancServer(_Process):
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
+    @property
+    def client(self) -> OrthancClient:
+        """An authenticated REST client of this Orthanc."""
+        return OrthancClient(self.url, self.username, self.password)
+
     def request(self, method: str, path: str, body: bytes | None = None, *, content_type: str | None = None,
                 timeout_s: float = 30) -> tuple[int, bytes, str]:  # fmt: skip
         """One authenticated HTTP request: (status, body, content type). 4xx/5xx do not raise."""
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        token = b64encode(f"{self.username}:{self.password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-        if content_type:
-            request.add_header("Content-Type", content_type)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as error:
-            return error.code, error.read(), error.headers.get("Content-Type", "")
+        return self.client.request(method, path, body, content_type=content_type, timeout_s=timeout_s)
 
     def get_json(self, path: str, *, timeout_s: float = 30) -> Any:
         """GET a JSON resource; raises ``ValueError`` on a status other than 200."""
-        status, body, _ = self.request("GET", path, timeout_s=timeout_s)
-        if status != 200:
-            raise ValueError(f"GET {path}: HTTP {status}: {body[:200]!r}")
-        return json.loads(body)
+        return self.client.get_json(path, timeout_s=timeout_s)
 
     def __enter__(self) -> OrthancServer:
         return self.start()

@@ -1,7 +1,9 @@
 """Mount the handlers of :mod:`.routes` in Orthanc through its Python plugin.
 
-Orthanc runs every Python callback under one interpreter lock, so a handler here
-must stay short: heavy work belongs to the worker processes.
+Orthanc runs every Python callback under one interpreter lock, and its change
+callbacks in order on one thread, so everything here stays short: a stored or
+deleted instance becomes one entry of the ingest stream, and the worker
+processes (``orthanc-cbir worker``) do the decoding, the model and the index.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from ..config import Settings, load_settings
+from ..ingest.queue import DELETE, STORE, IngestQueue
 from . import routes
 
 
@@ -21,8 +26,25 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 
 
 def register(orthanc: Any, settings: Settings) -> None:
-    """Register every ``/cbir/...`` route with Orthanc."""
+    """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
+    queue = IngestQueue(redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2))
+    orthanc.RegisterOnChangeCallback(_on_change(orthanc, queue))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
+
+
+def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], None]:
+    """Orthanc runs change callbacks in order on one thread: this one only enqueues (one XADD)."""
+
+    def on_change(change_type: Any, level: Any, resource_id: str) -> None:
+        try:
+            if change_type == orthanc.ChangeType.NEW_INSTANCE:
+                queue.enqueue(resource_id, STORE)
+            elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+                queue.enqueue(resource_id, DELETE)
+        except redis.RedisError as exc:  # Orthanc keeps the instance; `orthanc-cbir reconcile` catches up
+            orthanc.LogError(f"cbir: could not enqueue instance {resource_id}: {type(exc).__name__}: {exc}")
+
+    return on_change
 
 
 def _get(orthanc: Any, uri: str, handler: Callable[[dict[str, Any]], routes.Response]) -> None:

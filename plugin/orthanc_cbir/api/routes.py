@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from .. import __version__
 from ..config import Settings
+from ..index import IndexInfo, IndexStore
+from ..ingest.queue import IngestQueue
+from ..model.embedder import ModelCard, card_path
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,24 @@ class Response:
 
 
 def status(settings: Settings) -> Response:
-    """``GET /cbir/status``: version and Redis health (HTTP 200 even when Redis is down,
-    so that a monitor can read what is wrong)."""
-    return Response.json({"version": __version__, "redis": redis_health(settings.redis_url)})
+    """``GET /cbir/status``: version, model, Redis health and the counts indexed / queued /
+    pending / rejected (HTTP 200 even when Redis is down, so that a monitor can read what is wrong)."""
+    health = redis_health(settings.redis_url)
+    answer: dict[str, Any] = {"version": __version__, "redis": health}
+    try:
+        card = ModelCard.load(card_path(Path(settings.model)))
+        answer["model"] = card.version
+    except Exception as exc:  # a missing or broken card is what the operator must read here
+        answer["model"] = None
+        answer["model_error"] = f"{type(exc).__name__}: {exc}"
+    if health["ok"] and answer["model"]:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        try:
+            answer["indexed"] = IndexStore(client, IndexInfo.from_card(card)).count()
+            answer.update(IngestQueue(client).counts())
+        finally:
+            client.close()
+    return Response.json(answer)
 
 
 def redis_health(url: str) -> dict[str, Any]:

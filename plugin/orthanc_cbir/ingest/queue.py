@@ -1,0 +1,118 @@
+"""The ingest queue: a Redis Stream between Orthanc's callbacks and the workers.
+
+Orthanc's stored-instance and deletion callbacks only :meth:`IngestQueue.enqueue`
+(one ``XADD``); workers read with a consumer group, so each entry goes to one
+worker, and acknowledge an entry only once its record is in the index (at least
+once). Entries a dead worker left pending are claimed by another after
+``claim_idle_ms`` (``XAUTOCLAIM``). Instances that cannot be indexed are kept in
+the rejected hash with their reason, so an operator can see them.
+
+The queue carries Orthanc ids, not vectors, so it does not depend on the model
+version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+STORE = "store"
+DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class IngestEvent:
+    """One stream entry."""
+
+    entry_id: str
+    action: str
+    """``store`` (index the instance) or ``delete`` (drop it from the index)."""
+    orthanc_id: str
+    deliveries: int = 1
+    """How many times the entry was handed to a worker (> 1 after a claim)."""
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    prefix: str = "cbir"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:ingest"
+
+    @property
+    def rejected(self) -> str:
+        """Hash Orthanc id -> JSON {reason, detail, sop_instance_uid, at}."""
+        return f"{self.prefix}:rejected"
+
+    @property
+    def orthanc_ids(self) -> str:
+        """Hash Orthanc instance id -> SOPInstanceUID of what was indexed (for deletions)."""
+        return f"{self.prefix}:orthanc-instances"
+
+
+class IngestQueue:
+    """The stream, its consumer group and the rejected list."""
+
+    def __init__(self, client: redis.Redis, group: str = "cbir-workers", keys: QueueKeys = QueueKeys(),
+                 claim_idle_ms: int = 60_000):  # fmt: skip
+        self.client = client
+        self.group = group
+        self.keys = keys
+        self.claim_idle_ms = claim_idle_ms
+
+    def ensure_group(self) -> None:
+        """Create the stream and the consumer group if they do not exist yet."""
+        try:
+            self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def enqueue(self, orthanc_id: str, action: str = STORE) -> str:
+        """Add one entry; returns its stream id. The only thing Orthanc's callbacks do."""
+        return self.client.xadd(self.keys.stream, {"action": action, "orthanc_id": orthanc_id}).decode()
+
+    def read(self, consumer: str, count: int = 32, block_ms: int = 1000) -> list[IngestEvent]:
+        """Up to ``count`` entries for ``consumer``: first any left idle by another worker, then new ones."""
+        self.ensure_group()
+        _, claimed, _ = self.client.xautoclaim(self.keys.stream, self.group, consumer, self.claim_idle_ms,
+                                               start_id="0-0", count=count)  # fmt: skip
+        events = [self._event(entry_id, fields, deliveries=2) for entry_id, fields in claimed if fields]
+        if len(events) < count:
+            answer = self.client.xreadgroup(self.group, consumer, {self.keys.stream: ">"},
+                                            count=count - len(events), block=None if events else block_ms)  # fmt: skip
+            for _, entries in answer or []:
+                events.extend(self._event(entry_id, fields) for entry_id, fields in entries)
+        return events
+
+    @staticmethod
+    def _event(entry_id: bytes, fields: dict, deliveries: int = 1) -> IngestEvent:
+        return IngestEvent(entry_id.decode(), fields[b"action"].decode(), fields[b"orthanc_id"].decode(), deliveries)
+
+    def ack(self, events: list[IngestEvent]) -> None:
+        """Done with these entries: acknowledge and delete them (the stream keeps only open work)."""
+        if events:
+            ids = [event.entry_id for event in events]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(self.keys.stream, self.group, *ids)
+            pipe.xdel(self.keys.stream, *ids)
+            pipe.execute()
+
+    def reject(self, orthanc_id: str, reason: str, detail: str, sop_instance_uid: str | None = None) -> None:
+        self.client.hset(self.keys.rejected, orthanc_id, json.dumps(
+            {"reason": reason, "detail": detail, "sop_instance_uid": sop_instance_uid, "at": time.time()}))  # fmt: skip
+
+    def rejected(self) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+
+    def counts(self) -> dict[str, int]:
+        """``queued`` (entries not yet handed out or not yet acknowledged), ``pending``
+        (handed to a worker, not acknowledged), ``rejected``."""
+        self.ensure_group()
+        pending = self.client.xpending(self.keys.stream, self.group)["pending"]
+        return {"queued": int(self.client.xlen(self.keys.stream)), "pending": int(pending),
+                "rejected": int(self.client.hlen(self.keys.rejected))}  # fmt: skip

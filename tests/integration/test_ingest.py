@@ -1,0 +1,186 @@
+"""Indexing as a PACS feeds Orthanc: storescu pushes, the plugin enqueues, a worker
+indexes; deletions follow; a killed worker loses nothing. Real Orthanc, Redis, storescu."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from pydicom import dcmread
+
+from orthanc_cbir.index import IndexInfo, IndexStore
+from orthanc_cbir.ingest.queue import IngestQueue
+from orthanc_cbir.ingest.worker import Worker
+from orthanc_cbir.model.embedder import Embedder
+from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
+from tests import dicom_factory as factory
+
+pytestmark = pytest.mark.integration
+
+SHARED_SERIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / (
+    "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl")  # fmt: skip
+
+
+def storescu(orthanc, paths) -> None:
+    done = subprocess.run(["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.3) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def synthetic_series(folder: Path, slices: int = 12, size: int = 64) -> list[Path]:
+    """A smooth phantom whose slices change gradually, so neighbours are the adjacent slices."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = factory.generate_uid(), factory.generate_uid()
+    yy, xx = np.mgrid[:size, :size] * (64 / size)
+    paths = []
+    for z in range(slices):
+        radius = 8 + 1.5 * z
+        image = (1000 * (((yy - 32) ** 2 + (xx - 20 - z) ** 2) < radius**2)).astype(np.uint16)
+        ds = factory.grey_image(image, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024, StudyInstanceUID=study,
+                                SeriesInstanceUID=series, InstanceNumber=z + 1,
+                                ImagePositionPatient=[0, 0, 5.0 * z], BodyPartExamined="CHEST")  # fmt: skip
+        paths.append(folder / f"slice{z:03d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def client(redis_server):
+    connection = redis.Redis.from_url(redis_server.url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def store(client, embedder):
+    return IndexStore(client, IndexInfo.from_card(embedder.card))
+
+
+class WorkerThread:
+    """The test's worker, in a thread that a test can stop and start again."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.queue = worker.queue
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.worker.run, args=(self._stop,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def worker(orthanc, client, store, embedder):
+    running = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), orthanc.client, store, embedder,
+                                  batch_size=16, consumer="test-worker"))  # fmt: skip
+    running.start()
+    yield running
+    running.stop()
+
+
+def status(orthanc) -> dict:
+    return orthanc.get_json("/cbir/status")
+
+
+def test_a_pushed_series_is_indexed_and_its_slices_find_their_neighbours(orthanc, worker, store, tmp_path):
+    paths = sorted(SHARED_SERIES.glob("*.dcm")) if SHARED_SERIES.is_dir() else synthetic_series(tmp_path / "series")
+    before = status(orthanc)["indexed"]
+    storescu(orthanc, paths)
+    wait_until(lambda: status(orthanc)["indexed"] >= before + len(paths), 120, f"{len(paths)} slices indexed")
+    stored = status(orthanc)
+    assert stored["model"] == store.info.version and stored["queued"] == 0 and stored["pending"] == 0
+
+    records = [r for r in store.describe([dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths])]
+    assert all(r is not None and r["orthanc"]["instance"] for r in records)
+    order = np.argsort([r["metadata"]["image_position_patient"][2] for r in records])
+    position = {records[i]["metadata"]["sop_instance_uid"]: rank for rank, i in enumerate(order)}
+    searcher = Searcher(store)
+    searcher.snapshot.refresh()
+    near = 0
+    for uid, rank in position.items():
+        row = store.describe([uid])[0]["row"]
+        query = Query(searcher.snapshot.features[row], searcher.snapshot.codes[row])
+        hit = searcher.search(query, SearchOptions("exact", k=2, filters=Filters(exclude_self=False))).hits
+        neighbour = hit[1] if hit[0].sop_instance_uid == uid else hit[0]
+        near += abs(position.get(neighbour.sop_instance_uid, -99) - rank) <= 2
+    assert near / len(position) >= 0.9
+
+
+def test_an_instance_that_is_not_an_image_is_listed_as_rejected(orthanc, worker, tmp_path):
+    report = tmp_path / "report.dcm"
+    factory.structured_report().save_as(report, enforce_file_format=True)
+    before = status(orthanc)["rejected"]
+    storescu(orthanc, [report])
+    wait_until(lambda: status(orthanc)["rejected"] == before + 1, 60, "the SR to be rejected")
+    reasons = [entry["reason"] for entry in worker.queue.rejected().values()]
+    assert "not an image" in reasons
+
+
+def test_deleting_an_instance_in_orthanc_removes_it_from_the_index(orthanc, worker, store, tmp_path):
+    paths = synthetic_series(tmp_path / "to-delete", slices=3)
+    storescu(orthanc, paths)
+    uid = dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID
+    wait_until(lambda: store.contains(uid), 60, "the slice to be indexed")
+    orthanc_id = store.describe([uid])[0]["orthanc"]["instance"]
+    assert orthanc.request("DELETE", f"/instances/{orthanc_id}")[0] == 200
+    wait_until(lambda: not store.contains(uid), 60, "the slice to leave the index")
+
+
+def test_killing_a_worker_mid_push_loses_nothing(orthanc, worker, store, client, redis_server, tmp_path):
+    """A real `orthanc-cbir worker` process takes the entries and is killed with SIGKILL while
+    it holds some; the test's worker claims what it left, so stored == indexed + rejected."""
+    worker.stop()
+    environment = {**os.environ, "CBIR_REDIS_URL": redis_server.url, "CBIR_ORTHANC_URL": orthanc.url,
+                   "CBIR_ORTHANC_USERNAME": orthanc.username, "CBIR_ORTHANC_PASSWORD": orthanc.password,
+                   "CBIR_WORKER_BATCH_SIZE": "4"}  # fmt: skip
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        victim = subprocess.Popen([sys.executable, "-m", "orthanc_cbir.cli", "worker"], env=environment,
+                                  stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+    queue = IngestQueue(client)
+    try:
+        paths = synthetic_series(tmp_path / "kill", slices=60, size=256)
+        push = subprocess.Popen(["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1",
+                                 str(orthanc.dicom_port), *map(str, paths)])  # fmt: skip
+        wait_until(lambda: queue.counts()["pending"] > 0 or victim.poll() is not None, 60,
+                   "the worker process to take entries", every_s=0.002)  # fmt: skip
+        assert victim.poll() is None, log.read_text()[-2000:]
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+    assert push.wait(timeout=120) == 0
+    uids = [dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+    assert not all(store.contains(uid) for uid in uids), "the worker process finished before it was killed"
+    worker.start()
+    wait_until(lambda: all(store.contains(uid) for uid in uids), 90, "every slice to be indexed after the kill")
+    counts = status(orthanc)
+    assert len(orthanc.get_json("/instances")) == counts["indexed"] + counts["rejected"]
