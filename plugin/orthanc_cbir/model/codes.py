@@ -82,7 +82,10 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
 
 def hamming_distances(query: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Hamming distance of one packed code (B/8,) to each of (N, B/8) packed codes: (N,) int."""
-    return np.bitwise_count(np.bitwise_xor(codes, query[None, :])).sum(axis=1, dtype=np.int32)
+    differing = np.ascontiguousarray(np.bitwise_xor(codes, query[None, :]))
+    if differing.shape[-1] % 8 == 0:  # eight bytes at a time: one popcount per 64 bits
+        differing = differing.view(np.uint64)
+    return np.bitwise_count(differing).sum(axis=1, dtype=np.int32)
 
 
 def weighted_hamming_distances(query: np.ndarray, codes: np.ndarray, bit_weights: np.ndarray) -> np.ndarray:
