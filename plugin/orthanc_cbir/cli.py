@@ -302,10 +302,11 @@ def _run_query(args: argparse.Namespace) -> int:
     from .dicom.pixels import DecodedInstance, NormalisedImage
     from .model.preprocess import read_picture
     from .search import Filters, Query, QueryContext, Searcher, SearchOptions
+    from .search.filters import parse_weights
 
     try:
         filters = Filters.parse(args.filter)
-        weights = _weights(args.weights)
+        weights = parse_weights(args.weights)
         options = SearchOptions(args.strategy, k=args.k, filters=filters, level=args.level, weights=weights)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -360,19 +361,6 @@ def _hit_fields(record: dict) -> dict:
             "SOPInstanceUID": meta.get("sop_instance_uid"), "Modality": meta.get("modality"),
             "BodyPartExamined": meta.get("body_part_examined"), "SeriesDescription": meta.get("series_description"),
             "StudyDate": meta.get("study_date"), "orthanc": record.get("orthanc", {})}  # fmt: skip
-
-
-def _weights(text: str | None) -> dict[str, float] | None:
-    if not text:
-        return None
-    weights = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"weights: {item!r} is not SUB=NUMBER") from None
-    return weights
 
 
 def _run_worker(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ indexes; deletions follow; a killed worker loses nothing. Real Orthanc, Redis, s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.model.embedder import Embedder
-from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
+from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
 from tests import dicom_factory as factory
 
 pytestmark = pytest.mark.integration
@@ -44,15 +45,18 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.3) -> 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def synthetic_series(folder: Path, slices: int = 12, size: int = 64) -> list[Path]:
-    """A smooth phantom whose slices change gradually, so neighbours are the adjacent slices."""
+def synthetic_series(folder: Path, slices: int = 12, size: int = 64, texture: int = 0) -> list[Path]:
+    """A smooth phantom whose slices change gradually, so neighbours are the adjacent slices;
+    ``texture`` (0 = none) stripes it so that two series are told apart."""
     folder.mkdir(parents=True, exist_ok=True)
     study, series = factory.generate_uid(), factory.generate_uid()
     yy, xx = np.mgrid[:size, :size] * (64 / size)
     paths = []
     for z in range(slices):
         radius = 8 + 1.5 * z
-        image = (1000 * (((yy - 32) ** 2 + (xx - 20 - z) ** 2) < radius**2)).astype(np.uint16)
+        disc = ((yy - 32) ** 2 + (xx - 20 - z) ** 2) < radius**2
+        stripes = ((xx + yy) // texture) % 2 if texture else 0
+        image = (disc * (1000 + 600 * stripes)).astype(np.uint16)
         ds = factory.grey_image(image, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024, StudyInstanceUID=study,
                                 SeriesInstanceUID=series, InstanceNumber=z + 1,
                                 ImagePositionPatient=[0, 0, 5.0 * z], BodyPartExamined="CHEST")  # fmt: skip
@@ -184,3 +188,54 @@ def test_killing_a_worker_mid_push_loses_nothing(orthanc, worker, store, client,
     wait_until(lambda: all(store.contains(uid) for uid in uids), 90, "every slice to be indexed after the kill")
     counts = status(orthanc)
     assert len(orthanc.get_json("/instances")) == counts["indexed"] + counts["rejected"]
+
+
+def series_uids(paths) -> list[str]:
+    return [dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+
+
+def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, worker, store, tmp_path):
+    paths = synthetic_series(tmp_path / "route", slices=9, texture=5)
+    storescu(orthanc, paths)
+    uids = series_uids(paths)
+    wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the series to be indexed")
+    stored = store.describe([uids[4]])[0]
+    searcher = Searcher(store)
+    searcher.snapshot.refresh()
+    query = Query(searcher.snapshot.features[stored["row"]], searcher.snapshot.codes[stored["row"]], {},
+                  QueryContext(sop_instance_uid=uids[4]))  # fmt: skip
+    expected = searcher.search(query, SearchOptions("exact", k=5)).sop_instance_uids
+    for identifier in (stored["orthanc"]["instance"], uids[4]):  # an Orthanc id or the SOPInstanceUID
+        answer = orthanc.get_json(f"/cbir/instances/{identifier}/similar?k=5&strategy=exact")
+        assert [hit["SOPInstanceUID"] for hit in answer["hits"]] == expected and uids[4] not in expected
+        assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3, 4, 5]
+        first = answer["hits"][0]
+        assert first["thumbnail"] == f"/instances/{first['orthanc']['instance']}/preview"
+        assert first["orthanc"]["series"] and first["StudyInstanceUID"] and answer["model"] == store.info.version
+    second_page = orthanc.get_json(f"/cbir/instances/{uids[4]}/similar?k=2&offset=3&strategy=exact")
+    assert [hit["SOPInstanceUID"] for hit in second_page["hits"]] == expected[3:5]
+    assert [hit["rank"] for hit in second_page["hits"]] == [4, 5]
+
+
+def test_similar_series_never_answers_with_itself(orthanc, worker, store):
+    some = store.describe(store.sop_uids([0]))[0]
+    answer = orthanc.get_json(f"/cbir/series/{some['orthanc']['series']}/similar?k=3&strategy=exact")
+    assert answer["level"] == "series" and answer["hits"]
+    assert all(hit["SeriesInstanceUID"] != some["metadata"]["series_instance_uid"] for hit in answer["hits"])
+
+
+@pytest.mark.parametrize(("path", "code", "message"), [
+    ("/cbir/instances/1.2.3.4/similar", 404, "not in the index"),
+    ("/cbir/instances/1.2.3.4/similar?k=0", 400, "k must be"),
+    ("/cbir/instances/1.2.3.4/similar?strategy=nearest", 400, "unknown strategy"),
+    ("/cbir/instances/1.2.3.4/similar?age=old", 400, "age is MIN-MAX"),
+    ("/cbir/instances/1.2.3.4/similar?colour=red", 400, "unknown parameter"),
+])  # fmt: skip
+def test_similar_route_answers_mistakes_with_a_message(orthanc, worker, path, code, message):
+    status_code, body, _ = orthanc.request("GET", path)
+    assert status_code == code and message in json.loads(body)["error"]
+
+
+def test_rejected_route_lists_the_reason(orthanc, worker):
+    rejected = orthanc.get_json("/cbir/rejected")["rejected"]
+    assert any(entry["reason"] == "not an image" for entry in rejected)

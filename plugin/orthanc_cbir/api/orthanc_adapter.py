@@ -18,6 +18,7 @@ import redis
 from ..config import Settings, load_settings
 from ..ingest.queue import DELETE, STORE, IngestQueue
 from . import routes
+from .similar import SimilarityService
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -30,6 +31,34 @@ def register(orthanc: Any, settings: Settings) -> None:
     queue = IngestQueue(redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2))
     orthanc.RegisterOnChangeCallback(_on_change(orthanc, queue))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
+    service: list[SimilarityService] = []  # made on first use: Redis may come up after Orthanc
+
+    def similarity() -> SimilarityService:
+        if not service:
+            service.append(SimilarityService(settings, resolve_uid=lambda level, oid: _dicom_uid(orthanc, level, oid)))
+        return service[0]
+
+    _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
+    _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
+         lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request)))
+
+
+_UID_TAG = {"instance": ("instances", "SOPInstanceUID"), "series": ("series", "SeriesInstanceUID"),
+            "study": ("studies", "StudyInstanceUID")}  # fmt: skip
+
+
+def _dicom_uid(orthanc: Any, level: str, orthanc_id: str) -> str | None:
+    """The DICOM UID of an Orthanc resource (``None`` if Orthanc does not know the id)."""
+    resource, tag = _UID_TAG[level]
+    try:
+        answer = json.loads(orthanc.RestApiGet(f"/{resource}/{orthanc_id}"))
+    except Exception:  # Orthanc answers an unknown id with an error
+        return None
+    return answer.get("MainDicomTags", {}).get(tag)
+
+
+def _parameters(request: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (request.get("get") or {}).items()}
 
 
 def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], None]:
@@ -48,9 +77,13 @@ def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], No
 
 
 def _get(orthanc: Any, uri: str, handler: Callable[[dict[str, Any]], routes.Response]) -> None:
+    _route(orthanc, uri, "GET", handler)
+
+
+def _route(orthanc: Any, uri: str, method: str, handler: Callable[[dict[str, Any]], routes.Response]) -> None:
     def callback(output: Any, uri: str, **request: Any) -> None:
-        if request.get("method") != "GET":
-            output.SendMethodNotAllowed("GET")
+        if request.get("method") != method:
+            output.SendMethodNotAllowed(method)
             return
         try:
             response = handler(request)
@@ -68,4 +101,5 @@ def _send(output: Any, response: routes.Response) -> None:
     if response.status == 200:
         output.AnswerBuffer(response.body, response.content_type)
     else:
-        output.SendHttpStatus(response.status, response.body)
+        text = response.body.decode()  # plugin 4.0 wants (int, str, length)
+        output.SendHttpStatus(response.status, text, len(text.encode()))

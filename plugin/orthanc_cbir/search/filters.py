@@ -111,3 +111,21 @@ class Filters:
 
     def is_empty(self) -> bool:
         return self == Filters(exclude_self=self.exclude_self)
+
+
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    """``modality=1,region=1,pathology=0`` -> per-sub-code weights for ``multilateral``.
+
+    Raises:
+        ValueError: an item is not ``NAME=NUMBER``.
+    """
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"weights: {item!r} is not SUB=NUMBER") from None
+    return weights

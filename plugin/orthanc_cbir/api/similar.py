@@ -1,0 +1,167 @@
+"""The similarity routes, transport-free: ``GET /cbir/{instances,series,studies}/{id}/similar``
+and ``GET /cbir/rejected``.
+
+An adapter builds one :class:`SimilarityService` and passes each request's path
+parts, query parameters and body. Parameters (all optional): ``k`` (10),
+``strategy`` (hamming), ``level`` (instance for an instance, else the level of
+the resource), ``offset`` (0), ``weights`` (``modality=1,region=1,pathology=0``),
+and the filters ``modality``, ``body_part``, ``sex``, ``age``, ``date``,
+``exclude`` as in ``orthanc-cbir query --filter``. A client's mistake gets a 4xx
+with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import redis
+
+from ..config import Settings
+from ..index import IndexInfo, IndexStore
+from ..index.schema import uid_hash
+from ..ingest.queue import IngestQueue
+from ..model.embedder import ModelCard, card_path
+from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
+from ..search.filters import parse_weights
+from .routes import Response
+
+LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
+FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
+MAX_K = 100
+
+
+class BadRequest(ValueError):
+    """A client's mistake: answered with 400 and the message."""
+
+
+class SimilarityService:
+    """What the similarity routes share: one Redis client and one searcher. It never runs the
+    model: a stored resource is searched with its stored vector."""
+
+    def __init__(self, settings: Settings, resolve_uid: Callable[[str, str], str | None] | None = None):
+        """``resolve_uid(level, orthanc_id)`` turns an Orthanc id into the DICOM UID of that
+        level (the adapter asks Orthanc); without it only DICOM UIDs are accepted."""
+        self.settings = settings
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        self.card = ModelCard.load(card_path(settings.model))
+        self.store = IndexStore(self.client, IndexInfo.from_card(self.card))
+        self.searcher = Searcher(self.store)
+        self.resolve_uid = resolve_uid
+        self._lock = threading.Lock()  # one query at a time touches the searcher's snapshot
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def similar(self, resource: str, identifier: str, parameters: Mapping[str, str]) -> Response:
+        """``GET /cbir/{resource}/{identifier}/similar``."""
+        try:
+            level = LEVELS.get(resource)
+            if level is None:
+                return Response.error(404, f"unknown resource {resource!r}: use instances, series or studies")
+            options, offset = self._options(parameters, default_level=level)
+            with self._lock:
+                found = self._stored_query(level, identifier)
+                if found is None:
+                    return Response.error(404, f"{level} {identifier} is not in the index "
+                                               "(not stored, not yet indexed, or rejected)")  # fmt: skip
+                query, own = found
+                return self._answer(query, options, offset, (level, own) if own else None)
+        except BadRequest as exc:
+            return Response.error(400, str(exc))
+
+    def rejected(self) -> Response:
+        """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
+        entries = IngestQueue(self.client).rejected()
+        return Response.json({"rejected": [{"orthanc_id": key, **value} for key, value in sorted(entries.items())]})
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _options(self, parameters: Mapping[str, str], default_level: str) -> tuple[SearchOptions, int]:
+        unknown = set(parameters) - {"k", "strategy", "level", "offset", "weights", *FILTER_PARAMETERS}
+        if unknown:
+            raise BadRequest(f"unknown parameter(s) {', '.join(sorted(unknown))}")
+        try:
+            k, offset = int(parameters.get("k", 10)), int(parameters.get("offset", 0))
+        except ValueError:
+            raise BadRequest("k and offset must be whole numbers") from None
+        if not 1 <= k <= MAX_K or not 0 <= offset <= 1000 - k:
+            raise BadRequest(f"k must be 1..{MAX_K} and offset 0..{1000 - k}")
+        try:
+            filters = Filters.parse(f"{name}={parameters[name]}" for name in FILTER_PARAMETERS if name in parameters)
+            weights = parse_weights(parameters.get("weights"))
+            options = SearchOptions(parameters.get("strategy", "hamming"), k=k + offset, filters=filters,
+                                    level=parameters.get("level", default_level), weights=weights)  # fmt: skip
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return options, offset
+
+    def _stored_query(self, level: str, identifier: str) -> tuple[Query, int] | None:
+        """The query vector of a stored resource and the hash of its own series / study (0 for
+        an instance), or ``None`` if it is not indexed."""
+        uid = identifier if _looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
+                                                              if self.resolve_uid else None)  # fmt: skip
+        if uid is None:
+            return None
+        self.searcher.snapshot.refresh()
+        snapshot = self.searcher.snapshot
+        if level == "instance":
+            stored = self.store.describe([uid])[0]
+            if stored is None:
+                return None
+            rows = np.array([stored["row"]])
+        else:
+            column = snapshot.attributes["series" if level == "series" else "study"]
+            rows = np.flatnonzero((column == uid_hash(uid)) & snapshot.live)
+            if not len(rows):
+                return None
+            stored = self.store.describe(self.store.sop_uids(rows[:1]))[0]
+        # a series or study asks with the mean of its instances and the code of the one nearest that mean
+        mean = snapshot.features[rows].mean(axis=0)
+        mean /= max(float(np.linalg.norm(mean)), 1e-12)
+        nearest = rows[int(np.argmax(snapshot.features[rows] @ mean))]
+        meta = stored["metadata"]
+        context = QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"),
+                               meta.get("sop_instance_uid") if level == "instance" else None)  # fmt: skip
+        return Query(mean, snapshot.codes[nearest], {}, context), (0 if level == "instance" else uid_hash(uid))
+
+    def _answer(self, query: Query, options: SearchOptions, offset: int,
+                own_group: tuple[str, int] | None = None) -> Response:  # fmt: skip
+        end = options.k  # k + offset: the last rank asked for
+        if own_group:  # one more answer, in case the query's own series / study is among them
+            options = dataclasses.replace(options, k=options.k + 1)
+        result = self.searcher.search(query, options)
+        hits = result.hits
+        if own_group:
+            field = f"{own_group[0]}_instance_uid"
+            hits = [h for h in hits if uid_hash(h.record.get("metadata", {}).get(field)) != own_group[1]]
+        hits = hits[offset:end]
+        return Response.json({
+            "strategy": result.strategy, "level": result.level, "model": self.card.version,
+            "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
+            "elapsed_ms": round(result.elapsed_ms, 2),
+            "hits": [hit_json(offset + n + 1, h.distance, h.instances, result.strategy, h.record)
+                     for n, h in enumerate(hits)],
+        })  # fmt: skip
+
+
+def hit_json(rank: int, distance: float, instances: int, strategy: str, record: dict) -> dict[str, Any]:
+    """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail)."""
+    meta = record.get("metadata", {})
+    orthanc = record.get("orthanc", {})
+    return {
+        "rank": rank, "distance": distance, "strategy": strategy, "instances": instances,
+        "StudyInstanceUID": meta.get("study_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
+        "SOPInstanceUID": meta.get("sop_instance_uid"), "orthanc": orthanc,
+        "Modality": meta.get("modality"), "BodyPartExamined": meta.get("body_part_examined"),
+        "StudyDate": meta.get("study_date"), "StudyDescription": meta.get("study_description"),
+        "SeriesDescription": meta.get("series_description"), "PatientSex": meta.get("patient_sex"),
+        "PatientAgeYears": meta.get("patient_age_years"),
+        "thumbnail": f"/instances/{orthanc['instance']}/preview" if orthanc.get("instance") else None,
+    }  # fmt: skip
+
+
+def _looks_like_uid(identifier: str) -> bool:
+    return "." in identifier and all(part.isdigit() for part in identifier.split("."))
