@@ -83,22 +83,17 @@ def probe(client, keys: KeySpace, index: MultiIndex, code: np.ndarray, wanted: i
     stopping rule counts accepted rows only, so a selective filter probes further.
     """
     values = index.values(code)[0]
-    found: list[np.ndarray] = []
-    accepted = 0
+    parts: list[np.ndarray] = []
+    rows = np.zeros(0, dtype=np.int64)
     buckets = 0
-    seen = np.zeros(0, dtype=np.int64)
     for radius in range(max_radius + 1):
         masks = index.flips(radius)
         names = [keys.bucket(j, int(v)) for j, value in enumerate(values) for v in (value ^ masks)]
         buckets += len(names)
-        payloads = client.mget(names) if names else []
-        new = [np.frombuffer(p, ROW_DTYPE) for p in payloads if p]
-        if new:
-            rows = np.setdiff1d(np.unique(np.concatenate(new)).astype(np.int64), seen, assume_unique=True)
-            seen = np.union1d(seen, rows)
-            found.append(rows)
-            accepted += int(np.count_nonzero(accept(rows))) if accept is not None else len(rows)
+        parts.extend(np.frombuffer(p, ROW_DTYPE) for p in client.mget(names) if p)
+        if parts:
+            rows = np.unique(np.concatenate(parts)).astype(np.int64)
+        accepted = int(np.count_nonzero(accept(rows))) if accept is not None else len(rows)
         if accepted >= wanted:
             break
-    rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
     return Probe(rows=rows, radius=radius, buckets=buckets)

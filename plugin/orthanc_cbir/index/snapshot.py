@@ -16,7 +16,9 @@ from .store import FEATURE_DTYPE, IndexStore
 
 class IndexSnapshot:
     """``features`` (rows, D) float32 (stored as float16), ``codes`` (rows, B/8) uint8 and
-    ``attributes`` (rows,) :data:`~.schema.ATTRIBUTES` of every allocated row."""
+    ``attributes``, one contiguous (rows,) array per :data:`~.schema.ATTRIBUTES` field (a
+    filter over a million rows reads one column, not a strided field of a record array),
+    for every allocated row."""
 
     def __init__(self, store: IndexStore):
         self.store = store
@@ -25,7 +27,7 @@ class IndexSnapshot:
         info = store.info
         self.features = np.zeros((0, info.feature_dim), np.float32)
         self.codes = np.zeros((0, info.code_bytes), np.uint8)
-        self.attributes = np.zeros(0, ATTRIBUTES)
+        self.attributes: dict[str, np.ndarray] = {name: np.zeros(0, ATTRIBUTES[name]) for name in ATTRIBUTES.names}
 
     def refresh(self) -> int:
         """Bring the copy up to date; returns the number of blocks re-read."""
@@ -42,12 +44,12 @@ class IndexSnapshot:
             codes = np.frombuffer(columns["codes"], np.uint8)
             self._place(self.codes, start, codes[: len(codes) // self.codes.shape[1] * self.codes.shape[1]]
                         .reshape(-1, self.codes.shape[1]))  # fmt: skip
-            attributes = columns["attributes"]
-            self._place(self.attributes, start,
-                        np.frombuffer(attributes[: len(attributes) // ATTRIBUTES.itemsize * ATTRIBUTES.itemsize],
-                                      ATTRIBUTES))  # fmt: skip
+            raw = columns["attributes"]
+            records = np.frombuffer(raw[: len(raw) // ATTRIBUTES.itemsize * ATTRIBUTES.itemsize], ATTRIBUTES)
+            for name, column in self.attributes.items():
+                self._place(column, start, records[name])
             self._seen[block] = current[block]
-        self.rows = len(self.attributes)
+        self.rows = len(self.features)
         return len(stale)
 
     @staticmethod
@@ -57,11 +59,11 @@ class IndexSnapshot:
         target[start + len(values) : start + BLOCK_ROWS] = 0
 
     def _grow(self, rows: int) -> None:
-        if rows <= len(self.attributes):
+        if rows <= len(self.features):
             return
         self.features = _resized(self.features, rows)
         self.codes = _resized(self.codes, rows)
-        self.attributes = _resized(self.attributes, rows)
+        self.attributes = {name: _resized(column, rows) for name, column in self.attributes.items()}
 
     @property
     def live(self) -> np.ndarray:

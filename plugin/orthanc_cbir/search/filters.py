@@ -10,7 +10,7 @@ before ranking, so no strategy can return a record that does not match.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,8 +87,10 @@ class Filters:
                     values["exclude_same_" + what.strip().split("-")[1]] = True
         return cls(**values)
 
-    def mask(self, attributes: np.ndarray, context: QueryContext | None = None) -> np.ndarray:
-        """Boolean mask over an :data:`~orthanc_cbir.index.schema.ATTRIBUTES` array: live rows that pass."""
+    def mask(self, attributes: Mapping[str, np.ndarray], context: QueryContext | None = None) -> np.ndarray:
+        """Boolean mask over attribute columns (:data:`~orthanc_cbir.index.schema.ATTRIBUTES`
+        names, one array each, as an :class:`~orthanc_cbir.index.IndexSnapshot` holds them):
+        the live rows that pass."""
         keep = attributes["live"] == 1
         for name in ("modality", "body_part", "sex"):
             wanted = getattr(self, name)

@@ -179,7 +179,8 @@ class Searcher:
             rows = found.rows[_accepts(mask, found.rows)]
         else:
             rows = np.flatnonzero(mask)
-        codes = self.snapshot.codes[rows]
+        # every row allowed (no filter): scan the cached codes in place instead of gathering a copy
+        codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else self.snapshot.codes[rows]
         distances = hamming_distances(query.code, codes)
         pool = rows[_smallest(distances, options.candidates)]
         ranking = _nearest(self.snapshot, query.features, pool, depth)
