@@ -246,11 +246,9 @@ def _run_index(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .dicom import Rejection, decode_instance
+    from .dicom import Rejection
     from .index import IndexInfo, IndexStore
-    from .index.records import embed_instances, picture_metadata
-    from .dicom.pixels import DecodedInstance, NormalisedImage
-    from .model.preprocess import read_picture
+    from .index.records import decode_file, embed_instances
 
     settings = load_settings(frames_per_instance=args.frames)
     embedder = _embedder()
@@ -268,15 +266,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     files = list(_walk(args.paths))
     for path in tqdm(files, desc="index", unit="file", dynamic_ncols=True):
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            try:
-                pixels = read_picture(path)
-            except Exception as exc:  # a corrupt picture: say so, go on
-                rejected[f"unreadable picture ({type(exc).__name__})"] += 1
-                continue
-            outcome = DecodedInstance(picture_metadata(str(path.resolve())), 1, (NormalisedImage(pixels, 0, ()),))
-        else:
-            outcome = decode_instance(path, max_frames=settings.frames_per_instance)
+        outcome = decode_file(path, max_frames=settings.frames_per_instance)
         if isinstance(outcome, Rejection):
             rejected[outcome.reason.value] += 1
             continue
@@ -296,11 +286,9 @@ def _run_query(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .dicom import Rejection, decode_instance
+    from .dicom import Rejection
     from .index import IndexInfo, IndexStore
-    from .index.records import embed_instances, picture_metadata
-    from .dicom.pixels import DecodedInstance, NormalisedImage
-    from .model.preprocess import read_picture
+    from .index.records import decode_file, embed_instances
     from .search import Filters, Query, QueryContext, Searcher, SearchOptions
     from .search.filters import parse_weights
 
@@ -326,11 +314,7 @@ def _run_query(args: argparse.Namespace) -> int:
                       {h: np.asarray(p) for h, p in stored["probabilities"].items()},
                       QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), args.uid))  # fmt: skip
     else:
-        if args.file.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            outcome = DecodedInstance(picture_metadata(str(args.file.resolve())), 1,
-                                      (NormalisedImage(read_picture(args.file), 0, ()),))  # fmt: skip
-        else:
-            outcome = decode_instance(args.file)
+        outcome = decode_file(args.file)
         if isinstance(outcome, Rejection):
             print(f"error: {args.file}: rejected: {outcome}", file=sys.stderr)
             return 1

@@ -39,7 +39,7 @@ def test_index_twice_then_query_a_picture(redis_url, client, tmp_path, capsys):
     assert main(["index", str(folder), str(dicom), "--redis-url", redis_url]) == 0
     first = capsys.readouterr().out
     assert "indexed 17, skipped as duplicate 0, rejected 2" in first
-    assert "unreadable picture" in first and "not an image" in first
+    assert "rejected: unsupported image: 1" in first and "rejected: not an image: 1" in first
     assert main(["index", str(folder), str(dicom), "--redis-url", redis_url]) == 0
     assert "indexed 0, skipped as duplicate 17" in capsys.readouterr().out
 

@@ -14,10 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom.uid import generate_uid
 
+from pathlib import Path
+
+from ..dicom import Rejection, RejectionReason, decode_instance
 from ..dicom.metadata import InstanceMetadata
-from ..dicom.pixels import DecodedInstance
+from ..dicom.pixels import DecodedInstance, NormalisedImage
 from ..model.embedder import Embedder
+from ..model.preprocess import read_picture
 from .schema import IndexRecord
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def picture_metadata(name: str, namespace: str = "orthanc-cbir") -> InstanceMetadata:
@@ -30,6 +36,18 @@ def picture_metadata(name: str, namespace: str = "orthanc-cbir") -> InstanceMeta
         patient_age_years=None, study_date=None, manufacturer=None, rows=None, columns=None, number_of_frames=1,
         pixel_spacing_mm=None, slice_location=None, image_position_patient=None, patient_key=None,
     )  # fmt: skip
+
+
+def decode_file(path: Path, max_frames: int = 1) -> DecodedInstance | Rejection:
+    """A DICOM file through the pixel step, or a PNG / JPEG picture as one grey image
+    (its UID derived from its absolute path); never raises."""
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        return decode_instance(path, max_frames=max_frames)
+    try:
+        pixels = read_picture(path)
+    except Exception as exc:  # whatever Pillow refuses is a picture we cannot use
+        return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"unreadable picture ({type(exc).__name__})")
+    return DecodedInstance(picture_metadata(str(path.resolve())), 1, (NormalisedImage(pixels, 0, ()),))
 
 
 def embed_instances(
