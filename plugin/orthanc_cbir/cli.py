@@ -112,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
     worker.set_defaults(run=_run_worker)
 
+    reconcile_parser = commands.add_parser(
+        "reconcile",
+        help="make the index agree with Orthanc: enqueue what is missing, drop what is gone",
+        description="Walks Orthanc's instances (CBIR_ORTHANC_URL, ...) and enqueues for the workers every instance "
+        "not indexed under the current model and not rejected, and a removal for every indexed instance "
+        "Orthanc no longer has. Run it after Redis was down, after a model change, or on an existing archive.",
+    )
+    reconcile_parser.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    reconcile_parser.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
+    reconcile_parser.set_defaults(run=_run_reconcile)
+
     recluster_parser = commands.add_parser(
         "recluster",
         help="cluster the index offline for the 'cluster' strategy (seed 003)",
@@ -360,6 +371,23 @@ def _run_worker(args: argparse.Namespace) -> int:
     worker = Worker.from_settings(settings, _redis(settings.redis_url))
     worker.run(stop)
     print(f"worker stopped: {dict(worker.totals)}")
+    return 0
+
+
+def _run_reconcile(args: argparse.Namespace) -> int:
+    from .index import IndexInfo, IndexStore
+    from .ingest.orthanc_client import OrthancClient
+    from .ingest.queue import IngestQueue
+    from .ingest.reconcile import reconcile
+    from .model.embedder import ModelCard, card_path
+
+    settings = load_settings(redis_url=args.redis_url, orthanc_url=args.orthanc_url)
+    client = _redis(settings.redis_url)
+    store = IndexStore(client, IndexInfo.from_card(ModelCard.load(card_path(Path(settings.model)))))
+    orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
+    summary = reconcile(orthanc, IngestQueue(client), store)
+    print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
+          f"{summary.enqueued} sent to the workers; {summary.gone} gone from Orthanc, removal sent")  # fmt: skip
     return 0
 
 

@@ -239,3 +239,30 @@ def test_similar_route_answers_mistakes_with_a_message(orthanc, worker, path, co
 def test_rejected_route_lists_the_reason(orthanc, worker):
     rejected = orthanc.get_json("/cbir/rejected")["rejected"]
     assert any(entry["reason"] == "not an image" for entry in rejected)
+
+
+def test_reconcile_recovers_lost_entries_and_drops_what_orthanc_no_longer_has(orthanc, worker, store, client,
+                                                                                redis_server, tmp_path, capsys):
+    """Entries lost while no worker ran (the stream emptied by hand, as if Redis had been down):
+    reconcile finds the stored-but-unindexed instances and the indexed-but-deleted one."""
+    from orthanc_cbir.cli import main
+
+    worker.stop()
+    queue = IngestQueue(client)
+    paths = synthetic_series(tmp_path / "lost", slices=4, texture=7)
+    storescu(orthanc, paths)
+    indexed = store.describe(store.sop_uids([0]))[0]
+    assert orthanc.request("DELETE", f"/instances/{indexed['orthanc']['instance']}")[0] == 200
+    wait_until(lambda: queue.counts()["queued"] >= 5, 30, "the plugin to enqueue")
+    client.delete(queue.keys.stream)  # every entry lost
+    environment = {"CBIR_REDIS_URL": redis_server.url, "CBIR_ORTHANC_URL": orthanc.url,
+                   "CBIR_ORTHANC_USERNAME": orthanc.username, "CBIR_ORTHANC_PASSWORD": orthanc.password}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        assert main(["reconcile"]) == 0
+    assert "4 sent to the workers; 1 gone from Orthanc" in capsys.readouterr().out
+    worker.start()
+    uids = series_uids(paths)
+    wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the lost instances to be indexed")
+    wait_until(lambda: not store.contains(indexed["metadata"]["sop_instance_uid"]), 60, "the deleted one to go")

@@ -1,0 +1,65 @@
+"""``orthanc-cbir reconcile``: make the index agree with what Orthanc holds.
+
+Walks Orthanc's instances page by page and enqueues every one that is neither in
+the index of the current model version nor rejected (an entry lost while Redis
+was down, an archive stored before the plugin, a model change that needs
+everything re-embedded); enqueues a deletion for every indexed Orthanc instance
+Orthanc no longer has. The workers do the rest, as for live traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..index import IndexStore
+from .orthanc_client import OrthancClient
+from .queue import DELETE, STORE, IngestQueue
+
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class ReconcileSummary:
+    in_orthanc: int
+    already_indexed: int
+    rejected: int
+    enqueued: int
+    """Instances sent to the workers to be indexed."""
+    gone: int
+    """Indexed instances Orthanc no longer has, sent to the workers to be removed."""
+
+
+def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, progress: bool = True) -> ReconcileSummary:
+    client = store.client
+    indexed_uid = {k.decode(): v.decode() for k, v in client.hscan_iter(queue.keys.orthanc_ids, count=PAGE)}
+    rejected = set(queue.rejected())
+    total = int(orthanc.get_json("/statistics").get("CountInstances", 0))
+    seen: set[str] = set()
+    already = enqueued = skipped = 0
+    bar = tqdm(total=total, desc="reconcile", unit="instance", disable=not progress, dynamic_ncols=True)
+    since = 0
+    while True:
+        page = orthanc.get_json(f"/instances?since={since}&limit={PAGE}")
+        if not page:
+            break
+        since += len(page)
+        seen.update(page)
+        pipe = client.pipeline(transaction=False)
+        candidates = [oid for oid in page if oid not in rejected]
+        skipped += len(page) - len(candidates)
+        for oid in candidates:
+            pipe.hexists(store.keys.instance(indexed_uid.get(oid, "-")), "row")
+        for oid, present in zip(candidates, pipe.execute()):
+            if present:
+                already += 1
+            else:
+                queue.enqueue(oid, STORE)
+                enqueued += 1
+        bar.update(len(page))
+    bar.close()
+    gone = [oid for oid in indexed_uid if oid not in seen]
+    for oid in gone:
+        queue.enqueue(oid, DELETE)
+    return ReconcileSummary(len(seen), already, skipped, enqueued, len(gone))
