@@ -1,13 +1,11 @@
-"""The end-to-end demo behind ``make demo``.
+"""The end-to-end demo behind ``make demo``: the product's main job.
 
-It starts a private Redis and Orthanc (with this project's plugin) on loopback
-ports, pushes real DICOM with DCMTK's dcmsend as a PACS would, reads
-every stored instance back through Orthanc's REST API, runs the pixel step on it
-and draws the contact sheet, then stops what it started.
-
-The pipeline currently ends after the model step (embeddings, codes and predicted
-labels of every image); the index and the queries join it as they land (see the
-README's roadmap).
+It starts a private Redis, Orthanc (with this project's plugin) and one
+``orthanc-cbir worker`` on loopback ports, pushes real DICOM with DCMTK's dcmsend
+as a PACS would, waits until the worker has indexed (or rejected, with the
+reason) every stored instance, draws the pixel step's contact sheet, asks the
+plugin for the images most similar to the middle slice of the CT series, prints
+the ranked answer with the URLs, then stops what it started.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 from .dicom import Rejection, decode_instance
-from .local_services import REPO_ROOT, OrthancServer, RedisServer
-from .preview import PreviewEntry, describe, render_sheet
+from .local_services import REPO_ROOT, OrthancServer, RedisServer, WorkerProcess
+from .preview import PreviewEntry, render_sheet
 
 SHARED_DICOM = REPO_ROOT.parent / "shared" / "data" / "dicom"
 # A real CT series and one file of each kind the pixel step must handle.
@@ -40,56 +38,74 @@ _PYDICOM_PICKS = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dc
 
 
 def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
-    """Run the demo; returns the process exit status (0 when every instance ended as
-    an image or a named rejection)."""
+    """Run the demo; returns the process exit status (0 when every stored instance was
+    indexed or rejected with a reason, and the query answered)."""
     files = _demo_files(data_dir)
     state_dir = state_dir.resolve()
     print(f"demo: {len(files)} DICOM files, state in {state_dir}")
     with RedisServer(state_dir / "redis") as redis_server, OrthancServer(
         state_dir / "orthanc", redis_url=redis_server.url
-    ) as orthanc:
-        print(f"demo: redis on {redis_server.url}, Orthanc on {orthanc.url} (DICOM port {orthanc.dicom_port})")
-        status = orthanc.get_json("/cbir/status")
-        print(f"demo: plugin answers /cbir/status: {json.dumps(status)}")
+    ) as orthanc, WorkerProcess(state_dir / "worker", redis_url=redis_server.url, orthanc=orthanc):
+        print(f"demo: redis on {redis_server.url}, Orthanc on {orthanc.url} (DICOM port {orthanc.dicom_port}), "
+              f"one worker (log: {state_dir / 'worker' / 'worker.log'})")  # fmt: skip
         started = time.monotonic()
         push_with_dcmtk(files, orthanc)
-        instances = orthanc.get_json("/instances")
-        print(f"demo: Orthanc stored {len(instances)} instances in {time.monotonic() - started:.1f} s")
+        pushed = time.monotonic()
+        stored = len(orthanc.get_json("/instances"))
+        print(f"demo: pushed {len(files)} files with dcmsend in {pushed - started:.1f} s; Orthanc stored {stored}")
+        status = wait_until_indexed(orthanc, stored, timeout_s=300)
+        print(f"demo: {status['indexed']} indexed, {status['rejected']} rejected, "
+              f"{time.monotonic() - pushed:.1f} s after the push ended ({status['model']})")  # fmt: skip
+        for entry in orthanc.get_json("/cbir/rejected")["rejected"]:
+            print(f"  rejected {entry['orthanc_id']}: {entry['reason']}: {entry['detail']}")
+        draw_contact_sheet(orthanc, state_dir / "preview.png")
+        return similar_images_of_a_ct_slice(orthanc)
 
-        outcomes: Counter[str] = Counter()
-        entries = []
-        for instance_id in instances:
-            code, body, _ = orthanc.request("GET", f"/instances/{instance_id}/file")
-            outcome = decode_instance(body) if code == 200 else None
-            if outcome is None:
-                print(f"demo: {instance_id}: could not be read back (HTTP {code})")
-                return 1
-            outcomes["rejected" if isinstance(outcome, Rejection) else "image"] += 1
-            print(f"  {instance_id}: {describe(outcome)}")
-            entries.append(PreviewEntry(label=instance_id, outcome=outcome))
-        sheet = render_sheet(entries, state_dir / "preview.png", columns=8)
-    print(f"demo: pixel step done: {outcomes['image']} images, {outcomes['rejected']} rejected; sheet at {sheet}")
-    embed_step([e.outcome for e in entries if not isinstance(e.outcome, Rejection)])
-    print("demo: the pipeline stops after the model step for now (index and search come next).")
+
+def wait_until_indexed(orthanc: OrthancServer, stored: int, timeout_s: float) -> dict:
+    """Poll ``/cbir/status`` until every stored instance is indexed or rejected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = orthanc.get_json("/cbir/status")
+        if status.get("indexed", 0) + status.get("rejected", 0) >= stored or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def similar_images_of_a_ct_slice(orthanc: OrthancServer) -> int:
+    """Ask the plugin for the images most similar to the middle slice of the largest series."""
+    series = max(orthanc.get_json("/series?expand"), key=lambda s: len(s["Instances"]))
+    instances = sorted(orthanc.get_json(f"/series/{series['ID']}/instances"),
+                       key=lambda i: int(i["MainDicomTags"].get("InstanceNumber", 0) or 0))  # fmt: skip
+    middle = instances[len(instances) // 2]
+    number = middle["MainDicomTags"].get("InstanceNumber")
+    path = f"/cbir/instances/{middle['ID']}/similar?k=5&strategy=hamming"
+    status, body, _ = orthanc.request("GET", path)
+    if status != 200:
+        print(f"demo: GET {path} answered HTTP {status}: {body[:300]!r}")
+        return 1
+    answer = json.loads(body)
+    print(f"demo: GET {path}  ({answer['strategy']} over {answer['index_size']} instances, {answer['elapsed_ms']} ms)")
+    print(f"  query: {series['MainDicomTags'].get('SeriesDescription', '')} instance {number}  "
+          f"{orthanc.url}/instances/{middle['ID']}/preview")  # fmt: skip
+    for hit in answer["hits"]:
+        tags = orthanc.get_json(f"/instances/{hit['orthanc']['instance']}")["MainDicomTags"]
+        print(f"  {hit['rank']}. distance {hit['distance']:.4f}  {hit['Modality']} {hit['SeriesDescription'] or ''} "
+              f"instance {tags.get('InstanceNumber')}  {orthanc.url}{hit['thumbnail']}")  # fmt: skip
+    print("demo: done; everything it started is stopped (the URLs above lived while it ran).")
     return 0
 
 
-def embed_step(decoded: list) -> None:
-    """Run the shipped model on every decoded image; print what it predicts."""
-    from .model.embedder import Embedder
-
-    embedder = Embedder()
-    started = time.monotonic()
-    out = embedder.embed_pixels([instance.images[0].pixels for instance in decoded])
-    seconds = time.monotonic() - started
-    print(f"demo: model {embedder.version}: {len(decoded)} images embedded in {seconds:.2f} s "
-          f"({out.features.shape[1]}-d features, {out.codes.shape[1] * 8}-bit codes)")  # fmt: skip
-    predicted: Counter[str] = Counter()
-    for i, instance in enumerate(decoded):
-        labels = {head: embedder.card.labels[head][int(p[i].argmax())] for head, p in out.probabilities.items()}
-        predicted[f"{instance.metadata.modality} -> {labels['modality']} {labels['region']}"] += 1
-    for line, count in sorted(predicted.items()):
-        print(f"  {count:3d} x DICOM {line}")
+def draw_contact_sheet(orthanc: OrthancServer, out: Path) -> None:
+    """Every stored instance through the pixel step, read back over REST, on one PNG."""
+    entries = []
+    for instance_id in orthanc.get_json("/instances"):
+        code, body, _ = orthanc.request("GET", f"/instances/{instance_id}/file")
+        if code == 200:
+            entries.append(PreviewEntry(label=instance_id, outcome=decode_instance(body)))
+    outcomes = Counter("rejected" if isinstance(e.outcome, Rejection) else "image" for e in entries)
+    print(f"demo: pixel step: {outcomes['image']} images, {outcomes['rejected']} rejected; "
+          f"sheet at {render_sheet(entries, out, columns=8)}")  # fmt: skip
 
 
 def push_with_dcmtk(files: list[Path], orthanc: OrthancServer) -> None:

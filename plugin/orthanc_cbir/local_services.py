@@ -12,10 +12,12 @@ that stop what they started (and wait for it to exit) when the block ends::
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 from pathlib import Path
@@ -201,15 +203,39 @@ class OrthancServer(_Process):
         return OrthancClient(self.url, self.username, self.password)
 
     def request(self, method: str, path: str, body: bytes | None = None, *, content_type: str | None = None,
-                timeout_s: float = 30) -> tuple[int, bytes, str]:  # fmt: skip
+                headers: dict[str, str] | None = None, timeout_s: float = 30) -> tuple[int, bytes, str]:  # fmt: skip
         """One authenticated HTTP request: (status, body, content type). 4xx/5xx do not raise."""
-        return self.client.request(method, path, body, content_type=content_type, timeout_s=timeout_s)
+        return self.client.request(method, path, body, content_type=content_type, headers=headers, timeout_s=timeout_s)
 
     def get_json(self, path: str, *, timeout_s: float = 30) -> Any:
         """GET a JSON resource; raises ``ValueError`` on a status other than 200."""
         return self.client.get_json(path, timeout_s=timeout_s)
 
     def __enter__(self) -> OrthancServer:
+        return self.start()
+
+
+class WorkerProcess(_Process):
+    """An ``orthanc-cbir worker`` process indexing what one Orthanc stores into one Redis."""
+
+    name = "worker"
+
+    def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer, batch_size: int = 32):
+        super().__init__(state_dir)
+        self.environment = {
+            "CBIR_REDIS_URL": redis_url, "CBIR_ORTHANC_URL": orthanc.url, "CBIR_ORTHANC_USERNAME": orthanc.username,
+            "CBIR_ORTHANC_PASSWORD": orthanc.password, "CBIR_WORKER_BATCH_SIZE": str(batch_size),
+        }  # fmt: skip
+
+    def start(self) -> WorkerProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "orthanc_cbir.cli", "worker"], cwd=self.state_dir,
+                                            env={**os.environ, **self.environment}, stdout=log,
+                                            stderr=subprocess.STDOUT)  # fmt: skip
+        return self
+
+    def __enter__(self) -> WorkerProcess:
         return self.start()
 
 

@@ -224,6 +224,16 @@ def test_similar_series_never_answers_with_itself(orthanc, worker, store):
     assert all(hit["SeriesInstanceUID"] != some["metadata"]["series_instance_uid"] for hit in answer["hits"])
 
 
+def test_query_route_embeds_an_unstored_file_through_a_worker(orthanc, worker, tmp_path):
+    probe = synthetic_series(tmp_path / "probe", slices=1, texture=3)[0]
+    status_code, body, _ = orthanc.request("POST", "/cbir/query", probe.read_bytes(), content_type="application/dicom",
+                                           headers={"X-Cbir-K": "4", "X-Cbir-Strategy": "exact"})  # fmt: skip
+    assert status_code == 200, body
+    assert [hit["rank"] for hit in json.loads(body)["hits"]] == [1, 2, 3, 4]
+    status_code, body, _ = orthanc.request("POST", "/cbir/query", factory.to_bytes(factory.structured_report()))
+    assert status_code == 400 and "not an image" in json.loads(body)["error"]
+
+
 @pytest.mark.parametrize(("path", "code", "message"), [
     ("/cbir/instances/1.2.3.4/similar", 404, "not in the index"),
     ("/cbir/instances/1.2.3.4/similar?k=0", 400, "k must be"),

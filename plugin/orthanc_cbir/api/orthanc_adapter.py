@@ -41,6 +41,8 @@ def register(orthanc: Any, settings: Settings) -> None:
     _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request)))
+    _route(orthanc, "/cbir/query", "POST",
+           lambda request: similarity().query_file(request.get("body") or b"", _parameters(request)))
 
 
 _UID_TAG = {"instance": ("instances", "SOPInstanceUID"), "series": ("series", "SeriesInstanceUID"),
@@ -57,8 +59,17 @@ def _dicom_uid(orthanc: Any, level: str, orthanc_id: str) -> str | None:
     return answer.get("MainDicomTags", {}).get(tag)
 
 
+PARAMETER_HEADER = "x-cbir-"
+"""Orthanc gives a plugin the query string of GET requests only: a POST passes its
+parameters as headers, ``X-Cbir-K: 5``, ``X-Cbir-Strategy: exact``, ``X-Cbir-Body-Part: CHEST``."""
+
+
 def _parameters(request: dict[str, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (request.get("get") or {}).items()}
+    parameters = {str(k): str(v) for k, v in (request.get("get") or {}).items()}
+    for name, value in (request.get("headers") or {}).items():
+        if name.lower().startswith(PARAMETER_HEADER):
+            parameters[name.lower()[len(PARAMETER_HEADER):].replace("-", "_")] = str(value)
+    return parameters
 
 
 def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], None]:

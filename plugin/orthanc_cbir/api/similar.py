@@ -1,5 +1,5 @@
-"""The similarity routes, transport-free: ``GET /cbir/{instances,series,studies}/{id}/similar``
-and ``GET /cbir/rejected``.
+"""The similarity routes, transport-free: ``GET /cbir/{instances,series,studies}/{id}/similar``,
+``POST /cbir/query`` and ``GET /cbir/rejected``.
 
 An adapter builds one :class:`SimilarityService` and passes each request's path
 parts, query parameters and body. Parameters (all optional): ``k`` (10),
@@ -12,8 +12,11 @@ with a message.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +26,7 @@ import redis
 from ..config import Settings
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
-from ..ingest.queue import IngestQueue
+from ..ingest.queue import QUERY, IngestQueue
 from ..model.embedder import ModelCard, card_path
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
@@ -32,6 +35,9 @@ from .routes import Response
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
 FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
 MAX_K = 100
+MAX_QUERY_BYTES = 256 * 2**20
+QUERY_WAIT_S = 20
+"""How long ``POST /cbir/query`` waits for a worker to embed the file."""
 
 
 class BadRequest(ValueError):
@@ -46,7 +52,8 @@ class SimilarityService:
         """``resolve_uid(level, orthanc_id)`` turns an Orthanc id into the DICOM UID of that
         level (the adapter asks Orthanc); without it only DICOM UIDs are accepted."""
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=QUERY_WAIT_S + 10)
+        self.queue = IngestQueue(self.client)
         self.card = ModelCard.load(card_path(settings.model))
         self.store = IndexStore(self.client, IndexInfo.from_card(self.card))
         self.searcher = Searcher(self.store)
@@ -72,9 +79,40 @@ class SimilarityService:
         except BadRequest as exc:
             return Response.error(400, str(exc))
 
+    def query_file(self, body: bytes, parameters: Mapping[str, str]) -> Response:
+        """``POST /cbir/query``: a DICOM file, PNG or JPEG that need not be stored. A worker
+        embeds it (the model never runs in Orthanc's process); the answer waits for it."""
+        try:
+            options, offset = self._options(parameters, default_level="instance")
+        except BadRequest as exc:
+            return Response.error(400, str(exc))
+        if not body:
+            return Response.error(400, "send a DICOM file, PNG or JPEG as the request body")
+        if len(body) > MAX_QUERY_BYTES:
+            return Response.error(413, f"the query file is larger than {MAX_QUERY_BYTES // 2**20} MiB")
+        request = uuid.uuid4().hex
+        keys = self.queue.keys
+        self.client.set(keys.query_body(request), body, ex=QUERY_WAIT_S * 2)
+        self.queue.enqueue(request, QUERY)
+        reply = self.client.blpop([keys.query_reply(request)], timeout=QUERY_WAIT_S)
+        if reply is None:
+            self.client.delete(keys.query_body(request))
+            return Response.error(503, f"no worker embedded the query within {QUERY_WAIT_S} s: "
+                                       "is `orthanc-cbir worker` running?")  # fmt: skip
+        embedded = json.loads(reply[1])
+        if "error" in embedded:
+            return Response.error(400, f"cannot search with this file: {embedded['error']}")
+        query = Query(np.frombuffer(base64.b64decode(embedded["features"]), "<f4"),
+                      np.frombuffer(bytes.fromhex(embedded["code"]), np.uint8),
+                      {h: np.asarray(p, np.float32) for h, p in embedded["probabilities"].items()},
+                      QueryContext(embedded["patient_key"], embedded["study_instance_uid"],
+                                   embedded["sop_instance_uid"]))  # fmt: skip
+        with self._lock:
+            return self._answer(query, options, offset)
+
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
-        entries = IngestQueue(self.client).rejected()
+        entries = self.queue.rejected()
         return Response.json({"rejected": [{"orthanc_id": key, **value} for key, value in sorted(entries.items())]})
 
     # -- helpers ----------------------------------------------------------------------------

@@ -43,11 +43,22 @@ def decode_file(path: Path, max_frames: int = 1) -> DecodedInstance | Rejection:
     (its UID derived from its absolute path); never raises."""
     if path.suffix.lower() not in PICTURE_SUFFIXES:
         return decode_instance(path, max_frames=max_frames)
+    return _picture(path, str(path.resolve()))
+
+
+def decode_bytes(data: bytes, name: str, max_frames: int = 1) -> DecodedInstance | Rejection:
+    """The same for bytes (an upload): PNG and JPEG are told by their signature."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
+        return _picture(data, name)
+    return decode_instance(data, max_frames=max_frames)
+
+
+def _picture(source: Path | bytes, name: str) -> DecodedInstance | Rejection:
     try:
-        pixels = read_picture(path)
+        pixels = read_picture(source)
     except Exception as exc:  # whatever Pillow refuses is a picture we cannot use
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"unreadable picture ({type(exc).__name__})")
-    return DecodedInstance(picture_metadata(str(path.resolve())), 1, (NormalisedImage(pixels, 0, ()),))
+    return DecodedInstance(picture_metadata(name), 1, (NormalisedImage(pixels, 0, ()),))
 
 
 def embed_instances(

@@ -21,6 +21,8 @@ import redis
 
 STORE = "store"
 DELETE = "delete"
+QUERY = "query"
+"""A query image to embed for ``POST /cbir/query`` (Orthanc's process never runs the model)."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,9 @@ class IngestEvent:
 
     entry_id: str
     action: str
-    """``store`` (index the instance) or ``delete`` (drop it from the index)."""
+    """``store`` (index the instance), ``delete`` (drop it from the index) or ``query``."""
     orthanc_id: str
+    """The instance (``store``, ``delete``) or the request id (``query``)."""
     deliveries: int = 1
     """How many times the entry was handed to a worker (> 1 after a claim)."""
 
@@ -47,6 +50,14 @@ class QueueKeys:
     def rejected(self) -> str:
         """Hash Orthanc id -> JSON {reason, detail, sop_instance_uid, at}."""
         return f"{self.prefix}:rejected"
+
+    def query_body(self, request: str) -> str:
+        """The query file of a ``query`` entry (kept apart: the stream holds small entries only)."""
+        return f"{self.prefix}:query:{request}:body"
+
+    def query_reply(self, request: str) -> str:
+        """Where the worker pushes the embedded query (a list the route BLPOPs)."""
+        return f"{self.prefix}:query:{request}:reply"
 
     @property
     def orthanc_ids(self) -> str:

@@ -9,6 +9,8 @@ with its reason. Logs name Orthanc ids and counts, never patient data.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import socket
@@ -19,10 +21,10 @@ from dataclasses import dataclass
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
 from ..index import IndexInfo, IndexStore
-from ..index.records import embed_instances
+from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from .orthanc_client import OrthancClient
-from .queue import DELETE, IngestEvent, IngestQueue, QueueKeys
+from .queue import DELETE, QUERY, IngestEvent, IngestQueue, QueueKeys
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,13 @@ class Worker:
         """Everything but the acknowledgement. Raises (and so leaves the batch pending) only
         when Orthanc or Redis cannot be reached."""
         outcome = BatchOutcome()
+        for event in events:  # interactive first: someone is waiting for these
+            if event.action == QUERY:
+                self._embed_query(event.orthanc_id)
         decoded, ids = [], []
         for event in events:
+            if event.action == QUERY:
+                continue
             if event.action == DELETE:
                 outcome.removed += self._remove(event.orthanc_id)
                 continue
@@ -108,6 +115,28 @@ class Worker:
             self.store.client.hset(self.queue.keys.orthanc_ids,
                                    mapping={i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded)})  # fmt: skip
         return outcome
+
+    def _embed_query(self, request: str) -> None:
+        """Embed an uploaded query file and push the result (or the reason it cannot be used)."""
+        keys = self.queue.keys
+        data = self.store.client.getdel(keys.query_body(request))
+        if data is None:  # the route gave up waiting and its body expired
+            return
+        result = decode_bytes(data, f"query-{request}", max_frames=self.frames_per_instance)
+        if isinstance(result, Rejection):
+            reply = {"error": str(result)}
+        else:
+            record = embed_instances(self.embedder, [result])[0]
+            meta = record.metadata
+            reply = {"features": base64.b64encode(record.features.astype("<f4").tobytes()).decode(),
+                     "code": record.code.tobytes().hex(),
+                     "probabilities": {h: p.astype(float).tolist() for h, p in record.probabilities.items()},
+                     "patient_key": meta.patient_key, "study_instance_uid": meta.study_instance_uid,
+                     "sop_instance_uid": meta.sop_instance_uid}  # fmt: skip
+        pipe = self.store.client.pipeline(transaction=True)
+        pipe.rpush(keys.query_reply(request), json.dumps(reply))
+        pipe.expire(keys.query_reply(request), 60)
+        pipe.execute()
 
     def _remove(self, orthanc_id: str) -> int:
         keys: QueueKeys = self.queue.keys
