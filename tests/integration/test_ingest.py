@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import requests
+from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from orthanc_cbir.index import IndexInfo, IndexStore
@@ -137,6 +139,15 @@ def test_a_pushed_series_is_indexed_and_its_slices_find_their_neighbours(orthanc
         neighbour = hit[1] if hit[0].sop_instance_uid == uid else hit[0]
         near += abs(position.get(neighbour.sop_instance_uid, -99) - rank) <= 2
     assert near / len(position) >= 0.9
+
+
+def test_stow_rs_uploads_are_indexed_too(orthanc, worker, store, tmp_path):
+    paths = synthetic_series(tmp_path / "stow", slices=3, texture=9)
+    session = requests.Session()
+    session.auth = orthanc.auth
+    DICOMwebClient(url=orthanc.url + "/dicom-web", session=session).store_instances([dcmread(p) for p in paths])
+    uids = series_uids(paths)
+    wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the STOW-RS upload to be indexed")
 
 
 def test_an_instance_that_is_not_an_image_is_listed_as_rejected(orthanc, worker, tmp_path):
