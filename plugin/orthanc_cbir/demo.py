@@ -11,6 +11,7 @@ the ranked answer with the URLs, then stops what it started.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -42,6 +43,8 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
     indexed or rejected with a reason, and the query answered)."""
     files = _demo_files(data_dir)
     state_dir = state_dir.resolve()
+    for previous in ("orthanc", "redis", "worker"):  # a fresh archive each run: Orthanc announces only new instances
+        shutil.rmtree(state_dir / previous, ignore_errors=True)
     print(f"demo: {len(files)} DICOM files, state in {state_dir}")
     with RedisServer(state_dir / "redis") as redis_server, OrthancServer(
         state_dir / "orthanc", redis_url=redis_server.url
