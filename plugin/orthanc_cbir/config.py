@@ -48,6 +48,12 @@ class Settings:
     embed_batch_size: int = 32
     """Images per onnxruntime call."""
 
+    default_strategy: str = "hamming"
+    """Strategy of a similarity query that names none (exact, hamming, class, cluster, multilateral)."""
+
+    max_results: int = 100
+    """Largest ``k`` a similarity query may ask for."""
+
     orthanc_url: str = "http://127.0.0.1:8042"
     """Orthanc's REST API, where workers fetch the stored files."""
 

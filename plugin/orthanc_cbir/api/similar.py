@@ -2,8 +2,8 @@
 ``POST /cbir/query`` and ``GET /cbir/rejected``.
 
 An adapter builds one :class:`SimilarityService` and passes each request's path
-parts, query parameters and body. Parameters (all optional): ``k`` (10),
-``strategy`` (hamming), ``level`` (instance for an instance, else the level of
+parts, query parameters and body. Parameters (all optional): ``k`` (10, at most
+the ``MaxResults`` setting), ``strategy`` (the ``DefaultStrategy`` setting), ``level`` (instance for an instance, else the level of
 the resource), ``offset`` (0), ``weights`` (``modality=1,region=1,pathology=0``),
 and the filters ``modality``, ``body_part``, ``sex``, ``age``, ``date``,
 ``exclude`` as in ``orthanc-cbir query --filter``. A client's mistake gets a 4xx
@@ -34,7 +34,6 @@ from .routes import Response
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
 FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
-MAX_K = 100
 MAX_QUERY_BYTES = 256 * 2**20
 QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
@@ -125,12 +124,12 @@ class SimilarityService:
             k, offset = int(parameters.get("k", 10)), int(parameters.get("offset", 0))
         except ValueError:
             raise BadRequest("k and offset must be whole numbers") from None
-        if not 1 <= k <= MAX_K or not 0 <= offset <= 1000 - k:
-            raise BadRequest(f"k must be 1..{MAX_K} and offset 0..{1000 - k}")
+        if not 1 <= k <= self.settings.max_results or not 0 <= offset <= 1000 - k:
+            raise BadRequest(f"k must be 1..{self.settings.max_results} and offset 0..{1000 - k}")
         try:
             filters = Filters.parse(f"{name}={parameters[name]}" for name in FILTER_PARAMETERS if name in parameters)
             weights = parse_weights(parameters.get("weights"))
-            options = SearchOptions(parameters.get("strategy", "hamming"), k=k + offset, filters=filters,
+            options = SearchOptions(parameters.get("strategy", self.settings.default_strategy), k=k + offset, filters=filters,
                                     level=parameters.get("level", default_level), weights=weights)  # fmt: skip
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
