@@ -18,6 +18,7 @@ import redis
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
@@ -243,6 +244,22 @@ def test_query_route_embeds_an_unstored_file_through_a_worker(orthanc, worker, t
     assert [hit["rank"] for hit in json.loads(body)["hits"]] == [1, 2, 3, 4]
     status_code, body, _ = orthanc.request("POST", "/cbir/query", factory.to_bytes(factory.structured_report()))
     assert status_code == 400 and "not an image" in json.loads(body)["error"]
+
+
+def test_similar_answers_as_qido_rs_to_a_dicomweb_client(orthanc, worker, store):
+    stored = store.describe(store.sop_uids([5]))[0]
+    base = f"/cbir/instances/{stored['orthanc']['instance']}/similar"
+    session = requests.Session()
+    session.auth = orthanc.auth
+    found = DICOMwebClient(url=orthanc.url + base, session=session).search_for_instances(
+        limit=3, fields=["SeriesDescription"])  # fmt: skip
+    datasets = [Dataset.from_json(item) for item in found]
+    ranks = [int(ds.get_private_item(0x0011, 0x01, "ORTHANC-CBIR").value) for ds in datasets]
+    assert ranks == [1, 2, 3]
+    as_json = orthanc.get_json(base + "?k=3")
+    assert [ds.SOPInstanceUID for ds in datasets] == [hit["SOPInstanceUID"] for hit in as_json["hits"]]
+    assert all(ds.SeriesDescription for ds in datasets)
+    assert not any(tag in item for item in found for tag in ("00100010", "00100020", "00100030"))  # no name, ID, birth
 
 
 @pytest.mark.parametrize(("path", "code", "message"), [

@@ -41,10 +41,15 @@ def register(orthanc: Any, settings: Settings) -> None:
     _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request)))
+    # the same answer as a QIDO-RS endpoint: a DICOMweb client searches {...}/similar/{studies|series|instances}
+    _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)",
+         lambda request: similarity().similar(request["groups"][0], request["groups"][1], {
+             **_parameters(request), "format": "dicom+json", "level": _QIDO_LEVEL[request["groups"][2]]}))
     _route(orthanc, "/cbir/query", "POST",
            lambda request: similarity().query_file(request.get("body") or b"", _parameters(request)))
 
 
+_QIDO_LEVEL = {"studies": "study", "series": "series", "instances": "instance"}
 _UID_TAG = {"instance": ("instances", "SOPInstanceUID"), "series": ("series", "SeriesInstanceUID"),
             "study": ("studies", "StudyInstanceUID")}  # fmt: skip
 

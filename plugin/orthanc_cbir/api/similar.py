@@ -30,6 +30,7 @@ from ..ingest.queue import QUERY, IngestQueue
 from ..model.embedder import ModelCard, card_path
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
+from .dicom_json import hit_dataset, included_fields
 from .routes import Response
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
@@ -74,7 +75,7 @@ class SimilarityService:
                     return Response.error(404, f"{level} {identifier} is not in the index "
                                                "(not stored, not yet indexed, or rejected)")  # fmt: skip
                 query, own = found
-                return self._answer(query, options, offset, (level, own) if own else None)
+                return self._answer(query, options, offset, (level, own) if own else None, parameters)
         except BadRequest as exc:
             return Response.error(400, str(exc))
 
@@ -107,7 +108,7 @@ class SimilarityService:
                       QueryContext(embedded["patient_key"], embedded["study_instance_uid"],
                                    embedded["sop_instance_uid"]))  # fmt: skip
         with self._lock:
-            return self._answer(query, options, offset)
+            return self._answer(query, options, offset, parameters=parameters)
 
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
@@ -117,11 +118,14 @@ class SimilarityService:
     # -- helpers ----------------------------------------------------------------------------
 
     def _options(self, parameters: Mapping[str, str], default_level: str) -> tuple[SearchOptions, int]:
-        unknown = set(parameters) - {"k", "strategy", "level", "offset", "weights", *FILTER_PARAMETERS}
+        unknown = set(parameters) - {"k", "limit", "strategy", "level", "offset", "weights", "format", "includefield",
+                                     "fuzzymatching", *FILTER_PARAMETERS}  # fmt: skip
         if unknown:
             raise BadRequest(f"unknown parameter(s) {', '.join(sorted(unknown))}")
+        if parameters.get("format", "json") not in ("json", "dicom+json"):
+            raise BadRequest("format is json or dicom+json")
         try:
-            k, offset = int(parameters.get("k", 10)), int(parameters.get("offset", 0))
+            k, offset = int(parameters.get("limit", parameters.get("k", 10))), int(parameters.get("offset", 0))
         except ValueError:
             raise BadRequest("k and offset must be whole numbers") from None
         if not 1 <= k <= self.settings.max_results or not 0 <= offset <= 1000 - k:
@@ -164,8 +168,8 @@ class SimilarityService:
                                meta.get("sop_instance_uid") if level == "instance" else None)  # fmt: skip
         return Query(mean, snapshot.codes[nearest], {}, context), (0 if level == "instance" else uid_hash(uid))
 
-    def _answer(self, query: Query, options: SearchOptions, offset: int,
-                own_group: tuple[str, int] | None = None) -> Response:  # fmt: skip
+    def _answer(self, query: Query, options: SearchOptions, offset: int, own_group: tuple[str, int] | None = None,
+                parameters: Mapping[str, str] | None = None) -> Response:  # fmt: skip
         end = options.k  # k + offset: the last rank asked for
         if own_group:  # one more answer, in case the query's own series / study is among them
             options = dataclasses.replace(options, k=options.k + 1)
@@ -175,6 +179,12 @@ class SimilarityService:
             field = f"{own_group[0]}_instance_uid"
             hits = [h for h in hits if uid_hash(h.record.get("metadata", {}).get(field)) != own_group[1]]
         hits = hits[offset:end]
+        parameters = parameters or {}
+        if parameters.get("format") == "dicom+json":
+            extra = included_fields(parameters.get("includefield"))
+            objects = [hit_dataset(result.level, offset + n + 1, h.distance, result.strategy,
+                                   h.record.get("metadata", {}), extra) for n, h in enumerate(hits)]  # fmt: skip
+            return Response(200, json.dumps(objects).encode(), "application/dicom+json")
         return Response.json({
             "strategy": result.strategy, "level": result.level, "model": self.card.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
