@@ -55,10 +55,13 @@ class _Process:
         self.log_path = self.state_dir / f"{self.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, argv: list[str]) -> None:
+    def _spawn(self, argv: list[str], environment: dict[str, str] | None = None) -> None:
+        """Start ``argv`` in the state directory, its output appended to the log; ``environment``
+        is added to this process's own."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **environment} if environment else None
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, cwd=self.state_dir, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, cwd=self.state_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def _wait_until(self, ready, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -215,6 +218,12 @@ class OrthancServer(_Process):
         return self.start()
 
 
+def cbir_environment(redis_url: str, orthanc: OrthancServer) -> dict[str, str]:
+    """The ``CBIR_*`` variables that point a worker or a CLI command at this Redis and Orthanc."""
+    return {"CBIR_REDIS_URL": redis_url, "CBIR_ORTHANC_URL": orthanc.url, "CBIR_ORTHANC_USERNAME": orthanc.username,
+            "CBIR_ORTHANC_PASSWORD": orthanc.password}  # fmt: skip
+
+
 class WorkerProcess(_Process):
     """An ``orthanc-cbir worker`` process indexing what one Orthanc stores into one Redis."""
 
@@ -222,17 +231,10 @@ class WorkerProcess(_Process):
 
     def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer, batch_size: int = 32):
         super().__init__(state_dir)
-        self.environment = {
-            "CBIR_REDIS_URL": redis_url, "CBIR_ORTHANC_URL": orthanc.url, "CBIR_ORTHANC_USERNAME": orthanc.username,
-            "CBIR_ORTHANC_PASSWORD": orthanc.password, "CBIR_WORKER_BATCH_SIZE": str(batch_size),
-        }  # fmt: skip
+        self.environment = {**cbir_environment(redis_url, orthanc), "CBIR_WORKER_BATCH_SIZE": str(batch_size)}
 
     def start(self) -> WorkerProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "orthanc_cbir.cli", "worker"], cwd=self.state_dir,
-                                            env={**os.environ, **self.environment}, stdout=log,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
+        self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "worker"], self.environment)
         return self
 
     def __enter__(self) -> WorkerProcess:

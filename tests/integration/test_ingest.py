@@ -4,10 +4,8 @@ indexes; deletions follow; a killed worker loses nothing. Real Orthanc, Redis, s
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pydicom.dataset import Dataset
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
+from orthanc_cbir.local_services import WorkerProcess, cbir_environment
 from orthanc_cbir.model.embedder import Embedder
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
 from tests import dicom_factory as factory
@@ -175,26 +174,20 @@ def test_killing_a_worker_mid_push_loses_nothing(orthanc, worker, store, client,
     """A real `orthanc-cbir worker` process takes the entries and is killed with SIGKILL while
     it holds some; the test's worker claims what it left, so stored == indexed + rejected."""
     worker.stop()
-    environment = {**os.environ, "CBIR_REDIS_URL": redis_server.url, "CBIR_ORTHANC_URL": orthanc.url,
-                   "CBIR_ORTHANC_USERNAME": orthanc.username, "CBIR_ORTHANC_PASSWORD": orthanc.password,
-                   "CBIR_WORKER_BATCH_SIZE": "4"}  # fmt: skip
-    log = tmp_path / "worker.log"
-    with log.open("wb") as output:
-        victim = subprocess.Popen([sys.executable, "-m", "orthanc_cbir.cli", "worker"], env=environment,
-                                  stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+    victim = WorkerProcess(tmp_path / "victim", redis_url=redis_server.url, orthanc=orthanc, batch_size=4).start()
     queue = IngestQueue(client)
     try:
         paths = synthetic_series(tmp_path / "kill", slices=60, size=256)
         push = subprocess.Popen(["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1",
                                  str(orthanc.dicom_port), *map(str, paths)])  # fmt: skip
-        wait_until(lambda: queue.counts()["pending"] > 0 or victim.poll() is not None, 60,
+        wait_until(lambda: queue.counts()["pending"] > 0 or victim.process.poll() is not None, 60,
                    "the worker process to take entries", every_s=0.002)  # fmt: skip
-        assert victim.poll() is None, log.read_text()[-2000:]
+        assert victim.process.poll() is None, victim.log_tail()
     finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
     assert push.wait(timeout=120) == 0
-    uids = [dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+    uids = series_uids(paths)
     assert not all(store.contains(uid) for uid in uids), "the worker process finished before it was killed"
     worker.start()
     wait_until(lambda: all(store.contains(uid) for uid in uids), 90, "every slice to be indexed after the kill")
@@ -293,10 +286,8 @@ def test_reconcile_recovers_lost_entries_and_drops_what_orthanc_no_longer_has(or
     assert orthanc.request("DELETE", f"/instances/{indexed['orthanc']['instance']}")[0] == 200
     wait_until(lambda: queue.counts()["queued"] >= 5, 30, "the plugin to enqueue")
     client.delete(queue.keys.stream)  # every entry lost
-    environment = {"CBIR_REDIS_URL": redis_server.url, "CBIR_ORTHANC_URL": orthanc.url,
-                   "CBIR_ORTHANC_USERNAME": orthanc.username, "CBIR_ORTHANC_PASSWORD": orthanc.password}  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment.items():
+        for name, value in cbir_environment(redis_server.url, orthanc).items():
             patch.setenv(name, value)
         assert main(["reconcile"]) == 0
     assert "4 sent to the workers; 1 gone from Orthanc" in capsys.readouterr().out
