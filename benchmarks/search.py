@@ -28,8 +28,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugin"))
 from orthanc_cbir.config import DEFAULT_MODEL  # noqa: E402
-from orthanc_cbir.index import IndexInfo, IndexRecord, IndexStore  # noqa: E402
-from orthanc_cbir.index.records import picture_metadata  # noqa: E402
+from orthanc_cbir.index import IndexInfo, IndexStore  # noqa: E402
+from orthanc_cbir.index.records import picture_records  # noqa: E402
 from orthanc_cbir.local_services import RedisServer  # noqa: E402
 from orthanc_cbir.model.embedder import Embedder  # noqa: E402
 from orthanc_cbir.search import Query, Searcher, SearchOptions  # noqa: E402
@@ -71,11 +71,7 @@ def main() -> None:
             count = min(5000, args.rows - start)
             source = rng.choice(train_index, size=count)
             rows = embedder.embed(augmented(mednist.images[source], rng))
-            store.add([
-                IndexRecord(picture_metadata(f"row-{start + i}", "bench"), rows.features[i], rows.codes[i],
-                            {h: p[i] for h, p in rows.probabilities.items()})
-                for i in range(count)
-            ])  # fmt: skip
+            store.add(picture_records([f"row-{start + i}" for i in range(count)], rows, "bench"))
         load_s = time.perf_counter() - started  # embedding included
         memory = int(client.info("memory")["used_memory"])
         searcher = Searcher(store)

@@ -250,8 +250,7 @@ def _redis(url: str | None):
 def _embedder():
     from .model.embedder import Embedder
 
-    settings = load_settings()
-    return Embedder(Path(settings.model), threads=settings.embed_threads, batch_size=settings.embed_batch_size)
+    return Embedder.from_settings(load_settings())
 
 
 def _run_index(args: argparse.Namespace) -> int:
@@ -299,6 +298,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from .api.similar import hit_json
     from .dicom import Rejection
     from .index import IndexInfo, IndexStore
     from .index.records import decode_file, embed_instances
@@ -340,24 +340,16 @@ def _run_query(args: argparse.Namespace) -> int:
         print(json.dumps({"strategy": result.strategy, "level": result.level, "index_size": result.index_size,
                           "candidate_fraction": round(result.candidate_fraction, 6),
                           "elapsed_ms": round(result.elapsed_ms, 2),
-                          "hits": [{"rank": h.rank, "distance": h.distance, "instances": h.instances,
-                                    **_hit_fields(h.record)} for h in result.hits]}, indent=2))  # fmt: skip
+                          "hits": [hit_json(h.rank, h.distance, h.instances, result.strategy, h.record)
+                                   for h in result.hits]}, indent=2))  # fmt: skip
         return 0
     print(f"{result.strategy} over {result.index_size} instances: {len(result.hits)} hits in {result.elapsed_ms:.1f} ms "
           f"({result.candidates} candidates)")  # fmt: skip
     for hit in result.hits:
-        fields = _hit_fields(hit.record)
+        fields = hit_json(hit.rank, hit.distance, hit.instances, result.strategy, hit.record)
         print(f"{hit.rank:3d}  {hit.distance:8.4f}  {fields['Modality'] or '-':3s}  {fields['BodyPartExamined'] or '-':10s}"
               f"  {fields['SOPInstanceUID']}  {fields['SeriesDescription'] or ''}")  # fmt: skip
     return 0
-
-
-def _hit_fields(record: dict) -> dict:
-    meta = record.get("metadata", {})
-    return {"StudyInstanceUID": meta.get("study_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
-            "SOPInstanceUID": meta.get("sop_instance_uid"), "Modality": meta.get("modality"),
-            "BodyPartExamined": meta.get("body_part_examined"), "SeriesDescription": meta.get("series_description"),
-            "StudyDate": meta.get("study_date"), "orthanc": record.get("orthanc", {})}  # fmt: skip
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -381,11 +373,10 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     from .ingest.orthanc_client import OrthancClient
     from .ingest.queue import IngestQueue
     from .ingest.reconcile import reconcile
-    from .model.embedder import ModelCard, card_path
 
     settings = load_settings(redis_url=args.redis_url, orthanc_url=args.orthanc_url)
     client = _redis(settings.redis_url)
-    store = IndexStore(client, IndexInfo.from_card(ModelCard.load(card_path(Path(settings.model)))))
+    store = IndexStore(client, IndexInfo.for_model(settings.model))
     orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
     summary = reconcile(orthanc, IngestQueue(client), store)
     print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
@@ -395,11 +386,10 @@ def _run_reconcile(args: argparse.Namespace) -> int:
 
 def _run_recluster(args: argparse.Namespace) -> int:
     from .index import IndexInfo, IndexStore
-    from .model.embedder import ModelCard, card_path
     from .search.clustering import recluster
 
-    card = ModelCard.load(card_path(Path(load_settings().model)))
-    summary = recluster(IndexStore(_redis(args.redis_url), IndexInfo.from_card(card)), args.neighbours, args.resolution)
+    store = IndexStore(_redis(args.redis_url), IndexInfo.for_model(load_settings().model))
+    summary = recluster(store, args.neighbours, args.resolution)
     print(f"{summary.instances} instances in {summary.clusters} clusters (largest {summary.largest}, modularity "
           f"{summary.modularity}) in {summary.seconds} s")  # fmt: skip
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -18,7 +17,6 @@ from .. import __version__
 from ..config import Settings
 from ..index import IndexInfo, IndexStore
 from ..ingest.queue import IngestQueue
-from ..model.embedder import ModelCard, card_path
 
 
 @dataclass(frozen=True)
@@ -45,15 +43,15 @@ def status(settings: Settings) -> Response:
     health = redis_health(settings.redis_url)
     answer: dict[str, Any] = {"version": __version__, "redis": health}
     try:
-        card = ModelCard.load(card_path(Path(settings.model)))
-        answer["model"] = card.version
+        info = IndexInfo.for_model(settings.model)
+        answer["model"] = info.version
     except Exception as exc:  # a missing or broken card is what the operator must read here
         answer["model"] = None
         answer["model_error"] = f"{type(exc).__name__}: {exc}"
     if health["ok"] and answer["model"]:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
         try:
-            answer["indexed"] = IndexStore(client, IndexInfo.from_card(card)).count()
+            answer["indexed"] = IndexStore(client, info).count()
             answer.update(IngestQueue(client).counts())
         finally:
             client.close()

@@ -27,7 +27,6 @@ from ..config import Settings
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
 from ..ingest.queue import QUERY, IngestQueue
-from ..model.embedder import ModelCard, card_path
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
 from .dicom_json import hit_dataset, included_fields
@@ -54,8 +53,7 @@ class SimilarityService:
         self.settings = settings
         self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=QUERY_WAIT_S + 10)
         self.queue = IngestQueue(self.client)
-        self.card = ModelCard.load(card_path(settings.model))
-        self.store = IndexStore(self.client, IndexInfo.from_card(self.card))
+        self.store = IndexStore(self.client, IndexInfo.for_model(settings.model))
         self.searcher = Searcher(self.store)
         self.resolve_uid = resolve_uid
         self._lock = threading.Lock()  # one query at a time touches the searcher's snapshot
@@ -186,7 +184,7 @@ class SimilarityService:
                                    h.record.get("metadata", {}), extra) for n, h in enumerate(hits)]  # fmt: skip
             return Response(200, json.dumps(objects).encode(), "application/dicom+json")
         return Response.json({
-            "strategy": result.strategy, "level": result.level, "model": self.card.version,
+            "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
             "elapsed_ms": round(result.elapsed_ms, 2),
             "hits": [hit_json(offset + n + 1, h.distance, h.instances, result.strategy, h.record)

@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ..index import IndexInfo, IndexRecord, IndexStore
-from ..index.records import picture_metadata
+from ..index import IndexInfo, IndexStore
+from ..index.records import picture_records
 from ..model.embedder import Embedder, Embeddings
 from ..search import STRATEGIES, Query, Searcher, SearchOptions
 from ..training.data import ImageSet
@@ -65,19 +65,11 @@ class StrategyReport:
 def index_images(store: IndexStore, names: list[str], embedded: Embeddings, namespace: str,
                  batch: int = 1000, progress: bool = True) -> list[str]:  # fmt: skip
     """Add embedded pictures to ``store``; returns their SOPInstanceUIDs in order."""
-    uids = []
-    bar = tqdm(total=len(names), desc="index", unit="img", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(names), batch):
-        records = [
-            IndexRecord(picture_metadata(name, namespace), embedded.features[i], embedded.codes[i],
-                        {head: p[i] for head, p in embedded.probabilities.items()})
-            for i, name in enumerate(names[start : start + batch], start)
-        ]  # fmt: skip
-        store.add(records)
-        uids.extend(r.key for r in records)
-        bar.update(len(records))
-    bar.close()
-    return uids
+    records = picture_records(names, embedded, namespace)
+    for start in tqdm(range(0, len(records), batch), desc="index", unit="batch", disable=not progress,
+                      dynamic_ncols=True):  # fmt: skip
+        store.add(records[start : start + batch])
+    return [record.key for record in records]
 
 
 def evaluate(

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..dicom import Rejection, RejectionReason, decode_instance
 from ..dicom.metadata import InstanceMetadata
 from ..dicom.pixels import DecodedInstance, NormalisedImage
-from ..model.embedder import Embedder
+from ..model.embedder import Embedder, Embeddings
 from ..model.preprocess import read_picture
 from .schema import IndexRecord
 
@@ -36,6 +36,15 @@ def picture_metadata(name: str, namespace: str = "orthanc-cbir") -> InstanceMeta
         patient_age_years=None, study_date=None, manufacturer=None, rows=None, columns=None, number_of_frames=1,
         pixel_spacing_mm=None, slice_location=None, image_position_patient=None, patient_key=None,
     )  # fmt: skip
+
+
+def picture_records(names: Sequence[str], embedded: Embeddings, namespace: str) -> list[IndexRecord]:
+    """Index records of already embedded pictures (row i of ``embedded`` is ``names[i]``)."""
+    return [
+        IndexRecord(picture_metadata(name, namespace), embedded.features[i], embedded.codes[i],
+                    {head: p[i] for head, p in embedded.probabilities.items()})
+        for i, name in enumerate(names)
+    ]  # fmt: skip
 
 
 def decode_file(path: Path, max_frames: int = 1) -> DecodedInstance | Rejection:

@@ -17,10 +17,12 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..model.codes import CodeLayout
+from ..model.embedder import ModelCard, card_path
 from .hamming import MultiIndex, bucket_writes
 from .schema import ATTRIBUTES, BLOCK_ROWS, IndexRecord, KeySpace
 
@@ -41,6 +43,11 @@ class IndexInfo:
     def from_card(cls, card) -> IndexInfo:
         """From a :class:`~orthanc_cbir.model.embedder.ModelCard`."""
         return cls(card.version, card.embedding_dim, card.code_layout, {h: tuple(n) for h, n in card.labels.items()})
+
+    @classmethod
+    def for_model(cls, model_path: str | Path) -> IndexInfo:
+        """From the card beside an ONNX model file (no model is loaded)."""
+        return cls.from_card(ModelCard.load(card_path(Path(model_path))))
 
     @property
     def code_bytes(self) -> int:

@@ -55,7 +55,7 @@ class Worker:
 
     @classmethod
     def from_settings(cls, settings: Settings, client) -> Worker:
-        embedder = Embedder(settings.model, threads=settings.embed_threads, batch_size=settings.embed_batch_size)
+        embedder = Embedder.from_settings(settings)
         return cls(
             IngestQueue(client, claim_idle_ms=int(settings.claim_after_s * 1000)),
             OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password),

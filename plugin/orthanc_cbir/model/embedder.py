@@ -127,6 +127,11 @@ class Embedder:
         self.batch_size = batch_size
         self._check_contract()
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> Embedder:
+        """The embedder a :class:`~orthanc_cbir.config.Settings` describes (model, threads, batch size)."""
+        return cls(Path(settings.model), threads=settings.embed_threads, batch_size=settings.embed_batch_size)
+
     @property
     def version(self) -> str:
         return self.card.version
