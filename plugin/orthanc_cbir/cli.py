@@ -316,16 +316,12 @@ def _run_query(args: argparse.Namespace) -> int:
     store = IndexStore(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
     searcher = Searcher(store)
     if args.uid:
-        stored = store.describe([args.uid])[0]
-        if stored is None:
+        row = store.row(args.uid)
+        if row is None:
             print(f"error: {args.uid} is not in the index {store.info.version}", file=sys.stderr)
             return 1
         searcher.snapshot.refresh()
-        row = stored["row"]
-        meta = stored["metadata"]
-        query = Query(searcher.snapshot.features[row], searcher.snapshot.codes[row],
-                      {h: np.asarray(p) for h, p in stored["probabilities"].items()},
-                      QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), args.uid))  # fmt: skip
+        query = searcher.stored_query(np.array([row]))
     else:
         outcome = decode_file(args.file)
         if isinstance(outcome, Rejection):
@@ -334,7 +330,8 @@ def _run_query(args: argparse.Namespace) -> int:
         record = embed_instances(embedder, [outcome])[0]
         meta = record.metadata
         query = Query(record.features, record.code, record.probabilities,
-                      QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid))  # fmt: skip
+                      QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid,
+                                   meta.series_instance_uid))  # fmt: skip
     result = searcher.search(query, options)
     if args.json:
         print(json.dumps({"strategy": result.strategy, "level": result.level, "index_size": result.index_size,

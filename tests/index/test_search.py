@@ -93,13 +93,14 @@ def test_cluster_searches_the_nearest_cluster(indexed):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("filters", [
     ["modality=MR"], ["sex=F", "age=30-50"], ["date=2020-03-01..2020-06-30"], ["body_part=hand,head"],
-    ["exclude=same-patient,same-study"],
+    ["exclude=same-patient,same-study"], ["exclude=same-series"],
 ])  # fmt: skip
 def test_filters_never_let_a_non_matching_record_through(indexed, strategy, filters):
     _, records, searcher = indexed
     query = records[17]
     parsed = Filters.parse(filters)
-    context = {"patient_key": query.metadata.patient_key, "study_instance_uid": query.metadata.study_instance_uid}
+    context = {"patient_key": query.metadata.patient_key, "study_instance_uid": query.metadata.study_instance_uid,
+               "series_instance_uid": query.metadata.series_instance_uid}
     result = searcher.search(as_query(query, **context), SearchOptions(strategy, k=25, filters=parsed, candidates=50))
     assert result.hits, "the filters leave matching records: the answer must not be empty"
     for hit in result.hits:
@@ -117,6 +118,8 @@ def test_filters_never_let_a_non_matching_record_through(indexed, strategy, filt
         if parsed.exclude_same_patient:
             assert meta["patient_key"] != query.metadata.patient_key
             assert meta["study_instance_uid"] != query.metadata.study_instance_uid
+        if parsed.exclude_same_series:
+            assert meta["series_instance_uid"] != query.metadata.series_instance_uid
 
 
 def test_removed_instances_are_never_answered(indexed):

@@ -23,7 +23,7 @@ from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import WorkerProcess, cbir_environment
 from orthanc_cbir.model.embedder import Embedder
-from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
+from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
 from tests import dicom_factory as factory
 
 pytestmark = pytest.mark.integration
@@ -207,16 +207,18 @@ def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, wo
     stored = store.describe([uids[4]])[0]
     searcher = Searcher(store)
     searcher.snapshot.refresh()
-    query = Query(searcher.snapshot.features[stored["row"]], searcher.snapshot.codes[stored["row"]], {},
-                  QueryContext(sop_instance_uid=uids[4]))  # fmt: skip
+    query = searcher.stored_query(np.array([stored["row"]]))
+    assert query.probabilities, "a stored instance asks with its class probabilities (the class strategy needs them)"
+    for strategy in ("exact", "class"):
+        expected = searcher.search(query, SearchOptions(strategy, k=5)).sop_instance_uids
+        for identifier in (stored["orthanc"]["instance"], uids[4]):  # an Orthanc id or the SOPInstanceUID
+            answer = orthanc.get_json(f"/cbir/instances/{identifier}/similar?k=5&strategy={strategy}")
+            assert [hit["SOPInstanceUID"] for hit in answer["hits"]] == expected and uids[4] not in expected
+            assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3, 4, 5]
+            first = answer["hits"][0]
+            assert first["thumbnail"] == f"/instances/{first['orthanc']['instance']}/preview"
+            assert first["orthanc"]["series"] and first["StudyInstanceUID"] and answer["model"] == store.info.version
     expected = searcher.search(query, SearchOptions("exact", k=5)).sop_instance_uids
-    for identifier in (stored["orthanc"]["instance"], uids[4]):  # an Orthanc id or the SOPInstanceUID
-        answer = orthanc.get_json(f"/cbir/instances/{identifier}/similar?k=5&strategy=exact")
-        assert [hit["SOPInstanceUID"] for hit in answer["hits"]] == expected and uids[4] not in expected
-        assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3, 4, 5]
-        first = answer["hits"][0]
-        assert first["thumbnail"] == f"/instances/{first['orthanc']['instance']}/preview"
-        assert first["orthanc"]["series"] and first["StudyInstanceUID"] and answer["model"] == store.info.version
     second_page = orthanc.get_json(f"/cbir/instances/{uids[4]}/similar?k=2&offset=3&strategy=exact")
     assert [hit["SOPInstanceUID"] for hit in second_page["hits"]] == expected[3:5]
     assert [hit["rank"] for hit in second_page["hits"]] == [4, 5]
@@ -224,9 +226,10 @@ def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, wo
 
 def test_similar_series_never_answers_with_itself(orthanc, worker, store):
     some = store.describe(store.sop_uids([0]))[0]
-    answer = orthanc.get_json(f"/cbir/series/{some['orthanc']['series']}/similar?k=3&strategy=exact")
-    assert answer["level"] == "series" and answer["hits"]
-    assert all(hit["SeriesInstanceUID"] != some["metadata"]["series_instance_uid"] for hit in answer["hits"])
+    for level in ("series", "instance"):  # asked per series or per instance, never its own series
+        answer = orthanc.get_json(f"/cbir/series/{some['orthanc']['series']}/similar?k=3&strategy=exact&level={level}")
+        assert answer["level"] == level and len(answer["hits"]) == 3
+        assert all(hit["SeriesInstanceUID"] != some["metadata"]["series_instance_uid"] for hit in answer["hits"])
 
 
 def test_query_route_embeds_an_unstored_file_through_a_worker(orthanc, worker, tmp_path):

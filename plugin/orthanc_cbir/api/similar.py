@@ -68,12 +68,14 @@ class SimilarityService:
                 return Response.error(404, f"unknown resource {resource!r}: use instances, series or studies")
             options, offset = self._options(parameters, default_level=level)
             with self._lock:
-                found = self._stored_query(level, identifier)
-                if found is None:
+                query = self._stored_query(level, identifier)
+                if query is None:
                     return Response.error(404, f"{level} {identifier} is not in the index "
                                                "(not stored, not yet indexed, or rejected)")  # fmt: skip
-                query, own = found
-                return self._answer(query, options, offset, (level, own) if own else None, parameters)
+                if level != "instance":  # a series (study) never answers with itself
+                    exclude = {"series": "exclude_same_series", "study": "exclude_same_study"}[level]
+                    options = dataclasses.replace(options, filters=dataclasses.replace(options.filters, **{exclude: True}))
+                return self._answer(query, options, offset, parameters)
         except BadRequest as exc:
             return Response.error(400, str(exc))
 
@@ -104,9 +106,9 @@ class SimilarityService:
                       np.frombuffer(bytes.fromhex(embedded["code"]), np.uint8),
                       {h: np.asarray(p, np.float32) for h, p in embedded["probabilities"].items()},
                       QueryContext(embedded["patient_key"], embedded["study_instance_uid"],
-                                   embedded["sop_instance_uid"]))  # fmt: skip
+                                   embedded["sop_instance_uid"], embedded["series_instance_uid"]))  # fmt: skip
         with self._lock:
-            return self._answer(query, options, offset, parameters=parameters)
+            return self._answer(query, options, offset, parameters)
 
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
@@ -137,58 +139,34 @@ class SimilarityService:
             raise BadRequest(str(exc)) from None
         return options, offset
 
-    def _stored_query(self, level: str, identifier: str) -> tuple[Query, int] | None:
-        """The query vector of a stored resource and the hash of its own series / study (0 for
-        an instance), or ``None`` if it is not indexed."""
+    def _stored_query(self, level: str, identifier: str) -> Query | None:
+        """The query of a stored instance, series or study, or ``None`` if it is not indexed."""
         uid = identifier if _looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
                                                               if self.resolve_uid else None)  # fmt: skip
         if uid is None:
             return None
         self.searcher.snapshot.refresh()
-        snapshot = self.searcher.snapshot
         if level == "instance":
-            stored = self.store.describe([uid])[0]
-            if stored is None:
-                return None
-            rows = np.array([stored["row"]])
+            row = self.store.row(uid)
+            rows = np.array([] if row is None else [row], dtype=np.int64)
         else:
-            column = snapshot.attributes["series" if level == "series" else "study"]
-            rows = np.flatnonzero((column == uid_hash(uid)) & snapshot.live)
-            if not len(rows):
-                return None
-            stored = self.store.describe(self.store.sop_uids(rows[:1]))[0]
-        # a series or study asks with the mean of its instances and the code of the one nearest that mean
-        mean = snapshot.features[rows].mean(axis=0)
-        mean /= max(float(np.linalg.norm(mean)), 1e-12)
-        nearest = rows[int(np.argmax(snapshot.features[rows] @ mean))]
-        meta = stored["metadata"]
-        context = QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"),
-                               meta.get("sop_instance_uid") if level == "instance" else None)  # fmt: skip
-        return Query(mean, snapshot.codes[nearest], {}, context), (0 if level == "instance" else uid_hash(uid))
+            column = self.searcher.snapshot.attributes["series" if level == "series" else "study"]
+            rows = np.flatnonzero((column == uid_hash(uid)) & self.searcher.snapshot.live)
+        return self.searcher.stored_query(rows) if len(rows) else None
 
-    def _answer(self, query: Query, options: SearchOptions, offset: int, own_group: tuple[str, int] | None = None,
-                parameters: Mapping[str, str] | None = None) -> Response:  # fmt: skip
-        end = options.k  # k + offset: the last rank asked for
-        if own_group:  # one more answer, in case the query's own series / study is among them
-            options = dataclasses.replace(options, k=options.k + 1)
+    def _answer(self, query: Query, options: SearchOptions, offset: int, parameters: Mapping[str, str]) -> Response:
         result = self.searcher.search(query, options)
-        hits = result.hits
-        if own_group:
-            field = f"{own_group[0]}_instance_uid"
-            hits = [h for h in hits if uid_hash(h.record.get("metadata", {}).get(field)) != own_group[1]]
-        hits = hits[offset:end]
-        parameters = parameters or {}
+        hits = result.hits[offset:]  # the search asked for k + offset
         if parameters.get("format") == "dicom+json":
             extra = included_fields(parameters.get("includefield"))
-            objects = [hit_dataset(result.level, offset + n + 1, h.distance, result.strategy,
-                                   h.record.get("metadata", {}), extra) for n, h in enumerate(hits)]  # fmt: skip
+            objects = [hit_dataset(result.level, h.rank, h.distance, result.strategy, h.record.get("metadata", {}), extra)
+                       for h in hits]  # fmt: skip
             return Response(200, json.dumps(objects).encode(), "application/dicom+json")
         return Response.json({
             "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
             "elapsed_ms": round(result.elapsed_ms, 2),
-            "hits": [hit_json(offset + n + 1, h.distance, h.instances, result.strategy, h.record)
-                     for n, h in enumerate(hits)],
+            "hits": [hit_json(h.rank, h.distance, h.instances, result.strategy, h.record) for h in hits],
         })  # fmt: skip
 
 

@@ -144,18 +144,23 @@ class IndexStore:
             pipe.hincrby(self.keys.generations, int(block), 1)
         pipe.execute()
 
+    def row(self, sop_instance_uid: str) -> int | None:
+        """The instance's row in the column blocks (``None`` when it is not indexed)."""
+        row = self.client.hget(self.keys.instance(sop_instance_uid), "row")
+        return None if row is None else int(row)
+
     def remove(self, sop_instance_uid: str) -> bool:
         """Take an instance out of every answer; False if it was not indexed."""
         key = self.keys.instance(sop_instance_uid)
-        row = self.client.hget(key, "row")
+        row = self.row(sop_instance_uid)
         if row is None:
             return False
-        block, slot = divmod(int(row), BLOCK_ROWS)
+        block, slot = divmod(row, BLOCK_ROWS)
         pipe = self.client.pipeline(transaction=True)
         live_offset = slot * ATTRIBUTES.itemsize + ATTRIBUTES.fields["live"][1]
         pipe.setrange(self.keys.block("attributes", block), live_offset, b"\x00")
         pipe.delete(key)
-        pipe.hdel(self.keys.rows, int(row))
+        pipe.hdel(self.keys.rows, row)
         pipe.hincrby(self.keys.generations, block, 1)
         pipe.execute()
         return True

@@ -132,7 +132,7 @@ class Worker:
                      "code": record.code.tobytes().hex(),
                      "probabilities": {h: p.astype(float).tolist() for h, p in record.probabilities.items()},
                      "patient_key": meta.patient_key, "study_instance_uid": meta.study_instance_uid,
-                     "sop_instance_uid": meta.sop_instance_uid}  # fmt: skip
+                     "sop_instance_uid": meta.sop_instance_uid, "series_instance_uid": meta.series_instance_uid}  # fmt: skip
         pipe = self.store.client.pipeline(transaction=True)
         pipe.rpush(keys.query_reply(request), json.dumps(reply))
         pipe.expire(keys.query_reply(request), 60)

@@ -25,6 +25,7 @@ class QueryContext:
     patient_key: str | None = None
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Filters:
     """Study date, inclusive; instances without a study date are excluded once a bound is set."""
     exclude_same_patient: bool = False
     exclude_same_study: bool = False
+    exclude_same_series: bool = False
     exclude_self: bool = True
     """Leave the query instance itself out when it is indexed."""
 
@@ -54,7 +56,7 @@ class Filters:
     def parse(cls, items: Iterable[str]) -> Filters:
         """From ``NAME=VALUE`` strings: ``modality=CT,MR``, ``body_part=CHEST``, ``sex=F``,
         ``age=40-70`` (either side may be empty), ``date=2020-01-01..2021-12-31``,
-        ``exclude=same-patient,same-study``.
+        ``exclude=same-patient,same-study,same-series``.
 
         Raises:
             ValueError: an unknown name or a value that cannot be read.
@@ -82,8 +84,8 @@ class Filters:
                     raise ValueError(f"filter {item!r}: date is YYYY-MM-DD..YYYY-MM-DD") from None
             else:
                 for what in value.split(","):
-                    if what.strip() not in ("same-patient", "same-study"):
-                        raise ValueError(f"filter {item!r}: exclude takes same-patient, same-study")
+                    if what.strip() not in ("same-patient", "same-study", "same-series"):
+                        raise ValueError(f"filter {item!r}: exclude takes same-patient, same-study, same-series")
                     values["exclude_same_" + what.strip().split("-")[1]] = True
         return cls(**values)
 
@@ -109,6 +111,8 @@ class Filters:
             keep &= attributes["patient"] != int(context.patient_key, 16)
         if self.exclude_same_study and context.study_instance_uid:
             keep &= attributes["study"] != uid_hash(context.study_instance_uid)
+        if self.exclude_same_series and context.series_instance_uid:
+            keep &= attributes["series"] != uid_hash(context.series_instance_uid)
         return keep
 
     def is_empty(self) -> bool:

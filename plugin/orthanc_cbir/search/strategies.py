@@ -150,9 +150,9 @@ class Searcher:
         self.snapshot.refresh()
         mask = options.filters.mask(self.snapshot.attributes, query.context)
         if options.filters.exclude_self and query.context.sop_instance_uid:
-            described = self.store.describe([query.context.sop_instance_uid])[0]
-            if described is not None and described["row"] < len(mask):
-                mask[described["row"]] = False
+            row = self.store.row(query.context.sop_instance_uid)
+            if row is not None and row < len(mask):
+                mask[row] = False
         depth = options.k if options.level == "instance" else max(options.group_depth, options.k)
         ranking = _RANKERS[options.strategy](self, query, options, mask, depth)
         hits = self._hits(ranking, options)
@@ -209,6 +209,25 @@ class Searcher:
         features = _feature_distances(self.snapshot, query.features, pool)
         order = np.lexsort((features, pool_distances))[:depth]
         return Ranking(pool[order], pool_distances[order], candidates=len(rows))
+
+    def stored_query(self, rows: np.ndarray) -> Query:
+        """What indexed rows ask with (refresh the snapshot first). One instance: its stored
+        vector, code, class probabilities and context. Several (a series, a study): the
+        normalised mean of their features, with the code, probabilities and context of the
+        instance nearest that mean (a code cannot be averaged)."""
+        features = self.snapshot.features[rows]
+        if len(rows) == 1:
+            vector, nearest = features[0], int(rows[0])
+        else:
+            vector = features.mean(axis=0)
+            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+            nearest = int(rows[int(np.argmax(features @ vector))])
+        record = self.store.describe(self.store.sop_uids([nearest]))[0] or {}
+        meta = record.get("metadata", {})
+        probabilities = {head: np.asarray(p, np.float32) for head, p in record.get("probabilities", {}).items()}
+        context = QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), meta.get("sop_instance_uid"),
+                               meta.get("series_instance_uid"))  # fmt: skip
+        return Query(vector, self.snapshot.codes[nearest], probabilities, context)
 
     def centroids(self) -> np.ndarray:
         """(clusters, D) float32 centroids of the last re-clustering (empty before)."""
