@@ -46,15 +46,16 @@ def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, pro
             break
         since += len(page)
         seen.update(page)
-        pipe = client.pipeline(transaction=False)
         candidates = [oid for oid in page if oid not in rejected]
         skipped += len(page) - len(candidates)
+        known = [oid for oid in candidates if oid in indexed_uid]
+        pipe = client.pipeline(transaction=False)
+        for oid in known:  # indexed once, but maybe under another model version
+            pipe.hexists(store.keys.instance(indexed_uid[oid]), "row")
+        present = {oid for oid, indexed in zip(known, pipe.execute()) if indexed}
+        already += len(present)
         for oid in candidates:
-            pipe.hexists(store.keys.instance(indexed_uid.get(oid, "-")), "row")
-        for oid, present in zip(candidates, pipe.execute()):
-            if present:
-                already += 1
-            else:
+            if oid not in present:
                 queue.enqueue(oid, STORE)
                 enqueued += 1
         bar.update(len(page))
