@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--level", default="instance", choices=("instance", "series", "study"))
     query.add_argument("--filter", action="append", default=[], metavar="NAME=VALUE",
                        help="modality=CT,MR | body_part=CHEST | sex=F | age=40-70 | date=2020-01-01..2020-12-31 | "
-                       "exclude=same-patient,same-study (repeatable)")  # fmt: skip
+                       "exclude=same-patient,same-study,same-series (repeatable)")  # fmt: skip
     query.add_argument("--weights", default=None, metavar="SUB=W,...",
                        help="multilateral: weight per sub-code, e.g. modality=1,region=1,pathology=0")  # fmt: skip
     query.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
