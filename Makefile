@@ -8,7 +8,7 @@ VENV := .venv
 # Extras of the package to install: `make install EXTRAS=` gives the runtime alone (the Docker image);
 # the default adds torch (training, and the tests that compare ONNX with torch) and the test tools.
 EXTRAS ?= test,train
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk redis-server python3.11-venv
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server python3.11-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages demo test clean

@@ -69,6 +69,23 @@ class Settings:
     claim_after_s: float = 60.0
     """An entry a worker took but did not acknowledge for this long goes to another worker."""
 
+    similar_series_on_stable_study: bool = False
+    """Make a "Similar cases" series (and a key object selection) in every study once Orthanc
+    calls it stable (``StableAge`` seconds after its last instance)."""
+
+    similar_series_parameters: str = "exclude=same-study"
+    """Search parameters of a "Similar cases" series, as a query string (``k=10&strategy=exact``);
+    a ``POST .../similar/series`` request may override each. The default leaves out the query's
+    own study: a reader wants other cases, not the images already on screen."""
+
+    similar_series_other_patients: bool = True
+    """Show other patients' pixels in "Similar cases" images (never their identifiers); off, such
+    a hit is a grey panel that says its image is not shown."""
+
+    ohif_url: str = ""
+    """The OHIF viewer the results page links each hit's study to (empty: the page's own origin,
+    as when ``orthanc-cbir viewer`` serves OHIF, Orthanc and the page together)."""
+
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
 

@@ -147,8 +147,12 @@ class OrthancServer(_Process):
         dicom_port: int | None = None,
         aet: str = "CBIR",
         cbir: dict[str, Any] | None = None,
+        stable_age_s: int | None = None,
     ):
+        """``cbir``: settings of the ``Cbir`` section besides ``RedisUrl``; ``stable_age_s``: Orthanc's
+        ``StableAge``, seconds without a new instance before a study is stable (default: orthanc.json's)."""
         super().__init__(state_dir)
+        self.stable_age_s = stable_age_s
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         self.aet = aet
@@ -182,6 +186,8 @@ class OrthancServer(_Process):
                 "PythonScript": str(REPO_ROOT / "plugin" / "orthanc_entry.py"),
             }
         )
+        if self.stable_age_s is not None:
+            config["StableAge"] = self.stable_age_s
         config["Cbir"] = {**config.get("Cbir", {}), **self.cbir_section}
         return config
 

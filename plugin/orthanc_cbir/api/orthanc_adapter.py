@@ -16,8 +16,10 @@ from typing import Any
 import redis
 
 from ..config import Settings, load_settings
-from ..ingest.queue import DELETE, STORE, IngestQueue
+from ..dicom import looks_like_uid
+from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
 from . import routes
+from .results_page import results_page
 from .similar import SimilarityService
 
 
@@ -29,7 +31,7 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 def register(orthanc: Any, settings: Settings) -> None:
     """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
     queue = IngestQueue(redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2))
-    orthanc.RegisterOnChangeCallback(_on_change(orthanc, queue))
+    orthanc.RegisterOnChangeCallback(_on_change(orthanc, queue, settings.similar_series_on_stable_study))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
     service: list[SimilarityService] = []  # made on first use: Redis may come up after Orthanc
 
@@ -39,13 +41,24 @@ def register(orthanc: Any, settings: Settings) -> None:
         return service[0]
 
     _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
+    _get(orthanc, "/cbir/ui/instances/([^/]+)",
+         lambda request: results_page(settings, request["groups"][0], _instance_id(orthanc, request["groups"][0])))
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request)))
-    # the same answer as a QIDO-RS endpoint: a DICOMweb client searches {...}/similar/{studies|series|instances}
-    _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)",
-         lambda request: similarity().similar(request["groups"][0], request["groups"][1], {
-             **_parameters(request), "format": "dicom+json", "level": _QIDO_LEVEL[request["groups"][2]]}))
-    _route(orthanc, "/cbir/query", "POST",
+    # GET: the same answer as a QIDO-RS endpoint, a DICOMweb client searches {...}/similar/{studies|series|instances};
+    # POST .../instances/{id}/similar/series: store the answer as a "Similar cases" series in the query's study
+    def qido_or_series(request: dict[str, Any]) -> routes.Response:
+        resource, identifier, answer_level = request["groups"]
+        if request.get("method") == "POST":
+            if (resource, answer_level) != ("instances", "series"):
+                return routes.Response(405, b"", headers={"Allow": "GET"})
+            return similarity().similar_series(identifier, _parameters(request))
+        return similarity().similar(resource, identifier, {**_parameters(request), "format": "dicom+json",
+                                                           "level": _QIDO_LEVEL[answer_level]})  # fmt: skip
+
+    _route(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)", ("GET", "POST"),
+           qido_or_series)
+    _route(orthanc, "/cbir/query", ("POST",),
            lambda request: similarity().query_file(request.get("body") or b"", _parameters(request)))
 
 
@@ -64,6 +77,18 @@ def _dicom_uid(orthanc: Any, level: str, orthanc_id: str) -> str | None:
     return answer.get("MainDicomTags", {}).get(tag)
 
 
+def _instance_id(orthanc: Any, identifier: str) -> str | None:
+    """The Orthanc id of an instance given by Orthanc id or SOPInstanceUID (``None`` if Orthanc lacks it)."""
+    try:
+        if looks_like_uid(identifier):
+            matches = json.loads(orthanc.RestApiPost("/tools/lookup", identifier))
+            return next((m["ID"] for m in matches if m.get("Type") == "Instance"), None)
+        orthanc.RestApiGet(f"/instances/{identifier}")
+        return identifier
+    except Exception:  # Orthanc answers an unknown id with an error
+        return None
+
+
 PARAMETER_HEADER = "x-cbir-"
 """Orthanc gives a plugin the query string of GET requests only: a POST passes its
 parameters as headers, ``X-Cbir-K: 5``, ``X-Cbir-Strategy: exact``, ``X-Cbir-Body-Part: CHEST``."""
@@ -77,7 +102,7 @@ def _parameters(request: dict[str, Any]) -> dict[str, str]:
     return parameters
 
 
-def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], None]:
+def _on_change(orthanc: Any, queue: IngestQueue, series_on_stable_study: bool) -> Callable[[Any, Any, str], None]:
     """Orthanc runs change callbacks in order on one thread: this one only enqueues (one XADD)."""
 
     def on_change(change_type: Any, level: Any, resource_id: str) -> None:
@@ -86,20 +111,22 @@ def _on_change(orthanc: Any, queue: IngestQueue) -> Callable[[Any, Any, str], No
                 queue.enqueue(resource_id, STORE)
             elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
                 queue.enqueue(resource_id, DELETE)
+            elif change_type == orthanc.ChangeType.STABLE_STUDY and series_on_stable_study:
+                queue.enqueue(resource_id, STABLE_STUDY)
         except redis.RedisError as exc:  # Orthanc keeps the instance; `orthanc-cbir reconcile` catches up
-            orthanc.LogError(f"cbir: could not enqueue instance {resource_id}: {type(exc).__name__}: {exc}")
+            orthanc.LogError(f"cbir: could not enqueue {resource_id}: {type(exc).__name__}: {exc}")
 
     return on_change
 
 
 def _get(orthanc: Any, uri: str, handler: Callable[[dict[str, Any]], routes.Response]) -> None:
-    _route(orthanc, uri, "GET", handler)
+    _route(orthanc, uri, ("GET",), handler)
 
 
-def _route(orthanc: Any, uri: str, method: str, handler: Callable[[dict[str, Any]], routes.Response]) -> None:
+def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[dict[str, Any]], routes.Response]) -> None:
     def callback(output: Any, uri: str, **request: Any) -> None:
-        if request.get("method") != method:
-            output.SendMethodNotAllowed(method)
+        if request.get("method") not in methods:
+            output.SendMethodNotAllowed(",".join(methods))
             return
         try:
             response = handler(request)
@@ -113,9 +140,12 @@ def _route(orthanc: Any, uri: str, method: str, handler: Callable[[dict[str, Any
 
 def _send(output: Any, response: routes.Response) -> None:
     for name, value in response.headers.items():
-        output.SetHttpHeader(name, value)
+        if name != "Allow":
+            output.SetHttpHeader(name, value)
     if response.status == 200:
         output.AnswerBuffer(response.body, response.content_type)
+    elif response.status == 405:  # Orthanc drops the connection on SendHttpStatus(405)
+        output.SendMethodNotAllowed(response.headers.get("Allow", "GET"))
     else:
         text = response.body.decode()  # plugin 4.0 wants (int, str, length)
         output.SendHttpStatus(response.status, text, len(text.encode()))

@@ -24,9 +24,10 @@ import numpy as np
 import redis
 
 from ..config import Settings
+from ..dicom import looks_like_uid
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
-from ..ingest.queue import QUERY, IngestQueue
+from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
 from .dicom_json import hit_dataset, included_fields
@@ -37,6 +38,8 @@ FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
 MAX_QUERY_BYTES = 256 * 2**20
 QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
+SERIES_WAIT_S = 120
+"""How long ``POST .../similar/series`` waits for a worker to fetch, draw and store the hits."""
 
 
 class BadRequest(ValueError):
@@ -51,7 +54,7 @@ class SimilarityService:
         """``resolve_uid(level, orthanc_id)`` turns an Orthanc id into the DICOM UID of that
         level (the adapter asks Orthanc); without it only DICOM UIDs are accepted."""
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=QUERY_WAIT_S + 10)
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=SERIES_WAIT_S + 10)
         self.queue = IngestQueue(self.client)
         self.store = IndexStore(self.client, IndexInfo.for_model(settings.model))
         self.searcher = Searcher(self.store)
@@ -90,16 +93,10 @@ class SimilarityService:
             return Response.error(400, "send a DICOM file, PNG or JPEG as the request body")
         if len(body) > MAX_QUERY_BYTES:
             return Response.error(413, f"the query file is larger than {MAX_QUERY_BYTES // 2**20} MiB")
-        request = uuid.uuid4().hex
-        keys = self.queue.keys
-        self.client.set(keys.query_body(request), body, ex=QUERY_WAIT_S * 2)
-        self.queue.enqueue(request, QUERY)
-        reply = self.client.blpop([keys.query_reply(request)], timeout=QUERY_WAIT_S)
-        if reply is None:
-            self.client.delete(keys.query_body(request))
+        embedded = self._ask_worker(QUERY, body, QUERY_WAIT_S)
+        if embedded is None:
             return Response.error(503, f"no worker embedded the query within {QUERY_WAIT_S} s: "
                                        "is `orthanc-cbir worker` running?")  # fmt: skip
-        embedded = json.loads(reply[1])
         if "error" in embedded:
             return Response.error(400, f"cannot search with this file: {embedded['error']}")
         query = Query(np.frombuffer(base64.b64decode(embedded["features"]), "<f4"),
@@ -109,6 +106,23 @@ class SimilarityService:
                                    embedded["sop_instance_uid"], embedded["series_instance_uid"]))  # fmt: skip
         with self._lock:
             return self._answer(query, options, offset, parameters)
+
+    def similar_series(self, identifier: str, parameters: Mapping[str, str]) -> Response:
+        """``POST /cbir/instances/{identifier}/similar/series``: a worker stores a "Similar cases"
+        Secondary Capture series (and a key object selection when hits are in the query's study)
+        in the query's study; the answer names what was stored."""
+        try:
+            self._options(parameters, default_level="instance")
+        except BadRequest as exc:
+            return Response.error(400, str(exc))
+        request = json.dumps({"instance": identifier, "parameters": dict(parameters)}).encode()
+        made = self._ask_worker(SIMILAR_SERIES, request, SERIES_WAIT_S)
+        if made is None:
+            return Response.error(503, f"no worker made the series within {SERIES_WAIT_S} s: "
+                                       "is `orthanc-cbir worker` running?")  # fmt: skip
+        if "error" in made:
+            return Response.error(int(made.get("status", 400)), made["error"])
+        return Response.json(made)
 
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
@@ -139,9 +153,22 @@ class SimilarityService:
             raise BadRequest(str(exc)) from None
         return options, offset
 
+    def _ask_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
+        """Leave ``body`` beside the stream, enqueue ``action`` and wait for the worker's JSON
+        reply; ``None`` when no worker answered in ``wait_s``."""
+        request = uuid.uuid4().hex
+        keys = self.queue.keys
+        self.client.set(keys.query_body(request), body, ex=int(wait_s * 2))
+        self.queue.enqueue(request, action)
+        reply = self.client.blpop([keys.query_reply(request)], timeout=wait_s)
+        if reply is None:
+            self.client.delete(keys.query_body(request))  # a worker that comes later finds nothing to do
+            return None
+        return json.loads(reply[1])
+
     def _stored_query(self, level: str, identifier: str) -> Query | None:
         """The query of a stored instance, series or study, or ``None`` if it is not indexed."""
-        uid = identifier if _looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
+        uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
                                                               if self.resolve_uid else None)  # fmt: skip
         if uid is None:
             return None
@@ -184,7 +211,3 @@ def hit_json(rank: int, distance: float, instances: int, strategy: str, record: 
         "PatientAgeYears": meta.get("patient_age_years"),
         "thumbnail": f"/instances/{orthanc['instance']}/preview" if orthanc.get("instance") else None,
     }  # fmt: skip
-
-
-def _looks_like_uid(identifier: str) -> bool:
-    return "." in identifier and all(part.isdigit() for part in identifier.split("."))

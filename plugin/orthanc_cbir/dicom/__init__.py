@@ -1,10 +1,12 @@
-"""DICOM in: decoded, normalised grey images and one metadata record per instance.
+"""DICOM in: decoded, normalised grey images and one metadata record per instance;
+DICOM out: the "Similar cases" objects.
 
 :func:`decode_instance` is the entry point; see :mod:`.pixels` for the grey value
-pipeline and :mod:`.metadata` for the record.
+pipeline, :mod:`.metadata` for the record and :mod:`.similar_cases` for what goes
+back into a study.
 """
 
-from .metadata import InstanceMetadata, extract_metadata, parse_age, parse_da
+from .metadata import InstanceMetadata, extract_metadata, looks_like_uid, parse_age, parse_da
 from .pixels import (
     DecodedInstance,
     NormalisedImage,
@@ -25,6 +27,7 @@ __all__ = [
     "decode_dataset",
     "decode_instance",
     "extract_metadata",
+    "looks_like_uid",
     "parse_age",
     "parse_da",
     "read_dataset",

@@ -84,6 +84,15 @@ def extract_metadata(ds: Dataset) -> InstanceMetadata:
     )
 
 
+def looks_like_uid(identifier: str) -> bool:
+    """Whether an identifier is a DICOM UID (digits and dots) rather than an Orthanc id (hex and dashes).
+
+    >>> looks_like_uid("1.2.840.113619.2.55"), looks_like_uid("0a9b0c2d-4e5f6a7b-8c9d0e1f-2a3b4c5d-6e7f8a9b")
+    (True, False)
+    """
+    return "." in identifier and all(part.isdigit() for part in identifier.split("."))
+
+
 def parse_age(value: str | None) -> float | None:
     """Years from a DICOM AS value (``045Y``, ``006M``, ``003W``, ``010D``); ``None`` if malformed."""
     if not value:

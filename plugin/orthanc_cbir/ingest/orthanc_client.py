@@ -54,3 +54,18 @@ class OrthancClient:
         study = self.get_json(f"/studies/{series['ParentStudy']}")
         return {"instance": orthanc_id, "series": instance["ParentSeries"], "study": series["ParentStudy"],
                 "patient": study["ParentPatient"]}  # fmt: skip
+
+    def store(self, data: bytes) -> dict[str, Any]:
+        """Store a DICOM file (``POST /instances``): Orthanc's answer, with the new ``ID``,
+        ``ParentSeries`` and ``ParentStudy``. Raises ``ValueError`` when Orthanc refuses it."""
+        status, body, _ = self.request("POST", "/instances", data, content_type="application/dicom")
+        if status != 200:
+            raise ValueError(f"POST /instances: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def lookup(self, uid: str, level: str = "Instance") -> str | None:
+        """The Orthanc id of the resource with this DICOM UID at ``level`` (``None`` if there is none)."""
+        status, body, _ = self.request("POST", "/tools/lookup", uid.encode(), content_type="text/plain")
+        if status != 200:
+            return None
+        return next((match["ID"] for match in json.loads(body) if match.get("Type") == level), None)

@@ -23,6 +23,12 @@ STORE = "store"
 DELETE = "delete"
 QUERY = "query"
 """A query image to embed for ``POST /cbir/query`` (Orthanc's process never runs the model)."""
+SIMILAR_SERIES = "similar-series"
+"""Make a "Similar cases" series for ``POST /cbir/instances/{id}/similar/series``."""
+STABLE_STUDY = "stable-study"
+"""A study Orthanc calls stable: make its "Similar cases" series (when the setting says so)."""
+INTERACTIVE = (QUERY, SIMILAR_SERIES)
+"""Actions someone waits for: the request's body and reply sit beside the stream."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,10 @@ class IngestEvent:
 
     entry_id: str
     action: str
-    """``store`` (index the instance), ``delete`` (drop it from the index) or ``query``."""
+    """``store`` (index the instance), ``delete`` (drop it from the index), ``stable-study``,
+    or an interactive request: ``query``, ``similar-series``."""
     orthanc_id: str
-    """The instance (``store``, ``delete``) or the request id (``query``)."""
+    """The instance (``store``, ``delete``), the study (``stable-study``) or the request id."""
     deliveries: int = 1
     """How many times the entry was handed to a worker (> 1 after a claim)."""
 
@@ -52,11 +59,11 @@ class QueueKeys:
         return f"{self.prefix}:rejected"
 
     def query_body(self, request: str) -> str:
-        """The query file of a ``query`` entry (kept apart: the stream holds small entries only)."""
+        """The body of an interactive request (kept apart: the stream holds small entries only)."""
         return f"{self.prefix}:query:{request}:body"
 
     def query_reply(self, request: str) -> str:
-        """Where the worker pushes the embedded query (a list the route BLPOPs)."""
+        """Where the worker pushes its answer to an interactive request (a list the route BLPOPs)."""
         return f"{self.prefix}:query:{request}:reply"
 
     @property

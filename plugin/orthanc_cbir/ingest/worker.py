@@ -3,8 +3,11 @@
 A batch is acknowledged only after its records are in Redis, so a worker killed
 mid-batch loses nothing: its entries are claimed by another worker once they
 have been idle for ``claim_after_s``. An instance Orthanc no longer has is
-acknowledged and skipped; one that cannot be decoded is recorded as rejected
-with its reason. Logs name Orthanc ids and counts, never patient data.
+acknowledged and skipped; one that cannot be decoded, or that is a "Similar
+cases" image this service made, is recorded as rejected with its reason. The
+worker also answers the interactive requests (embed a query file, make a
+"Similar cases" series) and makes the series of stable studies when the
+setting asks for it. Logs name Orthanc ids and counts, never patient data.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ from dataclasses import dataclass
 
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
+from ..dicom.similar_cases import is_own_output
 from ..index import IndexInfo, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from .orthanc_client import OrthancClient
-from .queue import DELETE, QUERY, IngestEvent, IngestQueue, QueueKeys
+from .queue import (
+    DELETE,
+    INTERACTIVE,
+    QUERY,
+    SIMILAR_SERIES,
+    STABLE_STUDY,
+    IngestEvent,
+    IngestQueue,
+    QueueKeys,
+)
+from .similar_series import SimilarSeriesError, SimilarSeriesMaker
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +51,18 @@ class BatchOutcome:
     removed: int = 0
     gone: int = 0
     """Instances deleted from Orthanc before the worker reached them."""
+    series: int = 0
+    """"Similar cases" series stored."""
 
 
 class Worker:
     """One consumer of the ingest stream."""
 
     def __init__(self, queue: IngestQueue, orthanc: OrthancClient, store: IndexStore, embedder: Embedder,
-                 frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None):  # fmt: skip
+                 frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None,
+                 series_maker: SimilarSeriesMaker | None = None, series_on_stable_study: bool = False):  # fmt: skip
+        """``series_maker`` answers ``similar-series`` requests (without it they get an error) and,
+        with ``series_on_stable_study``, makes the series of each stable study."""
         self.queue = queue
         self.orthanc = orthanc
         self.store = store
@@ -51,16 +70,20 @@ class Worker:
         self.frames_per_instance = frames_per_instance
         self.batch_size = batch_size
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.series_maker = series_maker
+        self.series_on_stable_study = series_on_stable_study
         self.totals: Counter = Counter()
 
     @classmethod
     def from_settings(cls, settings: Settings, client) -> Worker:
         embedder = Embedder.from_settings(settings)
+        orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
+        queue = IngestQueue(client, claim_idle_ms=int(settings.claim_after_s * 1000))
         return cls(
-            IngestQueue(client, claim_idle_ms=int(settings.claim_after_s * 1000)),
-            OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password),
-            IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
+            queue, orthanc, IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
             settings.frames_per_instance, settings.worker_batch_size,
+            series_maker=SimilarSeriesMaker(settings, orthanc, client, queue.keys),
+            series_on_stable_study=settings.similar_series_on_stable_study,
         )  # fmt: skip
 
     def run_once(self, block_ms: int = 1000) -> BatchOutcome | None:
@@ -72,8 +95,9 @@ class Worker:
         self.queue.ack(events)
         for name, value in vars(outcome).items():
             self.totals[name] += value
-        log.info("batch of %d: indexed %d, duplicate %d, rejected %d, removed %d, gone %d", len(events),
-                 outcome.indexed, outcome.duplicates, outcome.rejected, outcome.removed, outcome.gone)  # fmt: skip
+        log.info("batch of %d: indexed %d, duplicate %d, rejected %d, removed %d, gone %d, series %d", len(events),
+                 outcome.indexed, outcome.duplicates, outcome.rejected, outcome.removed, outcome.gone,
+                 outcome.series)  # fmt: skip
         return outcome
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -92,7 +116,7 @@ class Worker:
                 self._embed_query(event.orthanc_id)
         decoded, ids = [], []
         for event in events:
-            if event.action == QUERY:
+            if event.action in INTERACTIVE or event.action == STABLE_STUDY:
                 continue
             if event.action == DELETE:
                 outcome.removed += self._remove(event.orthanc_id)
@@ -107,6 +131,11 @@ class Worker:
                 self.queue.reject(event.orthanc_id, result.reason.value, result.detail, uid)
                 outcome.rejected += 1
                 continue
+            if is_own_output(result.metadata):  # indexed, its copies of hits would answer every query
+                self.queue.reject(event.orthanc_id, "orthanc-cbir output",
+                                  "a Similar cases image made by this service", result.metadata.sop_instance_uid)  # fmt: skip
+                outcome.rejected += 1
+                continue
             decoded.append(result)
             ids.append(self.orthanc.parents(event.orthanc_id))
         if decoded:
@@ -114,12 +143,16 @@ class Worker:
             outcome.indexed, outcome.duplicates = added.added, added.duplicates
             self.store.client.hset(self.queue.keys.orthanc_ids,
                                    mapping={i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded)})  # fmt: skip
+        for event in events:  # after the batch's instances are in the index: a stable study may be among them
+            if event.action == SIMILAR_SERIES:
+                outcome.series += self._make_series(event.orthanc_id)
+            elif event.action == STABLE_STUDY and self.series_on_stable_study and self.series_maker:
+                outcome.series += self._stable_study(event.orthanc_id)
         return outcome
 
     def _embed_query(self, request: str) -> None:
         """Embed an uploaded query file and push the result (or the reason it cannot be used)."""
-        keys = self.queue.keys
-        data = self.store.client.getdel(keys.query_body(request))
+        data = self.store.client.getdel(self.queue.keys.query_body(request))
         if data is None:  # the route gave up waiting and its body expired
             return
         result = decode_bytes(data, f"query-{request}", max_frames=self.frames_per_instance)
@@ -133,6 +166,38 @@ class Worker:
                      "probabilities": {h: p.astype(float).tolist() for h, p in record.probabilities.items()},
                      "patient_key": meta.patient_key, "study_instance_uid": meta.study_instance_uid,
                      "sop_instance_uid": meta.sop_instance_uid, "series_instance_uid": meta.series_instance_uid}  # fmt: skip
+        self._reply(request, reply)
+
+    def _make_series(self, request: str) -> int:
+        """Answer a ``similar-series`` request; 1 if a series was stored."""
+        body = self.store.client.getdel(self.queue.keys.query_body(request))
+        if body is None:  # the route gave up waiting
+            return 0
+        asked = json.loads(body)
+        try:
+            if self.series_maker is None:
+                raise SimilarSeriesError(503, "this worker makes no similar cases series")
+            reply = self.series_maker.for_instance(asked["instance"], asked["parameters"])
+        except SimilarSeriesError as exc:
+            reply = {"error": str(exc), "status": exc.status}
+        except (ValueError, OSError) as exc:  # Orthanc refused or failed: the client reads why, the worker goes on
+            log.warning("similar cases series for %s failed: %s", asked["instance"], exc)
+            reply = {"error": f"the series could not be made: {exc}", "status": 502}
+        self._reply(request, reply)
+        return int("error" not in reply)
+
+    def _stable_study(self, study: str) -> int:
+        """Make the series of a stable study; 1 if one was stored. Orthanc unreachable raises
+        (the entry stays pending); anything else is logged and the study is left as it is."""
+        try:
+            return int(self.series_maker.for_stable_study(study) is not None)
+        except (SimilarSeriesError, ValueError) as exc:
+            log.warning("stable study %s: no similar cases series: %s", study, exc)
+            return 0
+
+    def _reply(self, request: str, reply: dict) -> None:
+        """Push the answer of an interactive request where its route waits (kept a minute)."""
+        keys = self.queue.keys
         pipe = self.store.client.pipeline(transaction=True)
         pipe.rpush(keys.query_reply(request), json.dumps(reply))
         pipe.expire(keys.query_reply(request), 60)

@@ -1,0 +1,178 @@
+"""Make a "Similar cases" series (and its key object selection) and store it in the query's study.
+
+The worker runs this, for ``POST /cbir/instances/{id}/similar/series`` and, when
+``similar_series_on_stable_study`` is on, for each study Orthanc calls stable. The
+hits are those ``GET /cbir/instances/{id}/similar`` answers with the same
+parameters (the same :class:`~orthanc_cbir.api.similar.SimilarityService`); the
+objects are built by :mod:`orthanc_cbir.dicom.similar_cases`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from pydicom.dataset import Dataset
+
+from ..config import Settings
+from ..dicom import (
+    Rejection,
+    decode_dataset,
+    extract_metadata,
+    looks_like_uid,
+    read_dataset,
+)
+from ..dicom.similar_cases import (
+    KOS_DESCRIPTION,
+    MANUFACTURER,
+    SERIES_DESCRIPTION,
+    SimilarCase,
+    key_object_selection,
+    secondary_capture_series,
+)
+from .orthanc_client import OrthancClient
+from .queue import QueueKeys
+
+log = logging.getLogger(__name__)
+
+
+class SimilarSeriesError(Exception):
+    """The series cannot be made; ``status`` is the HTTP status a client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SimilarSeriesMaker:
+    """Searches, fetches the hits' pixels from Orthanc, builds the objects and stores them."""
+
+    def __init__(self, settings: Settings, orthanc: OrthancClient, client: redis.Redis, keys: QueueKeys = QueueKeys()):
+        self.settings = settings
+        self.orthanc = orthanc
+        self.client = client
+        self.keys = keys
+        self._service: Any = None  # the searcher's snapshot is loaded on the first series, not at worker start
+
+    def for_instance(self, instance: str, parameters: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Make the series for one stored instance (an Orthanc id or a SOPInstanceUID).
+
+        ``parameters`` are those of ``GET .../similar`` and override ``similar_series_parameters``;
+        the level is always ``instance`` (one image per hit). Returns what was stored:
+        ``{"query": ..., "series": {...}, "kos": {...} | None, "hits": n}``.
+
+        Raises:
+            SimilarSeriesError: the instance is unknown or not indexed (404), a parameter is wrong (400).
+        """
+        orthanc_id = self.orthanc.lookup(instance) if looks_like_uid(instance) else instance
+        data = self.orthanc.instance_file(orthanc_id) if orthanc_id else None
+        if data is None:
+            raise SimilarSeriesError(404, f"Orthanc has no instance {instance}")
+        query = read_dataset(data)
+        asked = {**dict(urllib.parse.parse_qsl(self.settings.similar_series_parameters)), **(parameters or {}),
+                 "level": "instance"}  # fmt: skip
+        answer = self._similarity().similar("instances", str(query.SOPInstanceUID), asked)
+        body = json.loads(answer.body)
+        if answer.status != 200:
+            raise SimilarSeriesError(answer.status, body["error"])
+        cases = [self._case(query, hit) for hit in body["hits"]]
+        if not cases:
+            raise SimilarSeriesError(404, "the search found no similar instance with these parameters")
+        images = secondary_capture_series(query, cases)
+        stored = [self.orthanc.store(_to_bytes(image)) for image in images]
+        made: dict[str, Any] = {
+            "query": {"orthanc": orthanc_id, "SOPInstanceUID": str(query.SOPInstanceUID),
+                      "StudyInstanceUID": str(query.StudyInstanceUID)},
+            "series": {"SeriesInstanceUID": str(images[0].SeriesInstanceUID), "orthanc": stored[0]["ParentSeries"],
+                       "instances": len(images), "SeriesDescription": SERIES_DESCRIPTION},
+            "kos": None, "hits": len(cases), "strategy": body["strategy"],
+        }  # fmt: skip
+        kos = key_object_selection(query, cases)
+        if kos is not None:
+            answer_kos = self.orthanc.store(_to_bytes(kos))
+            made["kos"] = {"SeriesInstanceUID": str(kos.SeriesInstanceUID), "SOPInstanceUID": str(kos.SOPInstanceUID),
+                           "orthanc": answer_kos["ID"], "references": sum(c.reference is not None for c in cases)}  # fmt: skip
+        log.info("similar cases series for instance %s: %d image(s), key objects %s", orthanc_id, len(images),
+                 "yes" if kos is not None else "none")  # fmt: skip
+        return made
+
+    def for_stable_study(self, study: str) -> dict[str, Any] | None:
+        """Make the series of a study Orthanc calls stable, unless it has one already (adding it
+        makes the study stable again) or none of its images is indexed (yet). The query is the
+        middle indexed image of the series with the most indexed images."""
+        series_list = self.orthanc.get_json(f"/studies/{study}/series")
+        if any(_is_own_series(series) for series in series_list):
+            return None
+        best: list[str] = []
+        for series in series_list:
+            instances = sorted(self.orthanc.get_json(f"/series/{series['ID']}/instances"), key=_instance_order)
+            ids = [instance["ID"] for instance in instances]
+            indexed = [i for i, uid in zip(ids, self.client.hmget(self.keys.orthanc_ids, ids) if ids else []) if uid]
+            if len(indexed) > len(best):
+                best = indexed
+        if not best:
+            log.info("stable study %s: no indexed image, no similar cases series", study)
+            return None
+        return self.for_instance(best[len(best) // 2])
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _similarity(self) -> Any:
+        if self._service is None:
+            from ..api.similar import (
+                SimilarityService,  # api imports ingest: import on use, not at load
+            )
+
+            self._service = SimilarityService(self.settings)
+        return self._service
+
+    def _case(self, query: Dataset, hit: Mapping[str, Any]) -> SimilarCase:
+        """A hit with its pixels, or with the reason they are not shown."""
+        hit_id = (hit.get("orthanc") or {}).get("instance")
+        data = self.orthanc.instance_file(hit_id) if hit_id else None
+        header = read_dataset(data) if data is not None else None
+        same_patient = header is not None and _same_patient(query, header)
+        pixels, withheld = None, None
+        if header is None:
+            withheld = "not stored in this archive"
+        elif not same_patient and not self.settings.similar_series_other_patients:
+            withheld = "another patient's image (switched off)"
+        elif not same_patient and str(header.get("BurnedInAnnotation", "")).upper() == "YES":
+            withheld = "another patient's image with burned-in text"
+        else:
+            decoded = decode_dataset(header, max_frames=1)
+            if isinstance(decoded, Rejection):
+                withheld = f"cannot be drawn: {decoded.reason.value}"
+            else:
+                pixels = decoded.images[0].pixels
+        in_study = header is not None and header.get("StudyInstanceUID") == query.StudyInstanceUID
+        return SimilarCase(rank=int(hit["rank"]), distance=float(hit["distance"]), strategy=str(hit["strategy"]),
+                           modality=hit.get("Modality"), body_part=hit.get("BodyPartExamined"),
+                           same_patient=same_patient, pixels=pixels, withheld=withheld,
+                           reference=header if in_study and same_patient else None)  # fmt: skip
+
+
+def _same_patient(query: Dataset, hit: Dataset) -> bool:
+    key = extract_metadata(query).patient_key
+    return key is not None and key == extract_metadata(hit).patient_key
+
+
+def _is_own_series(series: Mapping[str, Any]) -> bool:
+    tags = series.get("MainDicomTags", {})
+    return tags.get("Manufacturer") == MANUFACTURER and tags.get("SeriesDescription") in (SERIES_DESCRIPTION, KOS_DESCRIPTION)
+
+
+def _instance_order(instance: Mapping[str, Any]) -> tuple[int, str]:
+    number = instance.get("MainDicomTags", {}).get("InstanceNumber", "")
+    return (int(number) if str(number).strip().lstrip("-").isdigit() else 0, instance["ID"])
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

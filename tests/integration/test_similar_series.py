@@ -1,0 +1,262 @@
+"""The "Similar cases" series and key object selection, made by a worker and stored in the
+query's study, read back through Orthanc's REST API and its DICOMweb plugin. Real Orthanc,
+Redis, storescu, dicomweb-client; dciodvfy (dicom3tools) validates where it is installed."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import redis
+import requests
+from dicomweb_client.api import DICOMwebClient
+from orthanc_cbir.config import load_settings
+from orthanc_cbir.dicom.similar_cases import (
+    CAPTION_HEIGHT,
+    IMAGE_SIZE,
+    MANUFACTURER,
+    SERIES_DESCRIPTION,
+)
+from orthanc_cbir.index import IndexInfo, IndexStore
+from orthanc_cbir.ingest.queue import IngestQueue
+from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
+from orthanc_cbir.ingest.worker import Worker
+from orthanc_cbir.local_services import OrthancServer, RedisServer
+from orthanc_cbir.model.embedder import Embedder
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from tests import dicom_factory as factory
+from tests.integration.pushing import storescu, synthetic_series, wait_until
+
+pytestmark = pytest.mark.integration
+
+QUERY_PATIENT = {"PatientName": "Query^Anna", "PatientID": "PID-A-0001", "PatientBirthDate": "19600101",
+                 "AccessionNumber": "ACC-A-1", "StudyID": "SID-A"}  # fmt: skip
+OTHER_PATIENT = {"PatientName": "Other^Bertha^Secret", "PatientID": "PID-B-SECRET-77", "PatientBirthDate": "19551224",
+                 "AccessionNumber": "ACC-B-SECRET", "StudyID": "SID-B-9", "InstitutionName": "Hospital of Bertha",
+                 "ReferringPhysicianName": "Doctor^Bertha", "StudyDescription": "BERTHA FOLLOW-UP"}  # fmt: skip
+
+
+def make_settings(redis_url: str, orthanc, **overrides):
+    return load_settings(env={}, redis_url=redis_url, orthanc_url=orthanc.url, orthanc_username=orthanc.auth[0],
+                         orthanc_password=orthanc.auth[1], **overrides)  # fmt: skip
+
+
+class RunningWorker:
+    def __init__(self, worker: Worker):
+        self.worker, self._stop = worker, threading.Event()
+        self._thread = threading.Thread(target=worker.run, args=(self._stop,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def start_worker(orthanc, redis_url: str, embedder: Embedder, **settings_overrides) -> RunningWorker:
+    client = redis.Redis.from_url(redis_url)
+    settings = make_settings(redis_url, orthanc, **settings_overrides)
+    queue = IngestQueue(client, claim_idle_ms=1500)
+    return RunningWorker(Worker(queue, orthanc.client, IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
+                                batch_size=16, consumer="series-worker",
+                                series_maker=SimilarSeriesMaker(settings, orthanc.client, client, queue.keys),
+                                series_on_stable_study=settings.similar_series_on_stable_study))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def pushed(orthanc, redis_server, embedder, tmp_path_factory):
+    """Two series of the query patient's study and one of another patient, alike slice by slice."""
+    running = start_worker(orthanc, redis_server.url, embedder)
+    folder = tmp_path_factory.mktemp("similar-series")
+    study_a, study_b = factory.generate_uid(), factory.generate_uid()
+    a1 = synthetic_series(folder / "a1", StudyInstanceUID=study_a, **QUERY_PATIENT)
+    a2 = synthetic_series(folder / "a2", StudyInstanceUID=study_a, **QUERY_PATIENT)
+    b1 = synthetic_series(folder / "b1", StudyInstanceUID=study_b, **OTHER_PATIENT)
+    storescu(orthanc, a1 + a2 + b1)
+    store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
+    wait_until(lambda: store.count() >= 36, 120, "36 indexed slices")
+    query = dcmread(a1[6])
+    query_id = orthanc.client.lookup(str(query.SOPInstanceUID))
+    yield {"query": query, "query_id": query_id, "a2": [dcmread(p, stop_before_pixels=True) for p in a2],
+           "b1": [dcmread(p, stop_before_pixels=True) for p in b1]}  # fmt: skip
+    running.stop()
+
+
+HEADERS = {"X-Cbir-K": "6", "X-Cbir-Strategy": "exact", "X-Cbir-Exclude": "same-series"}
+
+
+@pytest.fixture(scope="module")
+def made(orthanc, pushed):
+    status, body, _ = orthanc.request("POST", f"/cbir/instances/{pushed['query_id']}/similar/series", b"",
+                                      headers=HEADERS, timeout_s=150)  # fmt: skip
+    assert status == 200, body
+    return json.loads(body)
+
+
+def read_series(orthanc, series_id: str) -> list[Dataset]:
+    instances = sorted(orthanc.get_json(f"/series/{series_id}/instances"),
+                       key=lambda i: int(i["MainDicomTags"]["InstanceNumber"]))  # fmt: skip
+    return [dcmread(io.BytesIO(orthanc.client.instance_file(i["ID"]))) for i in instances]
+
+
+def every_value(ds: Dataset) -> list[str]:
+    """The text of every element, nested sequences included (pixel data aside)."""
+    values = []
+    for element in ds.iterall():
+        if element.keyword != "PixelData":
+            values.append(str(element.value))
+    return values
+
+
+def test_posting_similar_series_stores_one_image_per_hit_in_the_query_study(orthanc, pushed, made):
+    query = pushed["query"]
+    assert made["hits"] == 6 and made["series"]["instances"] == 6
+    images = read_series(orthanc, made["series"]["orthanc"])
+    answer = orthanc.get_json(f"/cbir/instances/{pushed['query_id']}/similar?k=6&strategy=exact&exclude=same-series")
+    assert [ds.InstanceNumber for ds in images] == [1, 2, 3, 4, 5, 6]
+    for ds, hit in zip(images, answer["hits"]):  # the same hits as the JSON answer, in rank order
+        assert ds.ImageComments.startswith(f"rank {hit['rank']}, distance ")
+    for ds in images:
+        assert ds.StudyInstanceUID == query.StudyInstanceUID and ds.PatientID == query.PatientID
+        assert ds.SeriesDescription == SERIES_DESCRIPTION and ds.Manufacturer == MANUFACTURER
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.Modality == "OT"
+        assert ds.pixel_array.shape == (IMAGE_SIZE + CAPTION_HEIGHT, IMAGE_SIZE)
+    hit_patients = {hit["StudyInstanceUID"] for hit in answer["hits"]}
+    assert hit_patients == {query.StudyInstanceUID, pushed["b1"][0].StudyInstanceUID}, "both patients among the hits"
+
+
+def test_similar_cases_images_carry_no_identifier_of_the_other_patient(orthanc, pushed, made):
+    other = pushed["b1"]
+    secrets = {*OTHER_PATIENT.values(), "Other", "Bertha", other[0].StudyInstanceUID, other[0].SeriesInstanceUID,
+               *(str(ds.SOPInstanceUID) for ds in other)}  # fmt: skip
+    images = read_series(orthanc, made["series"]["orthanc"])
+    drawn = 0
+    for ds in images:
+        for value in every_value(ds):
+            assert not any(secret in value for secret in secrets), f"{value!r} names the other patient"
+        picture = ds.pixel_array[:IMAGE_SIZE]
+        drawn += picture.std() > 20  # the hit's pixels, not a grey "not shown" panel
+    assert drawn == 6
+
+
+def test_the_key_object_selection_references_the_hits_of_the_query_study(orthanc, pushed, made):
+    kos_file = orthanc.client.instance_file(made["kos"]["orthanc"])
+    kos = dcmread(io.BytesIO(kos_file))
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59" and kos.Modality == "KO"
+    assert kos.ContentTemplateSequence[0].TemplateIdentifier == "2010"
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
+    assert kos.StudyInstanceUID == pushed["query"].StudyInstanceUID and kos.PatientID == pushed["query"].PatientID
+    referenced = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for item in kos.ContentSequence if item.ValueType == "IMAGE"]  # fmt: skip
+    same_study = {str(ds.SOPInstanceUID) for ds in pushed["a2"]}
+    assert referenced and set(referenced) <= same_study
+    assert made["kos"]["references"] == len(referenced)
+    assert not any(secret in value for value in every_value(kos) for secret in OTHER_PATIENT.values())
+
+
+def test_the_series_reads_back_through_dicomweb(orthanc, pushed, made):
+    session = requests.Session()
+    session.auth = orthanc.auth
+    web = DICOMwebClient(url=orthanc.url + "/dicom-web", session=session)
+    study = str(pushed["query"].StudyInstanceUID)
+    series = {item["0020000E"]["Value"][0]: item.get("0008103E", {}).get("Value", [""])[0]
+              for item in web.search_for_series(study_instance_uid=study)}  # fmt: skip
+    assert series[made["series"]["SeriesInstanceUID"]] == SERIES_DESCRIPTION
+    assert made["kos"]["SeriesInstanceUID"] in series
+    retrieved = web.retrieve_series(study, made["series"]["SeriesInstanceUID"])
+    assert len(retrieved) == 6 and all(ds.SeriesDescription == SERIES_DESCRIPTION for ds in retrieved)
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy (dicom3tools) is not installed")
+def test_the_series_and_the_key_objects_validate_with_dciodvfy(orthanc, made, tmp_path):
+    for name, orthanc_id in [("sc", orthanc.get_json(f"/series/{made['series']['orthanc']}")["Instances"][0]),
+                             ("ko", made["kos"]["orthanc"])]:  # fmt: skip
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(orthanc.client.instance_file(orthanc_id))
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+
+
+def test_the_service_never_indexes_its_own_similar_cases_images(orthanc, made):
+    instances = orthanc.get_json(f"/series/{made['series']['orthanc']}")["Instances"]
+    wait_until(lambda: set(instances) <= {e["orthanc_id"] for e in orthanc.get_json("/cbir/rejected")["rejected"]},
+               60, "the Similar cases images listed as not indexed")  # fmt: skip
+    reasons = {e["reason"] for e in orthanc.get_json("/cbir/rejected")["rejected"] if e["orthanc_id"] in instances}
+    assert reasons == {"orthanc-cbir output"}
+
+
+def test_with_cross_patient_pixels_off_other_patients_hits_are_grey_panels(orthanc, redis_server, pushed):
+    settings = make_settings(redis_server.url, orthanc, similar_series_other_patients=False)
+    client = redis.Redis.from_url(redis_server.url)
+    made = SimilarSeriesMaker(settings, orthanc.client, client).for_instance(
+        str(pushed["query"].SOPInstanceUID), {"k": "6", "strategy": "exact", "exclude": "same-series"})  # fmt: skip
+    answer = orthanc.get_json(f"/cbir/instances/{pushed['query_id']}/similar?k=6&strategy=exact&exclude=same-series")
+    own_study = str(pushed["query"].StudyInstanceUID)
+    for ds, hit in zip(read_series(orthanc, made["series"]["orthanc"]), answer["hits"]):
+        picture = ds.pixel_array[:IMAGE_SIZE]
+        panel = np.mean(picture == 48)  # the grey of the "image not shown" panel
+        assert (panel > 0.9) == (hit["StudyInstanceUID"] != own_study), hit
+
+
+@pytest.mark.parametrize("path, headers, code, message", [
+    ("/cbir/instances/0123abcd-nope/similar/series", {}, 404, "no instance"),
+    ("/cbir/instances/{query}/similar/series", {"X-Cbir-K": "0"}, 400, "k must be"),
+    ("/cbir/instances/{query}/similar/series", {"X-Cbir-Strategy": "magic"}, 400, "strategy"),
+])  # fmt: skip
+def test_similar_series_mistakes_get_a_message(orthanc, pushed, path, headers, code, message):
+    status, body, _ = orthanc.request("POST", path.format(query=pushed["query_id"]), b"", headers=headers)
+    assert status == code and message in json.loads(body)["error"], body
+
+
+def test_only_an_instance_makes_a_similar_series(orthanc, pushed):
+    series = orthanc.get_json(f"/instances/{pushed['query_id']}")["ParentSeries"]
+    status, _, _ = orthanc.request("POST", f"/cbir/series/{series}/similar/series", b"")
+    assert status == 405
+
+
+def test_the_results_page_is_served_with_the_query_and_escapes_what_it_is_given(orthanc, pushed):
+    status, body, content_type = orthanc.request("GET", f"/cbir/ui/instances/{pushed['query_id']}")
+    assert status == 200 and content_type.startswith("text/html")
+    page = body.decode()
+    assert f'"orthancId": "{pushed["query_id"]}"' in page and "<script" in page
+    status, body, _ = orthanc.request("GET", "/cbir/ui/instances/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert status == 200 and "<img src=x" not in body.decode() and "\\u003cimg src=x" in body.decode()
+
+
+def test_a_stable_study_gets_its_similar_cases_series_once(embedder, tmp_path):
+    with RedisServer(tmp_path / "redis") as redis_server, \
+         OrthancServer(tmp_path / "orthanc", redis_url=redis_server.url, stable_age_s=2,
+                       cbir={"SimilarSeriesOnStableStudy": True}) as orthanc:  # fmt: skip
+        running = start_worker(orthanc, redis_server.url, embedder, similar_series_on_stable_study=True)
+        try:
+            first = synthetic_series(tmp_path / "first", slices=6, **OTHER_PATIENT)
+            storescu(orthanc, first)
+            second = synthetic_series(tmp_path / "second", slices=6, **QUERY_PATIENT)
+            storescu(orthanc, second)
+
+            def similar_series(study_uid: str) -> list[dict]:
+                study = orthanc.client.lookup(study_uid, "Study")
+                return [s for s in orthanc.get_json(f"/studies/{study}/series")
+                        if s["MainDicomTags"].get("SeriesDescription") == SERIES_DESCRIPTION]  # fmt: skip
+
+            studies = [str(dcmread(paths[0]).StudyInstanceUID) for paths in (first, second)]
+            wait_until(lambda: all(similar_series(uid) for uid in studies), 90, "a Similar cases series in each study")
+            # adding the series made each study stable again: that must not make a second one
+            wait_until(lambda: orthanc.get_json("/cbir/status")["queued"] == 0, 30, "an empty queue", every_s=1)
+            threading.Event().wait(4)
+            assert [len(similar_series(uid)) for uid in studies] == [1, 1]
+        finally:
+            running.stop()
+

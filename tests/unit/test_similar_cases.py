@@ -1,0 +1,60 @@
+"""The "Similar cases" objects, built from DICOM the test makes: what each image shows, whose
+identity the objects carry, and when a key object selection exists."""
+
+from __future__ import annotations
+
+import numpy as np
+from orthanc_cbir.dicom import extract_metadata
+from orthanc_cbir.dicom.similar_cases import (
+    CAPTION_HEIGHT,
+    IMAGE_SIZE,
+    SimilarCase,
+    is_own_output,
+    key_object_selection,
+    render_case,
+    secondary_capture_series,
+)
+
+from tests import dicom_factory as factory
+
+GRADIENT = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (50, 1))
+
+
+def case(rank: int, *, pixels=GRADIENT, reference=None, same_patient=False, withheld=None) -> SimilarCase:
+    return SimilarCase(rank, 0.25 * rank, "exact", "CT", "CHEST", same_patient, pixels, withheld, reference)
+
+
+def test_a_case_picture_shows_the_hit_above_a_caption_band():
+    picture = render_case(case(1))
+    assert picture.shape == (IMAGE_SIZE + CAPTION_HEIGHT, IMAGE_SIZE) and picture.dtype == np.uint8
+    assert picture[IMAGE_SIZE // 2, 10] < 30 and picture[IMAGE_SIZE // 2, IMAGE_SIZE - 10] > 220  # the gradient
+    caption = picture[IMAGE_SIZE:]
+    assert 0.02 < (caption < 128).mean() < 0.5  # dark text on a white band
+
+
+def test_a_withheld_case_is_a_grey_panel():
+    picture = render_case(case(2, pixels=None, withheld="another patient's image (switched off)"))
+    assert np.mean(picture[:IMAGE_SIZE] == 48) > 0.9
+
+
+def test_the_series_takes_identity_from_the_query_only_and_keeps_rank_order():
+    query = factory.grey_image(np.zeros((8, 8), np.uint16))
+    images = secondary_capture_series(query, [case(1), case(2), case(3)])
+    assert [int(ds.InstanceNumber) for ds in images] == [1, 2, 3]
+    assert len({ds.SeriesInstanceUID for ds in images}) == 1
+    for ds in images:
+        assert (ds.PatientID, ds.StudyInstanceUID) == (query.PatientID, query.StudyInstanceUID)
+        assert ds.SeriesInstanceUID != query.SeriesInstanceUID and ds.BurnedInAnnotation == "NO"
+        assert is_own_output(extract_metadata(ds))
+    assert not is_own_output(extract_metadata(query))
+
+
+def test_there_is_no_key_object_selection_without_a_hit_in_the_query_study():
+    query = factory.grey_image(np.zeros((8, 8), np.uint16))
+    elsewhere = factory.grey_image(np.zeros((8, 8), np.uint16))
+    assert key_object_selection(query, [case(1), case(2, reference=elsewhere, same_patient=True)]) is None
+    here = factory.grey_image(np.zeros((8, 8), np.uint16), StudyInstanceUID=query.StudyInstanceUID)
+    kos = key_object_selection(query, [case(1), case(2, reference=here, same_patient=True)])
+    references = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence
+                  if item.ValueType == "IMAGE"]  # fmt: skip
+    assert references == [here.SOPInstanceUID] and kos.StudyInstanceUID == query.StudyInstanceUID
