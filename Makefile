@@ -1,6 +1,7 @@
 # orthanc-cbir: the two commands of the README, and what they stand on.
 #   make demo   install what is missing, run the pipeline end to end on loopback, stop
-#   make test   install what is missing, run every test (unit and integration)
+#   make test   install what is missing, run every test (unit, integration and browser)
+#   make ohif   fetch the pinned OHIF viewer into build/ohif (npm pack, sha512 checked); `make viewer` serves it
 
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3.11
@@ -8,10 +9,11 @@ VENV := .venv
 # Extras of the package to install: `make install EXTRAS=` gives the runtime alone (the Docker image);
 # the default adds torch (training, and the tests that compare ONNX with torch) and the test tools.
 EXTRAS ?= test,train
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server python3.11-venv
+# chromium and chromium-driver: the browser tests (tests/browser) drive Debian's Chromium, never a downloaded one.
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server python3.11-venv chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages demo test clean
+.PHONY: install system-packages ohif viewer demo test clean
 
 install: system-packages $(VENV)/.installed
 
@@ -30,11 +32,22 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	@touch $@
 
-demo: install
+# The OHIF viewer (@ohif/app's prebuilt dist, ~50 MB packed, ~205 MB unpacked) for `orthanc-cbir viewer`
+# and the browser tests; nothing when it is there already. Not part of `install`: the Docker image has no use for it.
+ohif: $(VENV)/.installed
+	@command -v npm >/dev/null || { echo "apt: installing npm"; $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends npm; }
+	$(VENV)/bin/orthanc-cbir viewer --fetch-only
+
+# OHIF on http://127.0.0.1:3000 in front of the Orthanc of the CBIR_ORTHANC_* settings.
+viewer: install ohif
+	$(VENV)/bin/orthanc-cbir viewer
+
+demo: install ohif
 	$(VENV)/bin/orthanc-cbir demo --state state/demo
 
-test: install
+test: install ohif
 	$(VENV)/bin/pytest -ra
 
 clean:
-	rm -rf $(VENV) state .pytest_cache
+	rm -rf $(VENV) state .pytest_cache build/ohif

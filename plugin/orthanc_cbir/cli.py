@@ -68,6 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_run_demo)
 
+    viewer = commands.add_parser(
+        "viewer",
+        help="serve the OHIF viewer with Orthanc behind it on one loopback origin",
+        description="Serves the prebuilt OHIF viewer (@ohif/app, fetched once with npm into --cache-dir and checked "
+        "against its pinned sha512) with a DICOMweb data source at /dicom-web on the same origin, and forwards "
+        "/dicom-web, /wado, /cbir, Orthanc Explorer (/app, /ui) and Orthanc's REST paths to --orthanc-url, adding "
+        "Orthanc's credentials (CBIR_ORTHANC_USERNAME / CBIR_ORTHANC_PASSWORD): whoever reaches the port uses "
+        "Orthanc, so keep it on loopback. Open http://HOST:PORT/viewer?StudyInstanceUIDs=UID.",
+    )
+    viewer.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    viewer.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
+    viewer.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
+    viewer.add_argument("--cache-dir", type=Path, default=None, help="where OHIF is kept (default: build/ohif)")
+    viewer.add_argument("--dist", type=Path, default=None, help="serve this OHIF dist folder instead (no fetch)")
+    viewer.add_argument("--fetch-only", action="store_true", help="fetch OHIF into --cache-dir if missing, then exit")
+    viewer.set_defaults(run=_run_viewer)
+
     index = commands.add_parser(
         "index",
         help="embed DICOM files and pictures and add them to the Redis index",
@@ -239,6 +256,26 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(state_dir=args.state, data_dir=args.data)
+
+
+def _run_viewer(args: argparse.Namespace) -> int:
+    from .viewer import DEFAULT_CACHE_DIR, OhifError, ensure_ohif, serve
+
+    try:
+        dist = args.dist or ensure_ohif(args.cache_dir or DEFAULT_CACHE_DIR)
+    except OhifError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.fetch_only:
+        print(f"OHIF viewer in {dist}")
+        return 0
+    if not (dist / "index.html").is_file():
+        print(f"error: {dist} has no index.html: not an OHIF dist folder", file=sys.stderr)
+        return 2
+    settings = load_settings(orthanc_url=args.orthanc_url)
+    serve(dist, settings.orthanc_url, host=args.host, port=args.port, username=settings.orthanc_username,
+          password=settings.orthanc_password)  # fmt: skip
+    return 0
 
 
 def _redis(url: str | None):

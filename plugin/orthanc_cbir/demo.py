@@ -5,7 +5,11 @@ It starts a private Redis, Orthanc (with this project's plugin) and one
 as a PACS would, waits until the worker has indexed (or rejected, with the
 reason) every stored instance, draws the pixel step's contact sheet, asks the
 plugin for the images most similar to the middle slice of the CT series, prints
-the ranked answer with the URLs, then stops what it started.
+the ranked answer, stores it as a "Similar cases" series in the CT's study, and
+serves OHIF in front of that Orthanc (``orthanc-cbir viewer``). It prints the
+OHIF URL of the CT study, where "Similar cases" sits beside the CT, and the
+results page; run from a terminal it keeps everything up until Ctrl-C, else it
+stops what it started.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from .dicom import Rejection, decode_instance
-from .local_services import REPO_ROOT, OrthancServer, RedisServer, WorkerProcess
+from .local_services import REPO_ROOT, OrthancServer, RedisServer, ServiceError, ViewerServer, WorkerProcess
 from .preview import PreviewEntry, render_sheet
 
 SHARED_DICOM = REPO_ROOT.parent / "shared" / "data" / "dicom"
@@ -43,7 +48,7 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
     indexed or rejected with a reason, and the query answered)."""
     files = _demo_files(data_dir)
     state_dir = state_dir.resolve()
-    for previous in ("orthanc", "redis", "worker"):  # a fresh archive each run: Orthanc announces only new instances
+    for previous in ("orthanc", "redis", "worker", "viewer"):  # a fresh archive each run: Orthanc announces only new instances
         shutil.rmtree(state_dir / previous, ignore_errors=True)
     print(f"demo: {len(files)} DICOM files, state in {state_dir}")
     with RedisServer(state_dir / "redis") as redis_server, OrthancServer(
@@ -62,7 +67,12 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
         for entry in orthanc.get_json("/cbir/rejected")["rejected"]:
             print(f"  rejected {entry['orthanc_id']}: {entry['reason']}: {entry['detail']}")
         draw_contact_sheet(orthanc, state_dir / "preview.png")
-        return similar_images_of_a_ct_slice(orthanc)
+        query = similar_images_of_a_ct_slice(orthanc)
+        if query is None:
+            return 1
+        if not store_similar_cases(orthanc, query):
+            return 1
+        return show_in_ohif(orthanc, query, state_dir / "viewer")
 
 
 def wait_until_indexed(orthanc: OrthancServer, stored: int, timeout_s: float) -> dict:
@@ -75,8 +85,9 @@ def wait_until_indexed(orthanc: OrthancServer, stored: int, timeout_s: float) ->
         time.sleep(0.5)
 
 
-def similar_images_of_a_ct_slice(orthanc: OrthancServer) -> int:
-    """Ask the plugin for the images most similar to the middle slice of the largest series."""
+def similar_images_of_a_ct_slice(orthanc: OrthancServer) -> str | None:
+    """Ask the plugin for the images most similar to the middle slice of the largest series;
+    returns that slice's Orthanc id (``None`` when the query failed)."""
     series = max(orthanc.get_json("/series?expand"), key=lambda s: len(s["Instances"]))
     instances = sorted(orthanc.get_json(f"/series/{series['ID']}/instances"),
                        key=lambda i: int(i["MainDicomTags"].get("InstanceNumber", 0) or 0))  # fmt: skip
@@ -86,7 +97,7 @@ def similar_images_of_a_ct_slice(orthanc: OrthancServer) -> int:
     status, body, _ = orthanc.request("GET", path)
     if status != 200:
         print(f"demo: GET {path} answered HTTP {status}: {body[:300]!r}")
-        return 1
+        return None
     answer = json.loads(body)
     print(f"demo: GET {path}  ({answer['strategy']} over {answer['index_size']} instances, {answer['elapsed_ms']} ms)")
     print(f"  query: {series['MainDicomTags'].get('SeriesDescription', '')} instance {number}  "
@@ -95,7 +106,47 @@ def similar_images_of_a_ct_slice(orthanc: OrthancServer) -> int:
         tags = orthanc.get_json(f"/instances/{hit['orthanc']['instance']}")["MainDicomTags"]
         print(f"  {hit['rank']}. distance {hit['distance']:.4f}  {hit['Modality']} {hit['SeriesDescription'] or ''} "
               f"instance {tags.get('InstanceNumber')}  {orthanc.url}{hit['thumbnail']}")  # fmt: skip
-    print("demo: done; everything it started is stopped (the URLs above lived while it ran).")
+    return middle["ID"]
+
+
+def store_similar_cases(orthanc: OrthancServer, query: str) -> bool:
+    """``POST /cbir/instances/{query}/similar/series``: the answer as a series in the query's study."""
+    path = f"/cbir/instances/{query}/similar/series"
+    started = time.monotonic()
+    status, body, _ = orthanc.request("POST", path, b"", headers={"X-Cbir-K": "8"}, timeout_s=150)
+    if status != 200:
+        print(f"demo: POST {path} answered HTTP {status}: {body[:300]!r}")
+        return False
+    made = json.loads(body)
+    print(f"demo: POST {path}: a \"{made['series']['SeriesDescription']}\" series of {made['series']['instances']} "
+          f"images in the query's study in {time.monotonic() - started:.1f} s"
+          f"{', with a key object selection' if made['kos'] else ''}")  # fmt: skip
+    return True
+
+
+def show_in_ohif(orthanc: OrthancServer, query: str, viewer_state: Path) -> int:
+    """Serve OHIF in front of this Orthanc and print where to look; from a terminal, wait for Ctrl-C."""
+    study = orthanc.get_json(f"/instances/{query}/study")["MainDicomTags"]["StudyInstanceUID"]
+    try:
+        viewer = ViewerServer(viewer_state, orthanc=orthanc).start()
+    except ServiceError as exc:
+        print(f"demo: no OHIF viewer ({exc})")
+        print(f"demo: results page {orthanc.url}/cbir/ui/instances/{query} (user {orthanc.username}, "
+              f"password {orthanc.password})")  # fmt: skip
+        return 0
+    try:
+        print(f"demo: OHIF, the CT study with its \"Similar cases\" series: {viewer.url}/viewer?StudyInstanceUIDs={study}")
+        print(f"demo: results page of the query slice: {viewer.url}/cbir/ui/instances/{query}")
+        if sys.stdin.isatty():
+            print("demo: press Ctrl-C to stop everything")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        viewer.stop()
+    print("demo: done; everything it started is stopped.")
     return 0
 
 

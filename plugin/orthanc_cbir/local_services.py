@@ -252,3 +252,49 @@ def _redis_answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+class ViewerServer(_Process):
+    """``orthanc-cbir viewer`` on a free loopback port: the OHIF viewer with one Orthanc behind
+    it on the same origin (see :mod:`orthanc_cbir.viewer`). It fetches nothing: the OHIF
+    ``dist`` folder (``dist``, default ``build/ohif``'s, made by ``make ohif``) must be there.
+
+    ``url`` + ``/viewer?StudyInstanceUIDs=UID`` opens a study; the proxy adds Orthanc's credentials.
+    """
+
+    name = "viewer"
+
+    def __init__(self, state_dir: Path, *, orthanc: OrthancServer, dist: Path | None = None, port: int | None = None):
+        super().__init__(state_dir)
+        self.orthanc = orthanc
+        self.dist = dist
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ViewerServer:
+        from .viewer import ohif_dist
+
+        dist = Path(self.dist or ohif_dist()).resolve()
+        if not (dist / "index.html").is_file():
+            raise ServiceError(f"no OHIF viewer in {dist}: run `make ohif` (orthanc-cbir viewer --fetch-only)")
+        environment = {"CBIR_ORTHANC_URL": self.orthanc.url, "CBIR_ORTHANC_USERNAME": self.orthanc.username,
+                       "CBIR_ORTHANC_PASSWORD": self.orthanc.password}  # fmt: skip
+        self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "viewer", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--dist", str(dist)], environment)  # fmt: skip
+        self._wait_until(self._answers, timeout_s)
+        return self
+
+    def _answers(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/app-config.js", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def __enter__(self) -> ViewerServer:
+        return self.start()

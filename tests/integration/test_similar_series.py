@@ -8,14 +8,16 @@ import io
 import json
 import shutil
 import subprocess
-import threading
+import time
 
 import numpy as np
 import pytest
 import redis
 import requests
 from dicomweb_client.api import DICOMwebClient
-from orthanc_cbir.config import load_settings
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
 from orthanc_cbir.dicom.similar_cases import (
     CAPTION_HEIGHT,
     IMAGE_SIZE,
@@ -23,16 +25,13 @@ from orthanc_cbir.dicom.similar_cases import (
     SERIES_DESCRIPTION,
 )
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
-from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import OrthancServer, RedisServer
 from orthanc_cbir.model.embedder import Embedder
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
+from tests.integration.workers import make_settings, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -41,32 +40,6 @@ QUERY_PATIENT = {"PatientName": "Query^Anna", "PatientID": "PID-A-0001", "Patien
 OTHER_PATIENT = {"PatientName": "Other^Bertha^Secret", "PatientID": "PID-B-SECRET-77", "PatientBirthDate": "19551224",
                  "AccessionNumber": "ACC-B-SECRET", "StudyID": "SID-B-9", "InstitutionName": "Hospital of Bertha",
                  "ReferringPhysicianName": "Doctor^Bertha", "StudyDescription": "BERTHA FOLLOW-UP"}  # fmt: skip
-
-
-def make_settings(redis_url: str, orthanc, **overrides):
-    return load_settings(env={}, redis_url=redis_url, orthanc_url=orthanc.url, orthanc_username=orthanc.auth[0],
-                         orthanc_password=orthanc.auth[1], **overrides)  # fmt: skip
-
-
-class RunningWorker:
-    def __init__(self, worker: Worker):
-        self.worker, self._stop = worker, threading.Event()
-        self._thread = threading.Thread(target=worker.run, args=(self._stop,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-def start_worker(orthanc, redis_url: str, embedder: Embedder, **settings_overrides) -> RunningWorker:
-    client = redis.Redis.from_url(redis_url)
-    settings = make_settings(redis_url, orthanc, **settings_overrides)
-    queue = IngestQueue(client, claim_idle_ms=1500)
-    return RunningWorker(Worker(queue, orthanc.client, IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
-                                batch_size=16, consumer="series-worker",
-                                series_maker=SimilarSeriesMaker(settings, orthanc.client, client, queue.keys),
-                                series_on_stable_study=settings.similar_series_on_stable_study))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +228,7 @@ def test_a_stable_study_gets_its_similar_cases_series_once(embedder, tmp_path):
             wait_until(lambda: all(similar_series(uid) for uid in studies), 90, "a Similar cases series in each study")
             # adding the series made each study stable again: that must not make a second one
             wait_until(lambda: orthanc.get_json("/cbir/status")["queued"] == 0, 30, "an empty queue", every_s=1)
-            threading.Event().wait(4)
+            time.sleep(4)
             assert [len(similar_series(uid)) for uid in studies] == [1, 1]
         finally:
             running.stop()

@@ -1,0 +1,105 @@
+"""Fetching the OHIF viewer (with a stand-in npm: no network) and its generated configuration."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from orthanc_cbir import viewer
+from orthanc_cbir.viewer import OhifError, app_config_js, ensure_ohif, ohif_dist, ohif_present, sri_sha512
+
+
+def test_sri_is_npms_integrity_format(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    # The published SRI of zero bytes.
+    assert (
+        sri_sha512(empty)
+        == "sha512-z4PhNX7vuL3xVChQ1m2AB9Yg5AULVxXcg/SpIdNs6c5H0NE8XYXysP+DGNKHfuwvY7kxvUdBeoGlODJ6+SfaPg=="
+    )
+
+
+def make_tarball(path: Path, members: dict[str, bytes], *, symlink: str | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o777
+            archive.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            archive.addfile(info)
+    return path
+
+
+def fake_npm(tmp_path: Path, tarball: Path) -> Path:
+    """An ``npm`` that 'packs' ``tarball`` into --pack-destination, and logs each call."""
+    script = tmp_path / "npm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path / "npm.calls"}
+while [ $# -gt 0 ]; do [ "$1" = "--pack-destination" ] && cp {tarball} "$2/"; shift; done
+echo '[]'
+""")
+    script.chmod(0o755)
+    return script
+
+
+GOOD = {"package/package.json": b"{}", "package/dist/index.html": b"<html>", "package/dist/sub/app.js": b"x"}
+
+
+def test_fetches_once_and_keeps_only_dist(tmp_path, monkeypatch):
+    tarball = make_tarball(tmp_path / "ohif-app.tgz", GOOD)
+    monkeypatch.setattr(viewer, "OHIF_INTEGRITY", sri_sha512(tarball))
+    npm = fake_npm(tmp_path, tarball)
+    cache = tmp_path / "cache"
+    dist = ensure_ohif(cache, npm=str(npm))
+    assert dist == ohif_dist(cache) and ohif_present(cache)
+    assert sorted(str(p.relative_to(dist)) for p in dist.rglob("*") if p.is_file()) == ["index.html", "sub/app.js"]
+    assert stat.S_IMODE((dist / "index.html").stat().st_mode) == 0o644
+    assert json.loads((dist.parent / ".complete").read_text())["files"] == 2
+    assert ensure_ohif(cache, npm=str(npm)) == dist
+    assert len((tmp_path / "npm.calls").read_text().splitlines()) == 1  # the second call fetched nothing
+    assert sorted(p.name for p in cache.iterdir()) == [dist.parent.name]  # no tarball or scratch left
+
+
+def test_refuses_a_tarball_that_is_not_the_pinned_one(tmp_path):
+    tarball = make_tarball(tmp_path / "ohif-app.tgz", GOOD)  # OHIF_INTEGRITY is the real package's
+    cache = tmp_path / "cache"
+    with pytest.raises(OhifError, match="expected the pinned"):
+        ensure_ohif(cache, npm=str(fake_npm(tmp_path, tarball)))
+    assert not ohif_present(cache) and list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "members, symlink",
+    [({**GOOD, "package/dist/../../evil": b"x"}, None), (GOOD, "package/dist/passwd")],
+    ids=["dot-dot", "symlink"],
+)
+def test_refuses_unsafe_members(tmp_path, monkeypatch, members, symlink):
+    tarball = make_tarball(tmp_path / "ohif-app.tgz", members, symlink=symlink)
+    monkeypatch.setattr(viewer, "OHIF_INTEGRITY", sri_sha512(tarball))
+    with pytest.raises(OhifError, match="unsafe|not a plain file"):
+        ensure_ohif(tmp_path / "cache", npm=str(fake_npm(tmp_path, tarball)))
+    assert not (tmp_path / "evil").exists()
+
+
+def test_missing_npm_is_a_clear_error(tmp_path):
+    with pytest.raises(OhifError, match="not found"):
+        ensure_ohif(tmp_path, npm="no-such-npm-here")
+
+
+def test_app_config_has_one_same_origin_dicomweb_source():
+    text = app_config_js()
+    config = json.loads(re.search(r"window\.config = (\{.*\});", text, re.DOTALL).group(1))
+    (source,) = config["dataSources"]
+    assert config["defaultDataSourceName"] == source["sourceName"] == "dicomweb"
+    assert source["namespace"] == "@ohif/extension-default.dataSourcesModule.dicomweb"
+    settings = source["configuration"]
+    assert settings["qidoRoot"] == settings["wadoRoot"] == settings["wadoUriRoot"] == "/dicom-web"
+    assert settings["imageRendering"] == settings["thumbnailRendering"] == "wadors"
