@@ -131,6 +131,22 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
     worker.set_defaults(run=_run_worker)
 
+    serve = commands.add_parser(
+        "serve",
+        help="the standalone server: DICOM SCP, HTTP API and STOW-RS, workers, without Orthanc",
+        description="One process: a C-STORE / C-ECHO SCP (CBIR_SCP_AET on CBIR_SCP_HOST:CBIR_SCP_PORT, calling AE "
+        "titles limited by CBIR_SCP_ALLOWED_AETS), the HTTP API of the Orthanc plugin plus STOW-RS at "
+        "/dicom-web/studies (CBIR_HTTP_HOST:CBIR_HTTP_PORT, OpenAPI at /docs, CBIR_HTTP_TOKEN or "
+        "CBIR_HTTP_USERNAME / CBIR_HTTP_PASSWORD), and worker threads. What is received is written to "
+        "CBIR_SPOOL_DIR before it is acknowledged, so a crash loses nothing acknowledged.",
+    )
+    serve.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    serve.add_argument("--spool", help="default: settings (CBIR_SPOOL_DIR)")
+    serve.add_argument("--dicom-port", type=int, help="default: settings (CBIR_SCP_PORT); 0 turns the SCP off")
+    serve.add_argument("--http-port", type=int, help="default: settings (CBIR_HTTP_PORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker threads in this process (default 1)")
+    serve.set_defaults(run=_run_serve)
+
     reconcile_parser = commands.add_parser(
         "reconcile",
         help="make the index agree with Orthanc: enqueue what is missing, drop what is gone",
@@ -141,6 +157,28 @@ def _parser() -> argparse.ArgumentParser:
     reconcile_parser.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
     reconcile_parser.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
     reconcile_parser.set_defaults(run=_run_reconcile)
+
+    backfill_parser = commands.add_parser(
+        "backfill",
+        help="index what any DICOMweb server holds and the index lacks (QIDO-RS + WADO-RS)",
+        description="Lists the studies of --dicomweb (QIDO-RS, paged; --since, --modality), then their instances, "
+        "retrieves each one not indexed under the current model and not rejected before (WADO-RS), and embeds and "
+        "indexes it; what cannot be used is recorded as rejected (key dicomweb:UID) with the reason. Studies done "
+        "are remembered in Redis, so a rerun after an interruption goes on where it stopped. Exit status: 0 done, "
+        "1 server unreachable / credentials refused / instances failed (rerun to resume), 2 bad arguments, "
+        "130 stopped by SIGINT/SIGTERM.",
+    )
+    backfill_parser.add_argument("--dicomweb", required=True, metavar="URL",
+                                 help="DICOMweb root, e.g. http://pacs:8042/dicom-web")  # fmt: skip
+    backfill_parser.add_argument("--since", metavar="DATE", help="only studies with StudyDate on or after YYYY-MM-DD")
+    backfill_parser.add_argument("--modality", metavar="CT,MR", help="only studies (and instances) of these modalities")
+    backfill_parser.add_argument("--username", help="HTTP basic user (password: --password or CBIR_DICOMWEB_PASSWORD)")
+    backfill_parser.add_argument("--password", help="prefer the CBIR_DICOMWEB_PASSWORD variable (ps shows arguments)")
+    backfill_parser.add_argument("--token", help="bearer token instead of basic (or CBIR_DICOMWEB_TOKEN)")
+    backfill_parser.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    backfill_parser.add_argument("--batch", type=int, default=32, help="instances embedded and written together")
+    backfill_parser.add_argument("--restart", action="store_true", help="forget which studies earlier runs finished")
+    backfill_parser.set_defaults(run=_run_backfill)
 
     recluster_parser = commands.add_parser(
         "recluster",
@@ -402,6 +440,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from .standalone import serve
+
+    settings = load_settings(redis_url=args.redis_url, spool_dir=args.spool, scp_port=args.dicom_port,
+                             http_port=args.http_port)  # fmt: skip
+    return serve(settings, workers=args.workers)
+
+
 def _run_reconcile(args: argparse.Namespace) -> int:
     from .index import IndexInfo, IndexStore
     from .ingest.orthanc_client import OrthancClient
@@ -415,6 +461,56 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     summary = reconcile(orthanc, IngestQueue(client), store)
     print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
           f"{summary.enqueued} sent to the workers; {summary.gone} gone from Orthanc, removal sent")  # fmt: skip
+    return 0
+
+
+def _run_backfill(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    import redis
+    from dicomweb_client.api import DICOMwebClient
+
+    from .index import IndexInfo, IndexStore
+    from .ingest.backfill import BackfillError, backfill, dicomweb_session, study_date_range
+    from .ingest.queue import IngestQueue
+
+    settings = load_settings(redis_url=args.redis_url)
+    token = args.token or os.environ.get("CBIR_DICOMWEB_TOKEN")
+    password = args.password or os.environ.get("CBIR_DICOMWEB_PASSWORD")
+    modalities = [m for m in (args.modality or "").split(",") if m.strip()] or None
+    try:
+        study_date_range(args.since)
+        client = DICOMwebClient(args.dicomweb, session=dicomweb_session(args.username, password, token))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    embedder = _embedder()
+    connection = _redis(settings.redis_url)
+    store = IndexStore(connection, IndexInfo.from_card(embedder.card))
+    try:
+        summary = backfill(client, store, IngestQueue(connection), embedder, since=args.since, modalities=modalities,
+                           batch_size=args.batch, frames_per_instance=settings.frames_per_instance,
+                           restart=args.restart, stop=stop)  # fmt: skip
+    except BackfillError as exc:
+        if exc.summary is not None and exc.summary.studies:  # what it did before it stopped
+            print(exc.summary.line())
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except redis.RedisError as exc:
+        print(f"error: Redis at {settings.redis_url.split('@')[-1]}: {exc}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    if summary.interrupted:
+        return 130
+    if summary.failed:
+        print(f"error: {summary.failed} instances could not be retrieved; run again to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -86,6 +86,38 @@ class Settings:
     """The OHIF viewer the results page links each hit's study to (empty: the page's own origin,
     as when ``orthanc-cbir viewer`` serves OHIF, Orthanc and the page together)."""
 
+    spool_dir: str = "spool"
+    """Standalone server (``orthanc-cbir serve``): where received instances wait, on disk, until a
+    worker has indexed them (workers of a standalone server must see this directory)."""
+
+    scp_aet: str = "CBIR"
+    """Standalone server: the DICOM AE title of its C-STORE SCP."""
+
+    scp_host: str = "127.0.0.1"
+    """Standalone server: the address its DICOM SCP listens on (``0.0.0.0`` for a PACS on the network)."""
+
+    scp_port: int = 11112
+    """Standalone server: the DICOM port (0 = no SCP)."""
+
+    scp_allowed_aets: str = ""
+    """Standalone server: calling AE titles allowed to associate, comma-separated (empty: any)."""
+
+    http_host: str = "127.0.0.1"
+    """Standalone server: the address its HTTP API listens on."""
+
+    http_port: int = 8043
+    """Standalone server: the HTTP port (routes as in Orthanc, OpenAPI at /docs, STOW-RS)."""
+
+    http_token: str = ""
+    """Standalone server: the bearer token clients send (``Authorization: Bearer ...``)."""
+
+    http_username: str = ""
+    """Standalone server: HTTP Basic user (with ``http_password``); empty with an empty token
+    means no authentication, which the server allows on loopback only."""
+
+    http_password: str = ""
+    """Standalone server: HTTP Basic password; prefer the CBIR_HTTP_PASSWORD variable."""
+
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
 

@@ -247,6 +247,57 @@ class WorkerProcess(_Process):
         return self.start()
 
 
+class StandaloneServer(_Process):
+    """An ``orthanc-cbir serve`` process (DICOM SCP, HTTP API, workers) on free loopback ports,
+    its spool in the state directory. ``token`` is the bearer token of its HTTP API."""
+
+    name = "serve"
+
+    def __init__(self, state_dir: Path, *, redis_url: str, aet: str = "CBIR", allowed_aets: str = "",
+                 workers: int = 1, dicom_port: int | None = None, http_port: int | None = None):  # fmt: skip
+        super().__init__(state_dir)
+        self.aet = aet
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
+        self.token = secrets.token_urlsafe(16)
+        self.workers = workers
+        self.spool_dir = self.state_dir / "spool"
+        self.environment = {"CBIR_REDIS_URL": redis_url, "CBIR_SPOOL_DIR": str(self.spool_dir), "CBIR_SCP_AET": aet,
+                            "CBIR_SCP_PORT": str(self.dicom_port), "CBIR_HTTP_PORT": str(self.http_port),
+                            "CBIR_HTTP_TOKEN": self.token, "CBIR_SCP_ALLOWED_AETS": allowed_aets}  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 60.0) -> StandaloneServer:
+        self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "serve", "--workers", str(self.workers)],
+                    self.environment)  # fmt: skip
+        self._wait_until(self._answers, timeout_s)
+        return self
+
+    def _answers(self) -> bool:
+        with socket.socket() as dicom:
+            dicom.settimeout(1)
+            if dicom.connect_ex(("127.0.0.1", self.dicom_port)) != 0:
+                return False
+        request = urllib.request.Request(self.url + "/cbir/status", headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash does (nothing is flushed, nothing is closed)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> StandaloneServer:
+        return self.start()
+
+
 def _redis_answers(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())

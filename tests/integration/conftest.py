@@ -1,14 +1,17 @@
 """Real services for the integration tests: a redis-server and an Orthanc (DICOMweb and
 Python plugins, this project's entry script) on free loopback ports in a temp dir.
-Both are stopped, and waited for, when the module's tests are done."""
+Both are stopped, and waited for, when the module's tests are done; ``client`` is a Redis
+connection to that server and ``embedder`` the shipped model."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+import redis
 
 from orthanc_cbir.local_services import ORTHANC_BINARY, OrthancServer, RedisServer
+from orthanc_cbir.model.embedder import Embedder
 
 MISSING = [tool for tool in ("redis-server", ORTHANC_BINARY, "storescu", "dcmsend") if not shutil.which(tool)]
 if MISSING:  # `make test` installs them; a bare `pytest` on another machine may not have them
@@ -25,3 +28,15 @@ def redis_server(tmp_path_factory):
 def orthanc(tmp_path_factory, redis_server):
     with OrthancServer(tmp_path_factory.mktemp("orthanc"), redis_url=redis_server.url) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def client(redis_server):
+    connection = redis.Redis.from_url(redis_server.url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder(batch_size=64)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
@@ -21,7 +20,6 @@ from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import WorkerProcess, cbir_environment
-from orthanc_cbir.model.embedder import Embedder
 from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
@@ -30,18 +28,6 @@ pytestmark = pytest.mark.integration
 
 SHARED_SERIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / (
     "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder(batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def client(redis_server):
-    connection = redis.Redis.from_url(redis_server.url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +215,8 @@ def test_similar_answers_as_qido_rs_to_a_dicomweb_client(orthanc, worker, store)
     ("/cbir/instances/1.2.3.4/similar?strategy=nearest", 400, "unknown strategy"),
     ("/cbir/instances/1.2.3.4/similar?age=old", 400, "age is MIN-MAX"),
     ("/cbir/instances/1.2.3.4/similar?colour=red", 400, "unknown parameter"),
+    ("/cbir/instances/1.2.3.4/similar?strategy=multilateral&weights=colour=1", 400, "unknown sub-code"),
+    ("/cbir/instances/1.2.3.4/similar?strategy=multilateral&weights=modality=nan", 400, "finite number"),
 ])  # fmt: skip
 def test_similar_route_answers_mistakes_with_a_message(orthanc, worker, path, code, message):
     status_code, body, _ = orthanc.request("GET", path)

@@ -27,7 +27,6 @@ from orthanc_cbir.dicom.similar_cases import (
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
 from orthanc_cbir.local_services import OrthancServer, RedisServer
-from orthanc_cbir.model.embedder import Embedder
 
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
@@ -40,11 +39,6 @@ QUERY_PATIENT = {"PatientName": "Query^Anna", "PatientID": "PID-A-0001", "Patien
 OTHER_PATIENT = {"PatientName": "Other^Bertha^Secret", "PatientID": "PID-B-SECRET-77", "PatientBirthDate": "19551224",
                  "AccessionNumber": "ACC-B-SECRET", "StudyID": "SID-B-9", "InstitutionName": "Hospital of Bertha",
                  "ReferringPhysicianName": "Doctor^Bertha", "StudyDescription": "BERTHA FOLLOW-UP"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder(batch_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,7 @@ class SimilarityService:
         try:
             filters = Filters.parse(f"{name}={parameters[name]}" for name in FILTER_PARAMETERS if name in parameters)
             weights = parse_weights(parameters.get("weights"))
+            self.store.info.layout.bit_weights(weights)  # names a sub-code the model has, or says which it has
             options = SearchOptions(parameters.get("strategy", self.settings.default_strategy), k=k + offset, filters=filters,
                                     level=parameters.get("level", default_level), weights=weights)  # fmt: skip
         except ValueError as exc:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import redis
 
 STORE = "store"
+STORE_FILE = "store-file"
+"""A file a standalone receiver (SCP, STOW-RS) left in the spool (:mod:`.spool`)."""
 DELETE = "delete"
 QUERY = "query"
 """A query image to embed for ``POST /cbir/query`` (Orthanc's process never runs the model)."""
@@ -37,10 +39,11 @@ class IngestEvent:
 
     entry_id: str
     action: str
-    """``store`` (index the instance), ``delete`` (drop it from the index), ``stable-study``,
-    or an interactive request: ``query``, ``similar-series``."""
+    """``store`` (index the instance), ``store-file`` (index a spool file), ``delete`` (drop it
+    from the index), ``stable-study``, or an interactive request: ``query``, ``similar-series``."""
     orthanc_id: str
-    """The instance (``store``, ``delete``), the study (``stable-study``) or the request id."""
+    """The instance (``store``, ``delete``), the spool file name (``store-file``), the study
+    (``stable-study``) or the request id."""
     deliveries: int = 1
     """How many times the entry was handed to a worker (> 1 after a claim)."""
 

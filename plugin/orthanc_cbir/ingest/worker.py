@@ -20,6 +20,7 @@ import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
@@ -34,11 +35,14 @@ from .queue import (
     QUERY,
     SIMILAR_SERIES,
     STABLE_STUDY,
+    STORE,
+    STORE_FILE,
     IngestEvent,
     IngestQueue,
     QueueKeys,
 )
 from .similar_series import SimilarSeriesError, SimilarSeriesMaker
+from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,11 @@ class Worker:
 
     def __init__(self, queue: IngestQueue, orthanc: OrthancClient, store: IndexStore, embedder: Embedder,
                  frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None,
-                 series_maker: SimilarSeriesMaker | None = None, series_on_stable_study: bool = False):  # fmt: skip
+                 series_maker: SimilarSeriesMaker | None = None, series_on_stable_study: bool = False,
+                 spool: Spool | None = None):  # fmt: skip
         """``series_maker`` answers ``similar-series`` requests (without it they get an error) and,
-        with ``series_on_stable_study``, makes the series of each stable study."""
+        with ``series_on_stable_study``, makes the series of each stable study; ``spool`` holds the
+        files of ``store-file`` entries (a standalone server's receivers)."""
         self.queue = queue
         self.orthanc = orthanc
         self.store = store
@@ -72,6 +78,7 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.series_maker = series_maker
         self.series_on_stable_study = series_on_stable_study
+        self.spool = spool
         self.totals: Counter = Counter()
 
     @classmethod
@@ -84,6 +91,7 @@ class Worker:
             settings.frames_per_instance, settings.worker_batch_size,
             series_maker=SimilarSeriesMaker(settings, orthanc, client, queue.keys),
             series_on_stable_study=settings.similar_series_on_stable_study,
+            spool=Spool(Path(settings.spool_dir), queue) if Path(settings.spool_dir).is_dir() else None,
         )  # fmt: skip
 
     def run_once(self, block_ms: int = 1000) -> BatchOutcome | None:
@@ -121,7 +129,7 @@ class Worker:
             if event.action == DELETE:
                 outcome.removed += self._remove(event.orthanc_id)
                 continue
-            data = self.orthanc.instance_file(event.orthanc_id)
+            data = self._read(event)
             if data is None:
                 outcome.gone += 1
                 continue
@@ -129,6 +137,8 @@ class Worker:
             if isinstance(result, Rejection):
                 uid = result.metadata.sop_instance_uid if result.metadata else None
                 self.queue.reject(event.orthanc_id, result.reason.value, result.detail, uid)
+                if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
+                    self.spool.set_aside(event.orthanc_id)
                 outcome.rejected += 1
                 continue
             if is_own_output(result.metadata):  # indexed, its copies of hits would answer every query
@@ -137,12 +147,16 @@ class Worker:
                 outcome.rejected += 1
                 continue
             decoded.append(result)
-            ids.append(self.orthanc.parents(event.orthanc_id))
+            ids.append(self.orthanc.parents(event.orthanc_id) if event.action == STORE else {})
         if decoded:
             added = self.store.add(embed_instances(self.embedder, decoded, ids))
             outcome.indexed, outcome.duplicates = added.added, added.duplicates
-            self.store.client.hset(self.queue.keys.orthanc_ids,
-                                   mapping={i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded)})  # fmt: skip
+            stored = {i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded) if i}
+            if stored:
+                self.store.client.hset(self.queue.keys.orthanc_ids, mapping=stored)
+        for event in events:  # indexed or rejected (its reason recorded): the spool's copy is done
+            if event.action == STORE_FILE and self.spool is not None:
+                self.spool.path(event.orthanc_id).unlink(missing_ok=True)
         for event in events:  # after the batch's instances are in the index: a stable study may be among them
             if event.action == SIMILAR_SERIES:
                 outcome.series += self._make_series(event.orthanc_id)
@@ -167,6 +181,16 @@ class Worker:
                      "patient_key": meta.patient_key, "study_instance_uid": meta.study_instance_uid,
                      "sop_instance_uid": meta.sop_instance_uid, "series_instance_uid": meta.series_instance_uid}  # fmt: skip
         self._reply(request, reply)
+
+    def _read(self, event: IngestEvent) -> bytes | None:
+        """The file of a ``store`` (from Orthanc) or ``store-file`` (from the spool) entry;
+        ``None`` when it is gone."""
+        if event.action == STORE_FILE:
+            if self.spool is None:
+                raise RuntimeError("a store-file entry reached a worker without a spool (set CBIR_SPOOL_DIR)")
+            path = self.spool.path(event.orthanc_id)
+            return path.read_bytes() if path.exists() else None
+        return self.orthanc.instance_file(event.orthanc_id)
 
     def _make_series(self, request: str) -> int:
         """Answer a ``similar-series`` request; 1 if a series was stored."""

@@ -10,6 +10,7 @@ before ranking, so no strategy can return a record that does not match.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
     """``modality=1,region=1,pathology=0`` -> per-sub-code weights for ``multilateral``.
 
     Raises:
-        ValueError: an item is not ``NAME=NUMBER``.
+        ValueError: an item is not ``NAME=NUMBER`` with a finite, non-negative number.
     """
     if not text:
         return None
@@ -131,7 +132,10 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
     for item in text.split(","):
         name, _, value = item.partition("=")
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
             raise ValueError(f"weights: {item!r} is not SUB=NUMBER") from None
+        if not math.isfinite(weight) or weight < 0:  # a NaN or negative weight makes distances meaningless
+            raise ValueError(f"weights: {item!r}: a weight is a finite number >= 0")
+        weights[name.strip()] = weight
     return weights

@@ -1,0 +1,138 @@
+"""Receiving and indexing speed: the standalone SCP (``orthanc-cbir serve``) beside Orthanc with
+the plugin, the same files pushed with storescu to each, in one run; and the standalone
+server's STOW-RS (dicomweb-client, 32 instances a request) with another copy of the files.
+
+    .venv/bin/python benchmarks/scp.py [--copies 4] [--workers 1]
+
+The files are the real 64-slice CT of ../shared/data, ``--copies`` times with new UIDs (so
+every copy is a new instance). For each receiver it prints instances/s received (storescu's
+push, from its start to its end: what the PACS sees) and instances/s indexed (from the
+push's start to the last instance in the index), with ``--workers`` worker threads for the
+standalone server and as many ``orthanc-cbir worker`` processes for Orthanc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugin"))
+from orthanc_cbir.local_services import (  # noqa: E402
+    OrthancServer,
+    RedisServer,
+    StandaloneServer,
+    WorkerProcess,
+)
+
+SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+
+
+def copies_of_series(files: list[Path], copies: int, out: Path) -> list[Path]:
+    """``copies`` studies of the series, each with its own study, series and instance UIDs."""
+    paths = []
+    for copy in range(copies):
+        study, series = generate_uid(), generate_uid()
+        for n, source in enumerate(files):
+            ds = dcmread(source)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            paths.append(out / f"c{copy:02d}_{n:03d}.dcm")
+            ds.save_as(paths[-1])
+    return paths
+
+
+def timed_push(files: list[Path], port: int, aet: str, indexed: Callable[[], int]) -> tuple[float, float]:
+    """(seconds storescu took, seconds from its start until ``indexed()`` reaches the file count)."""
+    started = time.monotonic()
+    subprocess.run(["storescu", "-aet", "BENCH_PACS", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    pushed = time.monotonic()
+    while indexed() < len(files):
+        if time.monotonic() - pushed > 600:
+            sys.exit("not indexed after 600 s")
+        time.sleep(0.05)
+    return pushed - started, time.monotonic() - started
+
+
+def timed_stow(files: list[Path], url: str, token: str, indexed: Callable[[], int]) -> tuple[float, float]:
+    """Like :func:`timed_push`, with STOW-RS requests of 32 instances each."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    client = DICOMwebClient(url=url + "/dicom-web", session=session)
+    datasets = [dcmread(path) for path in files]
+    before = indexed()
+    started = time.monotonic()
+    for start in range(0, len(datasets), 32):
+        client.store_instances(datasets[start:start + 32])
+    pushed = time.monotonic()
+    while indexed() < before + len(files):
+        if time.monotonic() - pushed > 600:
+            sys.exit("not indexed after 600 s")
+        time.sleep(0.05)
+    return pushed - started, time.monotonic() - started
+
+
+def get_json(url: str, headers: dict[str, str]) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+        return json.loads(response.read())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    series = sorted(SERIES.glob("*.dcm"))
+    if not series:
+        sys.exit(f"no series at {SERIES}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cbir-scp-") as scratch:
+        state = Path(scratch)
+        files = copies_of_series(series, args.copies, state)
+        (state / "stow").mkdir()
+        stow_files = copies_of_series(series, args.copies, state / "stow")
+        with ExitStack() as stack:
+            redis_server = stack.enter_context(RedisServer(state / "redis-standalone"))
+            server = stack.enter_context(StandaloneServer(state / "serve", redis_url=redis_server.url,
+                                                          workers=args.workers))  # fmt: skip
+            auth = {"Authorization": f"Bearer {server.token}"}
+            time.sleep(3)  # the workers load the model before the clock starts
+            def indexed() -> int:
+                return get_json(server.url + "/cbir/status", auth).get("indexed", 0)
+
+            results["standalone SCP (orthanc-cbir serve), storescu"] = timed_push(
+                files, server.dicom_port, server.aet, indexed)
+            results["standalone STOW-RS (orthanc-cbir serve), dicomweb-client"] = timed_stow(
+                stow_files, server.url, server.token, indexed)
+        with ExitStack() as stack:
+            redis_server = stack.enter_context(RedisServer(state / "redis-orthanc"))
+            orthanc = stack.enter_context(OrthancServer(state / "orthanc", redis_url=redis_server.url))
+            for n in range(args.workers):
+                stack.enter_context(WorkerProcess(state / f"worker{n}", redis_url=redis_server.url, orthanc=orthanc))
+            time.sleep(3)
+            results["Orthanc + plugin + worker, storescu"] = timed_push(
+                files, orthanc.dicom_port, orthanc.aet, lambda: orthanc.get_json("/cbir/status").get("indexed", 0))
+    print(f"{len(files)} CT instances (512x512, {args.copies} copies of the 64-slice series), storescu, "
+          f"{args.workers} worker(s):")
+    print("| receiver | received instances/s | indexed instances/s |\n|---|---:|---:|")
+    for name, (received, indexed) in results.items():
+        print(f"| {name} | {len(files) / received:.1f} | {len(files) / indexed:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""``orthanc-cbir backfill``: index what a DICOMweb server holds and the index lacks.
+
+Works against any DICOMweb server (Orthanc, dcm4chee, a cloud archive) through the
+``dicomweb-client`` package, without the Orthanc plugin or the workers:
+
+1. QIDO-RS lists the studies, page by page (``limit`` / ``offset``), filtered by
+   ``StudyDate`` (``since``, a ``YYYYMMDD-`` range) and ``ModalitiesInStudy`` (one
+   search per modality, merged);
+2. QIDO-RS lists each study's instances (paged too); an instance already in the
+   index of the current model, or rejected before, is skipped;
+3. WADO-RS retrieves each missing instance, which is decoded as every other entry
+   point decodes (:func:`orthanc_cbir.dicom.decode_dataset`), embedded in batches and
+   added to the index. An instance that cannot be used is recorded in the rejected
+   hash (key ``dicomweb:<SOPInstanceUID>``) with its reason, and the walk goes on.
+
+Resuming: the index itself says what is done, so a rerun retrieves only what is
+missing. Besides, a Redis hash (:func:`checkpoint_key`) remembers each study whose
+instances were all indexed or rejected, with its ``NumberOfStudyRelatedInstances``
+at the time, so a rerun does not list those again; a study whose instance count has
+changed since is walked again. ``restart=True`` clears the hash first.
+
+The server unreachable, the credentials refused, or failing repeatedly stop the run
+with a :class:`BackfillError` (what was indexed stays). Logs carry UIDs and counts,
+never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session_from_auth
+from tqdm import tqdm
+
+from ..dicom import Rejection, RejectionReason, decode_dataset
+from ..dicom.pixels import DecodedInstance
+from ..dicom.similar_cases import is_own_output
+from ..index import IndexStore
+from ..index.records import embed_instances
+from .queue import IngestQueue
+
+log = logging.getLogger(__name__)
+
+PAGE = 100
+"""QIDO-RS results asked for per request (studies, and instances of a study)."""
+REJECTED_PREFIX = "dicomweb:"
+"""Rejected-hash keys of this module: ``dicomweb:<SOPInstanceUID>``."""
+MAX_CONSECUTIVE_FAILURES = 10
+"""Retrievals failing in a row (HTTP 5xx) before the run stops: the server is in trouble."""
+
+_STUDY_UID, _SERIES_UID, _SOP_UID, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
+_STUDY_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
+
+
+class BackfillError(RuntimeError):
+    """The DICOMweb server cannot be used: unreachable, credentials refused, or failing.
+
+    The run stopped; what it indexed stays and the next run resumes. ``summary``
+    holds the counts up to that point."""
+
+    def __init__(self, message: str, summary: BackfillSummary | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class BackfillSummary:
+    """What one run did."""
+
+    model: str
+    """The model version, i.e. the index written to."""
+    studies: int = 0
+    """Studies the search returned (after the filters)."""
+    studies_done_earlier: int = 0
+    """Of those, studies the checkpoint said were complete: not listed again."""
+    instances: int = 0
+    """Instances listed in the studies walked (after the modality filter)."""
+    indexed: int = 0
+    """Instances retrieved, embedded and added by this run."""
+    already_indexed: int = 0
+    """Instances found in the index already (not retrieved)."""
+    rejected: int = 0
+    """Instances this run retrieved and recorded as rejected (see the rejected hash)."""
+    rejected_earlier: int = 0
+    """Instances skipped because an earlier run (or a worker) rejected them."""
+    failed: int = 0
+    """Instances whose retrieval failed (gone, or an HTTP error on that instance): not
+    recorded, so the next run tries them again."""
+    interrupted: bool = False
+    """The run stopped early (``stop`` set or ``max_instances`` reached); rerun to finish."""
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Every listed instance ended indexed or rejected."""
+        return not self.interrupted and not self.failed
+
+    @property
+    def instances_per_s(self) -> float:
+        """Instances retrieved (indexed or rejected) per second of the run."""
+        return (self.indexed + self.rejected) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        text = (f"backfill: {self.studies} studies, indexed {self.indexed}, already indexed {self.already_indexed}, "
+                f"rejected {self.rejected} (model {self.model})")  # fmt: skip
+        extra = [f"{n} {what}" for n, what in ((self.rejected_earlier, "rejected earlier"),
+                                               (self.studies_done_earlier, "studies done earlier (checkpoint)"),
+                                               (self.failed, "failed, retried next run")) if n]  # fmt: skip
+        if extra:
+            text += "; skipped " + ", ".join(extra)
+        text += f"; {self.seconds:.1f} s, {self.instances_per_s:.1f} instances/s"
+        return text + ("; INTERRUPTED: run again to resume" if self.interrupted else "")
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>`` on every request."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
+
+def dicomweb_session(username: str | None = None, password: str | None = None,
+                     token: str | None = None) -> requests.Session:  # fmt: skip
+    """A session for :class:`DICOMwebClient` (``session=``): HTTP basic with ``username`` /
+    ``password``, a bearer ``token``, or no authentication."""
+    if token and username:
+        raise ValueError("give a username and password, or a token, not both")
+    if token:
+        return create_session_from_auth(BearerAuth(token))
+    if username:
+        return create_session_from_auth(requests.auth.HTTPBasicAuth(username, password or ""))
+    return requests.Session()
+
+
+def study_date_range(since: date | str | None) -> str | None:
+    """``since`` (a date, ``YYYY-MM-DD`` or ``YYYYMMDD``) as the open DICOM range ``YYYYMMDD-``."""
+    if since is None or since == "":
+        return None
+    if isinstance(since, date):
+        return since.strftime("%Y%m%d") + "-"
+    digits = since.replace("-", "")
+    try:
+        if not re.fullmatch(r"\d{8}", digits):
+            raise ValueError("not 8 digits")
+        date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))  # a real day
+    except ValueError as exc:
+        raise ValueError(f"since {since!r}: give a date as YYYY-MM-DD or YYYYMMDD ({exc})") from None
+    return digits + "-"
+
+
+def public_url(url: str) -> str:
+    """``url`` without credentials (``user:password@``), as logs and Redis keys hold it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def checkpoint_key(url: str, store: IndexStore, queue: IngestQueue) -> str:
+    """The checkpoint hash of one server and one model version: StudyInstanceUID -> JSON
+    ``{"instances": NumberOfStudyRelatedInstances or null, "modalities": [...] or null (all), "at": time}``."""
+    return f"{queue.keys.prefix}:backfill:{store.info.version}:{public_url(url)}"
+
+
+def backfill(
+    client: DICOMwebClient,
+    store: IndexStore,
+    queue: IngestQueue,
+    embedder,
+    *,
+    since: date | str | None = None,
+    modalities: Sequence[str] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    frames_per_instance: int = 1,
+    restart: bool = False,
+    max_instances: int | None = None,
+    stop: threading.Event | None = None,
+) -> BackfillSummary:
+    """Index every instance the DICOMweb server behind ``client`` holds and ``store`` lacks.
+
+    ``since``: only studies with a StudyDate on or after it; ``modalities``: only studies
+    whose ModalitiesInStudy holds one of them, and of those only the instances of these
+    modalities. ``batch_size`` instances are embedded and written together; ``restart``
+    forgets the checkpoint; ``max_instances`` (trials, tests) and ``stop`` (a signal
+    handler) end the run early, after writing what was decoded (``interrupted`` is set).
+
+    Returns the counts of the run. Instances that cannot be used are recorded in
+    ``queue``'s rejected hash and counted, never raised.
+
+    Raises:
+        BackfillError: the server is unreachable, refuses the credentials, or fails
+            :data:`MAX_CONSECUTIVE_FAILURES` retrievals in a row.
+        ValueError: ``since`` is not a date.
+    """
+    started = time.monotonic()
+    url = public_url(client.base_url)
+    date_range = study_date_range(since)
+    wanted = {m.strip().upper() for m in modalities or () if m.strip()} or None
+    summary = BackfillSummary(model=store.info.version)
+    checkpoint = _Checkpoint(store.client, checkpoint_key(client.base_url, store, queue))
+    if restart:
+        checkpoint.clear()
+    done = checkpoint.load()
+    rejected_before = _rejected_uids(queue)
+    try:
+        studies = _list_studies(client, url, date_range, sorted(wanted) if wanted else None, summary)
+    except BackfillError:
+        summary.seconds = time.monotonic() - started
+        raise
+    summary.studies = len(studies)
+    log.info("backfill from %s: %d studies (since %s, modalities %s), model %s", url, len(studies),
+             date_range or "any date", ",".join(sorted(wanted)) if wanted else "all", store.info.version)  # fmt: skip
+    known_total = sum(count or 0 for _, count in studies)
+    bar = tqdm(total=known_total or None, desc="backfill", unit="instance", disable=not progress, dynamic_ncols=True)
+    batch: list[DecodedInstance] = []
+    completed: list[tuple[str, int | None]] = []  # studies walked: their instances are in ``batch`` or stored
+    retrieved = consecutive_failures = 0
+
+    def flush() -> None:
+        if batch:
+            added = store.add(embed_instances(embedder, batch))
+            summary.indexed += added.added
+            summary.already_indexed += added.duplicates
+            batch.clear()
+        for study_uid, count in completed:
+            checkpoint.done(study_uid, count, wanted, done.get(study_uid))
+        completed.clear()
+        bar.set_postfix(indexed=summary.indexed, rejected=summary.rejected, refresh=False)
+
+    def take(instance: _Listed) -> bool:
+        """Retrieve, decode and batch (or reject) one instance; False when its retrieval failed."""
+        nonlocal retrieved, consecutive_failures
+        if (stop is not None and stop.is_set()) or (max_instances is not None and retrieved >= max_instances):
+            summary.interrupted = True
+            raise _Interrupted
+        retrieved += 1
+        outcome = _retrieve(client, url, instance, frames_per_instance, summary)
+        if outcome is None:
+            summary.failed += 1
+            consecutive_failures += 1
+            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise BackfillError(f"{url}: {consecutive_failures} retrievals failed in a row; stopped "
+                                    "(rerun to resume)", summary)  # fmt: skip
+            return False
+        consecutive_failures = 0
+        if isinstance(outcome, DecodedInstance) and is_own_output(outcome.metadata):
+            reason, detail = "orthanc-cbir output", "a Similar cases image made by this service"  # as the worker
+        elif isinstance(outcome, Rejection):
+            reason, detail = outcome.reason.value, outcome.detail
+        else:
+            batch.append(outcome)
+            if len(batch) >= batch_size:
+                flush()
+            return True
+        queue.reject(REJECTED_PREFIX + instance.sop, reason, detail, instance.sop)
+        rejected_before.add(instance.sop)
+        summary.rejected += 1
+        return True
+
+    def walk() -> None:
+        for study_uid, count in studies:
+            if checkpoint.covers(done.get(study_uid), count, wanted):
+                summary.studies_done_earlier += 1
+                bar.update(count or 0)
+                continue
+            complete = True
+            for page in _instance_pages(client, url, study_uid, summary):
+                listed = [i for i in page if wanted is None or i.modality is None or i.modality in wanted]
+                summary.instances += len(listed)
+                if not known_total:
+                    bar.total = (bar.total or 0) + len(listed)
+                for instance, is_indexed in zip(listed, _indexed(store, [i.sop for i in listed])):
+                    if is_indexed:
+                        summary.already_indexed += 1
+                    elif instance.sop in rejected_before:
+                        summary.rejected_earlier += 1
+                    else:
+                        complete = take(instance) and complete
+                    bar.update(1)
+            if complete:
+                completed.append((study_uid, count))
+        flush()
+
+    try:
+        try:
+            walk()
+        except _Interrupted:
+            flush()
+        except BackfillError:
+            flush()  # keep what was decoded: the server failed, not Redis
+            raise
+    finally:
+        bar.close()
+        summary.seconds = time.monotonic() - started
+    log.debug("%s", summary.line())
+    return summary
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Listed:
+    study: str
+    series: str
+    sop: str
+    modality: str | None
+
+
+class _Checkpoint:
+    """The studies a run over this server walked completely (see :func:`checkpoint_key`)."""
+
+    def __init__(self, client, key: str):
+        self.client = client
+        self.key = key
+
+    def load(self) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.client.hscan_iter(self.key, count=1000)}
+
+    def clear(self) -> None:
+        self.client.delete(self.key)
+
+    @staticmethod
+    def covers(entry: dict | None, count: int | None, wanted: set[str] | None) -> bool:
+        """Whether a study done earlier needs no new walk: same instance count, and the
+        modalities walked then include those asked now."""
+        if entry is None or entry.get("instances") != count:
+            return False
+        walked = entry.get("modalities")
+        return walked is None or (wanted is not None and wanted <= set(walked))
+
+    def done(self, study: str, count: int | None, wanted: set[str] | None, before: dict | None) -> None:
+        modalities = None if wanted is None else set(wanted)
+        if modalities is not None and before and before.get("instances") == count:  # add to what was walked
+            modalities = None if before.get("modalities") is None else modalities | set(before["modalities"])
+        walked = None if modalities is None else sorted(modalities)
+        self.client.hset(self.key, study, json.dumps({"instances": count, "modalities": walked, "at": time.time()}))
+
+
+def _rejected_uids(queue: IngestQueue) -> set[str]:
+    """SOPInstanceUIDs rejected before, by a backfill (``dicomweb:`` keys) or by a worker."""
+    uids = set()
+    for key, entry in queue.rejected().items():
+        if key.startswith(REJECTED_PREFIX):
+            uids.add(key[len(REJECTED_PREFIX):])
+        elif entry.get("sop_instance_uid"):
+            uids.add(entry["sop_instance_uid"])
+    return uids
+
+
+def _indexed(store: IndexStore, uids: Sequence[str]) -> list[bool]:
+    pipe = store.client.pipeline(transaction=False)
+    for uid in uids:
+        pipe.hexists(store.keys.instance(uid), "row")
+    return [bool(x) for x in pipe.execute()] if uids else []
+
+
+def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, modalities: list[str] | None,
+                  summary: BackfillSummary) -> list[tuple[str, int | None]]:  # fmt: skip
+    """(StudyInstanceUID, NumberOfStudyRelatedInstances or None) of every matching study."""
+    filters = {"StudyDate": date_range} if date_range else {}
+    studies: dict[str, int | None] = {}
+    for modality in modalities or [None]:
+        query = {**filters, **({"ModalitiesInStudy": modality} if modality else {})}
+        for page in _pages(lambda limit, offset: client.search_for_studies(
+                limit=limit, offset=offset, fields=["NumberOfStudyRelatedInstances"], search_filters=query or None),
+                url, "the study search", summary):  # fmt: skip
+            for study in page:
+                uid = _value(study, _STUDY_UID)
+                if uid:
+                    count = _value(study, _STUDY_INSTANCES)
+                    studies[uid] = int(count) if count is not None else None
+    return list(studies.items())
+
+
+def _instance_pages(client: DICOMwebClient, url: str, study: str, summary: BackfillSummary) -> Iterator[list[_Listed]]:
+    for page in _pages(lambda limit, offset: client.search_for_instances(
+            study_instance_uid=study, limit=limit, offset=offset, fields=["SeriesInstanceUID", "Modality"]),
+            url, f"the instance search of study {study}", summary):  # fmt: skip
+        listed = []
+        for item in page:
+            sop, series = _value(item, _SOP_UID), _value(item, _SERIES_UID)
+            if sop and series:
+                modality = _value(item, _MODALITY)
+                listed.append(_Listed(study, series, sop, str(modality).upper() if modality else None))
+        yield listed
+
+
+def _pages(search, url: str, what: str, summary: BackfillSummary) -> Iterable[list[dict]]:
+    """QIDO-RS results page by page until an empty page (a server may cap a page below
+    the ``limit`` asked, so a short page does not mean the end)."""
+    offset = 0
+    while True:
+        try:
+            page = search(PAGE, offset)
+        except requests.RequestException as exc:
+            raise BackfillError(_describe(exc, url, what), summary) from None
+        if not page:
+            return
+        yield page
+        offset += len(page)
+
+
+def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int,
+              summary: BackfillSummary) -> DecodedInstance | Rejection | None:  # fmt: skip
+    """WADO-RS and decode: the decoded instance, a rejection, or ``None`` when this
+    instance could not be retrieved (gone, or an HTTP error on it alone)."""
+    try:
+        ds = client.retrieve_instance(instance.study, instance.series, instance.sop)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise BackfillError(_describe(exc, url, "a retrieval"), summary) from None
+        log.warning("instance %s: retrieval failed (HTTP %s); the next run retries it", instance.sop, status)
+        return None
+    except requests.RequestException as exc:
+        raise BackfillError(_describe(exc, url, "a retrieval"), summary) from None
+    except Exception as exc:  # the answer is not a DICOM file: the instance cannot be used
+        return Rejection(RejectionReason.NOT_DICOM, f"WADO-RS answer unreadable ({type(exc).__name__})")
+    with warnings.catch_warnings():  # pydicom's warnings quote values, names included
+        warnings.simplefilter("ignore")
+        try:
+            return decode_dataset(ds, max_frames=frames)
+        except Exception as exc:  # a decoder bug must not end the walk
+            return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"decoding failed ({type(exc).__name__})")
+
+
+def _describe(exc: requests.RequestException, url: str, what: str) -> str:
+    """A message for an operator: no credentials, no response bodies."""
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            return (f"{url} refused the credentials (HTTP {status}) on {what}: check --username/--password "
+                    "or --token")  # fmt: skip
+        return f"{url} answered HTTP {status} to {what}; stopped (rerun to resume)"
+    if isinstance(exc, requests.Timeout):
+        return f"{url} did not answer {what} in time; stopped (rerun to resume)"
+    return f"cannot reach the DICOMweb server {url} ({type(exc).__name__}); stopped (rerun to resume)"
+
+
+def _value(item: dict, tag: str):
+    """The first value of ``tag`` in a DICOM JSON object (``None`` when absent or empty)."""
+    values = (item.get(tag) or {}).get("Value") or []
+    return values[0] if values else None

@@ -1,0 +1,64 @@
+"""``orthanc-cbir serve``: the product without Orthanc, for an archive that cannot load a plugin.
+
+One process runs
+
+- the DICOM SCP (:class:`~orthanc_cbir.ingest.scp.StoreSCP`) on ``scp_host:scp_port``,
+- the HTTP API (:mod:`orthanc_cbir.api.http_server`: the routes Orthanc serves, STOW-RS,
+  OpenAPI) on ``http_host:http_port``,
+- ``workers`` worker threads that index what both receivers spool,
+
+and stops them all on SIGINT / SIGTERM. What was received and acknowledged but not yet
+indexed waits in ``spool_dir`` and is enqueued again at the next start. More
+``orthanc-cbir worker`` processes may share the work if they see the same spool directory
+(``CBIR_SPOOL_DIR``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import redis
+
+from .config import Settings
+from .ingest.queue import IngestQueue
+from .ingest.scp import StoreSCP
+from .ingest.spool import Spool
+from .ingest.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings, workers: int = 1) -> int:
+    """Run the standalone server until interrupted; returns the exit status."""
+    from .api.http_server import HttpServerThread, create_app
+
+    client = redis.Redis.from_url(settings.redis_url)
+    spool = Spool(Path(settings.spool_dir), IngestQueue(client))
+    recovered = spool.recover()
+    if recovered:
+        log.info("%d received instance(s) waiting in %s enqueued again", recovered, spool.directory)
+    app = create_app(settings, spool)  # refuses a non-loopback address without authentication
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    threads = [threading.Thread(target=Worker.from_settings(settings, client).run, args=(stop,),
+                                name=f"worker-{n}", daemon=True) for n in range(workers)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    allowed = tuple(aet.strip() for aet in settings.scp_allowed_aets.split(",") if aet.strip())
+    scp = StoreSCP(spool, settings.scp_aet, allowed).start(settings.scp_host, settings.scp_port) \
+        if settings.scp_port else None  # fmt: skip
+    http = HttpServerThread(app, settings.http_host, settings.http_port).start()
+    print(f"orthanc-cbir serve: DICOM {settings.scp_aet}@{settings.scp_host}:{settings.scp_port if scp else '(off)'}, "
+          f"HTTP http://{settings.http_host}:{settings.http_port} (OpenAPI at /docs), {workers} worker(s), "
+          f"spool {spool.directory}", flush=True)  # fmt: skip
+    stop.wait()  # until SIGTERM / SIGINT; then receivers first, so nothing is acknowledged that no one indexes
+    if scp is not None:
+        scp.stop()
+    http.stop()
+    for thread in threads:
+        thread.join(timeout=30)
+    return 0
