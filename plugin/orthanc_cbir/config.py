@@ -39,6 +39,13 @@ class Settings:
     """Frames of a multi-frame instance that become index entries, spread evenly
     (1 = the middle frame)."""
 
+    max_file_bytes: int = 2 * 2**30
+    """Largest DICOM file (or query upload) a worker decodes; a larger one is rejected as "too large"."""
+
+    max_pixels_per_frame: int = 64 * 2**20
+    """Largest frame (rows x columns x samples) a worker decodes; a larger one is rejected as "too
+    large" before its pixels are allocated. Which frames are decoded is ``frames_per_instance``."""
+
     model: str = str(DEFAULT_MODEL)
     """The ONNX retrieval model; its card (same name, .json) must sit beside it."""
 
@@ -68,6 +75,11 @@ class Settings:
 
     claim_after_s: float = 60.0
     """An entry a worker took but did not acknowledge for this long goes to another worker."""
+
+    enqueue_buffer_size: int = 100_000
+    """Orthanc plugin: changes (stored, deleted instances) kept in memory while Redis does not
+    answer, added to the ingest stream once it does; more are counted in Orthanc's log and left
+    to ``orthanc-cbir reconcile``, as is what is kept when Orthanc stops."""
 
     similar_series_on_stable_study: bool = False
     """Make a "Similar cases" series (and a key object selection) in every study once Orthanc

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -99,26 +101,30 @@ class RedisServer(_Process):
     """A redis-server bound to 127.0.0.1 on a free port.
 
     With ``persistent=False`` (tests) nothing is written to disk; otherwise the
-    data is kept as an append-only file in the state directory.
+    data is kept as an append-only file in the state directory. With ``password``
+    it runs with ``--requirepass`` and :attr:`url` carries the password.
     """
 
     name = "redis"
 
-    def __init__(self, state_dir: Path, *, port: int | None = None, persistent: bool = False):
+    def __init__(self, state_dir: Path, *, port: int | None = None, persistent: bool = False,
+                 password: str | None = None):  # fmt: skip
         super().__init__(state_dir)
         self.port = port or free_port()
         self.persistent = persistent
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         persistence = ["--appendonly", "yes"] if self.persistent else ["--appendonly", "no", "--save", ""]
         self._spawn(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state_dir),
-             "--protected-mode", "yes", *persistence]
+             "--protected-mode", "yes", *persistence, *(["--requirepass", self.password] if self.password else [])]
         )  # fmt: skip
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         self._wait_until(lambda: _redis_answers(client), timeout_s)

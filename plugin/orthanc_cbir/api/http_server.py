@@ -71,7 +71,7 @@ from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
 from . import routes
 from .orthanc_adapter import _parameters as parameters_with_headers
-from .similar import FILTER_PARAMETERS, LEVELS, MAX_QUERY_BYTES, SimilarityService
+from .similar import FILTER_PARAMETERS, LEVELS, MAX_PARAMETER_CHARS, MAX_QUERY_BYTES, SimilarityService
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def _sub_codes(settings: Settings) -> tuple[str, ...]:
 
 
 def _grammar(pattern: str) -> Any:
-    return Annotated[str, Query(min_length=1, pattern=pattern)]
+    return Annotated[str, Query(min_length=1, max_length=MAX_PARAMETER_CHARS, pattern=pattern)]
 
 
 _LIST = r"^{item}( *, *{item})*$"

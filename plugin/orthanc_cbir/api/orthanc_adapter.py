@@ -17,10 +17,12 @@ import redis
 
 from ..config import Settings, load_settings
 from ..dicom import looks_like_uid
+from ..ingest.change_log import ChangeCursor
+from ..ingest.enqueue_buffer import EnqueueBuffer
 from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
 from . import routes
 from .results_page import results_page
-from .similar import SimilarityService
+from .similar import SimilarityService, redis_unreachable
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -31,7 +33,11 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 def register(orthanc: Any, settings: Settings) -> None:
     """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
     queue = IngestQueue(redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2))
-    orthanc.RegisterOnChangeCallback(_on_change(orthanc, queue, settings.similar_series_on_stable_study))
+    buffer = EnqueueBuffer(queue, maxlen=settings.enqueue_buffer_size, log=orthanc.LogWarning)
+    cursor = ChangeCursor(lambda path: json.loads(orthanc.RestApiGet(path)), queue.client, buffer.enqueue,
+                          lambda: len(buffer), settings.similar_series_on_stable_study,
+                          key=f"{queue.keys.prefix}:orthanc-changes-seq", log=orthanc.LogWarning)  # fmt: skip
+    orthanc.RegisterOnChangeCallback(_on_change(orthanc, buffer, cursor, settings.similar_series_on_stable_study))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
     service: list[SimilarityService] = []  # made on first use: Redis may come up after Orthanc
 
@@ -102,19 +108,28 @@ def _parameters(request: dict[str, Any]) -> dict[str, str]:
     return parameters
 
 
-def _on_change(orthanc: Any, queue: IngestQueue, series_on_stable_study: bool) -> Callable[[Any, Any, str], None]:
-    """Orthanc runs change callbacks in order on one thread: this one only enqueues (one XADD)."""
+def _on_change(orthanc: Any, buffer: EnqueueBuffer, cursor: ChangeCursor,
+               series_on_stable_study: bool) -> Callable[[Any, Any, str], None]:  # fmt: skip
+    """Orthanc runs change callbacks in order on one thread: this one only enqueues (one XADD, or,
+    while Redis does not answer, an append to the bounded in-memory buffer that a thread flushes).
+    Orthanc drops the callbacks still queued when it stops: ``cursor`` replays them when it starts."""
 
     def on_change(change_type: Any, level: Any, resource_id: str) -> None:
-        try:
-            if change_type == orthanc.ChangeType.NEW_INSTANCE:
-                queue.enqueue(resource_id, STORE)
-            elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
-                queue.enqueue(resource_id, DELETE)
-            elif change_type == orthanc.ChangeType.STABLE_STUDY and series_on_stable_study:
-                queue.enqueue(resource_id, STABLE_STUDY)
-        except redis.RedisError as exc:  # Orthanc keeps the instance; `orthanc-cbir reconcile` catches up
-            orthanc.LogError(f"cbir: could not enqueue {resource_id}: {type(exc).__name__}: {exc}")
+        action = None
+        if change_type == orthanc.ChangeType.NEW_INSTANCE:
+            action = STORE
+        elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+            action = DELETE
+        elif change_type == orthanc.ChangeType.STABLE_STUDY and series_on_stable_study:
+            action = STABLE_STUDY
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            cursor.start()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            cursor.stop()
+            buffer.close()
+        if action is not None:
+            buffer.enqueue(resource_id, action)
+            cursor.handled(resource_id, action)
 
     return on_change
 
@@ -130,6 +145,9 @@ def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[
             return
         try:
             response = handler(request)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Orthanc still stores; the index waits
+            orthanc.LogWarning(f"cbir: {uri}: Redis does not answer: {type(exc).__name__}")
+            response = redis_unreachable(None, exc)
         except Exception as exc:  # the client gets a message, the log gets the trace
             orthanc.LogError(f"cbir: {uri} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             response = routes.Response.error(500, f"internal error ({type(exc).__name__}); see the Orthanc log")

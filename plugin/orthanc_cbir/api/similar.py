@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,10 +42,37 @@ QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
 SERIES_WAIT_S = 120
 """How long ``POST .../similar/series`` waits for a worker to fetch, draw and store the hits."""
+MAX_PARAMETER_CHARS = 1024
+"""Longest value of one parameter: a longer one (a 10 kB filter list) is a 400, not a search."""
 
 
 class BadRequest(ValueError):
     """A client's mistake: answered with 400 and the message."""
+
+
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+"""What a Redis that is down, restarting or too slow raises: the routes answer 503."""
+
+
+def redis_unreachable(redis_url: str | None, exc: BaseException) -> Response:
+    """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
+    where = ""
+    if redis_url:
+        parts = urllib.parse.urlsplit(redis_url)
+        where = f" at {parts.hostname or parts.path}" + (f":{parts.port}" if parts.port else "")
+    return Response.error(503, f"Redis{where} is unreachable: {type(exc).__name__}: {exc}; "
+                               "the index cannot answer now")  # fmt: skip
+
+
+def _answers_503_without_redis(route: Callable[..., Response]) -> Callable[..., Response]:
+    @functools.wraps(route)
+    def wrapped(self: SimilarityService, *args: Any, **kwargs: Any) -> Response:
+        try:
+            return route(self, *args, **kwargs)
+        except REDIS_UNREACHABLE as exc:
+            return redis_unreachable(self.settings.redis_url, exc)
+
+    return wrapped
 
 
 class SimilarityService:
@@ -63,6 +92,7 @@ class SimilarityService:
 
     # -- routes -----------------------------------------------------------------------------
 
+    @_answers_503_without_redis
     def similar(self, resource: str, identifier: str, parameters: Mapping[str, str]) -> Response:
         """``GET /cbir/{resource}/{identifier}/similar``."""
         try:
@@ -82,6 +112,7 @@ class SimilarityService:
         except BadRequest as exc:
             return Response.error(400, str(exc))
 
+    @_answers_503_without_redis
     def query_file(self, body: bytes, parameters: Mapping[str, str]) -> Response:
         """``POST /cbir/query``: a DICOM file, PNG or JPEG that need not be stored. A worker
         embeds it (the model never runs in Orthanc's process); the answer waits for it."""
@@ -107,6 +138,7 @@ class SimilarityService:
         with self._lock:
             return self._answer(query, options, offset, parameters)
 
+    @_answers_503_without_redis
     def similar_series(self, identifier: str, parameters: Mapping[str, str]) -> Response:
         """``POST /cbir/instances/{identifier}/similar/series``: a worker stores a "Similar cases"
         Secondary Capture series (and a key object selection when hits are in the query's study)
@@ -124,6 +156,7 @@ class SimilarityService:
             return Response.error(int(made.get("status", 400)), made["error"])
         return Response.json(made)
 
+    @_answers_503_without_redis
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
         entries = self.queue.rejected()
@@ -136,6 +169,9 @@ class SimilarityService:
                                      "fuzzymatching", *FILTER_PARAMETERS}  # fmt: skip
         if unknown:
             raise BadRequest(f"unknown parameter(s) {', '.join(sorted(unknown))}")
+        too_long = sorted(name for name, value in parameters.items() if len(value) > MAX_PARAMETER_CHARS)
+        if too_long:
+            raise BadRequest(f"parameter(s) {', '.join(too_long)} longer than {MAX_PARAMETER_CHARS} characters")
         if parameters.get("format", "json") not in ("json", "dicom+json"):
             raise BadRequest("format is json or dicom+json")
         try:

@@ -5,10 +5,12 @@ A caller hands over a file path or the bytes of a DICOM file and gets back eithe
 :class:`NormalisedImage` per selected frame: float32, one channel, values in 0..1,
 with the decisions that produced it) or a :class:`Rejection` with a
 :class:`RejectionReason` and a sentence that says what was wrong. Nothing raises on
-bad input.
+bad input, and nothing the size of a frame is allocated before the header has been
+checked against the limits (``max_file_bytes``, ``max_pixels_per_frame``) and the
+pixel data's length (tests/unit/test_bad_input.py fuzzes this).
 
 The grey value pipeline follows PS3.3 C.11 in the order a viewer applies it:
-decode (pydicom with pylibjpeg / GDCM; DCMTK when those refuse) -> colour to grey
+decode (pydicom with pylibjpeg; GDCM only where nothing else can; DCMTK when those refuse) -> colour to grey
 (palette and YBR through RGB to BT.601 luma) -> Modality LUT (rescale or LUT
 sequence, per-frame values for enhanced objects) -> VOI (LUT sequence, else the
 first window, else a modality default) -> MONOCHROME1 inversion.
@@ -35,6 +37,7 @@ from typing import BinaryIO, Union
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
@@ -46,6 +49,7 @@ from pydicom.pixels.processing import (
 )
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -66,6 +70,15 @@ class RejectionReason(str, enum.Enum):
     UNSUPPORTED_IMAGE = "unsupported image"
     NO_DECODER = "no decoder"
     CORRUPT_PIXEL_DATA = "corrupt pixel data"
+    TRUNCATED = "truncated"
+    TOO_LARGE = "too large"
+
+
+DEFAULT_MAX_FILE_BYTES = 2 * 2**30
+"""Largest file :func:`decode_instance` parses (``Settings.max_file_bytes``)."""
+DEFAULT_MAX_PIXELS_PER_FRAME = 64 * 2**20
+"""Largest frame (rows x columns x samples) it decodes (``Settings.max_pixels_per_frame``): the grey
+pipeline holds a few float64 copies of a frame, about 2 GiB at this size."""
 
 
 @dataclass(frozen=True)
@@ -149,35 +162,74 @@ def read_dataset(source: Source) -> Dataset:
         ds = pydicom.dcmread(source, force=True)
         if not _looks_like_dicom(ds):
             raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements")
+    if not (_looks_like_dicom(ds) or "DirectoryRecordSequence" in ds
+            or "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {})):  # fmt: skip
+        raise InvalidDicomError("a DICOM preamble followed by no recognisable DICOM elements")
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         _infer_transfer_syntax(ds)
     return ds
 
 
-def decode_instance(source: Source, *, max_frames: int = 1) -> DecodedInstance | Rejection:
-    """Decode a DICOM file into up to ``max_frames`` normalised images, or reject it."""
+def decode_instance(
+    source: Source,
+    *,
+    max_frames: int = 1,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME,
+) -> DecodedInstance | Rejection:
+    """Decode a DICOM file into up to ``max_frames`` normalised images, or reject it.
+
+    A file over ``max_file_bytes`` is refused before it is read, a frame over
+    ``max_pixels_per_frame`` (or whose pixel data is shorter than its attributes
+    declare) before anything the size of a frame is allocated.
+    """
+    size = _source_size(source)
+    if size is not None and size > max_file_bytes:
+        return Rejection(RejectionReason.TOO_LARGE, f"the file has {size} bytes, more than the {max_file_bytes} allowed")
     # pydicom warns about malformed values by quoting them, names included: such
     # text must not reach a log, and the outcome already says what matters.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             ds = read_dataset(source)
+        except MemoryError:
+            return Rejection(RejectionReason.TOO_LARGE, "the file does not fit in memory")
         except Exception as exc:  # any parse failure means the same thing to the caller
             return Rejection(RejectionReason.NOT_DICOM, _first_line(exc))
-        return decode_dataset(ds, max_frames=max_frames)
+        truncated = _truncated_element(ds)
+        if truncated:
+            return Rejection(RejectionReason.TRUNCATED, truncated, _metadata_or_none(ds))
+        return decode_dataset(ds, max_frames=max_frames, max_pixels_per_frame=max_pixels_per_frame)
 
 
-def decode_dataset(ds: Dataset, *, max_frames: int = 1) -> DecodedInstance | Rejection:
-    """Decode an already parsed dataset (see :func:`decode_instance`)."""
+def decode_dataset(
+    ds: Dataset, *, max_frames: int = 1, max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME
+) -> DecodedInstance | Rejection:
+    """Decode an already parsed dataset (see :func:`decode_instance`); never raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _decode_dataset(ds, max_frames, max_pixels_per_frame)
+        except MemoryError:
+            return Rejection(RejectionReason.TOO_LARGE, "a frame does not fit in memory", _metadata_or_none(ds))
+        except Exception as exc:  # a malformed value met where no rule above expected it
+            return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"malformed dataset: {type(exc).__name__}: "
+                                                                 f"{_first_line(exc)}", _metadata_or_none(ds))  # fmt: skip
+
+
+def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> DecodedInstance | Rejection:
     try:
         metadata = extract_metadata(ds)
     except Exception as exc:
         return Rejection(RejectionReason.NOT_DICOM, f"unreadable attributes: {_first_line(exc)}")
 
-    not_image = _not_an_image(ds)
+    try:  # raw elements are converted on first use: a malformed one raises here
+        not_image = _not_an_image(ds)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    except Exception as exc:
+        return Rejection(RejectionReason.NOT_DICOM, f"unreadable attributes: {_first_line(exc)}", metadata)
     if not_image:
         return Rejection(RejectionReason.NOT_AN_IMAGE, not_image, metadata)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in _GREY + _COLOUR + ("PALETTE COLOR",):
         return Rejection(
             RejectionReason.UNSUPPORTED_IMAGE,
@@ -189,6 +241,9 @@ def decode_dataset(ds: Dataset, *, max_frames: int = 1) -> DecodedInstance | Rej
             RejectionReason.UNSUPPORTED_IMAGE, "floating-point pixel data (e.g. a parametric map)", metadata
         )
 
+    bad_geometry = _geometry_problem(ds, metadata.number_of_frames, max_pixels_per_frame)
+    if bad_geometry:
+        return Rejection(bad_geometry[0], bad_geometry[1], metadata)
     frames = select_frames(metadata.number_of_frames, max_frames)
     pixel_source, decoder_note = ds, None
     images = []
@@ -227,6 +282,93 @@ def select_frames(number_of_frames: int, max_frames: int) -> list[int]:
     return [int((k + 0.5) * number_of_frames / max_frames) for k in range(max_frames)]
 
 
+def _source_size(source: Source) -> int | None:
+    """The size in bytes of a file, bytes or seekable file object; ``None`` when it cannot be told."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            return len(source)
+        if isinstance(source, memoryview):
+            return source.nbytes
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source)
+        if source.seekable():
+            here = source.tell()
+            end = source.seek(0, io.SEEK_END)
+            source.seek(here)
+            return end - here
+    except (OSError, ValueError, AttributeError):
+        return None  # read_dataset says what is wrong with it
+    return None
+
+
+def _truncated_element(ds: Dataset) -> str | None:
+    """Which top-level element ends before the length it declares (a cut file), or ``None``."""
+    for tag in list(ds.keys()):
+        raw = dict.get(ds._dict, tag)  # the element as read, not converted
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF and len(value) < length:
+            return f"the file ends inside element {tag}: {len(value)} of its {length} bytes are there"
+    return None
+
+
+def _metadata_or_none(ds: Dataset) -> InstanceMetadata | None:
+    try:
+        return extract_metadata(ds)
+    except Exception:
+        return None
+
+
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                    DeflatedExplicitVRLittleEndian)  # deflated: native once read  # fmt: skip
+
+
+def _geometry_problem(ds: Dataset, frames: int, max_pixels: int) -> tuple[RejectionReason, str] | None:
+    """Why the pixel attributes cannot describe the pixel data, checked before any decoder
+    allocates a frame: an absurd size, impossible bits, or less data than declared."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 0)
+    except Exception as exc:  # a value that is no number, or an element pydicom cannot convert
+        return RejectionReason.CORRUPT_PIXEL_DATA, f"unreadable image size: {_first_line(exc)}"
+    if rows < 1 or columns < 1:
+        return RejectionReason.CORRUPT_PIXEL_DATA, f"image size {rows} x {columns}"
+    if samples not in (1, 3):
+        return RejectionReason.CORRUPT_PIXEL_DATA, f"{samples} samples per pixel (1 or 3 expected)"
+    if bits != 1 and (bits < 8 or bits > 64 or bits % 8):
+        return RejectionReason.CORRUPT_PIXEL_DATA, f"bits allocated {bits} (1 or a multiple of 8 up to 64 expected)"
+    pixels = rows * columns * samples
+    if pixels > max_pixels:
+        return RejectionReason.TOO_LARGE, (f"a frame of {rows} x {columns} x {samples} samples is more than the "
+                                           f"{max_pixels} pixels allowed")  # fmt: skip
+    data = ds["PixelData"].value
+    length = len(data) if isinstance(data, (bytes, bytearray)) else 0
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax in _NATIVE_SYNTAXES:
+        if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+            pixels = pixels * 2 // 3  # two chroma samples shared by each pair of pixels
+        if frames * pixels * bits > 8 * length:  # 1-bit frames are packed back to back
+            declared = f"{frames} frames of " if frames > 1 else ""
+            return RejectionReason.CORRUPT_PIXEL_DATA, (f"pixel data has {length} bytes, shorter than the "
+                                                        f"{declared}{rows} x {columns} x {samples} x {bits} bits declared")  # fmt: skip
+    elif length and frames > 1:
+        try:
+            fragments = _count_fragments(data)
+        except Exception as exc:
+            return RejectionReason.CORRUPT_PIXEL_DATA, f"unreadable encapsulated pixel data: {_first_line(exc)}"
+        if frames > fragments:
+            return RejectionReason.CORRUPT_PIXEL_DATA, f"{frames} frames declared, {fragments} fragments present"
+    return None
+
+
+def _count_fragments(data: bytes) -> int:
+    """Fragments of encapsulated pixel data (a frame has at least one), without copying them."""
+    buffer = io.BytesIO(data)
+    parse_basic_offsets(buffer)
+    return parse_fragments(buffer)[0]
+
+
 class _DecodeFailure(Exception):
     def __init__(self, reason: RejectionReason, detail: str):
         super().__init__(detail)
@@ -245,12 +387,39 @@ def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str, str]:
         raise _DecodeFailure(
             RejectionReason.NO_DECODER, f"no installed decoder for {syntax.name}: {decoder.missing_dependencies}"
         )
-    try:
-        array, meta = decoder.as_array(ds, index=index, as_rgb=True)
-    except Exception as exc:  # every installed plugin refused: the message lists why
-        raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"{syntax.name}: {_first_line(exc)}")
+    refusals = []
+    for plugin in _plugins(decoder):
+        try:
+            array, meta = decoder.as_array(ds, index=index, as_rgb=True, decoding_plugin=plugin)
+            break
+        except MemoryError:
+            raise _DecodeFailure(RejectionReason.TOO_LARGE, f"{syntax.name}: a frame does not fit in memory")
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            # pylibjpeg-rle panics on some corrupt segments: pyo3's PanicException is a BaseException
+            refusals.append(f"{plugin}: {_first_line(exc)}" if plugin else _first_line(exc))
+    else:  # every plugin refused: the message lists why
+        raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"{syntax.name}: {'; '.join(refusals)}")
     photometric = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
     return array, photometric, f"decoder: pydicom ({syntax.name})"
+
+
+# pydicom's decoding plugins in the order they are tried. GDCM is left out where another plugin
+# can decode the syntax: on some corrupt JPEG 2000 streams it aborts the whole process (found by
+# fuzzing), which no ``except`` can catch; DCMTK, the fallback, runs in a subprocess.
+_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
+_ABORTS_ON_CORRUPT_DATA = ("gdcm",)
+
+
+def _plugins(decoder) -> list[str]:
+    """The plugins to try one by one (``[""]``, pydicom's choice, for native pixel data)."""
+    available = tuple(decoder.available_plugins)
+    if not available:
+        return [""]
+    ordered = [name for name in _PLUGIN_ORDER if name in available]
+    ordered += [name for name in available if name not in ordered and name not in _ABORTS_ON_CORRUPT_DATA]
+    return ordered or list(available)
 
 
 def _dcmtk_tool(ds: Dataset) -> str | None:
@@ -264,11 +433,20 @@ def _dcmtk_decompress(ds: Dataset) -> tuple[Dataset, str]:
     assert tool is not None
     with tempfile.TemporaryDirectory(prefix="cbir-dcmtk-") as tmp:
         src, dst = Path(tmp, "in.dcm"), Path(tmp, "out.dcm")
-        ds.save_as(src, enforce_file_format=True)
-        done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+        try:
+            ds.save_as(src, enforce_file_format=True)
+        except Exception as exc:  # a malformed element pydicom read but cannot write back
+            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"cannot hand the file to {tool}: {_first_line(exc)}")
+        try:
+            done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(exc)}")
         if done.returncode != 0 or not dst.exists():
             raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(done.stderr)}")
-        return pydicom.dcmread(dst), tool
+        try:
+            return pydicom.dcmread(dst), tool
+        except Exception as exc:
+            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"{tool} wrote an unreadable file: {_first_line(exc)}")
 
 
 def _to_grey(

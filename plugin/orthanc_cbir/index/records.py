@@ -9,16 +9,18 @@ the frame nearest to that mean (a code cannot be averaged).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from pydicom.uid import generate_uid
 
 from pathlib import Path
 
 from ..dicom import Rejection, RejectionReason, decode_instance
 from ..dicom.metadata import InstanceMetadata
-from ..dicom.pixels import DecodedInstance, NormalisedImage
+from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance, NormalisedImage
 from ..model.embedder import Embedder, Embeddings
 from ..model.preprocess import read_picture
 from .schema import IndexRecord
@@ -55,18 +57,33 @@ def decode_file(path: Path, max_frames: int = 1) -> DecodedInstance | Rejection:
     return _picture(path, str(path.resolve()))
 
 
-def decode_bytes(data: bytes, name: str, max_frames: int = 1) -> DecodedInstance | Rejection:
-    """The same for bytes (an upload): PNG and JPEG are told by their signature."""
+def decode_bytes(data: bytes, name: str, max_frames: int = 1, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME) -> DecodedInstance | Rejection:  # fmt: skip
+    """The same for bytes (an upload): PNG and JPEG are told by their signature. Never raises;
+    the limits are those of :func:`~orthanc_cbir.dicom.decode_instance`."""
+    if len(data) > max_file_bytes:
+        return Rejection(RejectionReason.TOO_LARGE, f"the file has {len(data)} bytes, more than the {max_file_bytes} allowed")
     if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
-        return _picture(data, name)
-    return decode_instance(data, max_frames=max_frames)
+        return _picture(data, name, max_pixels_per_frame)
+    return decode_instance(data, max_frames=max_frames, max_file_bytes=max_file_bytes,
+                           max_pixels_per_frame=max_pixels_per_frame)  # fmt: skip
 
 
-def _picture(source: Path | bytes, name: str) -> DecodedInstance | Rejection:
+def _picture(source: Path | bytes, name: str,
+             max_pixels: int = DEFAULT_MAX_PIXELS_PER_FRAME) -> DecodedInstance | Rejection:  # fmt: skip
     try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as picture:
+            width, height = picture.size  # from the header: nothing decoded yet
+        if width * height > max_pixels:
+            return Rejection(RejectionReason.TOO_LARGE, f"a picture of {width} x {height} is more than the "
+                                                        f"{max_pixels} pixels allowed")  # fmt: skip
         pixels = read_picture(source)
+    except (MemoryError, Image.DecompressionBombError):
+        return Rejection(RejectionReason.TOO_LARGE, "the picture does not fit in memory (or claims a size that would not)")
     except Exception as exc:  # whatever Pillow refuses is a picture we cannot use
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"unreadable picture ({type(exc).__name__})")
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"a picture of shape {pixels.shape} is not one grey image")
     return DecodedInstance(picture_metadata(name), 1, (NormalisedImage(pixels, 0, ()),))
 
 

@@ -22,8 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
+from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME
 from ..dicom.similar_cases import is_own_output
 from ..index import IndexInfo, IndexStore
 from ..index.records import decode_bytes, embed_instances
@@ -46,6 +49,9 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+"""What Redis or Orthanc down (or restarting) raises in a worker: it waits and goes on."""
+
 
 @dataclass
 class BatchOutcome:
@@ -65,7 +71,8 @@ class Worker:
     def __init__(self, queue: IngestQueue, orthanc: OrthancClient, store: IndexStore, embedder: Embedder,
                  frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None,
                  series_maker: SimilarSeriesMaker | None = None, series_on_stable_study: bool = False,
-                 spool: Spool | None = None):  # fmt: skip
+                 spool: Spool | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME):  # fmt: skip
         """``series_maker`` answers ``similar-series`` requests (without it they get an error) and,
         with ``series_on_stable_study``, makes the series of each stable study; ``spool`` holds the
         files of ``store-file`` entries (a standalone server's receivers)."""
@@ -79,6 +86,7 @@ class Worker:
         self.series_maker = series_maker
         self.series_on_stable_study = series_on_stable_study
         self.spool = spool
+        self.limits = {"max_file_bytes": max_file_bytes, "max_pixels_per_frame": max_pixels_per_frame}
         self.totals: Counter = Counter()
 
     @classmethod
@@ -92,6 +100,7 @@ class Worker:
             series_maker=SimilarSeriesMaker(settings, orthanc, client, queue.keys),
             series_on_stable_study=settings.similar_series_on_stable_study,
             spool=Spool(Path(settings.spool_dir), queue) if Path(settings.spool_dir).is_dir() else None,
+            max_file_bytes=settings.max_file_bytes, max_pixels_per_frame=settings.max_pixels_per_frame,
         )  # fmt: skip
 
     def run_once(self, block_ms: int = 1000) -> BatchOutcome | None:
@@ -109,11 +118,21 @@ class Worker:
         return outcome
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Process batches until ``stop`` is set (or forever)."""
+        """Process batches until ``stop`` is set (or forever). Redis or Orthanc not answering
+        (restarting) does not end the worker: it waits, 0.5 s doubling to 30 s, and goes on;
+        a batch it held stays pending and is claimed again after ``claim_after_s``."""
         stop = stop or threading.Event()
         log.info("worker %s: model %s, stream %s", self.consumer, self.store.info.version, self.queue.keys.stream)
+        backoff = 0.0
         while not stop.is_set():
-            self.run_once()
+            try:
+                self.run_once()
+                backoff = 0.0
+            except UNREACHABLE as exc:
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                log.warning("Redis or Orthanc does not answer (%s: %s); trying again in %.1f s",
+                            type(exc).__name__, exc, backoff)  # fmt: skip
+                stop.wait(backoff)
 
     def process(self, events: list[IngestEvent]) -> BatchOutcome:
         """Everything but the acknowledgement. Raises (and so leaves the batch pending) only
@@ -133,7 +152,7 @@ class Worker:
             if data is None:
                 outcome.gone += 1
                 continue
-            result = decode_instance(data, max_frames=self.frames_per_instance)
+            result = decode_instance(data, max_frames=self.frames_per_instance, **self.limits)
             if isinstance(result, Rejection):
                 uid = result.metadata.sop_instance_uid if result.metadata else None
                 self.queue.reject(event.orthanc_id, result.reason.value, result.detail, uid)
@@ -169,7 +188,7 @@ class Worker:
         data = self.store.client.getdel(self.queue.keys.query_body(request))
         if data is None:  # the route gave up waiting and its body expired
             return
-        result = decode_bytes(data, f"query-{request}", max_frames=self.frames_per_instance)
+        result = decode_bytes(data, f"query-{request}", max_frames=self.frames_per_instance, **self.limits)
         if isinstance(result, Rejection):
             reply = {"error": str(result)}
         else:
