@@ -20,14 +20,12 @@ from hypothesis import strategies as st
 from orthanc_cbir.api.http_server import HttpServerThread, create_app
 from orthanc_cbir.config import load_settings
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.spool import Spool
-from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import free_port
 from tests import dicom_factory as factory
 from tests.integration.pushing import wait_until
-from tests.integration.workers import RunningWorker
+from tests.integration.workers import start_spool_worker
 from tests.unit.test_bad_input import PICTURES, SEEDS, mutated
 
 pytestmark = pytest.mark.integration
@@ -52,10 +50,8 @@ def cbir_settings(redis_server, spool):
 def worker(client, embedder, spool, cbir_settings):
     """A standalone worker with the settings' limits; no Orthanc (port 9 is never asked)."""
     store = IndexStore(client, IndexInfo.from_card(embedder.card))
-    running = RunningWorker(Worker(IngestQueue(client, claim_idle_ms=1500), OrthancClient("http://127.0.0.1:9"), store,
-                                   embedder, batch_size=16, consumer="fuzz-worker", spool=spool,
-                                   max_file_bytes=cbir_settings.max_file_bytes,
-                                   max_pixels_per_frame=cbir_settings.max_pixels_per_frame))  # fmt: skip
+    running = start_spool_worker(client, store, embedder, spool, "fuzz-worker", max_file_bytes=cbir_settings.max_file_bytes,
+                                 max_pixels_per_frame=cbir_settings.max_pixels_per_frame)
     yield running
     running.stop()
 
@@ -131,6 +127,6 @@ def test_fuzz_query_bodies_never_get_a_server_error(server, http, worker, indexe
             assert len(payload["hits"]) <= int(k)
 
     post()
-    assert worker._thread.is_alive(), "the worker thread died"
+    assert worker.is_alive(), "the worker thread died"
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0, seen  # both outcomes were exercised
     print(f"query fuzz: answers by status {dict(sorted(seen.items()))}")

@@ -25,14 +25,12 @@ from pydicom import dcmread
 from orthanc_cbir.api.http_server import HttpServerThread, create_app
 from orthanc_cbir.config import load_settings
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.spool import Spool
-from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import free_port
 from tests import dicom_factory as factory
 from tests.integration.pushing import synthetic_series, wait_until
-from tests.integration.workers import RunningWorker
+from tests.integration.workers import start_spool_worker
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +55,7 @@ def settings(redis_server, spool):
 def worker(client, embedder, spool):
     """A standalone worker: ``store-file`` entries come from the spool; no Orthanc (port 9 is never asked)."""
     store = IndexStore(client, IndexInfo.from_card(embedder.card))
-    running = RunningWorker(Worker(IngestQueue(client, claim_idle_ms=1500), OrthancClient("http://127.0.0.1:9"), store,
-                                   embedder, batch_size=16, consumer="http-worker", spool=spool))  # fmt: skip
+    running = start_spool_worker(client, store, embedder, spool, "http-worker")
     yield running
     running.stop()
 

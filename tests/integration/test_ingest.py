@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from orthanc_cbir.local_services import WorkerProcess, cbir_environment
 from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
+from tests.integration.workers import WorkerThread
 
 pytestmark = pytest.mark.integration
 
@@ -35,31 +35,10 @@ def store(client, embedder):
     return IndexStore(client, IndexInfo.from_card(embedder.card))
 
 
-class WorkerThread:
-    """The test's worker, in a thread that a test can stop and start again."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.queue = worker.queue
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.worker.run, args=(self._stop,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def worker(orthanc, client, store, embedder):
     running = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), orthanc.client, store, embedder,
-                                  batch_size=16, consumer="test-worker"))  # fmt: skip
-    running.start()
+                                  batch_size=16, consumer="test-worker")).start()  # fmt: skip
     yield running
     running.stop()
 

@@ -14,15 +14,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.scp import StoreSCP
 from orthanc_cbir.ingest.spool import Spool
-from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.local_services import free_port
 from orthanc_cbir.model.embedder import Embedder
 from tests import dicom_factory as factory
 from tests.integration.pushing import synthetic_series, wait_until
+from tests.integration.workers import start_spool_worker
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +46,10 @@ def scp(spool):
 
 
 @pytest.fixture(scope="module")
-def worker(client, store, spool):
-    # no Orthanc here: store-file entries are read from the spool (the client is never called)
-    worker = Worker(IngestQueue(client, claim_idle_ms=1500), OrthancClient("http://127.0.0.1:9"), store,
-                    Embedder(batch_size=64), batch_size=16, consumer="scp-worker", spool=spool)  # fmt: skip
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    yield worker
-    stop.set()
-    thread.join(timeout=10)
+def worker(client, store, spool, embedder):
+    running = start_spool_worker(client, store, embedder, spool, "scp-worker")
+    yield running
+    running.stop()
 
 
 def storescu(scp, paths, calling: str = "TEST_PACS") -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ to resolve its ids). Routes:
   or as ``X-Cbir-*`` headers (as in Orthanc);
 - ``POST /dicom-web/studies[/{study}]``: STOW-RS (PS3.18 10.5). Each part is written to a file in
   the spool directory as it arrives (a request is never held whole in memory), read with pydicom,
-  and handed to :meth:`.Spool.accept_file` (durable and enqueued) before the answer names it in
+  and handed to :meth:`.Spool.accept_file` (synced and enqueued) before the answer names it in
   the ReferencedSOPSequence; a worker indexes it later (``GET /cbir/status``: ``spooled``).
 
 Every error is JSON ``{"error": message, "status": code}`` (unknown routes, 405, validation
@@ -70,8 +70,14 @@ from ..ingest.spool import Spool
 from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
 from . import routes
-from .orthanc_adapter import _parameters as parameters_with_headers
-from .similar import FILTER_PARAMETERS, LEVELS, MAX_PARAMETER_CHARS, MAX_QUERY_BYTES, SimilarityService
+from .similar import (
+    FILTER_PARAMETERS,
+    LEVELS,
+    MAX_PARAMETER_CHARS,
+    MAX_QUERY_BYTES,
+    SimilarityService,
+    request_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,6 @@ PROCESSING_FAILURE = 0x0110
 
 DICOM_JSON = "application/dicom+json"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)+$"
-_QIDO_LEVEL = {"studies": "study", "series": "series", "instances": "instance"}
 _REALM = "orthanc-cbir"
 
 
@@ -208,7 +213,7 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
             responses={200: _similar_content(), 404: _error_content(f"the {level} is not in the index"),
                        503: _error_content("Redis is unavailable")},
         )  # fmt: skip
-        for answer_level in _QIDO_LEVEL:
+        for answer_level in LEVELS:
             app.add_api_route(
                 f"/cbir/{resource}/{{uid}}/similar/{answer_level}",
                 _qido_route(services, resource, answer_level, qido_parameters, uid_parameter),
@@ -234,7 +239,7 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         body = await _read_body(request, max_query_bytes, "the query file")
         if isinstance(body, HttpResponse):
             return body
-        merged = parameters_with_headers({"get": parameters, "headers": dict(request.headers)})
+        merged = request_parameters(parameters, request.headers)
         return await run_in_threadpool(_call, lambda: services.similarity().query_file(body, merged))
 
     stow_openapi = {"requestBody": {"required": True, "content": {
@@ -300,7 +305,7 @@ def _similar_route(services: _Services, resource: str, depends: Any, uid_type: A
 def _qido_route(services: _Services, resource: str, answer_level: str, depends: Any,
                uid_type: Any) -> Callable[..., HttpResponse]:  # fmt: skip
     def qido(uid: uid_type, parameters: Annotated[dict[str, str], depends]) -> HttpResponse:
-        asked = {**parameters, "format": "dicom+json", "level": _QIDO_LEVEL[answer_level]}
+        asked = {**parameters, "format": "dicom+json", "level": LEVELS[answer_level]}
         return _call(lambda: services.similarity().similar(resource, uid, asked))
 
     qido.__name__ = f"similar_{resource}_{answer_level}"

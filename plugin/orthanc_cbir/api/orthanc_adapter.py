@@ -22,7 +22,7 @@ from ..ingest.enqueue_buffer import EnqueueBuffer
 from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
 from . import routes
 from .results_page import results_page
-from .similar import SimilarityService, redis_unreachable
+from .similar import LEVELS, SimilarityService, request_parameters
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -60,7 +60,7 @@ def register(orthanc: Any, settings: Settings) -> None:
                 return routes.Response(405, b"", headers={"Allow": "GET"})
             return similarity().similar_series(identifier, _parameters(request))
         return similarity().similar(resource, identifier, {**_parameters(request), "format": "dicom+json",
-                                                           "level": _QIDO_LEVEL[answer_level]})  # fmt: skip
+                                                           "level": LEVELS[answer_level]})  # fmt: skip
 
     _route(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)", ("GET", "POST"),
            qido_or_series)
@@ -68,7 +68,6 @@ def register(orthanc: Any, settings: Settings) -> None:
            lambda request: similarity().query_file(request.get("body") or b"", _parameters(request)))
 
 
-_QIDO_LEVEL = {"studies": "study", "series": "series", "instances": "instance"}
 _UID_TAG = {"instance": ("instances", "SOPInstanceUID"), "series": ("series", "SeriesInstanceUID"),
             "study": ("studies", "StudyInstanceUID")}  # fmt: skip
 
@@ -95,17 +94,8 @@ def _instance_id(orthanc: Any, identifier: str) -> str | None:
         return None
 
 
-PARAMETER_HEADER = "x-cbir-"
-"""Orthanc gives a plugin the query string of GET requests only: a POST passes its
-parameters as headers, ``X-Cbir-K: 5``, ``X-Cbir-Strategy: exact``, ``X-Cbir-Body-Part: CHEST``."""
-
-
 def _parameters(request: dict[str, Any]) -> dict[str, str]:
-    parameters = {str(k): str(v) for k, v in (request.get("get") or {}).items()}
-    for name, value in (request.get("headers") or {}).items():
-        if name.lower().startswith(PARAMETER_HEADER):
-            parameters[name.lower()[len(PARAMETER_HEADER):].replace("-", "_")] = str(value)
-    return parameters
+    return request_parameters(request.get("get") or {}, request.get("headers") or {})
 
 
 def _on_change(orthanc: Any, buffer: EnqueueBuffer, cursor: ChangeCursor,
@@ -145,9 +135,6 @@ def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[
             return
         try:
             response = handler(request)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Orthanc still stores; the index waits
-            orthanc.LogWarning(f"cbir: {uri}: Redis does not answer: {type(exc).__name__}")
-            response = redis_unreachable(None, exc)
         except Exception as exc:  # the client gets a message, the log gets the trace
             orthanc.LogError(f"cbir: {uri} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             response = routes.Response.error(500, f"internal error ({type(exc).__name__}); see the Orthanc log")

@@ -46,6 +46,24 @@ MAX_PARAMETER_CHARS = 1024
 """Longest value of one parameter: a longer one (a 10 kB filter list) is a 400, not a search."""
 
 
+PARAMETER_HEADER = "x-cbir-"
+"""Orthanc gives a plugin the query string of GET requests only: a POST may pass its parameters
+as headers, ``X-Cbir-K: 5``, ``X-Cbir-Strategy: exact``, ``X-Cbir-Body-Part: CHEST``."""
+
+
+def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, str]:
+    """A request's parameters as the routes take them: the query string, then ``X-Cbir-*`` headers.
+
+    >>> request_parameters({"k": "5"}, {"X-Cbir-Body-Part": "CHEST", "Accept": "*/*"})
+    {'k': '5', 'body_part': 'CHEST'}
+    """
+    parameters = {str(k): str(v) for k, v in query.items()}
+    for name, value in headers.items():
+        if name.lower().startswith(PARAMETER_HEADER):
+            parameters[name.lower()[len(PARAMETER_HEADER):].replace("-", "_")] = str(value)
+    return parameters
+
+
 class BadRequest(ValueError):
     """A client's mistake: answered with 400 and the message."""
 
@@ -54,13 +72,11 @@ REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 """What a Redis that is down, restarting or too slow raises: the routes answer 503."""
 
 
-def redis_unreachable(redis_url: str | None, exc: BaseException) -> Response:
+def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
-    where = ""
-    if redis_url:
-        parts = urllib.parse.urlsplit(redis_url)
-        where = f" at {parts.hostname or parts.path}" + (f":{parts.port}" if parts.port else "")
-    return Response.error(503, f"Redis{where} is unreachable: {type(exc).__name__}: {exc}; "
+    parts = urllib.parse.urlsplit(redis_url)
+    where = f"{parts.hostname or parts.path}" + (f":{parts.port}" if parts.port else "")
+    return Response.error(503, f"Redis at {where} is unreachable: {type(exc).__name__}: {exc}; "
                                "the index cannot answer now")  # fmt: skip
 
 

@@ -65,7 +65,12 @@ class SimilarCase:
 
 def is_own_output(metadata: InstanceMetadata) -> bool:
     """Whether an instance is one this module made (never indexed: it would answer queries with copies)."""
-    return metadata.manufacturer == MANUFACTURER and metadata.series_description in (SERIES_DESCRIPTION, KOS_DESCRIPTION)
+    return made_here(metadata.manufacturer, metadata.series_description)
+
+
+def made_here(manufacturer: str | None, series_description: str | None) -> bool:
+    """Whether a series with this Manufacturer and SeriesDescription is one this module made."""
+    return manufacturer == MANUFACTURER and series_description in (SERIES_DESCRIPTION, KOS_DESCRIPTION)
 
 
 def render_case(case: SimilarCase) -> np.ndarray:

@@ -28,11 +28,10 @@ from ..dicom import (
     read_dataset,
 )
 from ..dicom.similar_cases import (
-    KOS_DESCRIPTION,
-    MANUFACTURER,
     SERIES_DESCRIPTION,
     SimilarCase,
     key_object_selection,
+    made_here,
     secondary_capture_series,
 )
 from .orthanc_client import OrthancClient
@@ -164,7 +163,7 @@ def _same_patient(query: Dataset, hit: Dataset) -> bool:
 
 def _is_own_series(series: Mapping[str, Any]) -> bool:
     tags = series.get("MainDicomTags", {})
-    return tags.get("Manufacturer") == MANUFACTURER and tags.get("SeriesDescription") in (SERIES_DESCRIPTION, KOS_DESCRIPTION)
+    return made_here(tags.get("Manufacturer"), tags.get("SeriesDescription"))
 
 
 def _instance_order(instance: Mapping[str, Any]) -> tuple[int, str]:

@@ -13,12 +13,14 @@ be indexed is moved to ``rejected/`` beside its reason in the rejected list.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .queue import STORE_FILE, IngestQueue
 
@@ -45,29 +47,28 @@ class Spool:
 
     def accept(self, data: bytes, sop_instance_uid: str) -> Accepted:
         """Keep one received instance (a DICOM Part 10 file) and enqueue it; returns once both are durable."""
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-", delete=False) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return self.accept_file(Path(handle.name), sop_instance_uid)
+        return self._accept_stream(io.BytesIO(data), sop_instance_uid)
 
     def accept_copy(self, source: Path, sop_instance_uid: str) -> Accepted:
         """Like :meth:`accept` for a file elsewhere (pynetdicom's received dataset): copied in
         blocks, so a large file never sits in memory."""
-        with open(source, "rb") as reader, tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-",
-                                                                       delete=False) as handle:  # fmt: skip
-            shutil.copyfileobj(reader, handle, 1 << 20)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return self.accept_file(Path(handle.name), sop_instance_uid)
+        with open(source, "rb") as reader:
+            return self._accept_stream(reader, sop_instance_uid)
 
     def accept_file(self, path: Path, sop_instance_uid: str) -> Accepted:
-        """Like :meth:`accept` for a file already written and synced inside the spool directory:
-        it is renamed, not copied."""
+        """Like :meth:`accept` for a file already written inside the spool directory (a STOW-RS
+        part): it is synced and renamed, not copied."""
+        with open(path, "rb") as written:  # the bytes on disk before the name that makes them count
+            os.fsync(written.fileno())
         name = self.name_for(sop_instance_uid)
         os.replace(path, self.directory / name)
         _fsync_directory(self.directory)
         return Accepted(name, self.queue.enqueue(name, STORE_FILE))
+
+    def _accept_stream(self, reader: BinaryIO, sop_instance_uid: str) -> Accepted:
+        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-", delete=False) as handle:
+            shutil.copyfileobj(reader, handle, 1 << 20)
+        return self.accept_file(Path(handle.name), sop_instance_uid)
 
     def path(self, name: str) -> Path:
         """The file of a ``store-file`` entry (names never leave the spool directory)."""
