@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import redis
 
 from orthanc_cbir.index import IndexSnapshot, IndexStore
 from orthanc_cbir.index.hamming import MultiIndex, probe
@@ -18,6 +21,48 @@ def test_adding_an_instance_twice_indexes_it_once(store):
     again = store.add(records[:10] + make_records(5, seed=1))
     assert (again.added, again.duplicates) == (5, 10)
     assert store.count() == 35 and store.stats()["instances"] == 35
+
+
+def test_an_instance_twice_in_one_batch_is_added_once(store):
+    records = make_records(6)
+    result = store.add(records + records[:2])
+    assert (result.added, result.duplicates) == (6, 2)
+    assert store.count() == 6
+
+
+def test_a_batch_cut_off_mid_write_leaves_no_instance_that_looks_indexed(store, monkeypatch):
+    """A worker killed while writing never leaves a key that says "indexed" without its row
+    (the next worker would skip it as a duplicate and the instance would never be found)."""
+    records = make_records(8)
+    written = IndexStore._write_rows
+
+    def cut_off(self, pipe, new):
+        written(self, pipe, new)  # everything queued in the transaction, then the worker dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IndexStore, "_write_rows", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        store.add(records)
+    assert not any(store.contains(r.key) for r in records) and store.count() == 0
+    monkeypatch.undo()
+    assert store.add(records).added == 8 and store.count() == 8
+
+
+def test_workers_racing_on_the_same_instances_add_each_once(redis_url):
+    records = make_records(40)
+    stores = [IndexStore(redis.Redis.from_url(redis_url), make_info()) for _ in range(4)]
+    stores[0].client.flushdb()
+    results = []
+    threads = [threading.Thread(target=lambda s=s: results.extend(s.add(records[i::2] + records) for i in range(3)))
+               for s in stores]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r.added for r in results) == 40
+    rows = [stores[0].row(r.key) for r in records]
+    assert stores[0].count() == 40 and len(set(rows)) == 40
+    assert stores[0].sop_uids(rows) == [r.key for r in records]
 
 
 def test_removed_instance_leaves_count_and_snapshot(store):

@@ -4,9 +4,9 @@
 >>> store.add(records).added                                               # doctest: +SKIP
 128
 
-Writes for a batch go in one MULTI pipeline. Adding an instance that is
-already indexed is a no-op (``HSETNX`` on its key decides, so two workers
-racing on one instance add it once). Removing an instance clears its ``live``
+Writes for a batch go in one MULTI transaction. Adding an instance that is
+already indexed is a no-op (its key is watched, so two workers racing on one
+instance add it once). Removing an instance clears its ``live``
 attribute and its row mapping; its multi-index bucket entries stay behind and
 are skipped by every search until ``compact`` rewrites them.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
@@ -85,20 +86,36 @@ class IndexStore:
         self.multi_index = info.multi_index
 
     def add(self, records: Sequence[IndexRecord]) -> AddResult:
-        """Index the records not indexed yet; returns how many were added and skipped."""
+        """Index the records not indexed yet; returns how many were added and skipped.
+
+        All or nothing: an instance's key, its row and every column are written in one
+        transaction, so a worker killed mid-batch leaves no instance that looks indexed
+        but has no row. ``WATCH`` on the instances' keys makes two workers racing on one
+        instance add it once: the loser's transaction fails and it looks again."""
         if not records:
             return AddResult(0, 0)
         self._check(records)
         self._write_info()
         first = int(self.client.incrby(self.keys.next_row, len(records))) - len(records)
-        rows = np.arange(first, first + len(records), dtype=np.int64)
-        claim = self.client.pipeline(transaction=False)
-        for record, row in zip(records, rows):
-            claim.hsetnx(self.keys.instance(record.key), "row", int(row))
-        claimed = np.array(claim.execute(), dtype=bool)
-        new = [(record, int(row)) for record, row, mine in zip(records, rows, claimed) if mine]
-        if new:
-            self._write_rows(new)
+        rows = range(first, first + len(records))  # a duplicate's row stays a gap (no live attribute)
+        keys = [self.keys.instance(record.key) for record in records]
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*keys)
+                    look = self.client.pipeline(transaction=False)
+                    for key in keys:
+                        look.exists(key)
+                    seen = set()  # an instance twice in one batch is added once
+                    new = [(record, row) for record, row, there in zip(records, rows, look.execute())
+                           if not there and not (record.key in seen or seen.add(record.key))]  # fmt: skip
+                    pipe.multi()
+                    if new:
+                        self._write_rows(pipe, new)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
         return AddResult(added=len(new), duplicates=len(records) - len(new))
 
     def _check(self, records: Sequence[IndexRecord]) -> None:
@@ -116,9 +133,8 @@ class IndexStore:
                             "count": self.multi_index.count},
         }))  # fmt: skip
 
-    def _write_rows(self, new: list[tuple[IndexRecord, int]]) -> None:
+    def _write_rows(self, pipe, new: list[tuple[IndexRecord, int]]) -> None:
         heads = tuple(self.info.labels)
-        pipe = self.client.pipeline(transaction=True)
         columns = {
             "features": [np.asarray(record.features, FEATURE_DTYPE).tobytes() for record, _ in new],
             "codes": [np.asarray(record.code, np.uint8).tobytes() for record, _ in new],
@@ -132,7 +148,7 @@ class IndexStore:
                               b"".join(payloads[first:last]))  # fmt: skip
         for record, row in new:
             pipe.hset(self.keys.instance(record.key), mapping={
-                "metadata": json.dumps(record.metadata.to_json()),
+                "row": row, "metadata": json.dumps(record.metadata.to_json()),
                 "probabilities": json.dumps({h: np.round(p.astype(float), 5).tolist()
                                              for h, p in record.probabilities.items()}),
                 "orthanc": json.dumps(record.orthanc), "frame": record.frame, "indexed_at": time.time(),
@@ -142,7 +158,6 @@ class IndexStore:
             pipe.append(key, payload)
         for block in np.unique(rows // BLOCK_ROWS):
             pipe.hincrby(self.keys.generations, int(block), 1)
-        pipe.execute()
 
     def row(self, sop_instance_uid: str) -> int | None:
         """The instance's row in the column blocks (``None`` when it is not indexed)."""
