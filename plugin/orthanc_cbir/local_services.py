@@ -1,8 +1,10 @@
 """Start a private redis-server and Orthanc on free loopback ports, in a state directory.
 
 ``make demo`` and the integration tests use these; production runs the Debian
-services or the docker compose file instead. Both classes are context managers
-that stop what they started (and wait for it to exit) when the block ends::
+services or the docker compose file instead. :class:`RedisCluster` starts a
+several-master Redis Cluster the same way, for the cluster tests and benchmarks.
+All are context managers that stop what they started (and wait for it to exit)
+when the block ends::
 
     with RedisServer(state / "redis") as redis_server, \\
          OrthancServer(state / "orthanc", redis_url=redis_server.url) as orthanc:
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.cluster
 
 from .ingest.orthanc_client import OrthancClient
 
@@ -119,19 +122,190 @@ class RedisServer(_Process):
         credentials = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 20.0) -> RedisServer:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    def _arguments(self) -> list[str]:
+        """redis-server's command-line options, after the binary."""
         persistence = ["--appendonly", "yes"] if self.persistent else ["--appendonly", "no", "--save", ""]
-        self._spawn(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state_dir),
-             "--protected-mode", "yes", *persistence, *(["--requirepass", self.password] if self.password else [])]
-        )  # fmt: skip
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        self._wait_until(lambda: _redis_answers(client), timeout_s)
+        return ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state_dir), "--protected-mode",
+                "yes", *persistence, *(["--requirepass", self.password] if self.password else [])]  # fmt: skip
+
+    def start(self, timeout_s: float = 20.0) -> RedisServer:
+        self._launch()
+        self._wait_ready(timeout_s)
         return self
+
+    def _launch(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self._spawn([binary, *self._arguments()])
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            self._wait_until(lambda: _redis_answers(client), timeout_s)
+        finally:
+            client.close()
 
     def __enter__(self) -> RedisServer:
         return self.start()
+
+
+class _ClusterNode(RedisServer):
+    """One master of a :class:`RedisCluster`: a :class:`RedisServer` in cluster mode, its
+    cluster bus on ``bus_port`` and its ``nodes.conf`` in its own state directory."""
+
+    def __init__(self, state_dir: Path, *, port: int, bus_port: int, password: str | None):
+        super().__init__(state_dir, port=port, password=password)
+        self.bus_port = bus_port
+
+    def _arguments(self) -> list[str]:
+        return [*super()._arguments(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000", "--cluster-port", str(self.bus_port), "--cluster-announce-ip",
+                "127.0.0.1", *(["--masterauth", self.password] if self.password else [])]  # fmt: skip
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` redis-server masters (no replicas) on free 127.0.0.1
+    ports, node ``i`` in ``state_dir/node-i``, nothing persisted.
+
+    :meth:`start` forms the cluster with redis-py alone (no ``redis-cli``): the 16384 slots
+    split evenly by ``CLUSTER ADDSLOTSRANGE``, every node ``CLUSTER MEET``s the others, and it
+    returns once every node reports ``cluster_state:ok`` and knows all the others (about 2 s:
+    a master stays ``fail`` for 2 s after it starts). With ``password`` every node runs with
+    ``--requirepass``/``--masterauth`` and :attr:`url` carries it. A context manager like the
+    other services: the block gets the started cluster, and its end stops every node and
+    waits for it to exit::
+
+        with RedisCluster(tmp_path / "cluster") as cluster:
+            client = cluster.client()
+    """
+
+    name = "redis-cluster"
+
+    SLOTS = 16384
+
+    def __init__(self, state_dir: Path, *, masters: int = 3, password: str | None = None):
+        if masters < 1:
+            raise ValueError(f"a cluster needs at least one master, not {masters}")
+        self.state_dir = Path(state_dir)
+        self.password = password
+        ports = _distinct_free_ports(2 * masters)
+        self._nodes = [
+            _ClusterNode(self.state_dir / f"node-{i}", port=ports[2 * i], bus_port=ports[2 * i + 1], password=password)
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis://[:password@]127.0.0.1:<first node's port>``: a seed for
+        ``redis.cluster.RedisCluster.from_url``, which discovers the other nodes from it."""
+        credentials = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self._nodes[0].port}"
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every master, the first one first (the client ports, not the bus ports)."""
+        return [("127.0.0.1", node.port) for node in self._nodes]
+
+    @property
+    def node_urls(self) -> list[str]:
+        """A plain ``redis://`` URL per master, for ``redis.Redis.from_url`` (one node's keys only)."""
+        return [node.url for node in self._nodes]
+
+    def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
+        """A new cluster client of :attr:`url` (``kwargs`` go to ``from_url``); the caller closes it."""
+        return redis.cluster.RedisCluster.from_url(self.url, **kwargs)
+
+    def start(self, timeout_s: float = 30.0) -> RedisCluster:
+        """Start every node, assign the slots, introduce the nodes and wait until the cluster is
+        healthy; on failure stop what was started and raise :class:`ServiceError`."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            for node in self._nodes:  # all at once: each node stays cluster_state:fail for 2 s after it starts
+                node._launch()
+            for node in self._nodes:
+                node._wait_ready(max(deadline - time.monotonic(), 1.0))
+            self._form(deadline, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _form(self, deadline: float, timeout_s: float) -> None:
+        clients = [redis.Redis.from_url(url, socket_timeout=2, decode_responses=True) for url in self.node_urls]
+        try:
+            bounds = [i * self.SLOTS // len(clients) for i in range(len(clients) + 1)]
+            for i, client in enumerate(clients):
+                client.execute_command("CLUSTER ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+                client.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)  # distinct epochs, as redis-cli sets them
+            # Every pair meets (gossip alone may take seconds to introduce a third node), and MEET
+            # names the bus port, which it would otherwise take to be the port + 10000.
+            for i, client in enumerate(clients):
+                for earlier in self._nodes[:i]:
+                    client.execute_command("CLUSTER MEET", "127.0.0.1", earlier.port, earlier.bus_port)
+            problems = ["not asked yet"]
+            while time.monotonic() < deadline:
+                for node in self._nodes:
+                    if node.process is not None and node.process.poll() is not None:
+                        raise ServiceError(f"cluster node {node.port} exited with {node.process.returncode}\n"
+                                           f"{self.log_tail()}")  # fmt: skip
+                problems = [problem for client, node in zip(clients, self._nodes)
+                            if (problem := self._unhealthy(client, node))]  # fmt: skip
+                if not problems:
+                    return
+                time.sleep(0.1)
+            raise ServiceError(f"{self.name} not ready after {timeout_s:.0f} s: {'; '.join(problems)}\n"
+                               f"{self.log_tail()}")  # fmt: skip
+        finally:
+            for client in clients:
+                client.close()
+
+    def _unhealthy(self, client: redis.Redis, node: _ClusterNode) -> str | None:
+        """Why ``node`` does not yet see a healthy cluster of all the nodes, or None if it does."""
+        try:
+            info = client.execute_command("CLUSTER INFO")
+            known = client.execute_command("CLUSTER NODES")
+        except redis.RedisError as error:
+            return f"node {node.port}: {error}"
+        if info.get("cluster_state") != "ok":
+            return f"node {node.port}: cluster_state {info.get('cluster_state')}"
+        expected = {f"{host}:{port}" for host, port in self.nodes}
+        if int(info.get("cluster_known_nodes", 0)) != len(self._nodes) or set(known) != expected:
+            return f"node {node.port} knows {sorted(known)}, not {sorted(expected)}"
+        for address, peer in known.items():
+            if not peer["connected"] or {"handshake", "fail", "fail?", "noaddr"} & set(peer["flags"].split(",")):
+                return f"node {node.port} sees {address} as {peer['flags']}"
+        return None
+
+    def log_tail(self, lines: int = 10) -> str:
+        """The last lines of every node's log, each under its port."""
+        return "\n".join(f"--- node {node.port} ---\n{node.log_tail(lines)}" for node in self._nodes)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop every node and wait for it to exit (kill one that will not)."""
+        running = [node.process for node in self._nodes if node.process is not None and node.process.poll() is None]
+        for process in running:  # all at once, then wait for each
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    """``count`` different ports that :func:`free_port` found free."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 class OrthancServer(_Process):
