@@ -316,10 +316,20 @@ def _run_viewer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redis(url: str | None):
-    import redis
+def _redis(url: str | None, cluster: bool | None = None):
+    """A client of ``url`` (default: the settings'); a cluster client when ``cluster`` or the
+    settings say so."""
+    from .redis_client import connect
 
-    return redis.Redis.from_url(url or load_settings().redis_url)
+    settings = load_settings()
+    return connect(url or settings.redis_url, cluster=settings.redis_cluster if cluster is None else cluster)
+
+
+def _store(client, info):
+    """The index of ``info``'s model version, with the settings' shard count."""
+    from .index import IndexStore
+
+    return IndexStore(client, info, shards=load_settings().index_shards)
 
 
 def _embedder():
@@ -334,12 +344,12 @@ def _run_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .dicom import Rejection
-    from .index import IndexInfo, IndexStore
+    from .index import IndexInfo
     from .index.records import decode_file, embed_instances
 
     settings = load_settings(frames_per_instance=args.frames)
     embedder = _embedder()
-    store = IndexStore(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
+    store = _store(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
     counts: Counter = Counter()
     rejected: Counter = Counter()
     batch: list = []
@@ -375,7 +385,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
     from .api.similar import hit_json
     from .dicom import Rejection
-    from .index import IndexInfo, IndexStore
+    from .index import IndexInfo
     from .index.records import decode_file, embed_instances
     from .search import Filters, Query, QueryContext, Searcher, SearchOptions
     from .search.filters import parse_weights
@@ -388,7 +398,7 @@ def _run_query(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     embedder = _embedder()
-    store = IndexStore(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
+    store = _store(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
     searcher = Searcher(store)
     if args.uid:
         row = store.row(args.uid)
@@ -456,7 +466,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
 
     settings = load_settings(redis_url=args.redis_url, orthanc_url=args.orthanc_url)
     client = _redis(settings.redis_url)
-    store = IndexStore(client, IndexInfo.for_model(settings.model))
+    store = IndexStore(client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
     orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
     summary = reconcile(orthanc, IngestQueue(client), store)
     print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
@@ -492,7 +502,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
         signal.signal(signal_number, lambda *_: stop.set())
     embedder = _embedder()
     connection = _redis(settings.redis_url)
-    store = IndexStore(connection, IndexInfo.from_card(embedder.card))
+    store = IndexStore(connection, IndexInfo.from_card(embedder.card), shards=settings.index_shards)
     try:
         summary = backfill(client, store, IngestQueue(connection), embedder, since=args.since, modalities=modalities,
                            batch_size=args.batch, frames_per_instance=settings.frames_per_instance,
@@ -515,10 +525,10 @@ def _run_backfill(args: argparse.Namespace) -> int:
 
 
 def _run_recluster(args: argparse.Namespace) -> int:
-    from .index import IndexInfo, IndexStore
+    from .index import IndexInfo
     from .search.clustering import recluster
 
-    store = IndexStore(_redis(args.redis_url), IndexInfo.for_model(load_settings().model))
+    store = _store(_redis(args.redis_url), IndexInfo.for_model(load_settings().model))
     summary = recluster(store, args.neighbours, args.resolution)
     print(f"{summary.instances} instances in {summary.clusters} clusters (largest {summary.largest}, modularity "
           f"{summary.modularity}) in {summary.seconds} s")  # fmt: skip
@@ -562,7 +572,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cbir-evaluate-") as scratch:
         server = None if args.redis_url else RedisServer(Path(scratch)).start()
         try:
-            client = _redis(args.redis_url or server.url)
+            client = _redis(args.redis_url) if args.redis_url else _redis(server.url, cluster=False)
             summary, reports = evaluate(client, embedder, gallery, queries, strategies, k=args.k, copies=copies)
             write_report(args.report, summary, reports, gallery, queries, command)
             if args.pneumonia:

@@ -35,6 +35,15 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis that holds the index, the ingest stream and the rejected list."""
 
+    redis_cluster: bool = False
+    """``redis_url`` names a node of a Redis Cluster: the client finds the others and sends each
+    key to the master that owns it (:mod:`orthanc_cbir.redis_client`)."""
+
+    index_shards: int = 1
+    """Shards of the index (``cbir:{<version>#<shard>}`` key spaces; on a cluster, each one's keys
+    live on one master). The index records the number when it is first written; a process
+    told another one refuses to start on it, so every process must say the same."""
+
     frames_per_instance: int = 1
     """Frames of a multi-frame instance that become index entries, spread evenly
     (1 = the middle frame)."""

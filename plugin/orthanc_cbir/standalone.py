@@ -20,13 +20,12 @@ import signal
 import threading
 from pathlib import Path
 
-import redis
-
 from .config import Settings
 from .ingest.queue import IngestQueue
 from .ingest.scp import StoreSCP
 from .ingest.spool import Spool
 from .ingest.worker import Worker
+from .redis_client import client_for
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
     """Run the standalone server until interrupted; returns the exit status."""
     from .api.http_server import HttpServerThread, create_app
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = client_for(settings)
     spool = Spool(Path(settings.spool_dir), IngestQueue(client))
     recovered = spool.recover()
     if recovered:

@@ -8,6 +8,7 @@ import datetime as dt
 import numpy as np
 import pytest
 
+from orthanc_cbir.index.schema import quantize
 from orthanc_cbir.model.codes import hamming_distances, weighted_hamming_distances
 from orthanc_cbir.search import STRATEGIES, Filters, Query, QueryContext, Searcher, SearchOptions
 from orthanc_cbir.search.clustering import recluster
@@ -26,9 +27,17 @@ def as_query(record, **context) -> Query:
     return Query(record.features, record.code, record.probabilities, QueryContext(**context))
 
 
+def distances(records, query_features, stored=True):
+    """Feature distances to the query: of the stored (int8, dequantized) or of the float32 features."""
+    features = np.stack([r.features for r in records])
+    if stored:
+        quantized, scales = quantize(features)
+        features = quantized * scales[:, None]
+    return np.sqrt(np.maximum(2 - 2 * features @ query_features, 0))
+
+
 def brute_force(records, query_features, k):
-    features = np.stack([r.features for r in records]).astype(np.float16).astype(np.float32)
-    order = np.argsort(np.sqrt(np.maximum(2 - 2 * features @ query_features, 0)), kind="stable")
+    order = np.argsort(distances(records, query_features), kind="stable")
     return [records[i].key for i in order[:k]]
 
 
@@ -39,6 +48,21 @@ def test_exact_is_the_brute_force_ranking(indexed):
     assert result.sop_instance_uids == brute_force(records, query.features, 15)
     assert result.candidates == 600 and result.candidate_fraction == 1.0
     assert [h.rank for h in result.hits] == list(range(1, 16))
+
+
+def test_exact_is_the_float32_brute_force_but_for_ties_within_quantisation_error(indexed):
+    _, records, searcher = indexed
+    tolerance = 0.02  # how far int8 storage moves a distance (at most ~0.01 here)
+    for seed in range(9, 14):
+        query = make_records(1, seed=seed)[0]
+        result = searcher.search(as_query(query), SearchOptions("exact", k=15))
+        exact = dict(zip((r.key for r in records), distances(records, query.features, stored=False)))
+        kth = sorted(exact.values())[14]
+        answered = set(result.sop_instance_uids)
+        assert len(answered) == 15
+        assert all(exact[uid] <= kth + tolerance for uid in answered)  # nothing from outside the tie band
+        assert {uid for uid, d in exact.items() if d < kth - tolerance} <= answered  # everything clearly inside
+        assert all(abs(hit.distance - exact[hit.sop_instance_uid]) < tolerance for hit in result.hits)
 
 
 def test_hamming_with_a_pool_as_large_as_the_index_is_exact(indexed):
@@ -163,7 +187,7 @@ def test_hamming_finds_an_indexed_image_by_its_own_code_either_way(indexed, hamm
     options = SearchOptions("hamming", k=3, candidates=50, hamming_search=hamming_search,
                             filters=Filters(exclude_self=False))  # fmt: skip
     result = searcher.search(as_query(target), options)
-    assert result.sop_instance_uids[0] == target.key and result.hits[0].distance < 0.02  # float16 storage
+    assert result.sop_instance_uids[0] == target.key and result.hits[0].distance < 0.02  # int8 storage
     assert result.candidates == 50 and 50 <= result.examined <= 600
 
 

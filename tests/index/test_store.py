@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 import redis
 
-from orthanc_cbir.index import IndexSnapshot, IndexStore
-from orthanc_cbir.index.hamming import MultiIndex, probe
-from orthanc_cbir.model.codes import hamming_distances
+from orthanc_cbir.index import IndexLayoutError, IndexSnapshot, IndexStore
+from orthanc_cbir.index.schema import LAYOUT, decode_entry, encode_entry, quantize
 
 from .conftest import DIM, make_info, make_records
 
@@ -36,8 +36,8 @@ def test_a_batch_cut_off_mid_write_leaves_no_instance_that_looks_indexed(store, 
     records = make_records(8)
     written = IndexStore._write_rows
 
-    def cut_off(self, pipe, new):
-        written(self, pipe, new)  # everything queued in the transaction, then the worker dies
+    def cut_off(self, pipe, *args):
+        written(self, pipe, *args)  # everything queued in the transaction, then the worker dies
         raise KeyboardInterrupt
 
     monkeypatch.setattr(IndexStore, "_write_rows", cut_off)
@@ -84,8 +84,10 @@ def test_snapshot_holds_what_was_written(store):
     snapshot = IndexSnapshot(store)
     snapshot.refresh()
     rows = [store.describe([r.key])[0]["row"] for r in records]
-    np.testing.assert_allclose(snapshot.features[rows].astype(np.float32), np.stack([r.features for r in records]),
-                               atol=1e-3)  # fmt: skip
+    features = np.stack([r.features for r in records])
+    step = np.abs(features).max(axis=1, keepdims=True) / 127  # one int8 step of each row
+    assert snapshot.quantized.dtype == np.int8 and not hasattr(snapshot, "features")  # no float32 copy
+    assert np.all(np.abs(snapshot.vectors(rows) - features) <= 0.75 * step)
     np.testing.assert_array_equal(snapshot.codes[rows], np.stack([r.code for r in records]))
     assert snapshot.refresh() == 0  # nothing written since: nothing re-read
 
@@ -109,26 +111,6 @@ def test_two_model_versions_never_share_records(client):
         new.add(make_records(1, dim=DIM))
 
 
-def test_multi_index_probe_finds_every_code_within_its_guaranteed_radius(store):
-    records = make_records(400)
-    store.add(records)
-    index = store.multi_index
-    query = records[0].code
-    codes = np.stack([r.code for r in records])
-    for radius in (0, 1):
-        found = probe(store.client, store.keys, index, query, wanted=10**9, max_radius=radius)
-        # codes within m * (r + 1) - 1 differing searched bits share a substring within r
-        within = hamming_distances(_searched_bits(query, index), np.stack([_searched_bits(c, index) for c in codes]))
-        guaranteed = np.flatnonzero(within <= index.count * (radius + 1) - 1)
-        rows = {store.describe([r.key])[0]["row"] for r in np.array(records, dtype=object)[guaranteed]}
-        assert len(rows) >= 1 and rows <= set(found.rows.tolist())
-
-
-def _searched_bits(code: np.ndarray, index: MultiIndex) -> np.ndarray:
-    bits = np.unpackbits(code)[index.start : index.start + index.bits * index.count]
-    return np.packbits(bits)
-
-
 def test_rows_across_block_boundaries_read_back_in_place(store):
     from orthanc_cbir.index.schema import BLOCK_ROWS
 
@@ -141,3 +123,59 @@ def test_rows_across_block_boundaries_read_back_in_place(store):
     assert last >= BLOCK_ROWS
     np.testing.assert_array_equal(snapshot.codes[last], records[-1].code)
     assert np.count_nonzero(snapshot.live) == BLOCK_ROWS + 50
+
+
+def test_features_round_trip_within_int8_precision():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(200, 512)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    quantized, scales = quantize(features)
+    assert quantized.dtype == np.int8 and scales.dtype == np.float32
+    assert np.abs(quantized).max(axis=1).min() == 127  # every row uses the whole int8 range
+    restored = quantized * scales[:, None]
+    step = np.abs(features).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(restored - features) <= 0.75 * step)  # half a step, and the length kept
+    np.testing.assert_allclose(np.linalg.norm(restored, axis=1), 1, atol=1e-5)
+    assert np.min(np.sum(restored * features, axis=1)) > 0.9999  # turned by less than 0.8 degree
+    zero, scale = quantize(np.zeros((1, 8), np.float32))
+    assert not zero.any() and scale[0] == 0
+
+
+def test_snapshot_similarities_are_the_dequantized_dot_products(store):
+    records = make_records(300, seed=5)
+    store.add(records)
+    snapshot = IndexSnapshot(store)
+    snapshot.refresh()
+    query = make_records(1, seed=6)[0].features
+    expected = snapshot.vectors(np.arange(snapshot.rows)) @ query
+    np.testing.assert_allclose(snapshot.similarities(query), expected, atol=1e-5)
+    some = np.array([5, 17, 250, 3])
+    np.testing.assert_allclose(snapshot.similarities(query, some), expected[some], atol=1e-5)
+    np.testing.assert_allclose(snapshot.similarities(query, np.arange(1, 290)), expected[1:290], atol=1e-5)
+
+
+def test_an_entry_keeps_the_record_in_a_few_hundred_bytes():
+    record = make_records(1)[0]
+    orthanc = {"instance": "0c5d6a4e-2f2a56fb-4d5a5c1e-8e1e2a47-03c1bd2f", "series": "x", "study": "s",
+               "patient": "0c5d6a4e-2f2a56fb-4d5a5c1e-8e1e2a47-03c1bd2e"}
+    record = type(record)(record.metadata, record.features, record.code, record.probabilities, orthanc, frame=2)
+    raw = encode_entry(record, 12345)
+    entry = decode_entry(record.key, raw)
+    assert entry["row"] == 12345 and entry["frame"] == 2 and entry["orthanc"] == orthanc
+    assert entry["metadata"] == record.metadata.to_json()
+    assert {h: np.argmax(p) for h, p in entry["probabilities"].items()} == \
+        {h: np.argmax(p) for h, p in record.probabilities.items()}  # fmt: skip
+    assert len(raw) < 300
+
+
+def test_an_index_of_another_layout_or_shard_count_is_refused(client):
+    old = {"version": "test-model@000000000000", "feature_dim": DIM, "layout": make_info().layout.to_json()}
+    client.hset("cbir:{test-model@000000000000}:info", "schema", json.dumps(old))  # as layout 1 wrote it
+    with pytest.raises(IndexLayoutError, match="layout 1"):  # written before layouts were numbered
+        IndexStore(client, make_info()).count()
+    client.flushdb()
+    IndexStore(client, make_info(), shards=2).add(make_records(3))
+    with pytest.raises(IndexLayoutError, match="has 2 shard"):
+        IndexStore(client, make_info(), shards=1).count()
+    adopted = IndexStore(client, make_info())  # no number asked: the index's
+    assert adopted.shards == 2 and adopted.count() == 3 and adopted.stats()["layout"] == LAYOUT

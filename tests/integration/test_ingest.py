@@ -64,7 +64,7 @@ def test_a_pushed_series_is_indexed_and_its_slices_find_their_neighbours(orthanc
     near = 0
     for uid, rank in position.items():
         row = store.describe([uid])[0]["row"]
-        query = Query(searcher.snapshot.features[row], searcher.snapshot.codes[row])
+        query = Query(searcher.snapshot.vectors([row])[0], searcher.snapshot.codes[row])
         hit = searcher.search(query, SearchOptions("exact", k=2, filters=Filters(exclude_self=False))).hits
         neighbour = hit[1] if hit[0].sop_instance_uid == uid else hit[0]
         near += abs(position.get(neighbour.sop_instance_uid, -99) - rank) <= 2

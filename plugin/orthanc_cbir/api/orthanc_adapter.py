@@ -13,13 +13,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from ..config import Settings, load_settings
 from ..dicom import looks_like_uid
 from ..ingest.change_log import ChangeCursor
 from ..ingest.enqueue_buffer import EnqueueBuffer
 from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
+from ..redis_client import client_for
 from . import routes
 from .results_page import results_page
 from .similar import LEVELS, SimilarityService, request_parameters
@@ -32,7 +31,7 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 
 def register(orthanc: Any, settings: Settings) -> None:
     """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
-    queue = IngestQueue(redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2))
+    queue = IngestQueue(client_for(settings, socket_timeout=2, socket_connect_timeout=2))
     buffer = EnqueueBuffer(queue, maxlen=settings.enqueue_buffer_size, log=orthanc.LogWarning)
     cursor = ChangeCursor(lambda path: json.loads(orthanc.RestApiGet(path)), queue.client, buffer.enqueue,
                           lambda: len(buffer), settings.similar_series_on_stable_study,

@@ -15,8 +15,9 @@ import redis
 
 from .. import __version__
 from ..config import Settings
-from ..index import IndexInfo, IndexStore
+from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
+from ..redis_client import client_for, connect
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Response:
 def status(settings: Settings) -> Response:
     """``GET /cbir/status``: version, model, Redis health and the counts indexed / queued /
     pending / rejected (HTTP 200 even when Redis is down, so that a monitor can read what is wrong)."""
-    health = redis_health(settings.redis_url)
+    health = redis_health(settings.redis_url, settings.redis_cluster)
     answer: dict[str, Any] = {"version": __version__, "redis": health}
     try:
         info = IndexInfo.for_model(settings.model)
@@ -49,18 +50,22 @@ def status(settings: Settings) -> Response:
         answer["model"] = None
         answer["model_error"] = f"{type(exc).__name__}: {exc}"
     if health["ok"] and answer["model"]:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        client = client_for(settings, socket_timeout=2)
         try:
-            answer["indexed"] = IndexStore(client, info).count()
+            try:
+                answer["indexed"] = IndexStore(client, info, shards=settings.index_shards).count()
+            except IndexLayoutError as exc:  # what the operator must read here (the workers refuse it too)
+                answer["indexed"] = None
+                answer["index_error"] = str(exc)
             answer.update(IngestQueue(client).counts())
         finally:
             client.close()
     return Response.json(answer)
 
 
-def redis_health(url: str) -> dict[str, Any]:
+def redis_health(url: str, cluster: bool = False) -> dict[str, Any]:
     """``{"ok": true, "version": ...}`` or ``{"ok": false, "error": ...}``; never raises."""
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    client = connect(url, cluster=cluster, socket_timeout=2, socket_connect_timeout=2)
     try:
         info = client.info("server")
         return {"ok": True, "version": info.get("redis_version")}

@@ -30,6 +30,7 @@ from ..dicom import looks_like_uid
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
 from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
+from ..redis_client import client_for
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
 from .dicom_json import hit_dataset, included_fields
@@ -99,9 +100,9 @@ class SimilarityService:
         """``resolve_uid(level, orthanc_id)`` turns an Orthanc id into the DICOM UID of that
         level (the adapter asks Orthanc); without it only DICOM UIDs are accepted."""
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=SERIES_WAIT_S + 10)
+        self.client = client_for(settings, socket_timeout=SERIES_WAIT_S + 10)
         self.queue = IngestQueue(self.client)
-        self.store = IndexStore(self.client, IndexInfo.for_model(settings.model))
+        self.store = IndexStore(self.client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
         self.searcher = Searcher(self.store)
         self.resolve_uid = resolve_uid
         self._lock = threading.Lock()  # one query at a time touches the searcher's snapshot

@@ -1,17 +1,22 @@
-"""Multi-index hashing: sublinear Hamming candidate search on plain Redis strings.
+"""Multi-index hashing: sublinear Hamming candidate search over a searcher's cached codes.
 
 Norouzi, Punjani & Fleet, "Fast search in Hamming space with multi-index
 hashing" (CVPR 2012): split the searched bits of a code into ``m`` disjoint
 substrings and keep one bucket table per substring. If two codes differ in at
 most ``m * (r + 1) - 1`` bits, they agree within ``r`` bits on at least one
 substring, so probing every substring's buckets within radius ``r`` of the
-query finds them all. The search widens ``r`` until it has enough candidates,
-then ranks the candidates by their full (optionally weighted) code distance.
+query finds them all. The probe widens ``r`` until it has enough candidates;
+the caller ranks them by their full code distance.
 
 Only the ``appearance`` bits are searched this way: the label sub-codes are
 nearly constant within a class, so their buckets would hold a whole class each.
-Buckets are Redis strings of little-endian uint32 rows (``APPEND`` on insert, a
-``GET`` per probe), so nothing here needs a Redis module or a single server.
+
+The tables live in the searcher's process, built from the snapshot's codes (no
+Redis keys: nothing to write on insert, nothing to compact). A table is one
+array of rows sorted by substring value plus the offsets of each value, so a
+bucket is a slice, and probing a thousand buckets is a few numpy calls. Rows
+indexed after the tables were built are scanned linearly until the next build
+(:class:`CodeTables`, :meth:`Searcher._code_tables`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,6 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
-
-from .schema import KeySpace
-
-ROW_DTYPE = np.dtype("<u4")
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,14 @@ class MultiIndex:
     count: int
 
     @classmethod
-    def for_span(cls, start: int, length: int, bits: int = 13) -> MultiIndex:
+    def for_span(cls, start: int, length: int, bits: int = 16) -> MultiIndex:
         """As many ``bits``-bit substrings as fit in ``[start, start + length)``.
 
-        13 bits (8192 buckets per substring) suits 10^4 to 10^6 instances: at a
-        million, radius 0 already yields about a thousand candidates."""
+        16 bits (65,536 buckets a table) suits 10^5 to 10^7 instances: at 10^6 the
+        104 appearance bits give 6 tables, and radius 2 to 3 yields the 10^5 rows a
+        query of 6,000 candidates wants (``benchmarks/query_scale.py``)."""
+        if bits > 16:
+            raise ValueError("substrings are at most 16 bits (one uint16 bucket value)")
         return cls(start, bits, max(1, length // bits))
 
     def values(self, codes: np.ndarray) -> np.ndarray:
@@ -54,46 +58,62 @@ class MultiIndex:
         return np.array([sum(1 << b for b in chosen) for chosen in combinations(range(self.bits), radius)], np.int64)
 
 
-def bucket_writes(keys: KeySpace, index: MultiIndex, rows: np.ndarray, codes: np.ndarray) -> list[tuple[str, bytes]]:
-    """(bucket key, bytes to append) for new rows; the caller appends them in its pipeline."""
-    out = []
-    for row, values in zip(rows, index.values(codes)):
-        payload = np.array([row], ROW_DTYPE).tobytes()
-        out.extend((keys.bucket(j, int(value)), payload) for j, value in enumerate(values))
-    return out
+class CodeTables:
+    """One bucket table per substring over the codes of the rows ``indexed``, built once.
 
+    ``sorted_rows[j * n : (j + 1) * n]`` are the ``n`` indexed rows sorted by substring
+    ``j`` (stable, so rows ascend within a bucket); bucket ``v`` of table ``j`` is the
+    slice ``offsets[j, v] : offsets[j, v + 1]`` of ``sorted_rows``. About ``4 * count``
+    bytes a row (24 bytes at 6 tables); a build is one radix sort per table (~0.1 s a
+    million rows). ``rows`` is where the tables end: rows from there on are the caller's."""
 
-@dataclass
-class Probe:
-    """What a multi-index search looked at."""
+    MAX_RADIUS = 3
 
-    rows: np.ndarray
-    """Distinct candidate rows (may include removed rows: the caller filters by ``live``)."""
-    radius: int
-    """The largest per-substring radius probed."""
-    buckets: int
-    """Bucket keys read."""
+    def __init__(self, index: MultiIndex, codes: np.ndarray, indexed: np.ndarray):
+        self.index = index
+        self.rows = len(codes)
+        n, size = len(indexed), 1 << index.bits
+        values = index.values(codes[indexed]) if n else np.zeros((0, index.count), np.int64)
+        self.sorted_rows = np.empty(index.count * n, np.int32)
+        self.offsets = np.empty((index.count, size + 1), np.int64)
+        for j in range(index.count):
+            column = values[:, j].astype(np.uint16)
+            self.sorted_rows[j * n : (j + 1) * n] = indexed[np.argsort(column, kind="stable")]
+            self.offsets[j, 0] = j * n
+            np.cumsum(np.bincount(column, minlength=size), out=self.offsets[j, 1:])
+            self.offsets[j, 1:] += j * n
+        self._masks = [index.flips(radius) for radius in range(min(self.MAX_RADIUS, index.bits) + 1)]
+        self._latest = np.full(self.rows, -1, np.int32)  # scratch for de-duplicating a probe's rows
 
+    def probe(self, code: np.ndarray, wanted: int) -> tuple[np.ndarray, int]:
+        """Rows (distinct, unordered) from the buckets nearest the query's substrings, and the
+        largest radius probed. Radius by radius, table by table, it stops once the buckets read
+        hold ``wanted`` rows (counted with repeats) or :data:`MAX_RADIUS` is exhausted."""
+        values = self.index.values(code)[0]
+        parts: list[np.ndarray] = []
+        found = 0
+        for radius, masks in enumerate(self._masks):
+            probed = values[:, None] ^ masks[None, :]
+            starts = np.take_along_axis(self.offsets, probed, axis=1)
+            ends = np.take_along_axis(self.offsets, probed + 1, axis=1)
+            for table in range(self.index.count):
+                lengths = ends[table] - starts[table]
+                total = int(lengths.sum())
+                if total:
+                    # the concatenation of the slices starts[i]:ends[i], without a Python loop
+                    before = np.cumsum(lengths) - lengths
+                    positions = np.arange(total) + np.repeat(starts[table] - before, lengths)
+                    parts.append(self.sorted_rows[positions])
+                    found += total
+                if found >= wanted:
+                    return self._distinct(parts), radius
+        return self._distinct(parts), len(self._masks) - 1
 
-def probe(client, keys: KeySpace, index: MultiIndex, code: np.ndarray, wanted: int, max_radius: int = 3,
-          accept=None) -> Probe:  # fmt: skip
-    """Widen the radius until at least ``wanted`` accepted rows are found (or ``max_radius``).
-
-    ``accept`` maps an array of rows to a boolean mask (filters, liveness); the
-    stopping rule counts accepted rows only, so a selective filter probes further.
-    """
-    values = index.values(code)[0]
-    parts: list[np.ndarray] = []
-    rows = np.zeros(0, dtype=np.int64)
-    buckets = 0
-    for radius in range(max_radius + 1):
-        masks = index.flips(radius)
-        names = [keys.bucket(j, int(v)) for j, value in enumerate(values) for v in (value ^ masks)]
-        buckets += len(names)
-        parts.extend(np.frombuffer(p, ROW_DTYPE) for p in client.mget(names) if p)
-        if parts:
-            rows = np.unique(np.concatenate(parts)).astype(np.int64)
-        accepted = int(np.count_nonzero(accept(rows))) if accept is not None else len(rows)
-        if accepted >= wanted:
-            break
-    return Probe(rows=rows, radius=radius, buckets=buckets)
+    def _distinct(self, parts: list[np.ndarray]) -> np.ndarray:
+        if not parts:
+            return np.zeros(0, np.int64)
+        rows = np.concatenate(parts)
+        # each row keeps its last occurrence: O(n), where np.unique would sort
+        order = np.arange(len(rows), dtype=np.int32)
+        np.put(self._latest, rows, order)  # put / take: a third faster than fancy indexing
+        return rows[np.take(self._latest, rows) == order].astype(np.int64)

@@ -1,38 +1,74 @@
 """What the index stores in Redis, and under which keys.
 
 One model version = one key space ``cbir:{<version>}:...``. The braces are a
-Redis Cluster hash tag: every key of a version lands in one slot, so pipelines,
-MULTI and Lua work the same on a single server, on Cluster and on managed Redis.
-Two model versions never share a key, so an answer can never mix their vectors.
+Redis Cluster hash tag: every key inside them lands in one slot, so a pipeline,
+MULTI or WATCH over them works the same on a single server, on Cluster and on
+managed Redis. Two model versions never share a key, so an answer can never mix
+their vectors.
 
-Per instance (SOPInstanceUID):
+An index of ``S`` shards (``S`` > 1) keeps shard ``s``'s keys under
+``cbir:{<version>#s.n}:...``: one hash tag, so one slot and one master, per shard.
+``n`` is the smallest number that puts the tag's slot in the ``s``-th of ``S``
+equal ranges of the 16384 slots (:func:`shard_tag`): a cluster whose masters hold
+equal contiguous ranges (as ``redis-cli --cluster create`` makes them) gets the
+shards spread evenly over its masters when ``S`` is a multiple of their number,
+where plain ``#s`` tags would often put two shards on one master. With ``S`` = 1
+the names are the unsharded ``cbir:{<version>}:...``. An instance
+belongs to shard :func:`shard_of` (blake2b of its SOPInstanceUID, modulo ``S``).
+Each shard has its own rows, blocks, generations, row map and instance keys; a
+shard's local row ``r`` is the *global* row ``r * S + s`` that searches and
+answers use. The ``info`` hash (layout, shard count, centroids) is always
+``cbir:{<version>}:info``, whatever ``S``.
 
-- ``uid:<SOPInstanceUID>``: a hash with the instance's row number, its metadata
-  record (JSON, no patient name or ID), class probabilities, Orthanc ids;
-- a *row*: a dense integer, the instance's place in fixed-width column blocks.
+Per shard:
 
-Column blocks (``block:<column>:<n>``, strings of :data:`BLOCK_ROWS` rows) hold
-what a query scans: ``features`` (float16, D per row), ``codes`` (B/8 bytes per
-row) and ``attributes`` (:data:`ATTRIBUTES`, the filterable metadata and the
-predicted classes). A searcher caches the blocks and re-reads only those whose
-generation (``generations`` hash) moved since it last looked.
+- ``uid:<SOPInstanceUID>``: one string per instance (:func:`encode_entry`): its
+  local row, frame, metadata record (no patient name or ID), class probabilities
+  and Orthanc ids, as compact JSON compressed with raw deflate;
+- ``rows:<n>``: a hash of local row ``% ROWS_PER_MAP`` -> SOPInstanceUID for the
+  local rows ``n * ROWS_PER_MAP ...``: small enough for Redis's compact listpack
+  encoding (``hash-max-listpack-entries`` is 128 by default);
+- ``count`` (live instances), ``next_row`` (rows ever allocated), ``generations``
+  (hash block -> write count: a searcher re-reads a block when it moved);
+- column blocks ``block:<column>:<n>``, strings of :data:`BLOCK_ROWS` rows, which
+  hold what a query scans: ``features`` (int8, D per row), ``scales`` (float32:
+  a row's features are ``features * scale``), ``codes`` (B/8 bytes per row) and
+  ``attributes`` (:data:`ATTRIBUTES`, the filterable metadata and the predicted
+  classes). A block is created at its full size (``SET NX`` of zeros) and then
+  written with ``SETRANGE``: a string grown by ``SETRANGE`` keeps up to 1 MB of
+  slack per block.
 
-Hash-code buckets for multi-index hashing (:mod:`.hamming`): ``mih:<j>:<value>``
-strings of little-endian uint32 rows, appended on insert.
+:data:`LAYOUT` numbers this arrangement; the ``info`` hash records it, and a store
+refuses an index written with another one.
 """
 
 from __future__ import annotations
 
+import binascii
+import dataclasses
 import hashlib
+import json
+import re
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..dicom.metadata import InstanceMetadata
 
-BLOCK_ROWS = 4096
+LAYOUT = 2
+"""The key and value layout of :mod:`orthanc_cbir.index` (1: float16 features, a hash per
+instance, one ``rows`` hash, multi-index buckets in Redis; 2: this module's)."""
+
+BLOCK_ROWS = 4095
 """Rows per column block: big enough that a million rows are 245 keys, small
-enough that one insert rewrites nothing (writes are SETRANGE into the block)."""
+enough that one insert rewrites nothing (writes are SETRANGE into the block).
+4095, not 4096: a block of 4096 rows of 2^k bytes is a power of two, and with
+Redis's string header (10 bytes) jemalloc would give it the next size class, a
+quarter more (a 2 MiB features block at D = 512 would take 2.5 MiB)."""
+
+ROWS_PER_MAP = 128
+"""Rows per ``rows:<n>`` hash (Redis keeps a hash of up to 128 short entries as a listpack)."""
 
 NO_CLASS = 255
 NO_CLUSTER = -1
@@ -71,33 +107,74 @@ def uid_hash(uid: str | None) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little") or 1
 
 
+MAX_SHARDS = 1024
+CLUSTER_SLOTS = 16384
+
+
+def key_slot(tag: str) -> int:
+    """The Redis Cluster slot of a hash tag (CRC16/XMODEM modulo 16384)."""
+    return binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
+
+
+def shard_tag(version: str, shard: int, shards: int) -> str:
+    """The hash tag of one shard of ``shards``: ``<version>#<shard>.<n>`` with the smallest
+    ``n`` whose slot lies in the shard's ``shards``-th of the slot space; ``<version>``
+    for an index of one shard."""
+    if shards == 1:
+        return version
+    if not 0 <= shard < shards <= MAX_SHARDS:
+        raise ValueError(f"shard {shard} of {shards}: an index has 1 to {MAX_SHARDS} shards")
+    n = 0
+    while key_slot(f"{version}#{shard}.{n}") * shards // CLUSTER_SLOTS != shard:
+        n += 1
+    return f"{version}#{shard}.{n}"
+
+
+def shard_of(sop_instance_uid: str, shards: int) -> int:
+    """The shard an instance belongs to: blake2b of its SOPInstanceUID modulo ``shards``."""
+    if shards == 1:
+        return 0
+    return int.from_bytes(hashlib.blake2b(sop_instance_uid.encode(), digest_size=8).digest(), "little") % shards
+
+
 @dataclass(frozen=True)
 class KeySpace:
-    """Redis key names of one model version."""
+    """Redis key names of one model version, or of one shard of it (:meth:`of_shard`)."""
 
     version: str
     prefix: str = "cbir"
+    tag: str = ""
+    """The hash tag (default: the version): the unsharded names, those of an index of one
+    shard and every index's ``info``."""
+
+    @classmethod
+    def of_shard(cls, version: str, prefix: str, shard: int, shards: int) -> KeySpace:
+        return cls(version, prefix, shard_tag(version, shard, shards))
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{{{self.version}}}"
+        return f"{self.prefix}:{{{self.tag or self.version}}}"
 
     def instance(self, sop_instance_uid: str) -> str:
+        """String: the instance's :func:`encode_entry`."""
         return f"{self.base}:uid:{sop_instance_uid}"
 
     def block(self, column: str, number: int) -> str:
         return f"{self.base}:block:{column}:{number}"
 
-    def bucket(self, substring: int, value: int) -> str:
-        return f"{self.base}:mih:{substring}:{value}"
+    def rows(self, number: int) -> str:
+        """Hash local row % :data:`ROWS_PER_MAP` -> SOPInstanceUID of local rows ``number * ROWS_PER_MAP ...``
+        (live rows only)."""
+        return f"{self.base}:rows:{number}"
 
     @property
-    def rows(self) -> str:
-        """Hash row -> SOPInstanceUID (live rows only)."""
-        return f"{self.base}:rows"
+    def count(self) -> str:
+        """Instances indexed now (in this shard)."""
+        return f"{self.base}:count"
 
     @property
     def next_row(self) -> str:
+        """Local rows ever allocated (in this shard)."""
         return f"{self.base}:next_row"
 
     @property
@@ -107,7 +184,8 @@ class KeySpace:
 
     @property
     def info(self) -> str:
-        """Hash: model version, feature dimension, code bits, label names; cluster centroids."""
+        """Hash: ``schema`` (JSON: layout, shards, model version, feature dimension, code layout,
+        label names) and ``centroids``. Only the unsharded key space's is used."""
         return f"{self.base}:info"
 
 
@@ -117,7 +195,7 @@ class IndexRecord:
 
     metadata: InstanceMetadata
     features: np.ndarray
-    """float32 (D,), L2-normalised (stored as float16)."""
+    """float32 (D,), L2-normalised (stored as int8 with a per-row scale: :func:`quantize`)."""
     code: np.ndarray
     """uint8 (B/8,), packed."""
     probabilities: dict[str, np.ndarray]
@@ -151,3 +229,90 @@ class IndexRecord:
             row[f"predicted_{head}"] = NO_CLASS if probabilities is None else int(np.argmax(probabilities))
         row["cluster"] = NO_CLUSTER
         return row
+
+
+def quantize(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float -> int8 (N, D) and float32 scales (N,): ``q = round(f / max|f| * 127)``
+    and ``scale = |f| / |q|`` (for a unit vector within quantisation error of ``max|f| / 127``),
+    so that ``q * scale`` points within quantisation error of ``f`` *and* keeps its length:
+    unit vectors stay unit vectors, distances stay in 0..2 and a row's distance to itself is
+    the angle quantisation turned it by (about 0.01 at D = 512). An all-zero row has scale 0."""
+    features = np.atleast_2d(np.asarray(features, np.float32))
+    peak = np.abs(features).max(axis=1) if features.shape[1] else np.zeros(len(features), np.float32)
+    step = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+    quantized = np.clip(np.rint(features / step[:, None]), -127, 127).astype(np.int8)
+    length = np.linalg.norm(quantized.astype(np.float32), axis=1)
+    scales = np.where(length > 0, np.linalg.norm(features, axis=1) / np.maximum(length, 1e-30), 0)
+    return quantized, scales.astype(np.float32)
+
+
+# -- the instance entry --------------------------------------------------------------------
+
+METADATA_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceMetadata) if f.name != "sop_instance_uid")
+"""The metadata record's fields in an entry, in this order (the SOPInstanceUID is the key's).
+New fields go at the end: an entry written before them reads them as ``None``."""
+
+ORTHANC_LEVELS = ("instance", "series", "study", "patient")
+
+_ZDICT = (
+    b'"1.2.840.113619.2."1.3.12.2.1107.5."1.2.392.200036."1.3.46.670589."1.2.826.0.1.3680043.'
+    b'"2.25."1.3.6.1.4.1.,"1.2.840.10008.5.1.4.1.1.1","1.2.840.10008.5.1.4.1.1.2","CT","MR","CR","DX",'
+    b'null,null,"M","F",1,[0.5,0.5],null,{"modality":[0.00,"region":[0.00,"pathology":[0.00'
+)
+"""A preset dictionary for deflate: what most entries have in common (UID roots of the
+standard and of large vendors, JSON around the probabilities). Part of :data:`LAYOUT`:
+changing it makes stored entries unreadable."""
+
+_ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
+_ORTHANC_HEX = re.compile(r"[0-9a-f]{40}")
+
+
+def encode_entry(record: IndexRecord, row: int) -> bytes:
+    """An instance's stored entry: ``[row, frame, metadata values, probabilities, Orthanc ids]``
+    as compact JSON (metadata in :data:`METADATA_FIELDS` order without trailing nulls,
+    probabilities to 3 significant digits, Orthanc ids without their dashes), raw-deflated
+    with :data:`_ZDICT`. About 330 bytes for a CT slice (720 as the JSON of layout 1)."""
+    meta = record.metadata.to_json()
+    values = [meta[name] for name in METADATA_FIELDS]
+    while values and values[-1] is None:
+        values.pop()
+    probabilities = {head: [float(f"{x:.3g}") for x in np.asarray(p, np.float64).ravel()]
+                     for head, p in record.probabilities.items()}  # fmt: skip
+    orthanc: list | dict = {k: _compact_id(v) for k, v in record.orthanc.items()}
+    if set(orthanc) == set(ORTHANC_LEVELS):
+        orthanc = [orthanc[level] for level in ORTHANC_LEVELS]
+    text = json.dumps([int(row), int(record.frame), values, probabilities, orthanc], separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8", "surrogatepass")  # fmt: skip
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=_ZDICT)
+    return packer.compress(text) + packer.flush()
+
+
+def decode_entry(sop_instance_uid: str, raw: bytes) -> dict:
+    """:func:`encode_entry` back: ``{"row": local row, "frame", "metadata" (as
+    :meth:`InstanceMetadata.to_json`), "probabilities", "orthanc"}``."""
+    unpacker = zlib.decompressobj(-15, zdict=_ZDICT)
+    row, frame, values, probabilities, orthanc = json.loads(
+        (unpacker.decompress(raw) + unpacker.flush()).decode("utf-8", "surrogatepass"))
+    metadata = {"sop_instance_uid": sop_instance_uid, **dict.fromkeys(METADATA_FIELDS)}
+    metadata.update(zip(METADATA_FIELDS, values))
+    if isinstance(orthanc, list):
+        orthanc = dict(zip(ORTHANC_LEVELS, orthanc))
+    return {"row": row, "frame": frame, "metadata": metadata, "probabilities": probabilities,
+            "orthanc": {k: _dashed_id(v) for k, v in orthanc.items()}}  # fmt: skip
+
+
+def entry_row(raw: bytes) -> int:
+    """The local row of an encoded entry (the first JSON value)."""
+    unpacker = zlib.decompressobj(-15, zdict=_ZDICT)
+    head = unpacker.decompress(raw, 24)
+    return int(head[1 : head.index(b",")])
+
+
+def _compact_id(value):
+    return value.replace("-", "") if isinstance(value, str) and _ORTHANC_ID.fullmatch(value) else value
+
+
+def _dashed_id(value):
+    if isinstance(value, str) and _ORTHANC_HEX.fullmatch(value):
+        return "-".join(value[i : i + 8] for i in range(0, 40, 8))
+    return value

@@ -4,17 +4,24 @@
 >>> store.add(records).added                                               # doctest: +SKIP
 128
 
-Writes for a batch go in one MULTI transaction. Adding an instance that is
-already indexed is a no-op (its key is watched, so two workers racing on one
-instance add it once). Removing an instance clears its ``live``
-attribute and its row mapping; its multi-index bucket entries stay behind and
-are skipped by every search until ``compact`` rewrites them.
+Writes for a batch go in one MULTI transaction per shard (the keys of a shard share
+one hash tag, so on a Redis Cluster each transaction stays on one master). Adding an
+instance that is already indexed is a no-op (its key is watched, so two workers racing
+on one instance add it once). Removing an instance clears its ``live`` attribute, its
+row mapping and its entry; its row stays a gap.
+
+The layout of the keys and values is :data:`~.schema.LAYOUT` (see :mod:`.schema`);
+an index written with another layout (layout 1 stored float16 features, a hash per
+instance and multi-index buckets) is refused with :class:`IndexLayoutError`: the key
+space is per model version, so re-indexing (``orthanc-cbir reconcile`` or ``backfill``
+after deleting the old ``cbir:{<version>}*`` keys) is the way forward, not a reader
+of the old layout.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +31,17 @@ import redis
 
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
-from .hamming import MultiIndex, bucket_writes
-from .schema import ATTRIBUTES, BLOCK_ROWS, IndexRecord, KeySpace
+from .hamming import MultiIndex
+from .schema import (ATTRIBUTES, BLOCK_ROWS, LAYOUT, MAX_SHARDS, ROWS_PER_MAP, IndexRecord, KeySpace, decode_entry,
+                     encode_entry, entry_row, quantize, shard_of)  # fmt: skip
 
-FEATURE_DTYPE = np.dtype("<f2")
+FEATURE_DTYPE = np.dtype("i1")
+"""Stored features: int8, with a float32 scale per row in the ``scales`` column."""
+SCALE_DTYPE = np.dtype("<f4")
+
+
+class IndexLayoutError(ValueError):
+    """The index in Redis was written with another layout or another shard count than this store's."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +77,11 @@ class IndexInfo:
 
     def column_width(self, column: str) -> int:
         """Bytes per row of a column block."""
-        return {"features": self.feature_dim * FEATURE_DTYPE.itemsize, "codes": self.code_bytes,
-                "attributes": ATTRIBUTES.itemsize}[column]  # fmt: skip
+        return {"features": self.feature_dim * FEATURE_DTYPE.itemsize, "scales": SCALE_DTYPE.itemsize,
+                "codes": self.code_bytes, "attributes": ATTRIBUTES.itemsize}[column]  # fmt: skip
 
 
-COLUMNS = ("features", "codes", "attributes")
+COLUMNS = ("features", "scales", "codes", "attributes")
 
 
 @dataclass(frozen=True)
@@ -77,46 +91,129 @@ class AddResult:
 
 
 class IndexStore:
-    """One model version's index in one Redis database."""
+    """One model version's index in one Redis database or Redis Cluster, in ``shards`` shards.
 
-    def __init__(self, client, info: IndexInfo, prefix: str = "cbir"):
+    ``shards=None`` takes the shard count the index records (1 for an index not written
+    yet); a number is checked against it, and a mismatch raises :class:`IndexLayoutError`
+    (so every process agrees where an instance lives). The first :meth:`add` records it."""
+
+    def __init__(self, client, info: IndexInfo, prefix: str = "cbir", shards: int | None = None):
+        if shards is not None and not 1 <= shards <= MAX_SHARDS:
+            raise ValueError(f"an index has 1 to {MAX_SHARDS} shards, not {shards}")
         self.client = client
         self.info = info
+        self.prefix = prefix
         self.keys = KeySpace(info.version, prefix)
+        """The index's unsharded key space: its ``info`` hash (and, with one shard, every key)."""
         self.multi_index = info.multi_index
+        self._asked = shards
+        self._shards: int | None = None  # known once the index in Redis says (nothing is asked before a use)
+        self._shard_keys: list[KeySpace] = []
+
+    # -- shards and the recorded layout -----------------------------------------------------
+
+    @property
+    def shards(self) -> int:
+        """How many shards the index has (as recorded in Redis; before the first write, as asked:
+        one read of the ``info`` hash each time until then)."""
+        return self._resolve()
+
+    def shard_keys(self, shard: int) -> KeySpace:
+        """Key names of one shard."""
+        self._resolve()
+        return self._shard_keys[shard]
+
+    def _keys_of(self, uid: str, shards: int) -> KeySpace:
+        return self._shard_keys[shard_of(uid, shards)]
+
+    def _resolve(self) -> int:
+        if self._shards is not None:
+            return self._shards
+        raw = self.client.hget(self.keys.info, "schema")
+        if raw is None:  # nothing written yet: as asked, and looked at again next time
+            return self._use(self._asked or 1)
+        schema = json.loads(raw)
+        layout, shards = schema.get("layout"), schema.get("shards", 1)
+        layout = layout if isinstance(layout, int) else 1  # layout 1 kept the code layout (a list) there
+        if layout != LAYOUT:
+            raise IndexLayoutError(
+                f"the index {self.keys.base} was written with layout {layout}; this version reads layout {LAYOUT} "
+                f"only: delete its keys ({self.keys.base}*) and index again")  # fmt: skip
+        if self._asked is not None and shards != self._asked:
+            raise IndexLayoutError(
+                f"the index {self.keys.base} has {shards} shard(s), this process was told {self._asked} "
+                f"(setting index_shards / CBIR_INDEX_SHARDS): set it to {shards}")  # fmt: skip
+        self._shards = self._use(shards)
+        return shards
+
+    def _use(self, shards: int) -> int:
+        if len(self._shard_keys) != shards:
+            self._shard_keys = [KeySpace.of_shard(self.info.version, self.prefix, shard, shards)
+                                for shard in range(shards)]  # fmt: skip
+        return shards
+
+    def _write_info(self) -> None:
+        shards = self._resolve()
+        self.client.hsetnx(self.keys.info, "schema", json.dumps({
+            "layout": LAYOUT, "shards": shards, "version": self.info.version, "feature_dim": self.info.feature_dim,
+            "layout_of_codes": self.info.layout.to_json(), "labels": self.info.labels, "block_rows": BLOCK_ROWS,
+            "rows_per_map": ROWS_PER_MAP,
+        }))  # fmt: skip
+        if self._shards is None:
+            self._resolve()  # another process may have written it first: its word counts
+
+    def _locate(self, rows: Iterable[int], shards: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows -> (shard, local row)."""
+        rows = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
+        return rows % shards, rows // shards
+
+    # -- writes -----------------------------------------------------------------------------
 
     def add(self, records: Sequence[IndexRecord]) -> AddResult:
         """Index the records not indexed yet; returns how many were added and skipped.
 
-        All or nothing: an instance's key, its row and every column are written in one
-        transaction, so a worker killed mid-batch leaves no instance that looks indexed
-        but has no row. ``WATCH`` on the instances' keys makes two workers racing on one
-        instance add it once: the loser's transaction fails and it looks again."""
+        All or nothing per shard: an instance's key, its row and every column are written
+        in one transaction, so a worker killed mid-batch leaves no instance that looks
+        indexed but has no row. ``WATCH`` on the instances' keys makes two workers racing
+        on one instance add it once: the loser's transaction fails and it looks again."""
         if not records:
             return AddResult(0, 0)
         self._check(records)
         self._write_info()
-        first = int(self.client.incrby(self.keys.next_row, len(records))) - len(records)
+        shards = self.shards
+        by_shard: dict[int, list[IndexRecord]] = defaultdict(list)
+        for record in records:
+            by_shard[shard_of(record.key, shards)].append(record)
+        added = sum(self._add_to_shard(shard, group) for shard, group in sorted(by_shard.items()))
+        return AddResult(added=added, duplicates=len(records) - added)
+
+    def _add_to_shard(self, shard: int, records: list[IndexRecord]) -> int:
+        keys = self._shard_keys[shard]
+        first = int(self.client.incrby(keys.next_row, len(records))) - len(records)
         rows = range(first, first + len(records))  # a duplicate's row stays a gap (no live attribute)
-        keys = [self.keys.instance(record.key) for record in records]
+        names = [keys.instance(record.key) for record in records]
+        blocks = sorted({row // BLOCK_ROWS for row in rows})
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(*keys)
+                    pipe.watch(*names)
                     look = self.client.pipeline(transaction=False)
-                    for key in keys:
-                        look.exists(key)
+                    for name in names:
+                        look.exists(name)
+                    for block in blocks:
+                        look.exists(keys.block("features", block))
+                    there = look.execute()
                     seen = set()  # an instance twice in one batch is added once
-                    new = [(record, row) for record, row, there in zip(records, rows, look.execute())
-                           if not there and not (record.key in seen or seen.add(record.key))]  # fmt: skip
+                    new = [(record, row) for record, row, indexed in zip(records, rows, there)
+                           if not indexed and not (record.key in seen or seen.add(record.key))]  # fmt: skip
+                    missing = {block for block, exists in zip(blocks, there[len(names):]) if not exists}
                     pipe.multi()
                     if new:
-                        self._write_rows(pipe, new)
+                        self._write_rows(pipe, keys, new, missing)
                     pipe.execute()
-                    break
+                    return len(new)
                 except redis.WatchError:
                     continue
-        return AddResult(added=len(new), duplicates=len(records) - len(new))
 
     def _check(self, records: Sequence[IndexRecord]) -> None:
         for record in records:
@@ -125,122 +222,164 @@ class IndexStore:
                                  f"{record.code.shape}; this index holds ({self.info.feature_dim},) and "
                                  f"({self.info.code_bytes},)")  # fmt: skip
 
-    def _write_info(self) -> None:
-        self.client.hsetnx(self.keys.info, "schema", json.dumps({
-            "version": self.info.version, "feature_dim": self.info.feature_dim, "layout": self.info.layout.to_json(),
-            "labels": self.info.labels, "block_rows": BLOCK_ROWS,
-            "multi_index": {"start": self.multi_index.start, "bits": self.multi_index.bits,
-                            "count": self.multi_index.count},
-        }))  # fmt: skip
-
-    def _write_rows(self, pipe, new: list[tuple[IndexRecord, int]]) -> None:
+    def _write_rows(self, pipe, keys: KeySpace, new: list[tuple[IndexRecord, int]], missing: set[int]) -> None:
+        """Queue the writes of new (record, local row) pairs of one shard in its transaction;
+        ``missing``: blocks that may not exist yet, created at full size first."""
         heads = tuple(self.info.labels)
+        quantized, scales = quantize(np.stack([record.features for record, _ in new]))
         columns = {
-            "features": [np.asarray(record.features, FEATURE_DTYPE).tobytes() for record, _ in new],
+            "features": [row.tobytes() for row in quantized],
+            "scales": [scale.tobytes() for scale in scales.astype(SCALE_DTYPE)],
             "codes": [np.asarray(record.code, np.uint8).tobytes() for record, _ in new],
             "attributes": [record.attributes(heads).tobytes() for record, _ in new],
         }
         rows = np.array([row for _, row in new])
+        for block in sorted(missing & set((rows // BLOCK_ROWS).tolist())):
+            for column in COLUMNS:  # SET NX: a block another worker made meanwhile is kept
+                pipe.set(keys.block(column, block), bytes(BLOCK_ROWS * self.info.column_width(column)), nx=True)
         for first, last in _runs(rows):  # consecutive rows of one block: one SETRANGE per column
             block, slot = divmod(int(rows[first]), BLOCK_ROWS)
             for column, payloads in columns.items():
-                pipe.setrange(self.keys.block(column, block), slot * self.info.column_width(column),
+                pipe.setrange(keys.block(column, block), slot * self.info.column_width(column),
                               b"".join(payloads[first:last]))  # fmt: skip
+        maps: dict[int, dict[int, str]] = defaultdict(dict)
         for record, row in new:
-            pipe.hset(self.keys.instance(record.key), mapping={
-                "row": row, "metadata": json.dumps(record.metadata.to_json()),
-                "probabilities": json.dumps({h: np.round(p.astype(float), 5).tolist()
-                                             for h, p in record.probabilities.items()}),
-                "orthanc": json.dumps(record.orthanc), "frame": record.frame, "indexed_at": time.time(),
-            })  # fmt: skip
-        pipe.hset(self.keys.rows, mapping={int(row): record.key for record, row in new})
-        for key, payload in bucket_writes(self.keys, self.multi_index, rows, np.stack([r.code for r, _ in new])):
-            pipe.append(key, payload)
+            pipe.set(keys.instance(record.key), encode_entry(record, row))
+            maps[row // ROWS_PER_MAP][row % ROWS_PER_MAP] = record.key
+        for number, mapping in maps.items():
+            pipe.hset(keys.rows(number), mapping=mapping)
+        pipe.incrby(keys.count, len(new))
         for block in np.unique(rows // BLOCK_ROWS):
-            pipe.hincrby(self.keys.generations, int(block), 1)
-
-    def row(self, sop_instance_uid: str) -> int | None:
-        """The instance's row in the column blocks (``None`` when it is not indexed)."""
-        row = self.client.hget(self.keys.instance(sop_instance_uid), "row")
-        return None if row is None else int(row)
+            pipe.hincrby(keys.generations, int(block), 1)
 
     def remove(self, sop_instance_uid: str) -> bool:
         """Take an instance out of every answer; False if it was not indexed."""
-        key = self.keys.instance(sop_instance_uid)
-        row = self.row(sop_instance_uid)
-        if row is None:
-            return False
-        block, slot = divmod(row, BLOCK_ROWS)
-        pipe = self.client.pipeline(transaction=True)
-        live_offset = slot * ATTRIBUTES.itemsize + ATTRIBUTES.fields["live"][1]
-        pipe.setrange(self.keys.block("attributes", block), live_offset, b"\x00")
-        pipe.delete(key)
-        pipe.hdel(self.keys.rows, row)
-        pipe.hincrby(self.keys.generations, block, 1)
-        pipe.execute()
-        return True
+        keys = self._keys_of(sop_instance_uid, self.shards)
+        name = keys.instance(sop_instance_uid)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(name)  # two removers of one instance: one of them counts it
+                    raw = pipe.get(name)
+                    if raw is None:
+                        return False
+                    row = entry_row(raw)
+                    block, slot = divmod(row, BLOCK_ROWS)
+                    pipe.multi()
+                    live_offset = slot * ATTRIBUTES.itemsize + ATTRIBUTES.fields["live"][1]
+                    pipe.setrange(keys.block("attributes", block), live_offset, b"\x00")
+                    pipe.delete(name)
+                    pipe.hdel(keys.rows(row // ROWS_PER_MAP), row % ROWS_PER_MAP)
+                    pipe.decr(keys.count)
+                    pipe.hincrby(keys.generations, block, 1)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def set_attribute(self, rows: np.ndarray, name: str, values: np.ndarray) -> None:
-        """Overwrite one attribute of many rows (e.g. ``cluster`` after re-clustering)."""
+        """Overwrite one attribute of many rows (global rows, e.g. ``cluster`` after re-clustering)."""
         kind, offset = ATTRIBUTES.fields[name][:2]
         encoded = np.asarray(values, dtype=kind)
-        pipe = self.client.pipeline(transaction=True)
-        blocks = set()
-        for row, value in zip(rows, encoded):
-            block, slot = divmod(int(row), BLOCK_ROWS)
-            blocks.add(block)
-            pipe.setrange(self.keys.block("attributes", block), slot * ATTRIBUTES.itemsize + offset, value.tobytes())
-        for block in blocks:
-            pipe.hincrby(self.keys.generations, block, 1)
-        pipe.execute()
+        shards, local = self._locate(rows, self.shards)
+        for shard in np.unique(shards):
+            keys = self._shard_keys[int(shard)]
+            pipe = self.client.pipeline(transaction=True)
+            blocks = set()
+            for row, value in zip(local[shards == shard], encoded[shards == shard]):
+                block, slot = divmod(int(row), BLOCK_ROWS)
+                blocks.add(block)
+                pipe.setrange(keys.block("attributes", block), slot * ATTRIBUTES.itemsize + offset, value.tobytes())
+            for block in blocks:
+                pipe.hincrby(keys.generations, block, 1)
+            pipe.execute()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def row(self, sop_instance_uid: str) -> int | None:
+        """The instance's global row (``None`` when it is not indexed)."""
+        shards = self.shards
+        shard = shard_of(sop_instance_uid, shards)
+        raw = self.client.get(self._shard_keys[shard].instance(sop_instance_uid))
+        return None if raw is None else entry_row(raw) * shards + shard
 
     def contains(self, sop_instance_uid: str) -> bool:
-        return bool(self.client.hexists(self.keys.instance(sop_instance_uid), "row"))
+        return bool(self.client.exists(self._keys_of(sop_instance_uid, self.shards).instance(sop_instance_uid)))
 
-    def count(self) -> int:
-        """Instances indexed now (O(1))."""
-        return int(self.client.hlen(self.keys.rows))
-
-    def stats(self) -> dict:
-        """Count, rows ever allocated, blocks, and the layout (all O(1) reads)."""
-        allocated = int(self.client.get(self.keys.next_row) or 0)
-        return {"version": self.info.version, "instances": self.count(), "rows_allocated": allocated,
-                "blocks": -(-allocated // BLOCK_ROWS), "feature_dim": self.info.feature_dim,
-                "code_bits": self.info.layout.bits,
-                "multi_index": f"{self.multi_index.count} x {self.multi_index.bits} bits"}  # fmt: skip
-
-    def sop_uids(self, rows: Iterable[int]) -> list[str | None]:
-        rows = [int(r) for r in rows]
-        return [v.decode() if v else None for v in (self.client.hmget(self.keys.rows, rows) if rows else [])]
-
-    def describe(self, sop_instance_uids: Sequence[str]) -> list[dict | None]:
-        """The stored metadata, probabilities and Orthanc ids of each instance (``None`` if absent)."""
+    def indexed(self, sop_instance_uids: Sequence[str]) -> list[bool]:
+        """:meth:`contains` of many instances (one pipeline)."""
+        if not sop_instance_uids:
+            return []
+        shards = self.shards
         pipe = self.client.pipeline(transaction=False)
         for uid in sop_instance_uids:
-            pipe.hgetall(self.keys.instance(uid))
+            pipe.exists(self._keys_of(uid, shards).instance(uid))
+        return [bool(x) for x in pipe.execute()]
+
+    def count(self) -> int:
+        """Instances indexed now (O(shards))."""
+        return sum(self._per_shard(lambda pipe, keys: pipe.get(keys.count)))
+
+    def stats(self) -> dict:
+        """Count, rows ever allocated, blocks, shards and the layout (all O(shards) reads)."""
+        allocated = self._per_shard(lambda pipe, keys: pipe.get(keys.next_row))
+        return {"version": self.info.version, "instances": self.count(), "rows_allocated": sum(allocated),
+                "blocks": sum(-(-n // BLOCK_ROWS) for n in allocated), "shards": self.shards,
+                "feature_dim": self.info.feature_dim, "code_bits": self.info.layout.bits, "layout": LAYOUT}  # fmt: skip
+
+    def _per_shard(self, command) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            command(pipe, self._shard_keys[shard])
+        return [int(value or 0) for value in pipe.execute()]
+
+    def sop_uids(self, rows: Iterable[int]) -> list[str | None]:
+        """The SOPInstanceUID of each global row (``None`` for a gap or a removed instance)."""
+        shards, local = self._locate(rows, self.shards)
+        if not len(local):
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for shard, row in zip(shards.tolist(), local.tolist()):
+            pipe.hget(self._shard_keys[shard].rows(row // ROWS_PER_MAP), row % ROWS_PER_MAP)
+        return [v.decode() if v else None for v in pipe.execute()]
+
+    def describe(self, sop_instance_uids: Sequence[str]) -> list[dict | None]:
+        """The stored global row, metadata, probabilities, Orthanc ids and frame of each
+        instance (``None`` if absent)."""
+        if not sop_instance_uids:
+            return []
+        count = self.shards
+        shards = [shard_of(uid, count) for uid in sop_instance_uids]
+        pipe = self.client.pipeline(transaction=False)
+        for uid, shard in zip(sop_instance_uids, shards):
+            pipe.get(self._shard_keys[shard].instance(uid))
         out = []
-        for raw in pipe.execute():
-            if not raw:
+        for uid, shard, raw in zip(sop_instance_uids, shards, pipe.execute()):
+            if raw is None:
                 out.append(None)
                 continue
-            fields = {k.decode(): v.decode() for k, v in raw.items()}
-            out.append({"row": int(fields["row"]), "metadata": json.loads(fields.get("metadata", "{}")),
-                        "probabilities": json.loads(fields.get("probabilities", "{}")),
-                        "orthanc": json.loads(fields.get("orthanc", "{}")), "frame": int(fields.get("frame", 0))})  # fmt: skip
+            entry = decode_entry(uid, raw)
+            entry["row"] = entry["row"] * count + shard
+            out.append(entry)
         return out
 
-    def read_blocks(self, blocks: Sequence[int]) -> dict[int, dict[str, bytes]]:
-        """Raw column blocks (missing ones as empty bytes)."""
+    def read_blocks(self, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], dict[str, bytes]]:
+        """Raw column blocks, by (shard, block number) (missing ones as empty bytes)."""
+        self._resolve()
         pipe = self.client.pipeline(transaction=False)
-        for block in blocks:
+        for shard, block in blocks:
             for column in COLUMNS:
-                pipe.get(self.keys.block(column, block))
+                pipe.get(self._shard_keys[shard].block(column, block))
         raw = pipe.execute()
-        return {block: {column: raw[i * len(COLUMNS) + j] or b"" for j, column in enumerate(COLUMNS)}
-                for i, block in enumerate(blocks)}  # fmt: skip
+        return {key: {column: raw[i * len(COLUMNS) + j] or b"" for j, column in enumerate(COLUMNS)}
+                for i, key in enumerate(blocks)}  # fmt: skip
 
-    def generations(self) -> dict[int, int]:
-        return {int(k): int(v) for k, v in self.client.hgetall(self.keys.generations).items()}
+    def generations(self) -> dict[tuple[int, int], int]:
+        """(shard, block number) -> write count, of every block of every shard."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            pipe.hgetall(self._shard_keys[shard].generations)
+        return {(shard, int(k)): int(v) for shard, answer in enumerate(pipe.execute()) for k, v in answer.items()}
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:

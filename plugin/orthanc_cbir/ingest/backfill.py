@@ -366,10 +366,7 @@ def _rejected_uids(queue: IngestQueue) -> set[str]:
 
 
 def _indexed(store: IndexStore, uids: Sequence[str]) -> list[bool]:
-    pipe = store.client.pipeline(transaction=False)
-    for uid in uids:
-        pipe.hexists(store.keys.instance(uid), "row")
-    return [bool(x) for x in pipe.execute()] if uids else []
+    return store.indexed(uids)
 
 
 def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, modalities: list[str] | None,

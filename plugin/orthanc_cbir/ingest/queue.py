@@ -9,6 +9,10 @@ the rejected hash with their reason, so an operator can see them.
 
 The queue carries Orthanc ids, not vectors, so it does not depend on the model
 version.
+
+Every command here, and every transaction (``ack``: ``XACK`` + ``XDEL`` of the
+stream), touches one key, so the queue works unchanged on a Redis Cluster (each
+key on the master of its slot) and its key names stay those of a single server.
 """
 
 from __future__ import annotations

@@ -49,10 +49,8 @@ def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, pro
         candidates = [oid for oid in page if oid not in rejected]
         skipped += len(page) - len(candidates)
         known = [oid for oid in candidates if oid in indexed_uid]
-        pipe = client.pipeline(transaction=False)
-        for oid in known:  # indexed once, but maybe under another model version
-            pipe.hexists(store.keys.instance(indexed_uid[oid]), "row")
-        present = {oid for oid, indexed in zip(known, pipe.execute()) if indexed}
+        # indexed once, but maybe under another model version
+        present = {oid for oid, indexed in zip(known, store.indexed([indexed_uid[oid] for oid in known])) if indexed}
         already += len(present)
         for oid in candidates:
             if oid not in present:

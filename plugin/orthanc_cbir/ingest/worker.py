@@ -95,7 +95,8 @@ class Worker:
         orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
         queue = IngestQueue(client, claim_idle_ms=int(settings.claim_after_s * 1000))
         return cls(
-            queue, orthanc, IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
+            queue, orthanc, IndexStore(client, IndexInfo.from_card(embedder.card), shards=settings.index_shards),
+            embedder,
             settings.frames_per_instance, settings.worker_batch_size,
             series_maker=SimilarSeriesMaker(settings, orthanc, client, queue.keys),
             series_on_stable_study=settings.similar_series_on_stable_study,

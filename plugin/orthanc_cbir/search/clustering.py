@@ -40,7 +40,7 @@ def recluster(store: IndexStore, neighbours: int = 10, resolution: float = 1.0, 
     rows = np.flatnonzero(searcher.snapshot.live)
     if len(rows) < 2:
         raise ValueError(f"clustering needs at least 2 indexed instances, the index has {len(rows)}")
-    features = searcher.snapshot.features[rows].astype(np.float32)
+    features = searcher.snapshot.vectors(rows)  # float32 (n, D): the graph needs every pair anyway
     nearest = exact_top_k(features, features, min(neighbours + 1, len(rows)))
     graph = nx.Graph()
     graph.add_nodes_from(range(len(rows)))

@@ -6,11 +6,10 @@
   Hamming distance of the whole code, re-ranked by feature distance. Who finds
   them depends on the index size (``SearchOptions.hamming_search``): below
   :data:`MULTI_INDEX_MIN_ROWS` a popcount scan of the searcher's cached codes
-  (16 bytes a row: under a millisecond for 50,000), above it the multi-index
-  hash buckets in Redis (:mod:`orthanc_cbir.index.hamming`), which are sublinear
-  but need a crowded code space: on the 47,554 MedNIST training images their
-  exact-substring buckets miss too many true neighbours (recall@10 against
-  ``exact`` 0.86 when probing 4 % of the index, against 0.985 for the scan).
+  (16 bytes a row: under a millisecond for 50,000), above it multi-index hashing
+  (:mod:`orthanc_cbir.index.hamming`) over the same cached codes, which reads the
+  codes of about a tenth of a million-instance index (recall@10 against ``exact``
+  and latency: ``benchmarks/query_scale.py``).
 - ``class`` (seeds 000, 002): predict the query's class (modality and region
   heads), rank only instances predicted to be of the same class.
 - ``cluster`` (seed 003): instances are grouped offline by modularity
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..index.hamming import probe
+from ..index.hamming import CodeTables
 from ..index.schema import NO_CLUSTER
 from ..index.snapshot import IndexSnapshot
 from ..index.store import IndexStore
@@ -45,8 +44,15 @@ from .filters import Filters, QueryContext
 STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
 LEVELS = ("instance", "series", "study")
 MULTI_INDEX_MIN_ROWS = 200_000
-"""From this many indexed instances on, ``hamming`` probes the multi-index buckets
+"""From this many indexed instances on, ``hamming`` probes the multi-index tables
 instead of scanning every code (``hamming_search="auto"``)."""
+PROBED_PER_CANDIDATE = 20
+"""A multi-index probe reads buckets until they hold this many rows per candidate
+wanted: at 10^6 instances, 7,800 candidates from ~150,000 probed rows keep
+recall@10 above 0.95 (``benchmarks/query_scale.py``)."""
+REBUILD_ROWS = 16_384
+"""Rows indexed since the multi-index tables were built are scanned linearly; the
+tables are rebuilt when there are more than this many, or a 32nd of the index."""
 CLASS_HEADS = ("modality", "region")
 """The heads whose predicted classes define ``class``: the body-region classes of seeds 000 / 002."""
 
@@ -71,15 +77,17 @@ class SearchOptions:
     level: str = "instance"
     """``instance``, or ``series`` / ``study``: a group ranks by its best instance among
     the top ``group_depth`` instances."""
-    candidates: int = 1000
-    """``hamming`` / ``multilateral``: instances re-ranked by feature distance."""
+    candidates: int | None = None
+    """``hamming`` / ``multilateral``: instances re-ranked by feature distance; ``None``: a
+    128th of the instances the filters allow, at least 1,000 and at most 10,000 (1,000 up to
+    128,000 instances, 7,812 at a million: recall@10 about 0.96 there)."""
     weights: Mapping[str, float] | None = None
     """``multilateral``: weight per sub-code name (unnamed sub-codes weigh 1)."""
     clusters: int = 1
     """``cluster``: nearest clusters searched."""
     hamming_search: str = "auto"
-    """``hamming``: ``scan`` (every cached code), ``multi-index`` (Redis buckets) or ``auto``
-    (multi-index from :data:`MULTI_INDEX_MIN_ROWS` instances on)."""
+    """``hamming``: ``scan`` (every cached code), ``multi-index`` (bucket tables over the
+    cached codes) or ``auto`` (multi-index from :data:`MULTI_INDEX_MIN_ROWS` instances on)."""
     group_depth: int = 1000
     with_records: bool = True
     """Read each hit's stored record (metadata, probabilities, Orthanc ids); off for bulk evaluation."""
@@ -93,6 +101,14 @@ class SearchOptions:
             raise ValueError(f"hamming_search must be auto, scan or multi-index, not {self.hamming_search!r}")
         if not 1 <= self.k <= 1000:
             raise ValueError("k must be between 1 and 1000")
+        if self.candidates is not None and not 1 <= self.candidates <= 100_000:
+            raise ValueError("candidates must be between 1 and 100000")
+
+    def pool(self, allowed: int) -> int:
+        """How many instances ``hamming`` / ``multilateral`` re-rank among ``allowed``."""
+        if self.candidates is not None:
+            return self.candidates
+        return int(np.clip(allowed // 128, 1000, 10_000))
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,8 @@ class Searcher:
         self.store = store
         self.snapshot = IndexSnapshot(store)
         self._centroids: tuple[bytes | None, np.ndarray] = (None, np.zeros((0, store.info.feature_dim), np.float32))
+        self._tables: CodeTables | None = None
+        self._unindexed = np.zeros(0, np.int64)  # rows below the tables' end that were not live when they were built
 
     def search(self, query: Query, options: SearchOptions = SearchOptions()) -> SearchResult:
         started = time.perf_counter()
@@ -168,23 +186,46 @@ class Searcher:
 
     def _hamming(self, query, options, mask, depth) -> Ranking:
         allowed = int(np.count_nonzero(mask))
-        if allowed <= options.candidates:  # the filters leave fewer instances than the pool: rank them all
+        pool_size = options.pool(allowed)
+        if allowed <= pool_size:  # the filters leave fewer instances than the pool: rank them all
             return self._exact(query, options, mask, depth)
-        use_buckets = options.hamming_search == "multi-index" or (
+        use_tables = options.hamming_search == "multi-index" or (
             options.hamming_search == "auto" and allowed >= MULTI_INDEX_MIN_ROWS
         )
-        if use_buckets:
-            found = probe(self.store.client, self.store.keys, self.store.multi_index, query.code,
-                          options.candidates, accept=lambda rows: _accepts(mask, rows))  # fmt: skip
-            rows = found.rows[_accepts(mask, found.rows)]
+        if use_tables:
+            tables, late = self._code_tables()
+            found, _ = tables.probe(query.code, pool_size * PROBED_PER_CANDIDATE)
+            rows = np.concatenate([found, late])
+            rows = rows[_accepts(mask, rows)]
         else:
             rows = np.flatnonzero(mask)
         # every row allowed (no filter): scan the cached codes in place instead of gathering a copy
-        codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else self.snapshot.codes[rows]
+        # np.take: a gather of whole rows, five times faster than fancy indexing
+        codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else np.take(self.snapshot.codes, rows, axis=0)
         distances = hamming_distances(query.code, codes)
-        pool = rows[_smallest(distances, options.candidates)]
+        pool = rows[_smallest(distances, pool_size)]
         ranking = _nearest(self.snapshot, query.features, pool, depth)
         return Ranking(ranking.rows, ranking.distances, ranking.candidates, examined=len(rows))
+
+    def _code_tables(self) -> tuple[CodeTables, np.ndarray]:
+        """The multi-index tables over the snapshot's live rows, and the rows they do not
+        hold but a query must still see (indexed since the build: scanned linearly). Rebuilt
+        when those pass :data:`REBUILD_ROWS` or a 32nd of the index."""
+        live = self.snapshot.live
+        if self._tables is not None:
+            late = self._late(live)
+            if len(late) <= max(REBUILD_ROWS, self._tables.rows // 32):
+                return self._tables, late
+        indexed = np.flatnonzero(live)
+        self._tables = CodeTables(self.store.info.multi_index, self.snapshot.codes[: len(live)], indexed)
+        self._unindexed = np.flatnonzero(~live)
+        return self._tables, np.zeros(0, np.int64)
+
+    def _late(self, live: np.ndarray) -> np.ndarray:
+        """Live rows the tables do not hold: below their end but not live at the build
+        (a row is allocated before it is written), or past their end."""
+        below = self._unindexed[live[self._unindexed]]
+        return np.concatenate([below, self._tables.rows + np.flatnonzero(live[self._tables.rows :])])
 
     def _class(self, query, options, mask, depth) -> Ranking:
         for head in CLASS_HEADS:
@@ -204,7 +245,7 @@ class Searcher:
         rows = np.flatnonzero(mask)
         weights = self.store.info.layout.bit_weights(options.weights)
         distances = weighted_hamming_distances(query.code, self.snapshot.codes[rows], weights)
-        pool = rows[_smallest(distances, max(options.candidates, depth))]
+        pool = rows[_smallest(distances, max(options.pool(len(rows)), depth))]
         pool_distances = distances[np.searchsorted(rows, pool)]
         features = _feature_distances(self.snapshot, query.features, pool)
         order = np.lexsort((features, pool_distances))[:depth]
@@ -215,13 +256,10 @@ class Searcher:
         vector, code, class probabilities and context. Several (a series, a study): the
         normalised mean of their features, with the code, probabilities and context of the
         instance nearest that mean (a code cannot be averaged)."""
-        features = self.snapshot.features[rows]
-        if len(rows) == 1:
-            vector, nearest = features[0], int(rows[0])
-        else:
-            vector = features.mean(axis=0)
-            vector /= max(float(np.linalg.norm(vector)), 1e-12)
-            nearest = int(rows[int(np.argmax(features @ vector))])
+        features = self.snapshot.vectors(rows)  # dequantized: normalised again below
+        vector = features.mean(axis=0)
+        vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        nearest = int(rows[0]) if len(rows) == 1 else int(rows[int(np.argmax(features @ vector))])
         record = self.store.describe(self.store.sop_uids([nearest]))[0] or {}
         meta = record.get("metadata", {})
         probabilities = {head: np.asarray(p, np.float32) for head, p in record.get("probabilities", {}).items()}
@@ -285,11 +323,8 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
 
 
 def _feature_distances(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    query = np.asarray(features, np.float32)
-    if len(rows) > len(snapshot.features) // 4:  # most rows: one pass over the whole matrix beats gathering
-        similarities = (snapshot.features @ query)[rows]
-    else:
-        similarities = snapshot.features[rows] @ query
+    """Euclidean distances of the (unit) query to the rows' (dequantized int8) features."""
+    similarities = snapshot.similarities(features, rows)
     return np.sqrt(np.maximum(2.0 - 2.0 * similarities, 0.0))
 
 

@@ -1,0 +1,79 @@
+"""The one place a Redis client is made: a single server (``redis.Redis``) or, with the
+``redis_cluster`` setting, a Redis Cluster (``redis.cluster.RedisCluster``, seeded by the
+URL of any of its nodes).
+
+Every command the index and the queue send touches one key, or keys that share a hash tag
+(one index shard's transaction): on a cluster, each goes to the master that owns its slot,
+and a pipeline fans out over the masters.
+
+A ``RedisCluster`` connects when it is made (a ``redis.Redis`` only when first used), so
+the cluster client is made on first use, and while the cluster cannot be reached each use
+raises :class:`redis.ConnectionError`, as a single server's client would: the callers that
+wait out a Redis outage (the Orthanc plugin's enqueue buffer, workers, the 503 of the
+similarity routes) treat both the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
+
+from .config import Settings
+
+
+def connect(url: str, *, cluster: bool = False, **options: Any):
+    """A client of ``url`` (``redis://``, ``rediss://``); ``options`` go to ``from_url``
+    (``socket_timeout``...). With ``cluster``: a :class:`LazyCluster`."""
+    if cluster:
+        return LazyCluster(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def client_for(settings: Settings, **options: Any):
+    """:func:`connect` to the Redis of ``settings`` (``redis_url``, ``redis_cluster``)."""
+    return connect(settings.redis_url, cluster=settings.redis_cluster, **options)
+
+
+class LazyCluster:
+    """A ``RedisCluster`` of ``url``, made on first use (and tried again on the next use while
+    the cluster cannot be reached); every attribute is the cluster client's."""
+
+    def __init__(self, url: str, **options: Any):
+        self.url = url
+        self.options = options
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def cluster(self) -> RedisCluster:
+        """The cluster client (made now if it was not yet). Raises :class:`redis.ConnectionError`
+        when no node answers."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = RedisCluster.from_url(self.url, **self.options)
+                    except RedisClusterException as exc:
+                        raise redis.ConnectionError(f"Redis Cluster at {_public(self.url)}: {exc}") from exc
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cluster, name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> LazyCluster:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _public(url: str) -> str:
+    return url.split("@")[-1]
