@@ -25,30 +25,29 @@ def test_probing_to_radius_r_finds_every_code_within_m_times_r_plus_1_minus_1_bi
     codes = rng.integers(0, 256, size=(5000, 16), dtype=np.uint8)
     tables = CodeTables(INDEX, codes, np.arange(len(codes)))
     for query in codes[:20] ^ rng.integers(0, 2, size=(20, 16), dtype=np.uint8):
-        found, radius = tables.probe(query, wanted=10**9)  # never satisfied: every radius probed
-        assert radius == CodeTables.MAX_RADIUS
-        within = np.flatnonzero(searched_distance(query, codes) <= INDEX.count * (radius + 1) - 1)
-        assert len(within) and set(within) <= set(found.tolist())
+        probe = tables.probe(query, wanted=10**9)  # never satisfied: every radius probed
+        assert probe.radius == CodeTables.MAX_RADIUS
+        within = np.flatnonzero(searched_distance(query, codes) <= INDEX.count * (probe.radius + 1) - 1)
+        assert len(within) and set(within) <= set(probe.rows.tolist())
 
 
-def test_a_probe_returns_each_row_once_and_only_rows_it_holds():
+def test_a_probe_reads_only_rows_the_tables_hold_each_with_its_own_code():
     rng = np.random.default_rng(1)
     codes = np.repeat(rng.integers(0, 256, size=(50, 16), dtype=np.uint8), 4, axis=0)  # every code 4 times
     held = np.arange(0, len(codes), 2)
-    tables = CodeTables(INDEX, codes, held)
-    found, _ = tables.probe(codes[0], wanted=10**9)
-    assert len(found) == len(set(found.tolist())) and set(found.tolist()) <= set(held.tolist())
-    assert 0 in found and 2 in found
+    probe = CodeTables(INDEX, codes, held).probe(codes[0], wanted=10**9)
+    assert set(probe.rows.tolist()) <= set(held.tolist()) and {0, 2} <= set(probe.rows.tolist())
+    np.testing.assert_array_equal(probe.codes, codes[probe.rows])
+    assert np.count_nonzero(probe.rows == 0) == INDEX.count  # found once per table: repeats are the caller's
 
 
-def test_a_probe_stops_once_the_buckets_hold_the_rows_wanted():
+def test_a_probe_stops_after_the_table_that_brings_the_rows_wanted():
     rng = np.random.default_rng(2)
     codes = rng.integers(0, 256, size=(20000, 16), dtype=np.uint8)
     tables = CodeTables(INDEX, codes, np.arange(len(codes)))
-    few, few_radius = tables.probe(codes[0], wanted=50)
-    many, many_radius = tables.probe(codes[0], wanted=5000)
-    assert 50 <= len(few) < len(many) and few_radius <= many_radius
-    assert len(many) >= 5000 * 0.8  # repeats are counted while probing, removed in the answer
+    few, many = tables.probe(codes[0], wanted=50), tables.probe(codes[0], wanted=5000)
+    assert 50 <= len(few.rows) < len(many.rows) and few.radius <= many.radius
+    assert len(many.rows) >= 5000
 
 
 def as_query(record) -> Query:

@@ -58,14 +58,29 @@ class MultiIndex:
         return np.array([sum(1 << b for b in chosen) for chosen in combinations(range(self.bits), radius)], np.int64)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What a probe read: rows with their codes, a row once per bucket it was found in."""
+
+    rows: np.ndarray
+    """int64 (n,): rows in the order read; a row near the query on several substrings repeats."""
+    codes: np.ndarray
+    """uint8 (n, B/8): the packed code of each of ``rows``."""
+    radius: int
+    """The largest substring radius probed."""
+
+
 class CodeTables:
     """One bucket table per substring over the codes of the rows ``indexed``, built once.
 
     ``sorted_rows[j * n : (j + 1) * n]`` are the ``n`` indexed rows sorted by substring
     ``j`` (stable, so rows ascend within a bucket); bucket ``v`` of table ``j`` is the
-    slice ``offsets[j, v] : offsets[j, v + 1]`` of ``sorted_rows``. About ``4 * count``
-    bytes a row (24 bytes at 6 tables); a build is one radix sort per table (~0.1 s a
-    million rows). ``rows`` is where the tables end: rows from there on are the caller's."""
+    slice ``offsets[j, v] : offsets[j, v + 1]`` of ``sorted_rows``, and ``sorted_codes``
+    holds each of those rows' full code beside it, so a probe reads whole buckets of codes
+    as contiguous runs rather than gathering them row by row (twice as fast at 10^6).
+    ``count * (4 + B/8)`` bytes a row: 120 at 6 tables of a 128-bit code; a build is one
+    radix sort per table (~0.2 s a million rows). ``rows`` is where the tables end: rows
+    from there on are the caller's."""
 
     MAX_RADIUS = 3
 
@@ -75,45 +90,39 @@ class CodeTables:
         n, size = len(indexed), 1 << index.bits
         values = index.values(codes[indexed]) if n else np.zeros((0, index.count), np.int64)
         self.sorted_rows = np.empty(index.count * n, np.int32)
+        self.sorted_codes = np.empty((index.count * n, codes.shape[1]), np.uint8)
         self.offsets = np.empty((index.count, size + 1), np.int64)
         for j in range(index.count):
             column = values[:, j].astype(np.uint16)
-            self.sorted_rows[j * n : (j + 1) * n] = indexed[np.argsort(column, kind="stable")]
+            rows = indexed[np.argsort(column, kind="stable")]
+            self.sorted_rows[j * n : (j + 1) * n] = rows
+            self.sorted_codes[j * n : (j + 1) * n] = np.take(codes, rows, axis=0)
             self.offsets[j, 0] = j * n
             np.cumsum(np.bincount(column, minlength=size), out=self.offsets[j, 1:])
             self.offsets[j, 1:] += j * n
         self._masks = [index.flips(radius) for radius in range(min(self.MAX_RADIUS, index.bits) + 1)]
-        self._latest = np.full(self.rows, -1, np.int32)  # scratch for de-duplicating a probe's rows
 
-    def probe(self, code: np.ndarray, wanted: int) -> tuple[np.ndarray, int]:
-        """Rows (distinct, unordered) from the buckets nearest the query's substrings, and the
-        largest radius probed. Radius by radius, table by table, it stops once the buckets read
-        hold ``wanted`` rows (counted with repeats) or :data:`MAX_RADIUS` is exhausted."""
+    def probe(self, code: np.ndarray, wanted: int) -> Probe:
+        """The buckets nearest the query's substrings: radius by radius (every table at
+        radius 0, then every table at radius 1, ...), stopping after the first table whose
+        buckets bring the rows read to ``wanted`` (repeats counted), or at :data:`MAX_RADIUS`."""
         values = self.index.values(code)[0]
         parts: list[np.ndarray] = []
         found = 0
         for radius, masks in enumerate(self._masks):
             probed = values[:, None] ^ masks[None, :]
             starts = np.take_along_axis(self.offsets, probed, axis=1)
-            ends = np.take_along_axis(self.offsets, probed + 1, axis=1)
-            for table in range(self.index.count):
-                lengths = ends[table] - starts[table]
-                total = int(lengths.sum())
-                if total:
-                    # the concatenation of the slices starts[i]:ends[i], without a Python loop
-                    before = np.cumsum(lengths) - lengths
-                    positions = np.arange(total) + np.repeat(starts[table] - before, lengths)
-                    parts.append(self.sorted_rows[positions])
-                    found += total
-                if found >= wanted:
-                    return self._distinct(parts), radius
-        return self._distinct(parts), len(self._masks) - 1
-
-    def _distinct(self, parts: list[np.ndarray]) -> np.ndarray:
-        if not parts:
-            return np.zeros(0, np.int64)
-        rows = np.concatenate(parts)
-        # each row keeps its last occurrence: O(n), where np.unique would sort
-        order = np.arange(len(rows), dtype=np.int32)
-        np.put(self._latest, rows, order)  # put / take: a third faster than fancy indexing
-        return rows[np.take(self._latest, rows) == order].astype(np.int64)
+            lengths = np.take_along_axis(self.offsets, probed + 1, axis=1) - starts
+            per_table = np.cumsum(lengths.sum(axis=1))
+            tables = int(np.searchsorted(per_table, wanted - found)) + 1  # the tables this radius still needs
+            starts, lengths = starts[:tables].ravel(), lengths[:tables].ravel()
+            total = int(lengths.sum())
+            if total:
+                # the concatenation of the slices starts[i] : starts[i] + lengths[i], without a Python loop
+                parts.append(np.arange(total) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths))
+                found += total
+            if found >= wanted:
+                break
+        positions = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return Probe(np.take(self.sorted_rows, positions).astype(np.int64),
+                     np.take(self.sorted_codes, positions, axis=0), radius)  # fmt: skip

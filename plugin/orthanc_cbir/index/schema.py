@@ -183,6 +183,12 @@ class KeySpace:
         return f"{self.base}:generations"
 
     @property
+    def writes(self) -> str:
+        """Counter of the writes that moved any generation: a searcher reads the generations
+        only when it moved, one GET a query instead of a hash of every block."""
+        return f"{self.base}:writes"
+
+    @property
     def info(self) -> str:
         """Hash: ``schema`` (JSON: layout, shards, model version, feature dimension, code layout,
         label names) and ``centroids``. Only the unsharded key space's is used."""

@@ -41,6 +41,7 @@ class IndexSnapshot:
         self.store = store
         self.rows = 0
         self._seen: dict[tuple[int, int], int] = {}
+        self._writes: tuple[int, ...] | None = None
         info = store.info
         self._capacity = 0
         self._buffers = {
@@ -60,9 +61,13 @@ class IndexSnapshot:
 
     def refresh(self) -> int:
         """Bring the copy up to date; returns the number of blocks re-read."""
+        writes = self.store.writes()  # before the generations: a write between the two is seen next time
+        if writes == self._writes:
+            return 0
         current = self.store.generations()
         stale = sorted(key for key, generation in current.items() if self._seen.get(key) != generation)
         if not stale:
+            self._writes = writes
             return 0
         shards = self.store.shards
         self._grow((max(block for _, block in current) + 1) * BLOCK_ROWS * shards)
@@ -78,6 +83,7 @@ class IndexSnapshot:
                 for name in ATTRIBUTES.names:
                     self._place(f"attribute:{name}", where, records[name])
                 self._seen[(shard, block)] = current[(shard, block)]
+        self._writes = writes
         return len(stale)
 
     def _place(self, buffer: str, where: slice, values: np.ndarray) -> None:

@@ -251,6 +251,7 @@ class IndexStore:
         pipe.incrby(keys.count, len(new))
         for block in np.unique(rows // BLOCK_ROWS):
             pipe.hincrby(keys.generations, int(block), 1)
+        pipe.incr(keys.writes)
 
     def remove(self, sop_instance_uid: str) -> bool:
         """Take an instance out of every answer; False if it was not indexed."""
@@ -272,6 +273,7 @@ class IndexStore:
                     pipe.hdel(keys.rows(row // ROWS_PER_MAP), row % ROWS_PER_MAP)
                     pipe.decr(keys.count)
                     pipe.hincrby(keys.generations, block, 1)
+                    pipe.incr(keys.writes)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -292,6 +294,7 @@ class IndexStore:
                 pipe.setrange(keys.block("attributes", block), slot * ATTRIBUTES.itemsize + offset, value.tobytes())
             for block in blocks:
                 pipe.hincrby(keys.generations, block, 1)
+            pipe.incr(keys.writes)
             pipe.execute()
 
     # -- reads ------------------------------------------------------------------------------
@@ -373,6 +376,13 @@ class IndexStore:
         raw = pipe.execute()
         return {key: {column: raw[i * len(COLUMNS) + j] or b"" for j, column in enumerate(COLUMNS)}
                 for i, key in enumerate(blocks)}  # fmt: skip
+
+    def writes(self) -> tuple[int, ...]:
+        """Per shard, how many writes have moved a block's generation: unchanged, nothing to re-read."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            pipe.get(self._shard_keys[shard].writes)
+        return tuple(int(count or 0) for count in pipe.execute())
 
     def generations(self) -> dict[tuple[int, int], int]:
         """(shard, block number) -> write count, of every block of every shard."""

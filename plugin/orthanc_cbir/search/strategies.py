@@ -50,6 +50,10 @@ PROBED_PER_CANDIDATE = 20
 """A multi-index probe reads buckets until they hold this many rows per candidate
 wanted: at 10^6 instances, 7,800 candidates from ~150,000 probed rows keep
 recall@10 above 0.95 (``benchmarks/query_scale.py``)."""
+REPEATS = 2.5
+"""Probed rows repeat (a row near the query on several substrings is found in several
+tables): ``hamming`` ranks this many times the pool by code distance, then keeps each
+row's first place, which leaves about a full pool of distinct rows at 10^6 instances."""
 REBUILD_ROWS = 16_384
 """Rows indexed since the multi-index tables were built are scanned linearly; the
 tables are rebuilt when there are more than this many, or a 32nd of the index."""
@@ -120,7 +124,7 @@ class Ranking:
     candidates: int
     """Instances whose features (or weighted codes) were compared to the query's."""
     examined: int = 0
-    """``hamming``: instances whose codes the multi-index probe returned (a superset of the candidates)."""
+    """``hamming``: codes compared with the query's (a probed row counts once per table that held it)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Searcher:
         self._centroids: tuple[bytes | None, np.ndarray] = (None, np.zeros((0, store.info.feature_dim), np.float32))
         self._tables: CodeTables | None = None
         self._unindexed = np.zeros(0, np.int64)  # rows below the tables' end that were not live when they were built
+        self._scratch = np.zeros(0, np.int32)
 
     def search(self, query: Query, options: SearchOptions = SearchOptions()) -> SearchResult:
         started = time.perf_counter()
@@ -194,18 +199,40 @@ class Searcher:
         )
         if use_tables:
             tables, late = self._code_tables()
-            found, _ = tables.probe(query.code, pool_size * PROBED_PER_CANDIDATE)
-            rows = np.concatenate([found, late])
-            rows = rows[_accepts(mask, rows)]
+            probe = tables.probe(query.code, pool_size * PROBED_PER_CANDIDATE)
+            rows, codes = probe.rows, probe.codes
+            if len(late):
+                rows, codes = np.concatenate([rows, late]), np.concatenate([codes, np.take(self.snapshot.codes, late, axis=0)])
+            allowed_rows = np.take(mask, rows)
+            if not allowed_rows.all():  # np.compress: boolean indexing of 2-D rows is seven times slower
+                rows, codes = rows[allowed_rows], np.compress(allowed_rows, codes, axis=0)
+            distances = hamming_distances(query.code, codes)
+            # a row found on several substrings repeats (with its one distance): take REPEATS pools'
+            # worth of the nearest, drop the repeats, and take more in the rare case that leaves less
+            ranked = int(pool_size * REPEATS)
+            while True:
+                nearest = _nearest_unordered(distances, ranked)
+                distinct = nearest[self._first_occurrences(rows[nearest])]
+                if len(distinct) >= pool_size or ranked >= len(rows):
+                    break
+                ranked *= 2
+            pool, examined = rows[distinct[_nearest_unordered(distances[distinct], pool_size)]], len(rows)
         else:
             rows = np.flatnonzero(mask)
-        # every row allowed (no filter): scan the cached codes in place instead of gathering a copy
-        # np.take: a gather of whole rows, five times faster than fancy indexing
-        codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else np.take(self.snapshot.codes, rows, axis=0)
-        distances = hamming_distances(query.code, codes)
-        pool = rows[_smallest(distances, pool_size)]
+            # every row allowed (no filter): scan the cached codes in place instead of gathering a copy
+            codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else np.take(self.snapshot.codes, rows, axis=0)
+            pool, examined = rows[_smallest(hamming_distances(query.code, codes), pool_size)], len(rows)
         ranking = _nearest(self.snapshot, query.features, pool, depth)
-        return Ranking(ranking.rows, ranking.distances, ranking.candidates, examined=len(rows))
+        return Ranking(ranking.rows, ranking.distances, ranking.candidates, examined=examined)
+
+    def _first_occurrences(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of ``rows`` that keep each row once, at its first place; O(n) with a scratch
+        array where ``np.unique`` would sort."""
+        if len(self._scratch) < len(self.snapshot.codes):
+            self._scratch = np.zeros(len(self.snapshot.codes), np.int32)
+        places = np.arange(len(rows), dtype=np.int32)
+        np.put(self._scratch, rows[::-1], places[::-1])  # the last write wins: the first place
+        return np.flatnonzero(np.take(self._scratch, rows) == places)
 
     def _code_tables(self) -> tuple[CodeTables, np.ndarray]:
         """The multi-index tables over the snapshot's live rows, and the rows they do not
@@ -312,6 +339,11 @@ def _accepts(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.zeros(len(rows), dtype=bool)
     out[inside] = mask[rows[inside]]
     return out
+
+
+def _nearest_unordered(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` smallest values, in no order (all of them when there are fewer)."""
+    return np.argpartition(values, count - 1)[:count] if count < len(values) else np.arange(len(values))
 
 
 def _smallest(values: np.ndarray, count: int) -> np.ndarray:
