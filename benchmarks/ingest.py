@@ -39,8 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugin"))
@@ -49,25 +47,11 @@ from orthanc_cbir.index import IndexInfo, IndexStore  # noqa: E402
 from orthanc_cbir.ingest.queue import STORE, IngestQueue  # noqa: E402
 from orthanc_cbir.local_services import OrthancServer, RedisServer, WorkerProcess  # noqa: E402
 from orthanc_cbir.model.embedder import Embedder  # noqa: E402
+from scp import copies_of_series  # noqa: E402  (benchmarks/, the script's own folder)
 
 SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
 TIMEOUT_S = 600
 BATCH_LINE = re.compile(r"batch of (\d+):")
-
-
-def copies_of_series(files: list[Path], copies: int, out: Path) -> list[Path]:
-    """``copies`` studies of the series, each with its own study, series and instance UIDs."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for copy in range(copies):
-        study, series = generate_uid(), generate_uid()
-        for n, source in enumerate(files):
-            ds = dcmread(source)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            paths.append(out / f"c{copy:02d}_{n:03d}.dcm")
-            ds.save_as(paths[-1])
-    return paths
 
 
 def push(files: list[Path], orthanc: OrthancServer) -> None:

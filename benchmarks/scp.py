@@ -41,6 +41,7 @@ SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx"
 
 def copies_of_series(files: list[Path], copies: int, out: Path) -> list[Path]:
     """``copies`` studies of the series, each with its own study, series and instance UIDs."""
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for copy in range(copies):
         study, series = generate_uid(), generate_uid()
