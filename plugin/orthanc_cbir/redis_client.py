@@ -7,10 +7,11 @@ Every command the index and the queue send touches one key, or keys that share a
 and a pipeline fans out over the masters.
 
 A ``RedisCluster`` connects when it is made (a ``redis.Redis`` only when first used), so
-the cluster client is made on first use, and while the cluster cannot be reached each use
-raises :class:`redis.ConnectionError`, as a single server's client would: the callers that
-wait out a Redis outage (the Orthanc plugin's enqueue buffer, workers, the 503 of the
-similarity routes) treat both the same.
+the cluster client is made on first use, and while the cluster cannot be reached that
+raises :class:`redis.ConnectionError`, as a single server's client would. Once made, a cluster
+client whose nodes are all gone raises :class:`~redis.exceptions.RedisClusterException`, which is
+no :class:`redis.RedisError`: :data:`UNREACHABLE` names both, for the callers that wait out a
+Redis outage (the Orthanc plugin's enqueue buffer, workers, the 503 of the similarity routes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from .config import Settings
+
+UNREACHABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, RedisClusterException)
+"""What a Redis server or Redis Cluster that is down, restarting or too slow raises."""
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any):

@@ -4,6 +4,8 @@ unsharded index of the same records answers; the ingest queue on the cluster."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 
 import numpy as np
@@ -170,3 +172,29 @@ def test_settings_make_a_cluster_client_that_fails_like_a_server_client(cluster)
     with pytest.raises(redis.ConnectionError):  # what callers that wait out a Redis outage catch
         unreachable.ping()
     assert redis_health("redis://127.0.0.1:1", cluster=True)["ok"] is False
+
+
+def test_a_cluster_gone_after_its_client_connected_counts_as_redis_unreachable(tmp_path):
+    """redis-py then raises RedisClusterException, which is no RedisError: the workers, the enqueue
+    buffer and the 503 of the similarity routes must still see an outage, not a bug."""
+    from orthanc_cbir.api.similar import SimilarityService
+    from orthanc_cbir.ingest.enqueue_buffer import EnqueueBuffer
+    from orthanc_cbir.ingest.worker import UNREACHABLE as WORKER_WAITS_ON
+    from orthanc_cbir.redis_client import UNREACHABLE
+
+    with RedisCluster(tmp_path / "short-lived") as short_lived:
+        client = connect(short_lived.url, cluster=True, socket_timeout=2)
+        client.set("k", 1)
+    with pytest.raises(UNREACHABLE) as raised:
+        client.get("k")
+    assert not isinstance(raised.value, redis.RedisError)
+    assert isinstance(raised.value, WORKER_WAITS_ON)
+
+    buffer = EnqueueBuffer(IngestQueue(client), log=lambda line: None, min_backoff_s=60)
+    buffer.enqueue("orthanc-id", STORE)  # kept for later, not raised
+    assert len(buffer) == 1
+    buffer.close()
+
+    settings = dataclasses.replace(load_settings(), redis_url=short_lived.url, redis_cluster=True)
+    answer = SimilarityService(settings).similar("instances", "1.2.3.4", {})
+    assert answer.status == 503 and "unreachable" in json.loads(answer.body)["error"]

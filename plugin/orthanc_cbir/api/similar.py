@@ -23,14 +23,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import redis
 
 from ..config import Settings
 from ..dicom import looks_like_uid
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
 from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
-from ..redis_client import client_for
+from ..redis_client import UNREACHABLE, client_for
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
 from .dicom_json import hit_dataset, included_fields
@@ -69,10 +68,6 @@ class BadRequest(ValueError):
     """A client's mistake: answered with 400 and the message."""
 
 
-REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
-"""What a Redis that is down, restarting or too slow raises: the routes answer 503."""
-
-
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
     parts = urllib.parse.urlsplit(redis_url)
@@ -86,7 +81,7 @@ def _answers_503_without_redis(route: Callable[..., Response]) -> Callable[..., 
     def wrapped(self: SimilarityService, *args: Any, **kwargs: Any) -> Response:
         try:
             return route(self, *args, **kwargs)
-        except REDIS_UNREACHABLE as exc:
+        except UNREACHABLE as exc:  # a Redis (or Redis Cluster) down, restarting or too slow: 503
             return redis_unreachable(self.settings.redis_url, exc)
 
     return wrapped

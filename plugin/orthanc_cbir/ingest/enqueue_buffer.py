@@ -24,6 +24,8 @@ from typing import Protocol
 
 import redis
 
+from ..redis_client import UNREACHABLE
+
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
@@ -37,7 +39,8 @@ class EnqueueBuffer:
 
     def __init__(self, queue: Enqueuer, maxlen: int = 100_000, log: Callable[[str], None] = print,
                  min_backoff_s: float = MIN_BACKOFF_S, max_backoff_s: float = MAX_BACKOFF_S,
-                 errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)):  # fmt: skip
+                 errors: tuple[type[BaseException], ...] = (redis.RedisError, *UNREACHABLE,
+                                                            OSError)):  # fmt: skip
         """``log`` gets one line per state change (Orthanc's ``LogWarning`` in the plugin);
         ``errors`` are the failures that mean "Redis does not answer, keep the entry"."""
         if maxlen < 1:

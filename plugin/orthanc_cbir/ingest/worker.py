@@ -22,7 +22,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
@@ -31,6 +30,7 @@ from ..dicom.similar_cases import is_own_output
 from ..index import IndexInfo, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
+from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
 from .orthanc_client import OrthancClient
 from .queue import (
     DELETE,
@@ -49,7 +49,7 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+UNREACHABLE = (*REDIS_UNREACHABLE, OSError)
 """What Redis or Orthanc down (or restarting) raises in a worker: it waits and goes on."""
 
 
