@@ -11,6 +11,9 @@ import redis
 
 from orthanc_cbir.index import IndexLayoutError, IndexSnapshot, IndexStore
 from orthanc_cbir.index.schema import LAYOUT, decode_entry, encode_entry, quantize
+from orthanc_cbir.ingest.orthanc_client import OrthancClient
+from orthanc_cbir.ingest.queue import IngestQueue
+from orthanc_cbir.ingest.worker import Worker
 
 from .conftest import DIM, make_info, make_records
 
@@ -179,3 +182,19 @@ def test_an_index_of_another_layout_or_shard_count_is_refused(client):
         IndexStore(client, make_info(), shards=1).count()
     adopted = IndexStore(client, make_info())  # no number asked: the index's
     assert adopted.shards == 2 and adopted.count() == 3 and adopted.stats()["layout"] == LAYOUT
+
+
+def test_a_worker_told_another_shard_count_stops_before_it_takes_an_entry(client):
+    IndexStore(client, make_info(), shards=2).add(make_records(3))
+    queue = IngestQueue(client)
+    queue.ensure_group()
+    queue.enqueue("an-orthanc-id")
+    worker = Worker(queue, OrthancClient("http://127.0.0.1:9"), IndexStore(client, make_info(), shards=1), embedder=None)
+    stop = threading.Event()
+    deadline = threading.Timer(5, stop.set)  # a worker that did not refuse would go on until then
+    deadline.daemon = True
+    deadline.start()
+    with pytest.raises(IndexLayoutError, match="has 2 shard"):
+        worker.run(stop)
+    deadline.cancel()
+    assert queue.counts() == {"queued": 1, "pending": 0, "rejected": 0}  # nobody took the entry

@@ -121,12 +121,15 @@ class Worker:
     def run(self, stop: threading.Event | None = None) -> None:
         """Process batches until ``stop`` is set (or forever). Redis or Orthanc not answering
         (restarting) does not end the worker: it waits, 0.5 s doubling to 30 s, and goes on;
-        a batch it held stays pending and is claimed again after ``claim_after_s``."""
+        a batch it held stays pending and is claimed again after ``claim_after_s``. An index
+        this worker must not write (another layout, another shard count) ends it at once with
+        :class:`~orthanc_cbir.index.IndexLayoutError`, before it takes any entry."""
         stop = stop or threading.Event()
         log.info("worker %s: model %s, stream %s", self.consumer, self.store.info.version, self.queue.keys.stream)
         backoff = 0.0
         while not stop.is_set():
             try:
+                _ = self.store.shards  # an index of another layout or shard count ends the worker now, not at a batch
                 self.run_once()
                 backoff = 0.0
             except UNREACHABLE as exc:
