@@ -105,7 +105,6 @@ class IndexStore:
         self.prefix = prefix
         self.keys = KeySpace(info.version, prefix)
         """The index's unsharded key space: its ``info`` hash (and, with one shard, every key)."""
-        self.multi_index = info.multi_index
         self._asked = shards
         self._shards: int | None = None  # known once the index in Redis says (nothing is asked before a use)
         self._shard_keys: list[KeySpace] = []
@@ -379,10 +378,7 @@ class IndexStore:
 
     def writes(self) -> tuple[int, ...]:
         """Per shard, how many writes have moved a block's generation: unchanged, nothing to re-read."""
-        pipe = self.client.pipeline(transaction=False)
-        for shard in range(self.shards):
-            pipe.get(self._shard_keys[shard].writes)
-        return tuple(int(count or 0) for count in pipe.execute())
+        return tuple(self._per_shard(lambda pipe, keys: pipe.get(keys.writes)))
 
     def generations(self) -> dict[tuple[int, int], int]:
         """(shard, block number) -> write count, of every block of every shard."""

@@ -285,7 +285,7 @@ def backfill(
                 summary.instances += len(listed)
                 if not known_total:
                     bar.total = (bar.total or 0) + len(listed)
-                for instance, is_indexed in zip(listed, _indexed(store, [i.sop for i in listed])):
+                for instance, is_indexed in zip(listed, store.indexed([i.sop for i in listed])):
                     if is_indexed:
                         summary.already_indexed += 1
                     elif instance.sop in rejected_before:
@@ -363,10 +363,6 @@ def _rejected_uids(queue: IngestQueue) -> set[str]:
         elif entry.get("sop_instance_uid"):
             uids.add(entry["sop_instance_uid"])
     return uids
-
-
-def _indexed(store: IndexStore, uids: Sequence[str]) -> list[bool]:
-    return store.indexed(uids)
 
 
 def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, modalities: list[str] | None,

@@ -244,7 +244,7 @@ class Searcher:
             if len(late) <= max(REBUILD_ROWS, self._tables.rows // 32):
                 return self._tables, late
         indexed = np.flatnonzero(live)
-        self._tables = CodeTables(self.store.info.multi_index, self.snapshot.codes[: len(live)], indexed)
+        self._tables = CodeTables(self.store.info.multi_index, self.snapshot.codes, indexed)
         self._unindexed = np.flatnonzero(~live)
         return self._tables, np.zeros(0, np.int64)
 
@@ -334,13 +334,6 @@ _RANKERS = {
 }
 
 
-def _accepts(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    inside = rows < len(mask)
-    out = np.zeros(len(rows), dtype=bool)
-    out[inside] = mask[rows[inside]]
-    return out
-
-
 def _nearest_unordered(values: np.ndarray, count: int) -> np.ndarray:
     """Indices of the ``count`` smallest values, in no order (all of them when there are fewer)."""
     return np.argpartition(values, count - 1)[:count] if count < len(values) else np.arange(len(values))
@@ -348,10 +341,8 @@ def _nearest_unordered(values: np.ndarray, count: int) -> np.ndarray:
 
 def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     """Indices of the ``count`` smallest values, smallest first."""
-    if count < len(values):
-        part = np.argpartition(values, count - 1)[:count]
-        return part[np.argsort(values[part], kind="stable")]
-    return np.argsort(values, kind="stable")
+    nearest = _nearest_unordered(values, count)
+    return nearest[np.argsort(values[nearest], kind="stable")]
 
 
 def _feature_distances(snapshot: IndexSnapshot, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
