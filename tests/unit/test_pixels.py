@@ -46,7 +46,31 @@ def test_ct_rescale_and_file_window_map_hounsfield_units_to_unit_range():
     assert image.pixels.dtype == np.float32 and image.pixels.shape == (4, 5)
     np.testing.assert_allclose(image.pixels[0], [0.0, 0.0, 0.5, 1.0, 1.0], atol=0.003)
     assert "modality LUT: slope 1, intercept -2048" in image.decisions
-    assert any(d.startswith("VOI: window centre 40 width 400") for d in image.decisions)
+    assert any(d.startswith("display VOI: window centre 40 width 400") for d in image.decisions)
+
+
+@pytest.mark.parametrize("window", [{"WindowCenter": -600, "WindowWidth": 1600}, {"WindowCenter": 40, "WindowWidth": 350}, {}])
+def test_ct_model_picture_ignores_the_file_window_and_the_display_keeps_it(window):
+    hu = [-1000, -400, -100, 40, 200, 1000]
+    ds = factory.grey_image(hu_ramp(hu), RescaleSlope=1, RescaleIntercept=HU_INTERCEPT, **window)
+    image = decoded(ds).images[0]
+    from orthanc_cbir.dicom.pixels import CT_MODEL_MAPPING
+
+    np.testing.assert_allclose(image.model_pixels[0], np.interp(hu, *zip(*CT_MODEL_MAPPING)), atol=1e-6)
+    assert any(d.startswith("model input: CT Hounsfield units") for d in image.decisions)
+    if window:  # the display picture is the file's own window
+        low = window["WindowCenter"] - window["WindowWidth"] / 2
+        expected = np.clip((np.array(hu) - low) / window["WindowWidth"], 0, 1)
+        np.testing.assert_allclose(image.pixels[0], expected, atol=0.01)
+
+
+def test_mr_model_picture_is_its_percentile_range_whatever_the_window():
+    stored = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100)
+    narrow = decoded(factory.grey_image(stored, sop_class=factory.MR_IMAGE, modality="MR", WindowCenter=2000,
+                                        WindowWidth=500)).images[0]  # fmt: skip
+    plain = decoded(factory.grey_image(stored, sop_class=factory.MR_IMAGE, modality="MR")).images[0]
+    np.testing.assert_allclose(narrow.model_pixels, plain.model_pixels)
+    assert not np.allclose(narrow.pixels, plain.pixels)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +140,7 @@ def test_voi_lut_sequence_wins_over_window():
     ds.VOILUTSequence = Sequence([lut])
     image = decoded(ds).images[0]
     np.testing.assert_allclose(image.pixels[0], [1.0, 0.0, 1.0, 0.0])
-    assert any(d.startswith("VOI: LUT sequence") for d in image.decisions)
+    assert any(d.startswith("display VOI: LUT sequence") for d in image.decisions)
 
 
 def test_rgb_becomes_bt601_luma():

@@ -27,7 +27,7 @@ def test_preview_prints_one_line_per_file_and_draws_the_sheet(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert lines[0].startswith(f"{ct}: image 64x64 CT CHEST, frame 1/1; decoder: pydicom")
-    assert "VOI: none in file; CT lung default centre -600 width 1500" in lines[0]
+    assert "display VOI: none in file; CT lung default centre -600 width 1500" in lines[0]
     assert lines[1] == f"{sr}: rejected: not an image: Comprehensive SR Storage has no pixel data"
     assert lines[2].startswith(f"{notes}: rejected: not DICOM")
     sheet = Image.open(out)

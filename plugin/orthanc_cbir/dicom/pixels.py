@@ -15,6 +15,15 @@ decode (pydicom with pylibjpeg; GDCM only where nothing else can; DCMTK when tho
 sequence, per-frame values for enhanced objects) -> VOI (LUT sequence, else the
 first window, else a modality default) -> MONOCHROME1 inversion.
 
+Each frame yields two pictures. ``pixels`` is what a viewer shows: the file's own VOI,
+for previews, thumbnails and the "Similar cases" images. ``model_pixels`` is what the
+model embeds, and it never depends on the file's display window, which archives set
+per site and per reader (the same chest saved with a lung and a soft-tissue window
+must reach the model as one picture): CT goes from Hounsfield units through one fixed
+mapping (:data:`CT_MODEL_MAPPING`), every other grey image through a robust per-image
+range (the 0.5-99.5 percentiles of its modality-LUT values). Colour has no VOI: both
+pictures are its luma.
+
 >>> from orthanc_cbir.dicom import decode_instance
 >>> result = decode_instance("CT_small.dcm")          # doctest: +SKIP
 >>> result.images[0].pixels.shape, result.images[0].decisions[:2]   # doctest: +SKIP
@@ -96,10 +105,12 @@ class Rejection:
 
 @dataclass(frozen=True)
 class NormalisedImage:
-    """One frame as the model sees it before resizing."""
+    """One frame, as displayed and as the model sees it before resizing."""
 
     pixels: np.ndarray
-    """float32, shape (rows, columns), values in 0..1, 1 = brightest as displayed."""
+    """float32, shape (rows, columns), values in 0..1, 1 = brightest as displayed (the file's VOI)."""
+    model_pixels: np.ndarray
+    """float32, same shape, 0..1: the window-independent picture the model embeds (see the module docstring)."""
     frame_index: int
     """0-based frame number within the instance."""
     decisions: tuple[str, ...]
@@ -139,6 +150,15 @@ _CT_WINDOWS: tuple[tuple[frozenset[str], str, float, float], ...] = (
 )
 _CT_SOFT_TISSUE = ("soft tissue", 40.0, 400.0)
 _AUTO_PERCENTILES = (0.5, 99.5)
+
+CT_MODEL_MAPPING: tuple[tuple[float, float], ...] = (
+    (-1000.0, 0.0), (-400.0, 0.3), (-100.0, 0.4), (200.0, 0.8), (1000.0, 1.0),
+)  # fmt: skip
+"""(HU, grey) knots of the one piecewise-linear mapping from Hounsfield units to the model's
+input (clipped outside). It keeps what a lung window shows (parenchyma -900..-400 HU in
+0.03-0.3) and what a soft-tissue window shows (fat -100 at 0.4, muscle, liver and vessels
+40-60 at 0.59-0.61, contrast 200 at 0.8) in one picture, and bone above; recorded in the
+model card."""
 # ITU-R BT.601 luma weights, the Y of DICOM's YBR_FULL (PS3.3 C.7.6.3.1.2).
 _BT601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -261,10 +281,11 @@ def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> 
                 return Rejection(second.reason, f"{failure.detail}; DCMTK: {second.detail}", metadata)
         decisions = [decoder_note or note]
         try:
-            pixels = _to_grey(pixel_source, raw, index, decoded_photometric, metadata, decisions)
+            pixels, model_pixels = _to_grey(pixel_source, raw, index, decoded_photometric, metadata, decisions)
         except Exception as exc:  # a LUT or window that contradicts the pixel data
             return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: {_first_line(exc)}", metadata)
-        images.append(NormalisedImage(pixels=pixels, frame_index=index, decisions=tuple(decisions)))
+        images.append(NormalisedImage(pixels=pixels, model_pixels=model_pixels, frame_index=index,
+                                      decisions=tuple(decisions)))  # fmt: skip
     return DecodedInstance(metadata=metadata, number_of_frames=metadata.number_of_frames, images=tuple(images))
 
 
@@ -456,31 +477,35 @@ def _to_grey(
     photometric: str,
     metadata: InstanceMetadata,
     decisions: list[str],
-) -> np.ndarray:
-    """Map one decoded frame to float32 grey in 0..1, appending each decision."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map one decoded frame to (display, model) float32 grey in 0..1, appending each decision."""
     photometric = photometric.strip().upper()
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(raw, ds)
         bits = 8 if rgb.dtype == np.uint8 else 16
-        decisions.append(f"palette colour -> {bits}-bit RGB -> BT.601 luma")
-        return _luma(rgb, bits)
+        decisions.append(f"palette colour -> {bits}-bit RGB -> BT.601 luma (display and model)")
+        luma = _luma(rgb, bits)
+        return luma, luma
     if photometric in _COLOUR or raw.ndim == 3:
         bits = int(ds.get("BitsStored", 8) or 8)
         if photometric.startswith("YBR"):
-            decisions.append(f"{photometric}: luma from the Y channel")
-            return _clip01(raw[..., 0].astype(np.float32) / float(2**bits - 1))
-        decisions.append(f"{photometric} -> BT.601 luma")
-        return _luma(raw, bits)
+            decisions.append(f"{photometric}: luma from the Y channel (display and model)")
+            luma = _clip01(raw[..., 0].astype(np.float32) / float(2**bits - 1))
+            return luma, luma
+        decisions.append(f"{photometric} -> BT.601 luma (display and model)")
+        luma = _luma(raw, bits)
+        return luma, luma
 
     view = _frame_view(ds, index)
     values, modality_note = _modality_lut(raw, view)
     decisions.append(modality_note)
-    grey = _voi(values, view, metadata, decisions)
+    display = _voi(values, view, metadata, decisions)
+    model = _model_grey(values, view, metadata, decisions)
     inverse_shape = str(view.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse_shape:
-        grey = 1.0 - grey
+        display, model = 1.0 - display, 1.0 - model
         decisions.append("inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)")
-    return _clip01(grey)
+    return _clip01(display), _clip01(model)
 
 
 def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
@@ -496,30 +521,46 @@ def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
     return np.asarray(apply_modality_lut(raw, view), dtype=np.float64), note
 
 
+def _model_grey(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
+    """The model's picture: CT in Hounsfield units through :data:`CT_MODEL_MAPPING`, anything else
+    through its own 0.5-99.5 percentile range; never the file's window."""
+    calibrated = "RescaleIntercept" in view or bool(view.get("ModalityLUTSequence"))
+    if metadata.modality == "CT" and calibrated:
+        hu, grey = zip(*CT_MODEL_MAPPING)
+        decisions.append("model input: CT Hounsfield units through the fixed mapping (file window ignored)")
+        return np.interp(values, hu, grey)
+    low, high = np.percentile(values, _AUTO_PERCENTILES)
+    if high <= low:
+        high = low + 1.0
+    decisions.append("model input: 0.5-99.5 percentile range of the modality-LUT values (file window ignored)")
+    return (values - low) / (high - low)
+
+
 def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
+    """The display picture: the file's VOI (LUT sequence, else its first window), else a default."""
     if view.get("VOILUTSequence"):
         item = view.VOILUTSequence[0]
         out_bits = int(item.LUTDescriptor[2])
         # A LUT is indexed by stored values: keep integral input integral.
         lut_input = values.astype(np.int64) if np.array_equal(values, np.round(values)) else values
         grey = np.asarray(apply_voi(lut_input, view, index=0), dtype=np.float64) / float(2**out_bits - 1)
-        decisions.append(f"VOI: LUT sequence {item.get('LUTExplanation', '')}".strip())
+        decisions.append(f"display VOI: LUT sequence {item.get('LUTExplanation', '')}".strip())
         return grey
     window = _file_window(view)
     if window is not None:
         centre, width, function, note = window
-        decisions.append(f"VOI: window centre {centre:g} width {width:g} ({note})")
+        decisions.append(f"display VOI: window centre {centre:g} width {width:g} ({note})")
         return _apply_window(values, centre, width, function)
     calibrated = "RescaleIntercept" in view or bool(view.get("ModalityLUTSequence"))
     if metadata.modality == "CT" and calibrated:
         name, centre, width = _ct_default(metadata.body_part_examined)
-        decisions.append(f"VOI: none in file; CT {name} default centre {centre:g} width {width:g}")
+        decisions.append(f"display VOI: none in file; CT {name} default centre {centre:g} width {width:g}")
         return _apply_window(values, centre, width, "LINEAR")
     low, high = np.percentile(values, _AUTO_PERCENTILES)
     if high <= low:
         high = low + 1.0
     decisions.append(
-        f"VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile [{low:g}, {high:g}]"
+        f"display VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile [{low:g}, {high:g}]"
     )
     return (values - low) / (high - low)
 

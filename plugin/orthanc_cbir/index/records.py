@@ -84,14 +84,14 @@ def _picture(source: Path | bytes, name: str,
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"unreadable picture ({type(exc).__name__})")
     if pixels.ndim != 2 or 0 in pixels.shape:
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"a picture of shape {pixels.shape} is not one grey image")
-    return DecodedInstance(picture_metadata(name), 1, (NormalisedImage(pixels, 0, ()),))
+    return DecodedInstance(picture_metadata(name), 1, (NormalisedImage(pixels, pixels, 0, ()),))
 
 
 def embed_instances(
     embedder: Embedder, instances: Sequence[DecodedInstance], orthanc: Sequence[dict[str, str]] | None = None
 ) -> list[IndexRecord]:
     """Embed the decoded frames of each instance (one onnxruntime pass for all) into records."""
-    embedded = embedder.embed_pixels([image.pixels for instance in instances for image in instance.images])
+    embedded = embedder.embed_pixels([image.model_pixels for instance in instances for image in instance.images])
     records, start = [], 0
     for n, instance in enumerate(instances):
         span = slice(start, start + len(instance.images))
