@@ -32,6 +32,7 @@ from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
 from ..redis_client import UNREACHABLE, client_for
 from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
+from ..search.labels import upload_header
 from .dicom_json import hit_dataset, included_fields
 from .routes import Response
 
@@ -146,7 +147,8 @@ class SimilarityService:
                       np.frombuffer(bytes.fromhex(embedded["code"]), np.uint8),
                       {h: np.asarray(p, np.float32) for h, p in embedded["probabilities"].items()},
                       QueryContext(embedded["patient_key"], embedded["study_instance_uid"],
-                                   embedded["sop_instance_uid"], embedded["series_instance_uid"]))  # fmt: skip
+                                   embedded["sop_instance_uid"], embedded["series_instance_uid"],
+                                   *upload_header(body)))  # fmt: skip
         with self._lock:
             return self._answer(query, options, offset, parameters)
 
@@ -258,5 +260,6 @@ def hit_json(rank: int, distance: float, instances: int, strategy: str, record: 
         "StudyDate": meta.get("study_date"), "StudyDescription": meta.get("study_description"),
         "SeriesDescription": meta.get("series_description"), "PatientSex": meta.get("patient_sex"),
         "PatientAgeYears": meta.get("patient_age_years"),
+        "labels": record.get("labels"), "copies": record.get("copies", []),  # set by the search (Hit.record)
         "thumbnail": f"/instances/{orthanc['instance']}/preview" if orthanc.get("instance") else None,
     }  # fmt: skip

@@ -40,6 +40,8 @@ class IndexSnapshot:
     def __init__(self, store: IndexStore):
         self.store = store
         self.rows = 0
+        self.generation = 0
+        """Counts the refreshes that changed anything: what a cache of derived columns is keyed on."""
         self._seen: dict[tuple[int, int], int] = {}
         self._writes: tuple[int, ...] | None = None
         info = store.info
@@ -84,6 +86,7 @@ class IndexSnapshot:
                     self._place(f"attribute:{name}", where, records[name])
                 self._seen[(shard, block)] = current[(shard, block)]
         self._writes = writes
+        self.generation += 1
         return len(stale)
 
     def _place(self, buffer: str, where: slice, values: np.ndarray) -> None:

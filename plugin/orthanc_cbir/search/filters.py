@@ -21,12 +21,17 @@ from ..index.schema import category_hash, uid_hash
 
 @dataclass(frozen=True)
 class QueryContext:
-    """Who the query image belongs to, for the ``exclude`` filters (never the patient's ID)."""
+    """Who the query image belongs to, for the ``exclude`` filters (never the patient's ID),
+    and what its file says it is (for the ``class`` and ``multilateral`` labels, :mod:`.labels`)."""
 
     patient_key: str | None = None
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     series_instance_uid: str | None = None
+    modality: str | None = None
+    """The query file's DICOM Modality (``None``: not DICOM, or not said)."""
+    body_part: str | None = None
+    """The query file's BodyPartExamined."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@
   (:mod:`orthanc_cbir.index.hamming`) over the same cached codes, which reads the
   codes of about a tenth of a million-instance index (recall@10 against ``exact``
   and latency: ``benchmarks/query_scale.py``).
-- ``class`` (seeds 000, 002): predict the query's class (modality and region
-  heads), rank only instances predicted to be of the same class.
+- ``class`` (seeds 000, 002): rank only instances of the query's class (modality
+  and region). A class is the file's own word where it says one (DICOM Modality,
+  BodyPartExamined: :mod:`.labels`), the model's predicted head where it does not.
 - ``cluster`` (seed 003): instances are grouped offline by modularity
   clustering of a cosine k-NN graph (``orthanc-cbir recluster``); a query ranks
   the instances of its nearest cluster(s), plus any indexed since the last
@@ -19,7 +20,16 @@
 - ``multilateral`` (seed 004): a Hamming distance in which each sub-code
   (modality, region, pathology, appearance) weighs what the user says, e.g.
   ``pathology=0`` for "same organ and modality, any finding"; ties broken by
-  feature distance.
+  feature distance. Where the query's or a row's file names its modality (region),
+  that sub-code counts by label instead of bits: 0 for the same class, half the
+  sub-code's bits (the distance between two classes' hash centres) for another.
+
+One picture, one hit: at the instance level, hits that are the same picture (one
+image stored in several encodings, or twice under two SOPInstanceUIDs) are one hit
+whose record lists the others under ``copies`` (:meth:`Searcher._collapse`); the
+answer still holds ``k`` distinct pictures when the index has them. Each hit's
+record also says which ``labels`` the search took from the file and which from the
+model.
 
 Every strategy applies the same :class:`~.filters.Filters` first. Distances in
 answers are feature distances (0 = identical, 2 = opposite) except for
@@ -40,6 +50,7 @@ from ..index.snapshot import IndexSnapshot
 from ..index.store import IndexStore
 from ..model.codes import hamming_distances, weighted_hamming_distances
 from .filters import Filters, QueryContext
+from .labels import FILE, LabelMap
 
 STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
 LEVELS = ("instance", "series", "study")
@@ -58,7 +69,17 @@ REBUILD_ROWS = 16_384
 """Rows indexed since the multi-index tables were built are scanned linearly; the
 tables are rebuilt when there are more than this many, or a 32nd of the index."""
 CLASS_HEADS = ("modality", "region")
-"""The heads whose predicted classes define ``class``: the body-region classes of seeds 000 / 002."""
+"""The heads whose classes define ``class``: the body-region classes of seeds 000 / 002. The file's
+Modality and BodyPartExamined give them where they can (:mod:`.labels`), the model's heads elsewhere."""
+COPY_DISTANCE = 0.15
+"""Two rows whose stored features are at most this far apart (and whose Rows, Columns, Modality
+and ImagePositionPatient agree where both say) are one picture. Measured with the shipped model on
+``shared/data/dicom``: copies of one image in other transfer syntaxes are 0.0000-0.0007 apart
+(lossless), up to 0.064 (lossy JPEG, NM1_JPLY); the nearest two different slices of the real
+series 0.356 (neighbours in a 3-slice CT), the nearest two different NEMA pictures 1.04."""
+COPY_DEPTH = 4
+"""An instance answer ranks ``COPY_DEPTH * k + 32`` rows, collapses copies, and ranks four times
+deeper while that leaves fewer than ``k`` pictures."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,9 @@ class SearchOptions:
     group_depth: int = 1000
     with_records: bool = True
     """Read each hit's stored record (metadata, probabilities, Orthanc ids); off for bulk evaluation."""
+    copies: bool = True
+    """At the instance level with records: one hit per picture, its copies listed in the hit's
+    record (``copies``). Bulk evaluation (``with_records=False``) ranks every row as stored."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -133,7 +157,10 @@ class Hit:
     sop_instance_uid: str
     distance: float
     record: dict
-    """What the index stores about the instance (metadata, probabilities, Orthanc ids)."""
+    """What the index stores about the instance (metadata, probabilities, Orthanc ids), with
+    ``labels`` (per label head: ``{"value", "source": "file" | "model"}``, what ``class`` and
+    ``multilateral`` take the instance to be) and ``copies`` (the same picture stored under other
+    SOPInstanceUIDs: UIDs, Orthanc ids, distance to the query, best first) added by the search."""
     instances: int = 1
     """For series / study answers: how many of its instances were among the ranked ones."""
 
@@ -167,6 +194,8 @@ class Searcher:
         self._tables: CodeTables | None = None
         self._unindexed = np.zeros(0, np.int64)  # rows below the tables' end that were not live when they were built
         self._scratch = np.zeros(0, np.int32)
+        self.labels = LabelMap(store.info.labels)
+        self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
 
     def search(self, query: Query, options: SearchOptions = SearchOptions()) -> SearchResult:
         started = time.perf_counter()
@@ -176,9 +205,20 @@ class Searcher:
             row = self.store.row(query.context.sop_instance_uid)
             if row is not None and row < len(mask):
                 mask[row] = False
-        depth = options.k if options.level == "instance" else max(options.group_depth, options.k)
-        ranking = _RANKERS[options.strategy](self, query, options, mask, depth)
-        hits = self._hits(ranking, options)
+        ranker = _RANKERS[options.strategy]
+        if options.level == "instance" and options.copies and options.with_records:
+            depth = COPY_DEPTH * options.k + 32
+            while True:
+                ranking = ranker(self, query, options, mask, depth)
+                leads, copies, records = self._collapse(ranking, options.k)
+                if len(leads) >= options.k or len(ranking.rows) < depth:  # enough pictures, or no more rows
+                    break
+                depth *= 4  # copies took places: rank deeper to refill
+            hits = self._collapsed_hits(ranking, leads, copies, records)
+        else:
+            depth = options.k if options.level == "instance" else max(options.group_depth, options.k)
+            ranking = ranker(self, query, options, mask, depth)
+            hits = self._hits(ranking, options)
         return SearchResult(options.strategy, options.level, hits, ranking.candidates,
                             int(np.count_nonzero(self.snapshot.live)), (time.perf_counter() - started) * 1000,
                             ranking.examined or ranking.candidates)  # fmt: skip
@@ -256,9 +296,26 @@ class Searcher:
 
     def _class(self, query, options, mask, depth) -> Ranking:
         for head in CLASS_HEADS:
-            if head in query.probabilities:
-                mask = mask & (self.snapshot.attributes[f"predicted_{head}"] == int(np.argmax(query.probabilities[head])))
+            wanted, _ = self._query_class(query, head)
+            if wanted is not None:
+                mask = mask & (self.row_classes(head)[0] == wanted)
         return self._exact(query, options, mask, depth)
+
+    def _query_class(self, query: Query, head: str) -> tuple[int | None, str]:
+        """The query's class for ``head`` (``None`` when the model has no such head) and its source."""
+        if f"predicted_{head}" not in self.snapshot.attributes or head not in self.labels.labels:
+            return None, "model"
+        said = {"modality": query.context.modality, "region": query.context.body_part}.get(head)
+        return self.labels.query_class(head, said, query.probabilities)
+
+    def row_classes(self, head: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's class for ``head`` (the file's word, else the model's) and whether the file
+        gave it; cached until the snapshot changes."""
+        cached = self._classes.get(head)
+        if cached is None or cached[0] != self.snapshot.generation:
+            cached = (self.snapshot.generation, self.labels.row_classes(head, self.snapshot.attributes))
+            self._classes[head] = cached
+        return cached[1]
 
     def _cluster(self, query, options, mask, depth) -> Ranking:
         centroids = self.centroids()
@@ -270,8 +327,28 @@ class Searcher:
 
     def _multilateral(self, query, options, mask, depth) -> Ranking:
         rows = np.flatnonzero(mask)
-        weights = self.store.info.layout.bit_weights(options.weights)
-        distances = weighted_hamming_distances(query.code, self.snapshot.codes[rows], weights)
+        layout = self.store.info.layout
+        weights = layout.bit_weights(options.weights)
+        codes = np.take(self.snapshot.codes, rows, axis=0)
+        by_label = []  # class sub-codes: by label where a file says, by bits where only the model does
+        for sub in layout.sub_codes:
+            wanted, source = self._query_class(query, sub.name) if sub.name in CLASS_HEADS else (None, "model")
+            weight = float(weights[sub.start]) if sub.length else 0.0
+            if wanted is None or weight == 0:
+                continue
+            classes, from_file = self.row_classes(sub.name)
+            from_file = np.take(from_file, rows) if source != FILE else np.ones(len(rows), bool)
+            bits = np.zeros_like(weights)
+            bits[sub.start : sub.start + sub.length] = weight
+            by_label.append((np.take(classes, rows) != wanted, from_file, bits, weight * (sub.length // 2)))
+            weights = weights.copy()
+            weights[sub.start : sub.start + sub.length] = 0
+        distances = weighted_hamming_distances(query.code, codes, weights)
+        for differs, from_file, bits, apart in by_label:
+            distances += np.where(differs & from_file, np.float32(apart), np.float32(0))
+            model_only = np.flatnonzero(~from_file)
+            if len(model_only):  # neither file says: the model's bits, as before
+                distances[model_only] += weighted_hamming_distances(query.code, np.take(codes, model_only, axis=0), bits)
         pool = rows[_smallest(distances, max(options.pool(len(rows)), depth))]
         pool_distances = distances[np.searchsorted(rows, pool)]
         features = _feature_distances(self.snapshot, query.features, pool)
@@ -291,7 +368,7 @@ class Searcher:
         meta = record.get("metadata", {})
         probabilities = {head: np.asarray(p, np.float32) for head, p in record.get("probabilities", {}).items()}
         context = QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), meta.get("sop_instance_uid"),
-                               meta.get("series_instance_uid"))  # fmt: skip
+                               meta.get("series_instance_uid"), meta.get("modality"), meta.get("body_part_examined"))  # fmt: skip
         return Query(vector, self.snapshot.codes[nearest], probabilities, context)
 
     def centroids(self) -> np.ndarray:
@@ -321,8 +398,97 @@ class Searcher:
         for row_uid, distance, count in zip(uids, distances, counts):
             if row_uid is None or by_uid.get(row_uid) is None:  # removed since the snapshot was taken
                 continue
-            hits.append(Hit(len(hits) + 1, row_uid, round(float(distance), 6), by_uid[row_uid], int(count)))
+            record = by_uid[row_uid]
+            if options.with_records:
+                record["labels"] = self.labels.describe(record.get("metadata", {}), record.get("probabilities", {}))
+                record["copies"] = []
+            hits.append(Hit(len(hits) + 1, row_uid, round(float(distance), 6), record, int(count)))
         return hits
+
+    def _collapse(self, ranking: Ranking, k: int) -> tuple[list[int], dict[int, list[int]], dict[int, dict | None]]:
+        """One picture, one hit: walk the ranking best first; a row is a copy of an earlier
+        picture (a lead) when their stored features are within :data:`COPY_DISTANCE` and their
+        records agree (:func:`same_picture`), else it is a new picture. Returns the first ``k``
+        leads (indices into the ranking), each lead's copies, and the records read (by index;
+        ``None`` for a row removed since the snapshot)."""
+        rows = ranking.rows
+        vectors = self.snapshot.vectors(rows)
+        floor = 1.0 - COPY_DISTANCE**2 / 2  # |a - b| <= d  <=>  a.b >= 1 - d^2 / 2 for unit vectors
+        near: dict[int, np.ndarray] = {}  # index -> earlier indices within COPY_DISTANCE
+        for start in range(0, len(rows), 512):
+            block = vectors[start : start + 512] @ vectors[: start + 512].T
+            for i, j in zip(*np.nonzero(block >= floor)):
+                if j < start + i:
+                    near.setdefault(start + int(i), []).append(int(j))  # type: ignore[union-attr]
+        records = self._records(rows, sorted({i for i in near} | {j for js in near.values() for j in js}))
+        leads: list[int] = []
+        copies: dict[int, list[int]] = {}
+        lead_of: dict[int, int] = {}
+        for i in range(len(rows)):
+            lead = next((j for j in near.get(i, ()) if lead_of.get(j) == j and same_picture(records[j], records[i])), None)
+            if lead is not None:
+                lead_of[i] = lead
+                copies[lead].append(i)
+            elif len(leads) < k:
+                lead_of[i] = i
+                leads.append(i)
+                copies[i] = []
+        missing = [i for i in leads if i not in records]
+        records.update(self._records(rows, missing))
+        # a lead removed since the snapshot is no picture: its first copy still standing takes its place
+        for n, lead in enumerate(leads):
+            if records.get(lead) is None:
+                standing = [c for c in copies[lead] if records.get(c) is not None]
+                if standing:
+                    leads[n], copies[standing[0]] = standing[0], standing[1:]
+        return leads, copies, records
+
+    def _records(self, rows: np.ndarray, indices: list[int]) -> dict[int, dict | None]:
+        """The stored records of ``rows[indices]``, by index (``None``: removed since the snapshot)."""
+        if not indices:
+            return {}
+        uids = self.store.sop_uids(rows[indices])
+        known = [u for u in uids if u]
+        by_uid = dict(zip(known, self.store.describe(known)))
+        return {i: (by_uid.get(u) if u else None) for i, u in zip(indices, uids)}
+
+    def _collapsed_hits(self, ranking: Ranking, leads: list[int], copies: dict[int, list[int]],
+                        records: dict[int, dict | None]) -> list[Hit]:  # fmt: skip
+        hits = []
+        for lead in leads:
+            record = records.get(lead)
+            if record is None:  # removed since the snapshot was taken
+                continue
+            record["labels"] = self.labels.describe(record.get("metadata", {}), record.get("probabilities", {}))
+            record["copies"] = [copy_json(records[c], float(ranking.distances[c])) for c in copies.get(lead, ())
+                                if records.get(c) is not None]  # fmt: skip
+            meta = record.get("metadata", {})
+            hits.append(Hit(len(hits) + 1, meta.get("sop_instance_uid"), round(float(ranking.distances[lead]), 6), record))
+        return hits
+
+
+def same_picture(a: dict | None, b: dict | None) -> bool:
+    """Whether two stored records (:meth:`IndexStore.describe`) whose features are within
+    :data:`COPY_DISTANCE` may be one picture: Rows, Columns and Modality equal and
+    ImagePositionPatient within 0.01 mm, each where both records say (a PNG says none of them)."""
+    if a is None or b is None:
+        return False
+    ma, mb = a.get("metadata", {}), b.get("metadata", {})
+    for name in ("rows", "columns", "modality"):
+        if ma.get(name) is not None and mb.get(name) is not None and ma[name] != mb[name]:
+            return False
+    pa, pb = ma.get("image_position_patient"), mb.get("image_position_patient")
+    if pa is not None and pb is not None and (len(pa) != len(pb) or max(abs(x - y) for x, y in zip(pa, pb)) > 0.01):
+        return False
+    return True
+
+
+def copy_json(record: dict, distance: float) -> dict:
+    """A copy as a hit lists it: its UIDs, Orthanc ids and distance to the query."""
+    meta = record.get("metadata", {})
+    return {"SOPInstanceUID": meta.get("sop_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
+            "StudyInstanceUID": meta.get("study_instance_uid"), "orthanc": record.get("orthanc", {}),
+            "distance": round(distance, 6)}  # fmt: skip
 
 
 _RANKERS = {
