@@ -71,3 +71,15 @@ def test_shipped_model_orders_images_within_a_class(embedder, mednist_split):
     assert (mednist.fine_class[train][top] == mednist.fine_class[queries][:, None]).mean() >= 0.99
     in_class = gallery.codes[mednist.fine_class[train] == 0]
     assert len(np.unique(in_class, axis=0)) >= 0.5 * len(in_class)
+
+
+SHARED_CT = SHARED / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+
+
+@pytest.mark.skipif(not SHARED_CT.exists(), reason=f"the shared real CT series is absent ({SHARED_CT})")
+def test_a_real_ct_slice_embeds_the_same_whatever_display_window_the_file_carries(embedder):
+    from orthanc_cbir.evaluation.model_report import window_invariance
+
+    figures = window_invariance(embedder, SHARED_CT, slices=4)
+    # lung window, soft-tissue window and none: closer to each other than a tenth of the next slice
+    assert figures["share_below_a_tenth"] == 1.0 and figures["max_ratio_to_neighbour"] < 0.1

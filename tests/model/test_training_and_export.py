@@ -11,7 +11,7 @@ import torch
 from orthanc_cbir.model.embedder import Embedder, ModelContractError, card_path
 from orthanc_cbir.training.export import export, load_checkpoint
 from orthanc_cbir.training.spectrum import SpectralDescriptor
-from orthanc_cbir.training.train import refit
+from orthanc_cbir.training.train import TrainConfig, refit
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def test_card_describes_the_exported_file(exported):
     embedder = Embedder(exported)
     assert embedder.card.code_bits == 3 * 8 + 16 == sum(s["length"] for s in card["code_layout"])
     assert [s["name"] for s in card["code_layout"]] == ["modality", "region", "pathology", "appearance"]
-    assert card["outputs"]["features"] == 32 + 16 and card["training"]["seed"] == 0
+    # CNN embedding + spectral descriptor + three level circles
+    assert card["outputs"]["features"] == 32 + 16 + 6 and card["training"]["seed"] == 0
     assert embedder.version.startswith("tiny@")
 
 
@@ -106,3 +107,25 @@ def test_refit_reproduces_the_fits_of_the_training_run(tiny_checkpoint, tmp_path
     for name, value in trained["spectral"].items():
         torch.testing.assert_close(refitted["spectral"][name], value, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(refitted["itq_projection"], trained["itq_projection"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_level_loss_ignores_each_volume_offset_and_punishes_a_reversed_order():
+    from orthanc_cbir.training.train import level_loss
+
+    z = torch.tensor([0.0, 50.0, 100.0, -300.0, -250.0, -200.0])
+    volume = torch.tensor([1, 1, 1, 2, 2, 2])
+    offsets = torch.tensor([7.0, 7.0, 7.0, -3.0, -3.0, -3.0])  # each volume shifted its own way
+    assert level_loss(z / 100 + offsets, z, volume).item() == pytest.approx(0.0, abs=1e-7)
+    assert level_loss(-z / 100, z, volume).item() > 0.3
+
+
+def test_the_level_encoding_grows_with_the_level_difference_and_never_folds_back_within_the_body():
+    from orthanc_cbir.training.spectrum import level_encoding
+
+    levels = torch.arange(0, 1500, 5.0) / 100  # head to pelvis, in units of 100 mm
+    codes = level_encoding(levels, TrainConfig.level_periods_mm)
+    assert torch.allclose(codes.norm(dim=1), torch.ones(len(levels)))
+    distance = (codes[:, None] - codes[None]).norm(dim=2)
+    gap = (levels[:, None] - levels[None]).abs() * 100
+    # anything 50 mm or more away is farther than anything within 20 mm
+    assert distance[gap >= 50].min() > distance[gap <= 20].max()

@@ -12,6 +12,18 @@ into the model card. Everything here runs on held-out data only:
 - Pathology: PneumoniaMNIST val against train, relevance = same label, mAP@10.
 - Real series: each slice of a real CT series, against that series plus all
   MedNIST images, must have a slice within +-2 positions (not itself) as top hit.
+- Pathology, our own test: PneumoniaMNIST's held-back train blocks against the rest
+  of train (the official val split flatters).
+- Organs across patients: OrganAMNIST test (unseen patients) against its train split,
+  relevance = same organ, mAP@10.
+- Cross-patient level: each slice of one real chest CT, against the slices of another
+  patient's chest CT, must find as nearest a slice within 20 mm of its own level, after
+  aligning the two series on two landmarks annotated once per series (landmarks.json).
+- Plane and region across patients: axial slices and coronal / sagittal reformats of the
+  real volumes; the top 5 hits from other patients share the query's plane and region.
+- Window invariance: real CT slices saved with a lung window, a soft-tissue window and no
+  window give embeddings whose distance is below a tenth of the distance to the
+  neighbouring slice.
 """
 
 from __future__ import annotations
@@ -23,12 +35,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..dicom import DecodedInstance, decode_dataset
 from ..model.embedder import Embedder
+from ..training.anatomy import VolumeSource, read_organamnist, read_volume
 from ..training.data import (
+    AUX_LABELS,
     ImageSet,
     block_split,
     drop_duplicates,
     image_digests,
+    pneumonia_holdback,
     read_dicom_series,
     read_mednist,
     read_pneumonia,
@@ -36,6 +52,12 @@ from ..training.data import (
 from .metrics import all_heads_correct, code_statistics, exact_top_k, map_at_k, recall_vs_exact
 
 POOL_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+LANDMARKS = Path(__file__).with_name("landmarks.json")
+LEVEL_TOLERANCE_MM = 20.0
+VALIDATION_REFORMATS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""Reformat positions for the plane measure: more, and mostly other, cuts than training's."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,12 @@ class ValidationData:
     pneumonia: Path | None = None
     series: Path | None = None
     cache_dir: Path | None = None
+    organamnist: Path | None = None
+    """OrganAMNIST's ``organamnist.npz``."""
+    level_pair: tuple[Path, Path] | None = None
+    """Two chest CT series of two patients, both in :data:`LANDMARKS`."""
+    volumes: list[VolumeSource] | None = None
+    """Real volumes for the plane and region measure."""
 
 
 def validate_model(embedder: Embedder, data: ValidationData, seed: int = 0, copies: int = 1000) -> dict:
@@ -80,6 +108,13 @@ def validate_model(embedder: Embedder, data: ValidationData, seed: int = 0, copi
         figures["pneumonia"] = _pathology(embedder, data.pneumonia)
     if data.series is not None:
         figures["real_series"] = _series(embedder, data.series, embedded.features)
+        figures["window_invariance"] = window_invariance(embedder, data.series)
+    if data.organamnist is not None:
+        figures["organs"] = _organs(embedder, data.organamnist)
+    if data.level_pair is not None:
+        figures["cross_patient_level"] = cross_patient_level(embedder, *data.level_pair)
+    if data.volumes:
+        figures["plane_region"] = plane_region(embedder, data.volumes)
     return figures
 
 
@@ -126,14 +161,142 @@ def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, 
 
 def _pathology(embedder, root: Path) -> dict:
     train, validation = read_pneumonia(root, "train"), read_pneumonia(root, "val")
-    gallery, queries = embedder.embed(train.as_float()), embedder.embed(validation.as_float())
-    labels = train.labels["pathology"]
-    accuracy = float((queries.probabilities["pathology"].argmax(axis=1) == validation.labels["pathology"]).mean())
+    kept, held_back = pneumonia_holdback(train)
+    gallery = embedder.embed(train.as_float())
+    figures = {"val": _pathology_queries(embedder, gallery, train, kept, validation)}
+    figures["held_back_test"] = _pathology_queries(embedder, gallery, train, kept, train.subset(held_back))
+    return figures
+
+
+def _pathology_queries(embedder, gallery, train: ImageSet, kept: np.ndarray, queries: ImageSet) -> dict:
+    answers = embedder.embed(queries.as_float())
+    truth = queries.labels["pathology"]
+    accuracy = float((answers.probabilities["pathology"].argmax(axis=1) == truth).mean())
     return {
-        "gallery": len(train), "queries": len(validation),
-        "map10": _map_exact(queries.features, validation.labels["pathology"], gallery.features, labels),
+        "gallery": int(len(kept)), "queries": len(queries),
+        "map10": _map_exact(answers.features, truth, gallery.features[kept], train.labels["pathology"][kept]),
         "accuracy": round(accuracy, 4),
     }  # fmt: skip
+
+
+def _organs(embedder, npz: Path) -> dict:
+    train, test = read_organamnist(npz, "train"), read_organamnist(npz, "test")
+    gallery, queries = embedder.embed(train.as_float()), embedder.embed(test.as_float())
+    return {
+        "gallery": len(train), "queries": len(test), "relevance": "same organ (11 organs)",
+        "map10": _map_exact(queries.features, test.aux["organ"], gallery.features, train.aux["organ"]),
+    }  # fmt: skip
+
+
+def cross_patient_level(embedder, first: Path, second: Path, tolerance_mm: float = LEVEL_TOLERANCE_MM) -> dict:
+    """Both ways: the share of slices (within the range both series cover once aligned) whose
+    nearest slice of the other patient lies within ``tolerance_mm`` of the same level."""
+    import json
+
+    landmarks = json.loads(LANDMARKS.read_text())["series"]
+    (za, fa), (zb, fb) = (_series_levels(embedder, folder) for folder in (first, second))
+    # Align the second series on the first: apex to apex, base to base, linear in between.
+    a, b = _landmark_pair(first, landmarks), _landmark_pair(second, landmarks)
+    zb_aligned = a[0] + (zb - b[0]) * (a[1] - a[0]) / (b[1] - b[0])
+    low, high = max(za.min(), zb_aligned.min()), min(za.max(), zb_aligned.max())
+    distances = ((fa[:, None, :] - fb[None, :, :]) ** 2).sum(axis=2)
+    in_a = np.flatnonzero((za >= low) & (za <= high))
+    in_b = np.flatnonzero((zb_aligned >= low) & (zb_aligned <= high))
+    a_to_b = [abs(zb_aligned[distances[i].argmin()] - za[i]) for i in in_a]
+    b_to_a = [abs(za[distances[:, j].argmin()] - zb_aligned[j]) for j in in_b]
+    return {
+        "series": [first.name, second.name], "tolerance_mm": tolerance_mm,
+        "landmarks": "lung apex and lung base, evaluation/landmarks.json",
+        "first_to_second": round(float(np.mean(np.array(a_to_b) <= tolerance_mm)), 4),
+        "second_to_first": round(float(np.mean(np.array(b_to_a) <= tolerance_mm)), 4),
+        "median_error_mm": round(float(np.median(a_to_b + b_to_a)), 1),
+        "slices": [int(len(in_a)), int(len(in_b))],
+    }  # fmt: skip
+
+
+def _landmark_pair(folder: Path, landmarks: dict) -> tuple[float, float]:
+    import pydicom
+
+    first_file = next(p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix == ".dcm")
+    uid = str(pydicom.dcmread(first_file, stop_before_pixels=True).SeriesInstanceUID)
+    entry = landmarks[uid]
+    return float(entry["lung_apex_mm"]), float(entry["lung_base_mm"])
+
+
+def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    volume = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0)
+    axial = np.flatnonzero(~np.isnan(volume.aux["level"]))
+    return volume.aux["level"][axial].astype(np.float64), embedder.embed(volume.subset(axial).as_float()).features
+
+
+def plane_region(embedder, sources: list[VolumeSource], k: int = 5) -> dict:
+    """Precision@k of same plane and same region among hits from other patients (queries: volumes
+    whose region has at least two patients)."""
+    from ..training import anatomy
+
+    parts, patients = [], []
+    saved = anatomy.REFORMAT_FRACTIONS
+    anatomy.REFORMAT_FRACTIONS = VALIDATION_REFORMATS
+    try:
+        for i, source in enumerate(sources):
+            part = read_volume(source, group=i)
+            parts.append(part)
+            patients += [source.patient] * len(part)
+    finally:
+        anatomy.REFORMAT_FRACTIONS = saved
+    images = ImageSet.concatenate(parts)
+    features = embedder.embed(images.as_float()).features
+    region = np.array([sources[g].region or sources[g].modality for g in images.group])
+    plane = images.aux["plane"]
+    patient = np.array(patients)
+    per_region = {r: len(set(patient[region == r])) for r in set(region)}
+    queries = np.flatnonzero([per_region[r] >= 2 for r in region])
+    distances = ((features[queries, None, :] - features[None, :, :]) ** 2).sum(axis=2)
+    precision, per_plane = [], {name: [] for name in AUX_LABELS["plane"]}
+    for row, q in enumerate(queries):
+        others = np.flatnonzero(patient != patient[q])
+        top = others[np.argsort(distances[row, others], kind="stable")[:k]]
+        share = float(np.mean((plane[top] == plane[q]) & (region[top] == region[q])))
+        precision.append(share)
+        per_plane[AUX_LABELS["plane"][plane[q]]].append(share)
+    return {
+        "images": int(len(images)), "queries": int(len(queries)), "k": k,
+        "precision_at_5": round(float(np.mean(precision)), 4),
+        "per_plane": {name: round(float(np.mean(v)), 4) for name, v in per_plane.items() if v},
+        "volumes": [f"{s.patient}: {s.path.name} ({s.modality} {s.region or ''})".strip() for s in sources],
+    }  # fmt: skip
+
+
+def window_invariance(embedder, folder: Path, slices: int = 8) -> dict:
+    """Slices of a real CT saved with a lung window, a soft-tissue window and none: the largest
+    distance between those versions, against the distance to the neighbouring slice."""
+    import pydicom
+
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".dcm")
+    datasets = sorted((pydicom.dcmread(p) for p in paths), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    chosen = np.linspace(1, len(datasets) - 2, slices).astype(int)
+    ratios = []
+    for i in chosen:
+        versions = [_embed_with_window(embedder, datasets[i], window) for window in ((-600, 1600), (40, 350), None)]
+        neighbour = _embed_with_window(embedder, datasets[i + 1], None)
+        spread = max(float(np.linalg.norm(x - y)) for x in versions for y in versions)
+        ratios.append(spread / max(float(np.linalg.norm(versions[2] - neighbour)), 1e-12))
+    return {"slices": len(chosen), "windows": "lung -600/1600, soft tissue 40/350, none",
+            "max_ratio_to_neighbour": round(float(max(ratios)), 6),
+            "share_below_a_tenth": round(float(np.mean(np.array(ratios) < 0.1)), 4)}  # fmt: skip
+
+
+def _embed_with_window(embedder, dataset, window: tuple[float, float] | None) -> np.ndarray:
+    ds = dataset.copy()
+    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    outcome = decode_dataset(ds)
+    if not isinstance(outcome, DecodedInstance):
+        raise ValueError(f"a real CT slice did not decode: {outcome}")
+    return embedder.embed_pixels([outcome.images[0].model_pixels]).features[0]
 
 
 def _series(embedder, folder: Path, mednist_features: np.ndarray) -> dict:

@@ -38,6 +38,14 @@ MEDNIST_CLASSES: dict[str, tuple[str, str]] = {
 }
 """MedNIST's six folders as (modality, region)."""
 
+AUX_LABELS: dict[str, tuple[str, ...]] = {
+    "plane": ("axial", "coronal", "sagittal"),
+    "organ": ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+              "lung-right", "pancreas", "spleen"),
+}  # fmt: skip
+"""Heads trained to shape the features but not exported: the image plane of real CT/MR
+volumes and their reformats, and OrganAMNIST's organ (in its label order)."""
+
 VOLUME_CLASSES = frozenset({"AbdomenCT", "BreastMRI", "ChestCT", "HeadCT"})
 """MedNIST classes cut from volumes: neighbouring file numbers are neighbouring slices."""
 
@@ -59,6 +67,15 @@ class ImageSet:
     """Where each image came from (``Class/file``), for reports."""
     fine_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """int64 (N,): the finest label known (MedNIST class, or pathology), for reports and metrics."""
+    aux: dict[str, np.ndarray] = field(default_factory=dict)
+    """Training-only targets per :data:`AUX_LABELS` name (int64, -1 unknown) and ``level``
+    (float32 mm along the body axis within its group, NaN unknown); filled in for every row."""
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        for name in AUX_LABELS:
+            self.aux.setdefault(name, np.full(n, -1, dtype=np.int64))
+        self.aux.setdefault("level", np.full(n, np.nan, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,6 +89,7 @@ class ImageSet:
             position=self.position[index],
             names=[self.names[i] for i in index],
             fine_class=self.fine_class[index],
+            aux={name: values[index] for name, values in self.aux.items()},
         )
 
     @staticmethod
@@ -83,6 +101,7 @@ class ImageSet:
             position=np.concatenate([p.position for p in parts]),
             names=[name for p in parts for name in p.names],
             fine_class=np.concatenate([p.fine_class for p in parts]),
+            aux={name: np.concatenate([p.aux[name] for p in parts]) for name in parts[0].aux},
         )
 
     def as_float(self) -> np.ndarray:
@@ -205,7 +224,7 @@ def read_dicom_series(folder: Path, group: int = 0) -> ImageSet:
         if not isinstance(outcome, DecodedInstance):
             continue
         header = pydicom.dcmread(path, stop_before_pixels=True)
-        slices.append((_slice_key(header), path.name, to_uint8(outcome.images[0].pixels)))
+        slices.append((_slice_key(header), path.name, to_uint8(outcome.images[0].model_pixels)))
     slices.sort(key=lambda item: item[0])
     n = len(slices)
     return ImageSet(
@@ -238,6 +257,13 @@ def block_split(image_set: ImageSet, block: int = 300, every: int = 10) -> tuple
         validation.append(members[is_validation])
         train.append(members[~is_validation])
     return np.concatenate(train), np.concatenate(validation)
+
+
+def pneumonia_holdback(image_set: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    """(train index, our own test index) of PneumoniaMNIST's train split: file-number blocks of
+    50 per label, every 10th held back. Its official val split flatters (about 0.1 mAP), so the
+    model card quotes this part, which training never sees."""
+    return block_split(image_set, block=50)
 
 
 def drop_duplicates(queries: np.ndarray, image_set: ImageSet) -> np.ndarray:

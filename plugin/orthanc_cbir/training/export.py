@@ -24,8 +24,10 @@ from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_N
 from ..model.preprocess import INPUT_SIZE
 from .data import LABELS
 from .net import RetrievalNet
-from .spectrum import SpectralDescriptor, combine_features
-from .train import TrainConfig, build_spectral, load_trained
+from ..dicom.pixels import CT_MODEL_MAPPING
+from .anatomy import SOURCES
+from .spectrum import SpectralDescriptor
+from .train import TrainConfig, build_spectral, exported_features, load_trained
 
 DATA_CREDITS = {
     "MedNIST": "B. J. Erickson, Mayo Clinic (sources: TCIA, RSNA Bone Age, NIH Chest X-ray); CC BY-SA 4.0",
@@ -33,22 +35,27 @@ DATA_CREDITS = {
 }
 
 
+def feature_dim(config: TrainConfig) -> int:
+    """Width of the ``features`` output: CNN embedding, spectral descriptor, level encoding."""
+    return config.embedding_dim + config.spectral_dims + 2 * len(config.level_periods_mm)
+
+
 class ExportedModel(nn.Module):
     """The network, the spectral descriptor and the ITQ appearance code, with the
     output names of the contract."""
 
-    def __init__(self, net: RetrievalNet, spectral: SpectralDescriptor, spectral_weight: float,
+    def __init__(self, net: RetrievalNet, spectral: SpectralDescriptor, config: TrainConfig,
                  itq_mean: np.ndarray, itq_projection: np.ndarray):  # fmt: skip
         super().__init__()
         self.net = net
         self.spectral = spectral
-        self.spectral_weight = spectral_weight
+        self.config = config
         self.register_buffer("itq_mean", torch.from_numpy(np.asarray(itq_mean, dtype=np.float32)))
         self.register_buffer("itq_projection", torch.from_numpy(np.asarray(itq_projection, dtype=np.float32)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(image)
-        features = combine_features(out["features"], self.spectral(image), self.spectral_weight)
+        features = exported_features(out, self.spectral(image), self.config)
         appearance = (features - self.itq_mean) @ self.itq_projection
         code_logits = torch.cat([out[f"code_{head}"] for head in LABELS] + [appearance], dim=1)
         return (features, code_logits, *[out[head] for head in LABELS])
@@ -61,7 +68,7 @@ def load_checkpoint(checkpoint: Path) -> tuple[ExportedModel, TrainConfig, dict]
         raise ValueError(f"{checkpoint} predates the spectral descriptor: run 'orthanc-cbir refit' on it first")
     spectral = build_spectral(config)
     spectral.load_state_dict(saved["spectral"])
-    model = ExportedModel(net, spectral, config.spectral_weight, saved["itq_mean"], saved["itq_projection"]).eval()
+    model = ExportedModel(net, spectral, config, saved["itq_mean"], saved["itq_projection"]).eval()
     return model, config, saved["summary"]
 
 
@@ -84,14 +91,20 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             "name": INPUT_NAME,
             "size": INPUT_SIZE,
             "layout": "[N, 1, size, size] float32 in 0..1",
-            "preprocessing": "orthanc_cbir.dicom pixel step (Modality LUT, VOI, MONOCHROME1, colour to luma), "
-            "then orthanc_cbir.model.preprocess.to_model_input: pad to a square, area (down) / bilinear (up) resize",
+            "preprocessing": "orthanc_cbir.dicom pixel step, model picture (model_pixels): Modality LUT, then CT "
+            "Hounsfield units through one fixed piecewise-linear mapping and every other grey image through its "
+            "0.5-99.5 percentile range, never the file's display window (VOI); MONOCHROME1 inverted; colour to "
+            "luma. Then orthanc_cbir.model.preprocess.to_model_input: pad to a square, area (down) / bilinear "
+            "(up) resize. Previews, thumbnails and Similar cases pictures keep the file's VOI.",
+            "ct_mapping_hu_to_grey": [list(knot) for knot in CT_MODEL_MAPPING],
         },
         "outputs": {
-            "features": config.embedding_dim + config.spectral_dims,
+            "features": feature_dim(config),
             "features_note": "L2-normalised; rank by Euclidean (= cosine) distance. The CNN embedding "
             f"({config.embedding_dim}) and the whitened log-spectrum ({config.spectral_dims}, |u|,|v| <= "
-            f"{config.spectral_frequencies}), weights {1 - config.spectral_weight:g} / {config.spectral_weight:g}",
+            f"{config.spectral_frequencies}), weights {1 - config.spectral_weight:g} / {config.spectral_weight:g}, "
+            f"then the anatomical level on circles of periods {list(config.level_periods_mm)} mm "
+            f"({2 * len(config.level_periods_mm)} dims) at {config.level_feature_weight:g} of the squared distance",
             "code_logits": layout.bits,
             "code_note": "bit = logit > 0, packed MSB first; sub-codes per code_layout",
             **{CLASS_LOGITS_PREFIX + head: len(names) for head, names in LABELS.items()},
@@ -104,18 +117,27 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
                          "spectral": "Hann-windowed low-frequency DFT log-magnitude, PCA-whitened"},  # fmt: skip
         "training": {
             "data": {"mednist": "mednist_dev.tar.gz, file-number blocks of 300 per class, every 10th block held out",
-                     "pneumoniamnist": "train split (val held out)" if config.pneumonia else None},  # fmt: skip
+                     "pneumoniamnist": "train split less every 10th file-number block of 50 (held back as our "
+                                       "own test; val held out too)" if config.pneumonia else None,
+                     "organamnist": "train split (val and test, other patients, held out)"
+                                    if config.organamnist else None,
+                     "volumes": "real CT/MR volumes (axial slices with their level, coronal and sagittal "
+                                "reformats)" if config.anatomy_root else None},  # fmt: skip
             "credits": DATA_CREDITS,
+            "sources": SOURCES if (config.organamnist or config.anatomy_root) else {},
             "seed": config.seed,
             "epochs": config.epochs,
             "losses": "cross-entropy per head; CSQ hash centres per label sub-code; NT-Xent on two views "
             "(JPEG, shift, zoom, rotation, intensity, noise; neighbouring slice as second view); "
-            "supervised contrastive on the finest label; after training: spectral PCA, ITQ appearance bits "
-            "of the whole descriptor",
+            "supervised contrastive on the finest label (MedNIST class, pathology, organ, plane x region of "
+            "real volumes); training-only heads for plane and organ; level (body-part regression): smooth-L1 "
+            "on level differences in mm between slices of one volume; after training: spectral PCA, ITQ "
+            "appearance bits of the whole descriptor",
             "seconds": summary["seconds"],
             "torch": summary["torch"],
             "history": summary["history"],
-            "command": f"orthanc-cbir train --epochs {config.epochs} --seed {config.seed}",
+            "command": f"orthanc-cbir train --epochs {config.epochs} --seed {config.seed}"
+            + (" --anatomy ANATOMY_ROOT" if config.anatomy_root else ""),
             **({"refit": summary["refit"]} if "refit" in summary else {}),
         },
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -7,7 +7,10 @@ Outputs of :class:`RetrievalNet` (a dict of tensors):
   instance-level loss and grouped by label by a supervised-contrastive one;
 - ``<head>``: (N, classes) logits of each label head (:data:`~.data.LABELS`);
 - ``code_<head>``: (N, bits) logits of that head's sub-code, trained towards a
-  per-class hash centre (central similarity quantisation, Yuan et al. 2020).
+  per-class hash centre (central similarity quantisation, Yuan et al. 2020);
+- ``level``: (N,) position along the body axis in units of 100 mm, up to an offset
+  per volume (body-part regression: trained on differences within a volume only);
+- ``<aux head>``: logits of the training-only heads (:data:`~.data.AUX_LABELS`: plane, organ).
 
 The ``appearance`` sub-code is not a head: it is an ITQ rotation of ``features``
 fitted after training (:mod:`.itq`) and added by the export wrapper.
@@ -48,6 +51,7 @@ class RetrievalNet(nn.Module):
         widths: tuple[int, int, int, int] = (32, 64, 128, 256),
         embedding_dim: int = 256,
         blocks: tuple[int, int, int, int] = (1, 1, 2, 2),
+        aux_sizes: dict[str, int] | None = None,
     ):
         super().__init__()
         self.stem = nn.Sequential(
@@ -63,12 +67,16 @@ class RetrievalNet(nn.Module):
         self.embedding = nn.Sequential(nn.Linear(inputs, 512), nn.ReLU(inplace=True), nn.Linear(512, embedding_dim))
         self.heads = nn.ModuleDict({name: nn.Linear(inputs, size) for name, size in head_sizes.items()})
         self.code_heads = nn.ModuleDict({name: nn.Linear(inputs, bits) for name, bits in sub_code_bits.items()})
+        self.aux_heads = nn.ModuleDict({name: nn.Linear(inputs, size) for name, size in (aux_sizes or {}).items()})
+        self.level = nn.Sequential(nn.Linear(inputs, 128), nn.ReLU(inplace=True), nn.Linear(128, 1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.stages(self.stem(x)).mean(dim=(2, 3))
         out = {"features": F.normalize(self.embedding(pooled), dim=1)}
         out.update({name: head(pooled) for name, head in self.heads.items()})
         out.update({f"code_{name}": head(pooled) for name, head in self.code_heads.items()})
+        out.update({name: head(pooled) for name, head in self.aux_heads.items()})
+        out["level"] = self.level(pooled)[:, 0]
         return out
 
 

@@ -9,7 +9,12 @@ One network learns four things at once, each with its own loss:
   image, where the second view is sometimes the neighbouring slice of the same
   volume; this orders images inside a class instead of collapsing it;
 - the embedding, *across* classes: a supervised-contrastive term on the finest
-  known label (MedNIST class, pneumonia label), weighted below the instance term.
+  known label (MedNIST class, pneumonia label, OrganAMNIST organ, plane and region of
+  a real volume's slice or reformat), weighted below the instance term;
+- training-only heads: the plane of real volumes' images and OrganAMNIST's organ;
+- the anatomical level: each step also takes slices of two real volumes and asks the
+  ``level`` head for their differences in mm (body-part regression, Yan et al. 2018).
+  Nothing compares levels across patients; ``validate-model`` measures whether they agree.
 
 After the last epoch :func:`fit_descriptor` fits the spectral half of the
 descriptor (:mod:`.spectrum`) and an ITQ rotation of the whole descriptor, which
@@ -33,11 +38,22 @@ from tqdm import tqdm
 
 from ..evaluation.metrics import all_heads_correct
 from ..model.preprocess import INPUT_SIZE
+from .anatomy import anatomy_volumes, read_organamnist, read_volumes
 from .augment import jpeg_recompress, random_view
-from .data import LABELS, ImageSet, as_model_input, block_split, image_digests, read_mednist, read_pneumonia
+from .data import (
+    AUX_LABELS,
+    LABELS,
+    ImageSet,
+    as_model_input,
+    block_split,
+    image_digests,
+    pneumonia_holdback,
+    read_mednist,
+    read_pneumonia,
+)
 from .itq import fit_itq
 from .net import RetrievalNet, hash_centres
-from .spectrum import SpectralDescriptor, combine_features
+from .spectrum import SpectralDescriptor, combine_features, with_level
 
 
 @dataclass(frozen=True)
@@ -47,8 +63,15 @@ class TrainConfig:
     mednist: str
     """The MedNIST archive (``mednist_dev.tar.gz``)."""
     pneumonia: str | None = None
-    """PneumoniaMNIST root (``train/`` and ``val/`` inside); ``None`` trains without pathology."""
-    epochs: int = 4
+    """PneumoniaMNIST root (``train/`` and ``val/`` inside); ``None`` trains without pathology.
+    A tenth of its train split (file-number blocks) is held back as our own test."""
+    organamnist: str | None = None
+    """OrganAMNIST's ``organamnist.npz`` (train split used); ``None`` trains without organs."""
+    anatomy_root: str | None = None
+    """The folder holding the real volumes of :func:`.anatomy.anatomy_volumes`; ``None``: none."""
+    shared_series: str | None = None
+    """``../shared/data/dicom/series`` (the shared real series used beside ``anatomy_root``)."""
+    epochs: int = 3
     batch_size: int = 256
     learning_rate: float = 2e-3
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
@@ -72,6 +95,15 @@ class TrainConfig:
     """Chance that an image's second view is its neighbouring slice (volume classes only)."""
     pneumonia_repeat: int = 2
     """Times the (small) PneumoniaMNIST train set appears per epoch."""
+    aux_weight: float = 0.5
+    """Weight of the training-only heads' cross-entropy (plane, organ)."""
+    level_loss_weight: float = 1.0
+    level_slices: int = 12
+    """Slices of each of two volumes per step for the level loss."""
+    level_feature_weight: float = 0.3
+    """Share of the level encoding in squared feature distances (see :func:`.spectrum.with_level`)."""
+    level_periods_mm: tuple[float, ...] = (3200.0, 800.0, 250.0)
+    """Periods of the level circles: 20 mm apart stays closer than 50 mm apart over the whole body."""
     seed: int = 0
     threads: int = 2
     limit: int | None = None
@@ -99,9 +131,17 @@ def load_data(config: TrainConfig) -> TrainingData:
     pneumonia_validation = None
     if config.pneumonia:
         pneumonia = read_pneumonia(Path(config.pneumonia), "train")
+        pneumonia = pneumonia.subset(pneumonia_holdback(pneumonia)[0])
         pneumonia.fine_class = pneumonia.fine_class + len(np.unique(mednist.fine_class))
         train = ImageSet.concatenate([train] + [pneumonia] * config.pneumonia_repeat)
         pneumonia_validation = read_pneumonia(Path(config.pneumonia), "val")
+    if config.organamnist:
+        train = ImageSet.concatenate([train, read_organamnist(Path(config.organamnist), "train")])
+    if config.anatomy_root and config.shared_series:
+        volumes = read_volumes(anatomy_volumes(Path(config.anatomy_root), Path(config.shared_series)))
+        region = np.where(volumes.labels["region"] >= 0, volumes.labels["region"], 9)
+        volumes.fine_class = 200 + 10 * region + volumes.aux["plane"]
+        train = ImageSet.concatenate([train, volumes])
     if config.limit:
         rng = np.random.default_rng(config.seed)
         train = train.subset(np.sort(rng.choice(len(train), size=min(config.limit, len(train)), replace=False)))
@@ -112,7 +152,7 @@ def build_net(config: TrainConfig) -> RetrievalNet:
     """The network a configuration describes (training and export build it the same way)."""
     return RetrievalNet(
         {head: len(names) for head, names in LABELS.items()}, {head: config.sub_code_bits for head in LABELS},
-        config.widths, config.embedding_dim, config.blocks,
+        config.widths, config.embedding_dim, config.blocks, {name: len(names) for name, names in AUX_LABELS.items()},
     )  # fmt: skip
 
 
@@ -153,6 +193,21 @@ def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: f
     return -mean_log.mean()
 
 
+def level_batches(image_set: ImageSet) -> list[np.ndarray]:
+    """Per volume, the rows whose level is known (axial slices of real volumes)."""
+    known = ~np.isnan(image_set.aux["level"])
+    return [np.flatnonzero(known & (image_set.group == g)) for g in np.unique(image_set.group[known])]
+
+
+def level_loss(level: torch.Tensor, target_mm: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between predicted and true level differences (units of 100 mm) over all pairs
+    of rows of one volume: the offset of each volume stays free."""
+    same = (volume[:, None] == volume[None, :]) & ~torch.eye(len(volume), dtype=torch.bool)
+    predicted = level[:, None] - level[None, :]
+    actual = (target_mm[:, None] - target_mm[None, :]) / 100.0
+    return F.smooth_l1_loss(predicted[same], actual[same])
+
+
 def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train, fit ITQ, save ``checkpoint.pt`` in ``out_dir``; returns the training summary."""
     started = time.monotonic()
@@ -173,7 +228,9 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=total_steps,
                                                    pct_start=0.15)  # fmt: skip
     labels = {head: torch.from_numpy(values) for head, values in train_set.labels.items()}
+    aux = {name: torch.from_numpy(train_set.aux[name]) for name in AUX_LABELS}
     fine = torch.from_numpy(train_set.fine_class)
+    volumes = level_batches(train_set)
     history = []
 
     bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
@@ -188,7 +245,13 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
             views = [
                 random_view(_as_tensor(jpeg_recompress(train_set.images[i], rng)), generator) for i in (index, partner)
             ]
+            stacks = _level_rows(volumes, config.level_slices, rng)
+            if len(stacks):
+                views.append(random_view(_as_tensor(train_set.images[stacks]), generator))
             out = net(torch.cat(views))
+            main = 2 * len(index)
+            level_out = out["level"][main:]
+            out = {name: value[:main] for name, value in out.items()}
             both = torch.from_numpy(np.concatenate([index, index]))
             losses = {
                 "instance": nt_xent(out["features"], config.temperature),
@@ -203,6 +266,15 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                     losses[f"code_{head}"] = F.binary_cross_entropy_with_logits(
                         out[f"code_{head}"][known], centres[head][target[known]]
                     )
+            for name in AUX_LABELS:
+                target = aux[name][both]
+                if (target >= 0).any():
+                    known = target >= 0
+                    losses[name] = config.aux_weight * F.cross_entropy(out[name][known], target[known])
+            if len(stacks):
+                losses["level"] = config.level_loss_weight * level_loss(
+                    level_out, torch.from_numpy(train_set.aux["level"][stacks]), torch.from_numpy(train_set.group[stacks])
+                )
             loss = sum(losses.values())
             optimiser.zero_grad()
             loss.backward()
@@ -247,7 +319,7 @@ def fit_descriptor(net: RetrievalNet, train_set: ImageSet, config: TrainConfig) 
     distinct = train_set.subset(np.sort(first))
     spectral = build_spectral(config)
     spectral.fit(as_model_input(distinct.images))
-    features = descriptor_features(net, spectral, distinct, config.spectral_weight)
+    features = descriptor_features(net, spectral, distinct, config)
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(len(features), size=min(20000, len(features)), replace=False)
     itq_mean, itq_projection = fit_itq(features[sample], config.appearance_bits, seed=config.seed)
@@ -270,6 +342,7 @@ def load_trained(checkpoint: Path) -> tuple[RetrievalNet, TrainConfig, dict]:
     config_fields = dict(saved["summary"]["config"])
     config_fields["widths"] = tuple(config_fields["widths"])
     config_fields["blocks"] = tuple(config_fields["blocks"])
+    config_fields["level_periods_mm"] = tuple(config_fields["level_periods_mm"])
     config = TrainConfig(**config_fields)
     net = build_net(config)
     net.load_state_dict(saved["state_dict"])
@@ -293,16 +366,31 @@ def _as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(as_model_input(images))
 
 
+def _level_rows(volumes: list[np.ndarray], per_volume: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of two random volumes (``per_volume`` slices each) for one step's level loss."""
+    if not volumes:
+        return np.zeros(0, dtype=np.int64)
+    chosen = rng.choice(len(volumes), size=min(2, len(volumes)), replace=False)
+    rows = [rng.choice(volumes[v], size=min(per_volume, len(volumes[v])), replace=False) for v in chosen]
+    return np.concatenate(rows)
+
+
+def exported_features(out: dict[str, torch.Tensor], spectral: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The model's ``features`` output from the network's outputs and the spectral descriptor."""
+    descriptor = combine_features(out["features"], spectral, config.spectral_weight)
+    return with_level(descriptor, out["level"], config.level_feature_weight, config.level_periods_mm)
+
+
 @torch.no_grad()
 def descriptor_features(
-    net: RetrievalNet, spectral: SpectralDescriptor, image_set: ImageSet, spectral_weight: float, batch: int = 512
+    net: RetrievalNet, spectral: SpectralDescriptor, image_set: ImageSet, config: TrainConfig, batch: int = 512
 ) -> np.ndarray:
     """The exported model's ``features`` output, computed in torch."""
     net.eval()
     parts = []
     for start in range(0, len(image_set), batch):
         images = _as_tensor(image_set.images[start : start + batch])
-        parts.append(combine_features(net(images)["features"], spectral(images), spectral_weight).numpy())
+        parts.append(exported_features(net(images), spectral(images), config).numpy())
     return np.concatenate(parts)
 
 

@@ -1,0 +1,225 @@
+"""Real anatomy for training and validation: OrganAMNIST organ crops and real CT/MR volumes
+with their coronal and sagittal reformats.
+
+MedNIST's 64 px JPEGs teach six coarse classes and nothing about where in the body a
+slice lies. These readers add what it cannot:
+
+- **organ identity**: OrganAMNIST (MedMNIST v3), abdominal CT organ crops with splits
+  disjoint by patient (``read_organamnist``);
+- **anatomical level and plane**: every slice of a real volume with its position along
+  the body axis in mm, plus coronal and sagittal reformats of the same volume
+  (``read_volume``). Training only ever compares levels *within* a volume (the body-part
+  regression idea: slice order and spacing are free labels), so nothing tells the model
+  which slice of patient A matches which slice of patient B; the validation measures that.
+
+None of this data is in the project; :data:`SOURCES` says where each piece comes from,
+under which licence, and how to bring it (README, "The model"). Volumes are rendered the
+way the runtime renders them: DICOM through the pixel step's window-independent
+``model_pixels``, NIfTI (Hounsfield units) through the same fixed CT mapping.
+
+This module needs numpy, Pillow and pydicom; nibabel only for NIfTI volumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..dicom.pixels import CT_MODEL_MAPPING
+from .data import AUX_LABELS, LABELS, ImageSet, to_uint8
+
+SOURCES: dict[str, dict[str, str]] = {
+    "OrganAMNIST": {
+        "what": "58,830 abdominal CT organ crops, 28 px, 11 organs, splits disjoint by patient (MedMNIST v3, "
+        "Yang et al. 2023, from LiTS, Bilic et al.)",
+        "licence": "CC BY 4.0",
+        "obtained": "file kosmos/ml/datasets/data/organamnist.npz of the PyPI wheel kosmos-core==0.6.2",
+        "md5": "68e3f8846a6bd62f0c9bf841c0d9eacc",
+    },
+    "LIDC-IDRI-0314": {
+        "what": "a 275-slice 1 mm chest CT (TCIA LIDC-IDRI, subject 0314)",
+        "licence": "CC BY 3.0 (TCIA)",
+        "obtained": "GitHub FNNDSC/data, folder dicom/andrei_abdomen/data/",
+        "commit": "d2960f20b1df63f201265bf2b09d5a77ea0d6bab",
+    },
+    "TotalSegmentator examples": {
+        "what": "a 20-slice abdominal CT in DICOM (example_ct_dicom/) and a 3 mm abdomen-pelvis CT volume "
+        "(example_ct.nii.gz)",
+        "licence": "Apache-2.0 (repository)",
+        "obtained": "GitHub wasserth/TotalSegmentator, folder tests/reference_files/",
+        "commit": "0e65a448d557382b1e925276212b3bec7f5aff83",
+    },
+    "Lung-PET-CT-Dx A0001": {
+        "what": "a 64-slice 5 mm chest CT (TCIA Lung-PET-CT-Dx)",
+        "licence": "CC BY 4.0",
+        "obtained": "../shared/data/dicom/series/lung_pet_ct_dx",
+    },
+    "QIN-Prostate ADC": {
+        "what": "a 20-slice prostate ADC MR series",
+        "licence": "BSD-3 (dcmqi test data)",
+        "obtained": "../shared/data/dicom/series/qin_prostate_adc_mr_20sl",
+    },
+}
+"""Every source of real anatomy beyond MedNIST and PneumoniaMNIST, for the model card."""
+
+ORGAN_FINE_OFFSET = 100
+"""OrganAMNIST organs get fine classes 100 + organ, clear of MedNIST's and PneumoniaMNIST's."""
+
+REFORMAT_FRACTIONS = (0.35, 0.5, 0.65)
+MIN_REFORMAT_MM = 100.0
+"""A volume thinner than this along the body axis gives no reformat (it would be a strip)."""
+"""Where coronal (front to back) and sagittal (right to left) reformats cut a volume."""
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """One real volume: where it is, what it shows, and which patient it belongs to."""
+
+    path: Path
+    """A folder of DICOM slices or a NIfTI file (Hounsfield units for CT)."""
+    modality: str
+    region: str | None
+    """A :data:`~.data.LABELS` region, or None when none fits (e.g. the pelvis)."""
+    patient: str
+    """Volumes of one patient share this; validation counts hits from other patients only (the two
+    TotalSegmentator examples may be one person: they share one)."""
+
+
+@dataclass
+class Volume:
+    """A volume in the model's grey scale, indexed [z, row, column] with z ascending towards the head."""
+
+    grey: np.ndarray
+    """float32 (Z, R, C) in 0..1 (the model's picture of each slice)."""
+    z_mm: np.ndarray
+    """float64 (Z,): slice positions along the body axis, mm, ascending."""
+    row_mm: float
+    column_mm: float
+
+
+def read_organamnist(npz: Path, split: str) -> ImageSet:
+    """OrganAMNIST's ``split`` (train / val / test): modality CT, organ as aux label and fine class."""
+    data = np.load(npz)
+    crops, organs = data[f"{split}_images"], data[f"{split}_labels"].ravel().astype(np.int64)
+    images = np.stack([to_uint8(crop.astype(np.float32) / 255.0) for crop in crops])
+    n = len(images)
+    labels = {head: np.full(n, -1, dtype=np.int64) for head in LABELS}
+    labels["modality"][:] = LABELS["modality"].index("CT")
+    image_set = ImageSet(images, labels, np.full(n, -1, dtype=np.int64), np.arange(n, dtype=np.int64),
+                         [f"organamnist/{split}/{i}" for i in range(n)], fine_class=ORGAN_FINE_OFFSET + organs)  # fmt: skip
+    image_set.aux["organ"] = organs
+    return image_set
+
+
+def load_volume(path: Path) -> Volume:
+    """A DICOM series folder (the pixel step's ``model_pixels``) or a CT NIfTI file (Hounsfield units)."""
+    path = Path(path)
+    if path.is_dir():
+        return _dicom_volume(path)
+    return _nifti_volume(path)
+
+
+def read_volume(source: VolumeSource, group: int) -> ImageSet:
+    """Every axial slice (with its level in mm) and the coronal and sagittal reformats of a volume."""
+    volume = load_volume(source.path)
+    pictures, planes, levels, names = [], [], [], []
+    for k in range(len(volume.z_mm)):
+        pictures.append(volume.grey[k])
+        planes.append("axial")
+        levels.append(volume.z_mm[k])
+        names.append(f"{source.path.name}/axial/{k}")
+    if volume.z_mm[-1] - volume.z_mm[0] >= MIN_REFORMAT_MM:
+        slice_mm = float(np.median(np.diff(volume.z_mm)))
+        for fraction in REFORMAT_FRACTIONS:
+            row = int(fraction * (volume.grey.shape[1] - 1))
+            column = int(fraction * (volume.grey.shape[2] - 1))
+            # Rows of a reformat run from the head down, as a viewer shows them.
+            coronal = _resample(volume.grey[::-1, row, :], slice_mm, volume.column_mm)
+            sagittal = _resample(volume.grey[::-1, :, column], slice_mm, volume.row_mm)
+            for plane, picture in (("coronal", coronal), ("sagittal", sagittal)):
+                pictures.append(picture)
+                planes.append(plane)
+                levels.append(np.nan)
+                names.append(f"{source.path.name}/{plane}/{fraction:g}")
+    n = len(pictures)
+    labels = {head: np.full(n, -1, dtype=np.int64) for head in LABELS}
+    labels["modality"][:] = LABELS["modality"].index(source.modality)
+    if source.region is not None:
+        labels["region"][:] = LABELS["region"].index(source.region)
+    plane_index = np.array([AUX_LABELS["plane"].index(p) for p in planes], dtype=np.int64)
+    image_set = ImageSet(
+        np.stack([to_uint8(p) for p in pictures]), labels, np.full(n, group, dtype=np.int64),
+        np.arange(n, dtype=np.int64), names, fine_class=np.full(n, -1, dtype=np.int64),
+    )  # fmt: skip
+    image_set.aux["plane"] = plane_index
+    image_set.aux["level"] = np.array(levels, dtype=np.float32)
+    return image_set
+
+
+def anatomy_volumes(anatomy_root: Path, shared_series: Path) -> list[VolumeSource]:
+    """The real volumes of :data:`SOURCES` where ``anatomy_root`` holds what README says to bring."""
+    root, series = Path(anatomy_root), Path(shared_series)
+    return [
+        VolumeSource(root / "lidc0314", "CT", "chest", "LIDC-IDRI-0314"),
+        VolumeSource(series / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl", "CT", "chest", "Lung_Dx-A0001"),
+        VolumeSource(root / "ts_ct" / "example_ct.nii.gz", "CT", "abdomen", "TotalSegmentator"),
+        VolumeSource(root / "ts_ct" / "example_ct_dicom", "CT", "abdomen", "TotalSegmentator"),
+        VolumeSource(series / "qin_prostate_adc_mr_20sl", "MR", None, "QIN-Prostate"),
+    ]  # fmt: skip
+
+
+def read_volumes(sources: list[VolumeSource]) -> ImageSet:
+    """:func:`read_volume` of each source, one group per volume (groups from 1000 up, clear of MedNIST's)."""
+    return ImageSet.concatenate([read_volume(source, 1000 + i) for i, source in enumerate(sources)])
+
+
+def _dicom_volume(folder: Path) -> Volume:
+    import pydicom
+
+    from ..dicom import DecodedInstance, decode_instance
+
+    slices = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        outcome = decode_instance(path)
+        if not isinstance(outcome, DecodedInstance):
+            continue
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        orientation = np.array(header.ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        position = float(np.dot(normal, np.array(header.ImagePositionPatient, dtype=float)))
+        # Patient z grows towards the head; an axial normal may point either way.
+        z = position * (1.0 if normal[2] >= 0 else -1.0)
+        spacing = [float(v) for v in header.PixelSpacing]
+        slices.append((z, outcome.images[0].model_pixels, spacing))
+    slices.sort(key=lambda item: item[0])
+    shapes = {s[1].shape for s in slices}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: slices of several sizes {sorted(shapes)}")
+    return Volume(np.stack([s[1] for s in slices]).astype(np.float32), np.array([s[0] for s in slices]),
+                  slices[0][2][0], slices[0][2][1])  # fmt: skip
+
+
+def _nifti_volume(path: Path) -> Volume:
+    import nibabel
+
+    image = nibabel.as_closest_canonical(nibabel.load(str(path)))  # RAS+: axis 0 to the right, 1 forwards, 2 up
+    hu = np.asarray(image.get_fdata(dtype=np.float32))
+    zooms = [float(v) for v in image.header.get_zooms()[:3]]
+    # A DICOM axial image has rows front to back and columns from the patient's right to left.
+    axial = np.transpose(hu[::-1, ::-1, :], (2, 1, 0))
+    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING)
+    grey = np.interp(axial, knots_hu, knots_grey).astype(np.float32)
+    z = image.affine[2, 3] + zooms[2] * np.arange(hu.shape[2])
+    return Volume(grey, z, zooms[1], zooms[0])
+
+
+def _resample(picture: np.ndarray, row_mm: float, column_mm: float) -> np.ndarray:
+    """A reformat with square pixels (rows stretched to the columns' spacing)."""
+    rows = max(1, int(round(picture.shape[0] * row_mm / column_mm)))
+    resized = Image.fromarray(picture.astype(np.float32), mode="F").resize((picture.shape[1], rows), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
