@@ -416,7 +416,8 @@ class Searcher:
         floor = 1.0 - COPY_DISTANCE**2 / 2  # |a - b| <= d  <=>  a.b >= 1 - d^2 / 2 for unit vectors
         near: dict[int, np.ndarray] = {}  # index -> earlier indices within COPY_DISTANCE
         for start in range(0, len(rows), 512):
-            block = vectors[start : start + 512] @ vectors[: start + 512].T
+            # einsum, not BLAS: a few hundred rows, where OpenBLAS's threads cost more than the products
+            block = np.einsum("id,jd->ij", vectors[start : start + 512], vectors[: start + 512])
             for i, j in zip(*np.nonzero(block >= floor)):
                 if j < start + i:
                     near.setdefault(start + int(i), []).append(int(j))  # type: ignore[union-attr]
