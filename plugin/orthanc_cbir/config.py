@@ -142,6 +142,32 @@ class Settings:
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
 
+    audit_retention_days: float = 365.0
+    """How long the audit trail (``cbir:audit``: who asked for similar images of which query, and
+    the hits' StudyInstanceUIDs) keeps an entry; 0 keeps every one. ``GET /cbir/audit`` reads it."""
+
+    audit_readers: str = ""
+    """Orthanc users allowed to read ``GET /cbir/audit``, comma-separated (empty: every Orthanc
+    user). In the standalone server whoever holds its token (or Basic user) may."""
+
+    http_token_name: str = "token"
+    """Standalone server: the user name the audit trail records for a request with ``http_token``."""
+
+    max_query_bytes: int = 64 * 2**20
+    """Largest ``POST /cbir/query`` body. Orthanc refuses a larger declared Content-Length (403)
+    before it reads the body; the standalone server answers 413."""
+
+    max_worker_waits: int = 4
+    """Requests that wait for a worker at once in one server (``POST /cbir/query``, ``POST
+    .../similar/series``); more are answered 429 at once, so that Orthanc keeps its HTTP threads
+    (``HttpThreadsCount``, 50) for everything else, the workers' own REST calls included."""
+
+    patient_key_secret: str = ""
+    """Key of the HMAC that turns issuer and PatientID into the index's patient key (the
+    ``exclude=same-patient`` filter). Keep it out of Redis and give every process of a deployment
+    the same one (``CBIR_PATIENT_KEY_SECRET``); empty uses a built-in key, which anyone holding
+    the index and this source can test MRNs against. Changing it needs a re-index."""
+
 
 def load_settings(
     orthanc_section: Mapping[str, Any] | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 PRIVATE_GROUP = 0x0011
@@ -37,12 +38,24 @@ _FROM_RECORD = {
 
 
 def included_fields(includefield: str | None) -> tuple[str, ...]:
-    """The optional attributes an ``includefield`` value asks for (unknown keywords are ignored,
-    as QIDO-RS ignores attributes it does not hold)."""
+    """The optional attributes an ``includefield`` value asks for, each by keyword or by tag
+    number (PS3.18 8.3.4.3: ``StudyDescription`` or ``00081030``); unknown ones are ignored, as
+    QIDO-RS ignores attributes it does not hold.
+
+    >>> included_fields("00081030,Manufacturer,nonsense")
+    ('StudyDescription', 'Manufacturer')
+    """
     if not includefield:
         return ()
-    asked = {part.strip() for part in includefield.split(",")}
+    asked = {_keyword(part.strip()) for part in includefield.split(",")}
     return OPTIONAL if "all" in asked else tuple(name for name in OPTIONAL if name in asked)
+
+
+def _keyword(field: str) -> str:
+    """The keyword of a tag number (``00081030``), or ``field`` itself."""
+    if len(field) == 8 and all(c in "0123456789abcdefABCDEF" for c in field):
+        return keyword_for_tag(int(field, 16)) or field
+    return field
 
 
 def hit_dataset(level: str, rank: int, distance: float, strategy: str, metadata: dict[str, Any],

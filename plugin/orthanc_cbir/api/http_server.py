@@ -6,7 +6,7 @@ handlers the Orthanc plugin mounts (:func:`.routes.status`, :class:`.similar.Sim
 and sends their :class:`.routes.Response` back. Identifiers are DICOM UIDs (there is no Orthanc
 to resolve its ids). Routes:
 
-- ``GET /cbir/status``, ``GET /cbir/rejected``;
+- ``GET /cbir/status``, ``GET /cbir/rejected``, ``GET /cbir/audit`` (the audit trail, :mod:`..audit`);
 - ``GET /cbir/{instances|series|studies}/{uid}/similar`` and, QIDO-RS style (``application/dicom+json``),
   ``GET /cbir/{instances|series|studies}/{uid}/similar/{studies|series|instances}``;
 - ``POST /cbir/query``: a DICOM file, PNG or JPEG as the body, parameters in the query string
@@ -63,9 +63,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response as HttpResponse
 
 from .. import __version__
+from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings
 from ..dicom import looks_like_uid
 from ..index import IndexInfo
+from ..redis_client import client_for
 from ..ingest.spool import Spool
 from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
@@ -74,8 +76,8 @@ from .similar import (
     FILTER_PARAMETERS,
     LEVELS,
     MAX_PARAMETER_CHARS,
-    MAX_QUERY_BYTES,
     SimilarityService,
+    parse_query,
     request_parameters,
 )
 
@@ -166,7 +168,7 @@ def _refuse_open_exposure(host: str, authentication: str | None) -> None:
 
 
 def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_STOW_BYTES,
-               max_query_bytes: int = MAX_QUERY_BYTES,
+               max_query_bytes: int | None = None,
                similarity: SimilarityService | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app of the standalone server's HTTP API.
 
@@ -175,6 +177,7 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
     without authentication, or a Basic user without a password."""
     authentication = _authentication_scheme(settings)
     _refuse_open_exposure(settings.http_host, authentication)
+    max_query_bytes = settings.max_query_bytes if max_query_bytes is None else max_query_bytes
     app = FastAPI(title="orthanc-cbir", version=__version__, description=_DESCRIPTION, redoc_url=None)
     app.state.authentication = authentication
     services = _Services(settings, similarity)
@@ -200,6 +203,15 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
              responses={200: _json_content("Rejected"), 503: _error_content("Redis is unavailable")})  # fmt: skip
     def rejected() -> HttpResponse:
         return _call(lambda: services.similarity().rejected())
+
+    @app.get("/cbir/audit", tags=["cbir"], operation_id="audit",
+             summary="The audit trail: who asked for similar images of which query, and the hits' studies",
+             responses={200: _json_content("Audit"), 503: _error_content("Redis is unavailable")})  # fmt: skip
+    def audit(request: Request, count: Annotated[int, Query(ge=1, le=1000)] = 100,
+              before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] = None) -> HttpResponse:  # fmt: skip
+        """Newest first; ``before`` (an entry's id) pages back. Whoever holds the token may read it."""
+        parameters = parse_query(request.url.query)
+        return _call(lambda: routes.audit_trail(services.audit(), parameters, _user(request, settings), ""))
 
     sub_codes = _sub_codes(settings)
     similar_parameters = _search_parameters(settings.max_results, sub_codes, qido=False)
@@ -240,7 +252,8 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         if isinstance(body, HttpResponse):
             return body
         merged = request_parameters(parameters, request.headers)
-        return await run_in_threadpool(_call, lambda: services.similarity().query_file(body, merged))
+        user = _user(request, settings)
+        return await run_in_threadpool(_call, lambda: services.similarity().query_file(body, merged, user=user))
 
     stow_openapi = {"requestBody": {"required": True, "content": {
         'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}}
@@ -285,18 +298,39 @@ class _Services:
     """The similarity service, made on first use (Redis and the model card are read then)."""
 
     def __init__(self, settings: Settings, similarity: SimilarityService | None):
-        self.settings, self._similarity, self._lock = settings, similarity, threading.Lock()
+        self.settings, self._similarity, self._lock = settings, similarity, threading.RLock()
+        self._audit: AuditLog | None = None
 
     def similarity(self) -> SimilarityService:
         with self._lock:
-            if self._similarity is None:
-                self._similarity = SimilarityService(self.settings)  # UIDs only: no resolve_uid
+            if self._similarity is None:  # UIDs only: no resolve_uid
+                self._similarity = SimilarityService(self.settings, audit=self.audit())
+            elif self._similarity.audit is None:  # one given to create_app records too
+                self._similarity.audit = self.audit()
             return self._similarity
+
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            self._audit = AuditLog(client_for(self.settings, socket_timeout=5, socket_connect_timeout=2),
+                                   self.settings.audit_retention_days)  # fmt: skip
+        return self._audit
+
+
+def _user(request: Request, settings: Settings) -> str:
+    """Who sent the request, for the audit trail (the middleware checked the credentials): the
+    token's name (``http_token_name``), the Basic user, or ``anonymous`` (no authentication)."""
+    scheme = request.app.state.authentication
+    if scheme == "bearer":
+        return settings.http_token_name
+    if scheme == "basic":
+        return basic_user(request.headers.get("authorization")) or ANONYMOUS
+    return ANONYMOUS
 
 
 def _similar_route(services: _Services, resource: str, depends: Any, uid_type: Any) -> Callable[..., HttpResponse]:
-    def similar(uid: uid_type, parameters: Annotated[dict[str, str], depends]) -> HttpResponse:
-        return _call(lambda: services.similarity().similar(resource, uid, parameters))
+    def similar(request: Request, uid: uid_type, parameters: Annotated[dict[str, str], depends]) -> HttpResponse:
+        user = _user(request, services.settings)
+        return _call(lambda: services.similarity().similar(resource, uid, parameters, user=user))
 
     similar.__name__ = f"similar_{resource}"
     return similar
@@ -304,9 +338,10 @@ def _similar_route(services: _Services, resource: str, depends: Any, uid_type: A
 
 def _qido_route(services: _Services, resource: str, answer_level: str, depends: Any,
                uid_type: Any) -> Callable[..., HttpResponse]:  # fmt: skip
-    def qido(uid: uid_type, parameters: Annotated[dict[str, str], depends]) -> HttpResponse:
+    def qido(request: Request, uid: uid_type, parameters: Annotated[dict[str, str], depends]) -> HttpResponse:
         asked = {**parameters, "format": "dicom+json", "level": LEVELS[answer_level]}
-        return _call(lambda: services.similarity().similar(resource, uid, asked))
+        user = _user(request, services.settings)
+        return _call(lambda: services.similarity().similar(resource, uid, asked, user=user))
 
     qido.__name__ = f"similar_{resource}_{answer_level}"
     return qido
@@ -361,7 +396,8 @@ def _search_parameters(max_results: int, sub_codes: tuple[str, ...], *, qido: bo
     if not qido:  # a QIDO route's path names its level and answers DICOM JSON
         declared += [
             optional("level", Literal[SEARCH_LEVELS], "the level of the hits (default: the resource's)"),
-            optional("format", Literal["json", "dicom+json"], "json (default) or QIDO-RS dicom+json"),
+            optional("format", Literal["json", "dicom+json", "dicom json"],
+                     "json (default) or QIDO-RS dicom+json (`dicom json` is how a bare + in `dicom+json` reads)"),
         ]
     declared += [
         optional("weights", _grammar(_LIST.format(item=weight)),
@@ -373,8 +409,7 @@ def _search_parameters(max_results: int, sub_codes: tuple[str, ...], *, qido: bo
     ]
 
     def parameters(request: Request, **_: Any) -> dict[str, str]:
-        query = request.query_params
-        return {name: ",".join(query.getlist(name)) if name == "includefield" else query[name] for name in query}
+        return parse_query(request.url.query)  # the same rules as the Orthanc plugin's
 
     signature = inspect.Signature(declared, return_annotation=dict[str, str])
     parameters.__signature__ = signature  # type: ignore[attr-defined]
@@ -720,6 +755,13 @@ _SCHEMAS: dict[str, Any] = {
         "strategy": {"type": "string"}, "level": {"type": "string"}, "model": {"type": "string"},
         "index_size": {"type": "integer"}, "candidate_fraction": {"type": "number"}, "elapsed_ms": {"type": "number"},
         "hits": {"type": "array", "items": _ref("Hit")}}},
+    "Audit": {"type": "object", "required": ["entries", "next"], "properties": {
+        "next": {**_NULLABLE_STRING, "description": "pass as before for older entries"},
+        "entries": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "at": {"type": "number", "description": "Unix time"},
+            "user": {"type": "string"}, "route": {"type": "string"}, "level": {"type": "string"},
+            "query": {**_NULLABLE_STRING, "description": "the query's DICOM UID"}, "hits": {"type": "integer"},
+            "studies": {"type": "array", "items": {"type": "string"}, "description": "the hits' StudyInstanceUIDs"}}}}}},
     "DicomDataset": {"type": "object", "description": "DICOM JSON (PS3.18 F.2)", "additionalProperties": {
         "type": "object", "required": ["vr"], "properties": {"vr": {"type": "string"}, "Value": {"type": "array"}}}},
     "StoreAnswer": {"allOf": [_ref("DicomDataset")], "description": "ReferencedSOPSequence (00081199) and "

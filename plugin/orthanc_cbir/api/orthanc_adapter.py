@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings, load_settings
 from ..dicom import looks_like_uid
 from ..ingest.change_log import ChangeCursor
@@ -21,7 +22,7 @@ from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
 from ..redis_client import client_for
 from . import routes
 from .results_page import results_page
-from .similar import LEVELS, SimilarityService, request_parameters
+from .similar import LEVELS, SimilarityService, orthanc_query_string, parse_query, request_parameters
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -31,25 +32,31 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 
 def register(orthanc: Any, settings: Settings) -> None:
     """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
-    queue = IngestQueue(client_for(settings, socket_timeout=2, socket_connect_timeout=2))
+    queue = IngestQueue.for_settings(client_for(settings, socket_timeout=2, socket_connect_timeout=2), settings)
     buffer = EnqueueBuffer(queue, maxlen=settings.enqueue_buffer_size, log=orthanc.LogWarning)
     cursor = ChangeCursor(lambda path: json.loads(orthanc.RestApiGet(path)), queue.client, buffer.enqueue,
                           lambda: len(buffer), settings.similar_series_on_stable_study,
                           key=f"{queue.keys.prefix}:orthanc-changes-seq", log=orthanc.LogWarning)  # fmt: skip
     orthanc.RegisterOnChangeCallback(_on_change(orthanc, buffer, cursor, settings.similar_series_on_stable_study))
+    orthanc.RegisterIncomingHttpRequestFilter(_query_body_cap(orthanc, settings.max_query_bytes))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
     service: list[SimilarityService] = []  # made on first use: Redis may come up after Orthanc
+    audit = AuditLog(client_for(settings, socket_timeout=5, socket_connect_timeout=2), settings.audit_retention_days)
 
     def similarity() -> SimilarityService:
         if not service:
-            service.append(SimilarityService(settings, resolve_uid=lambda level, oid: _dicom_uid(orthanc, level, oid)))
+            service.append(SimilarityService(settings, resolve_uid=lambda level, oid: _dicom_uid(orthanc, level, oid),
+                                             audit=audit))  # fmt: skip
         return service[0]
 
     _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
+    _get(orthanc, "/cbir/audit", lambda request: routes.audit_trail(audit, _parameters(request), _user(request),
+                                                                    settings.audit_readers))  # fmt: skip
     _get(orthanc, "/cbir/ui/instances/([^/]+)",
          lambda request: results_page(settings, request["groups"][0], _instance_id(orthanc, request["groups"][0])))
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
-         lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request)))
+         lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request),
+                                              user=_user(request)))  # fmt: skip
     # GET: the same answer as a QIDO-RS endpoint, a DICOMweb client searches {...}/similar/{studies|series|instances};
     # POST .../instances/{id}/similar/series: store the answer as a "Similar cases" series in the query's study
     def qido_or_series(request: dict[str, Any]) -> routes.Response:
@@ -57,14 +64,31 @@ def register(orthanc: Any, settings: Settings) -> None:
         if request.get("method") == "POST":
             if (resource, answer_level) != ("instances", "series"):
                 return routes.Response(405, b"", headers={"Allow": "GET"})
-            return similarity().similar_series(identifier, _parameters(request))
+            return similarity().similar_series(identifier, _parameters(request), user=_user(request))
         return similarity().similar(resource, identifier, {**_parameters(request), "format": "dicom+json",
-                                                           "level": LEVELS[answer_level]})  # fmt: skip
+                                                           "level": LEVELS[answer_level]}, user=_user(request))  # fmt: skip
 
     _route(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)", ("GET", "POST"),
            qido_or_series)
     _route(orthanc, "/cbir/query", ("POST",),
-           lambda request: similarity().query_file(request.get("body") or b"", _parameters(request)))
+           lambda request: similarity().query_file(request.get("body") or b"", _parameters(request),
+                                                   user=_user(request)))  # fmt: skip
+
+
+def _query_body_cap(orthanc: Any, limit: int) -> Callable[..., bool]:
+    """Orthanc reads a request's whole body before a route sees it; its incoming-request filter
+    runs before the body is read. This one refuses a ``POST /cbir/query`` that declares more
+    than ``limit`` bytes, or no length (chunked): Orthanc answers 403 without reading the body.
+    (Orthanc 1.12.11's ``MaximumRequestBodySizeMB`` caps every route, uploads included.)"""
+    post = orthanc.HttpMethod.POST
+
+    def allowed(uri: str, **request: Any) -> bool:
+        if request.get("method") != post or uri.rstrip("/") != "/cbir/query":
+            return True
+        declared = str((request.get("headers") or {}).get("content-length", ""))
+        return declared.isdigit() and int(declared) <= limit
+
+    return allowed
 
 
 _UID_TAG = {"instance": ("instances", "SOPInstanceUID"), "series": ("series", "SeriesInstanceUID"),
@@ -94,7 +118,15 @@ def _instance_id(orthanc: Any, identifier: str) -> str | None:
 
 
 def _parameters(request: dict[str, Any]) -> dict[str, str]:
-    return request_parameters(request.get("get") or {}, request.get("headers") or {})
+    """The query string read by the standard rules (as the standalone server reads it), then ``X-Cbir-*`` headers."""
+    query = parse_query(orthanc_query_string(request.get("get") or {}))
+    return request_parameters(query, request.get("headers") or {})
+
+
+def _user(request: dict[str, Any]) -> str:
+    """Who sent the request, for the audit trail: the HTTP Basic user Orthanc authenticated
+    (Orthanc checked the password before the plugin was called), else ``anonymous``."""
+    return basic_user((request.get("headers") or {}).get("authorization")) or ANONYMOUS
 
 
 def _on_change(orthanc: Any, buffer: EnqueueBuffer, cursor: ChangeCursor,
@@ -143,13 +175,19 @@ def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[
 
 
 def _send(output: Any, response: routes.Response) -> None:
+    if response.status == 429:  # Orthanc 1.10 cannot send 429 (it drops the connection): 503 + Retry-After says the same
+        response = routes.Response(503, routes.Response.error(503, json.loads(response.body)["error"]).body,
+                                   headers=response.headers)  # fmt: skip
     for name, value in response.headers.items():
         if name != "Allow":
             output.SetHttpHeader(name, value)
+    output.SetHttpHeader("X-Content-Type-Options", "nosniff")  # a browser never sniffs an answer into HTML
     if response.status == 200:
         output.AnswerBuffer(response.body, response.content_type)
     elif response.status == 405:  # Orthanc drops the connection on SendHttpStatus(405)
         output.SendMethodNotAllowed(response.headers.get("Allow", "GET"))
     else:
+        # SendHttpStatus sends no Content-Type of its own: an error is JSON, and says so
+        output.SetHttpHeader("Content-Type", response.content_type)
         text = response.body.decode()  # plugin 4.0 wants (int, str, length)
         output.SendHttpStatus(response.status, text, len(text.encode()))

@@ -8,12 +8,14 @@ never raise for a client's mistake: they answer 4xx with a JSON message.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from .. import __version__
+from ..audit import MAX_READ, AuditLog, is_valid_entry_id
 from ..config import Settings
 from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
@@ -57,7 +59,7 @@ def status(settings: Settings) -> Response:
             except IndexLayoutError as exc:  # what the operator must read here (the workers refuse it too)
                 answer["indexed"] = None
                 answer["index_error"] = str(exc)
-            answer.update(IngestQueue(client).counts())
+            answer.update(IngestQueue.for_settings(client, settings).counts())
         finally:
             client.close()
     return Response.json(answer)
@@ -73,3 +75,21 @@ def redis_health(url: str, cluster: bool = False) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         client.close()
+
+
+def audit_trail(audit: AuditLog, parameters: Mapping[str, str], user: str, readers: str) -> Response:
+    """``GET /cbir/audit``: the audit trail, newest first (``count``, 100, at most 1000; ``before``,
+    an entry id, pages back). ``readers`` (comma-separated users; empty: anyone let in) may read it."""
+    allowed = {name.strip() for name in readers.split(",") if name.strip()}
+    if allowed and user not in allowed:
+        return Response.error(403, "the audit trail is for the users of the AuditReaders setting")
+    if set(parameters) - {"count", "before"}:
+        return Response.error(400, "unknown parameter: the parameters are count and before")
+    count = parameters.get("count", "100")
+    before = parameters.get("before") or None
+    if not count.isdigit() or not 1 <= int(count) <= MAX_READ:
+        return Response.error(400, f"count must be 1..{MAX_READ}")
+    if before is not None and not is_valid_entry_id(before):
+        return Response.error(400, "before is an entry id (<milliseconds>-<sequence>)")
+    entries = audit.read(int(count), before)
+    return Response.json({"entries": entries, "next": entries[-1]["id"] if len(entries) == int(count) else None})

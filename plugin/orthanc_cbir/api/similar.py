@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from ..audit import AuditLog
 from ..config import Settings
 from ..dicom import looks_like_uid
 from ..index import IndexInfo, IndexStore
 from ..index.schema import uid_hash
 from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
 from ..redis_client import UNREACHABLE, client_for
-from ..search import Filters, Query, QueryContext, Searcher, SearchOptions
+from ..search import LEVELS as SEARCH_LEVELS
+from ..search import STRATEGIES, Filters, Query, QueryContext, Searcher, SearchOptions
 from ..search.filters import parse_weights
 from ..search.labels import upload_header
 from .dicom_json import hit_dataset, included_fields
@@ -38,7 +40,11 @@ from .routes import Response
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
 FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
+PARAMETERS = ("k", "limit", "strategy", "level", "offset", "weights", "format", "includefield", "fuzzymatching",
+              *FILTER_PARAMETERS)  # fmt: skip
+"""Every parameter a similarity route takes."""
 MAX_QUERY_BYTES = 256 * 2**20
+"""Hard ceiling of a ``POST /cbir/query`` body; the ``max_query_bytes`` setting (64 MiB) is lower."""
 QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
 SERIES_WAIT_S = 120
@@ -50,6 +56,34 @@ MAX_PARAMETER_CHARS = 1024
 PARAMETER_HEADER = "x-cbir-"
 """Orthanc gives a plugin the query string of GET requests only: a POST may pass its parameters
 as headers, ``X-Cbir-K: 5``, ``X-Cbir-Strategy: exact``, ``X-Cbir-Body-Part: CHEST``."""
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """A query string as both servers read it: the standard library's rules (``parse_qsl``:
+    percent-escapes decoded, ``+`` is a space, blank values kept); a repeated ``includefield``
+    is one comma-separated list (QIDO-RS allows either), any other repeated name keeps its last.
+
+    >>> parse_query("modality=CT%2CMR&k=%32&includefield=StudyDate&includefield=00081030")
+    {'modality': 'CT,MR', 'k': '2', 'includefield': 'StudyDate,00081030'}
+    """
+    parameters: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(query_string, keep_blank_values=True):
+        if name == "includefield" and parameters.get(name):
+            value = f"{parameters[name]},{value}"
+        parameters[name] = value
+    return parameters
+
+
+def orthanc_query_string(get: Mapping[str, Any]) -> str:
+    """The query string Orthanc's Python plugin received, rebuilt from its ``get`` dict: Orthanc
+    splits it at ``&`` and the first ``=`` and hands names and values over still percent-encoded
+    (``CT%2CMR``), so joining them again gives back what the client sent, for :func:`parse_query`.
+    (The plugin keeps only the last of a repeated name: Orthanc's own limit.)
+
+    >>> parse_query(orthanc_query_string({"modality": "CT%2CMR", "format": "dicom%2Bjson", "k": "%32"}))
+    {'modality': 'CT,MR', 'format': 'dicom+json', 'k': '2'}
+    """
+    return "&".join(f"{name}={value}" for name, value in get.items())
 
 
 def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, str]:
@@ -66,7 +100,20 @@ def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> 
 
 
 class BadRequest(ValueError):
-    """A client's mistake: answered with 400 and the message."""
+    """A client's mistake: answered with 400 and the message (fixed text: it never repeats what
+    the client sent, which a browser could otherwise be made to render)."""
+
+
+class Busy(Exception):
+    """Too many requests wait for a worker in this server: answered 429."""
+
+
+_FILTER_GRAMMAR = {
+    "modality": "comma-separated modalities (CT,MR)", "body_part": "comma-separated body parts (CHEST)",
+    "sex": "comma-separated M, F or O", "age": "MIN-MAX in years (40-70, 40-, -70)",
+    "date": "YYYY-MM-DD..YYYY-MM-DD (either end may be left out)",
+    "exclude": "comma-separated same-patient, same-study, same-series",
+}  # fmt: skip
 
 
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
@@ -92,12 +139,18 @@ class SimilarityService:
     """What the similarity routes share: one Redis client and one searcher. It never runs the
     model: a stored resource is searched with its stored vector."""
 
-    def __init__(self, settings: Settings, resolve_uid: Callable[[str, str], str | None] | None = None):
+    def __init__(self, settings: Settings, resolve_uid: Callable[[str, str], str | None] | None = None,
+                 audit: AuditLog | None = None):  # fmt: skip
         """``resolve_uid(level, orthanc_id)`` turns an Orthanc id into the DICOM UID of that
-        level (the adapter asks Orthanc); without it only DICOM UIDs are accepted."""
+        level (the adapter asks Orthanc); without it only DICOM UIDs are accepted. With ``audit``
+        every answer a route gives (``user`` passed) is recorded there before it leaves."""
         self.settings = settings
+        self.audit = audit
+        # A route waiting for a worker holds one of the server's threads (in Orthanc, one the
+        # worker itself may need for its REST calls): at most max_worker_waits wait, more get 429.
+        self._worker_waits = threading.BoundedSemaphore(max(1, settings.max_worker_waits))
         self.client = client_for(settings, socket_timeout=SERIES_WAIT_S + 10)
-        self.queue = IngestQueue(self.client)
+        self.queue = IngestQueue.for_settings(self.client, settings)
         self.store = IndexStore(self.client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
         self.searcher = Searcher(self.store)
         self.resolve_uid = resolve_uid
@@ -106,27 +159,28 @@ class SimilarityService:
     # -- routes -----------------------------------------------------------------------------
 
     @_answers_503_without_redis
-    def similar(self, resource: str, identifier: str, parameters: Mapping[str, str]) -> Response:
-        """``GET /cbir/{resource}/{identifier}/similar``."""
+    def similar(self, resource: str, identifier: str, parameters: Mapping[str, str], *, user: str | None = None,
+                route: str = "similar") -> Response:  # fmt: skip
+        """``GET /cbir/{resource}/{identifier}/similar``; ``user`` is who asks, for the audit trail."""
         try:
             level = LEVELS.get(resource)
             if level is None:
-                return Response.error(404, f"unknown resource {resource!r}: use instances, series or studies")
+                return Response.error(404, "unknown resource: use instances, series or studies")
             options, offset = self._options(parameters, default_level=level)
             with self._lock:
-                query = self._stored_query(level, identifier)
+                uid, query = self._stored_query(level, identifier)
                 if query is None:
-                    return Response.error(404, f"{level} {identifier} is not in the index "
-                                               "(not stored, not yet indexed, or rejected)")  # fmt: skip
+                    return Response.error(404, f"not in the index: no {level} with this identifier is stored and "
+                                               "indexed (not stored, not yet indexed, or rejected)")  # fmt: skip
                 if level != "instance":  # a series (study) never answers with itself
                     exclude = {"series": "exclude_same_series", "study": "exclude_same_study"}[level]
                     options = dataclasses.replace(options, filters=dataclasses.replace(options.filters, **{exclude: True}))
-                return self._answer(query, options, offset, parameters)
+                return self._answer(query, options, offset, parameters, (user, route, level, uid))
         except BadRequest as exc:
             return Response.error(400, str(exc))
 
     @_answers_503_without_redis
-    def query_file(self, body: bytes, parameters: Mapping[str, str]) -> Response:
+    def query_file(self, body: bytes, parameters: Mapping[str, str], *, user: str | None = None) -> Response:
         """``POST /cbir/query``: a DICOM file, PNG or JPEG that need not be stored. A worker
         embeds it (the model never runs in Orthanc's process); the answer waits for it."""
         try:
@@ -135,9 +189,13 @@ class SimilarityService:
             return Response.error(400, str(exc))
         if not body:
             return Response.error(400, "send a DICOM file, PNG or JPEG as the request body")
-        if len(body) > MAX_QUERY_BYTES:
-            return Response.error(413, f"the query file is larger than {MAX_QUERY_BYTES // 2**20} MiB")
-        embedded = self._ask_worker(QUERY, body, QUERY_WAIT_S)
+        limit = min(self.settings.max_query_bytes, MAX_QUERY_BYTES)
+        if len(body) > limit:
+            return Response.error(413, f"the query file is larger than {limit} bytes")
+        try:
+            embedded = self._ask_worker(QUERY, body, QUERY_WAIT_S)
+        except Busy:
+            return _busy()
         if embedded is None:
             return Response.error(503, f"no worker embedded the query within {QUERY_WAIT_S} s: "
                                        "is `orthanc-cbir worker` running?")  # fmt: skip
@@ -150,19 +208,33 @@ class SimilarityService:
                                    embedded["sop_instance_uid"], embedded["series_instance_uid"],
                                    *upload_header(body)))  # fmt: skip
         with self._lock:
-            return self._answer(query, options, offset, parameters)
+            return self._answer(query, options, offset, parameters,
+                                (user, "query", "instance", embedded.get("sop_instance_uid")))  # fmt: skip
 
     @_answers_503_without_redis
-    def similar_series(self, identifier: str, parameters: Mapping[str, str]) -> Response:
+    def similar_series(self, identifier: str, parameters: Mapping[str, str], *, user: str | None = None) -> Response:
         """``POST /cbir/instances/{identifier}/similar/series``: a worker stores a "Similar cases"
         Secondary Capture series (and a key object selection when hits are in the query's study)
-        in the query's study; the answer names what was stored."""
+        in the query's study; the answer names what was stored.
+
+        The route first runs the search the worker will run (the ``similar_series_parameters``
+        setting, then the request's; one image per hit): an instance that is not indexed is a
+        404 at once, and the audit trail records the hits' studies before a worker draws them."""
+        if "format" in parameters:  # a series is stored, not listed: a worker must never read a QIDO answer
+            return Response.error(400, "format is not a parameter of a similar cases series (it is stored, not listed)")
         try:
             self._options(parameters, default_level="instance")
         except BadRequest as exc:
             return Response.error(400, str(exc))
+        asked = {**parse_query(self.settings.similar_series_parameters), **parameters, "level": "instance"}
+        searched = self.similar("instances", identifier, asked, user=user, route="similar-series")
+        if searched.status != 200:
+            return searched
         request = json.dumps({"instance": identifier, "parameters": dict(parameters)}).encode()
-        made = self._ask_worker(SIMILAR_SERIES, request, SERIES_WAIT_S)
+        try:
+            made = self._ask_worker(SIMILAR_SERIES, request, SERIES_WAIT_S)
+        except Busy:
+            return _busy()
         if made is None:
             return Response.error(503, f"no worker made the series within {SERIES_WAIT_S} s: "
                                        "is `orthanc-cbir worker` running?")  # fmt: skip
@@ -179,14 +251,13 @@ class SimilarityService:
     # -- helpers ----------------------------------------------------------------------------
 
     def _options(self, parameters: Mapping[str, str], default_level: str) -> tuple[SearchOptions, int]:
-        unknown = set(parameters) - {"k", "limit", "strategy", "level", "offset", "weights", "format", "includefield",
-                                     "fuzzymatching", *FILTER_PARAMETERS}  # fmt: skip
-        if unknown:
-            raise BadRequest(f"unknown parameter(s) {', '.join(sorted(unknown))}")
+        """The search a request asks for. Every message is fixed text: none repeats the client's input."""
+        if set(parameters) - set(PARAMETERS):
+            raise BadRequest(f"unknown parameter: the parameters are {', '.join(PARAMETERS)}")
         too_long = sorted(name for name, value in parameters.items() if len(value) > MAX_PARAMETER_CHARS)
         if too_long:
             raise BadRequest(f"parameter(s) {', '.join(too_long)} longer than {MAX_PARAMETER_CHARS} characters")
-        if parameters.get("format", "json") not in ("json", "dicom+json"):
+        if _format(parameters) not in ("json", "dicom+json"):
             raise BadRequest("format is json or dicom+json")
         try:
             k, offset = int(parameters.get("limit", parameters.get("k", 10))), int(parameters.get("offset", 0))
@@ -194,19 +265,43 @@ class SimilarityService:
             raise BadRequest("k and offset must be whole numbers") from None
         if not 1 <= k <= self.settings.max_results or not 0 <= offset <= 1000 - k:
             raise BadRequest(f"k must be 1..{self.settings.max_results} and offset 0..{1000 - k}")
+        strategy, level = parameters.get("strategy", self.settings.default_strategy), parameters.get("level", default_level)
+        if strategy not in STRATEGIES:
+            raise BadRequest(f"strategy is one of {', '.join(STRATEGIES)}")
+        if level not in SEARCH_LEVELS:
+            raise BadRequest(f"level is one of {', '.join(SEARCH_LEVELS)}")
+        clauses = []
+        for name in FILTER_PARAMETERS:
+            if name in parameters:
+                try:
+                    Filters.parse([f"{name}={parameters[name]}"])
+                except ValueError:
+                    raise BadRequest(f"{name} is {_FILTER_GRAMMAR[name]}") from None
+                clauses.append(f"{name}={parameters[name]}")
+        sub_codes = ", ".join(sub.name for sub in self.store.info.layout.sub_codes)
         try:
-            filters = Filters.parse(f"{name}={parameters[name]}" for name in FILTER_PARAMETERS if name in parameters)
             weights = parse_weights(parameters.get("weights"))
-            self.store.info.layout.bit_weights(weights)  # names a sub-code the model has, or says which it has
-            options = SearchOptions(parameters.get("strategy", self.settings.default_strategy), k=k + offset, filters=filters,
-                                    level=parameters.get("level", default_level), weights=weights)  # fmt: skip
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            self.store.info.layout.bit_weights(weights)  # names a sub-code the model has
+        except ValueError:
+            raise BadRequest(f"weights is SUB=WEIGHT,... with SUB one of {sub_codes} and WEIGHT a number >= 0") from None
+        try:
+            options = SearchOptions(strategy, k=k + offset, filters=Filters.parse(clauses), level=level, weights=weights)
+        except ValueError as exc:  # the checks above cover the client's part: what is left is ours
+            raise BadRequest(f"these parameters cannot be searched ({type(exc).__name__})") from None
         return options, offset
 
     def _ask_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
         """Leave ``body`` beside the stream, enqueue ``action`` and wait for the worker's JSON
-        reply; ``None`` when no worker answered in ``wait_s``."""
+        reply; ``None`` when no worker answered in ``wait_s``. Raises :class:`Busy` when
+        ``max_worker_waits`` requests of this server wait already (nothing is enqueued then)."""
+        if not self._worker_waits.acquire(blocking=False):
+            raise Busy()
+        try:
+            return self._wait_for_worker(action, body, wait_s)
+        finally:
+            self._worker_waits.release()
+
+    def _wait_for_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
         request = uuid.uuid4().hex
         keys = self.queue.keys
         self.client.set(keys.query_body(request), body, ex=int(wait_s * 2))
@@ -217,12 +312,12 @@ class SimilarityService:
             return None
         return json.loads(reply[1])
 
-    def _stored_query(self, level: str, identifier: str) -> Query | None:
-        """The query of a stored instance, series or study, or ``None`` if it is not indexed."""
+    def _stored_query(self, level: str, identifier: str) -> tuple[str | None, Query | None]:
+        """The DICOM UID and the query of a stored instance, series or study (query ``None`` if it is not indexed)."""
         uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
                                                               if self.resolve_uid else None)  # fmt: skip
         if uid is None:
-            return None
+            return None, None
         self.searcher.snapshot.refresh()
         if level == "instance":
             row = self.store.row(uid)
@@ -230,12 +325,19 @@ class SimilarityService:
         else:
             column = self.searcher.snapshot.attributes["series" if level == "series" else "study"]
             rows = np.flatnonzero((column == uid_hash(uid)) & self.searcher.snapshot.live)
-        return self.searcher.stored_query(rows) if len(rows) else None
+        return uid, (self.searcher.stored_query(rows) if len(rows) else None)
 
-    def _answer(self, query: Query, options: SearchOptions, offset: int, parameters: Mapping[str, str]) -> Response:
+    def _answer(self, query: Query, options: SearchOptions, offset: int, parameters: Mapping[str, str],
+                audited: tuple[str | None, str, str, str | None]) -> Response:  # fmt: skip
+        """The hits as the request asks; ``audited`` is (user, route, query level, query UID): with
+        a user and an audit log, the answer is recorded first (no record, no answer)."""
         result = self.searcher.search(query, options)
         hits = result.hits[offset:]  # the search asked for k + offset
-        if parameters.get("format") == "dicom+json":
+        user, route, level, query_uid = audited
+        if self.audit is not None and user is not None:
+            self.audit.record(user=user, route=route, level=level, query_uid=query_uid, hits=len(hits),
+                              studies=[h.record.get("metadata", {}).get("study_instance_uid") for h in hits])  # fmt: skip
+        if _format(parameters) == "dicom+json":
             extra = included_fields(parameters.get("includefield"))
             objects = [hit_dataset(result.level, h.rank, h.distance, result.strategy, h.record.get("metadata", {}), extra)
                        for h in hits]  # fmt: skip
@@ -246,6 +348,18 @@ class SimilarityService:
             "elapsed_ms": round(result.elapsed_ms, 2),
             "hits": [hit_json(h.rank, h.distance, h.instances, result.strategy, h.record) for h in hits],
         })  # fmt: skip
+
+
+def _format(parameters: Mapping[str, str]) -> str:
+    """The asked format; ``dicom json`` is ``dicom+json`` sent with a bare ``+`` (which the
+    query string rules read as a space)."""
+    asked = parameters.get("format", "json")
+    return "dicom+json" if asked == "dicom json" else asked
+
+
+def _busy() -> Response:
+    answer = Response.error(429, "too many requests wait for a worker now; try again in a few seconds")
+    return dataclasses.replace(answer, headers={**answer.headers, "Retry-After": "5"})
 
 
 def hit_json(rank: int, distance: float, instances: int, strategy: str, record: dict) -> dict[str, Any]:
