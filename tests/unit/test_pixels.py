@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,15 @@ def test_decoding_writes_no_patient_identifier_to_logs_or_warnings(caplog, recwa
     said = caplog.text + " ".join(str(w.message) for w in recwarn)
     for identifier in (factory.PATIENT_NAME, "Doe", factory.PATIENT_ID):
         assert identifier not in said
+
+
+SHARED_SINGLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom" / "single" / "pydicom_data_wheel"
+
+
+@pytest.mark.skipif(not (SHARED_SINGLE / "OBXXXX1A_expb.dcm").exists(), reason="the shared DICOM corpus is absent")
+def test_a_big_endian_palette_image_decodes_like_its_little_endian_twin():
+    little = decode_instance(SHARED_SINGLE / "OBXXXX1A.dcm")
+    big = decode_instance(SHARED_SINGLE / "OBXXXX1A_expb.dcm")
+    np.testing.assert_allclose(big.images[0].pixels, little.images[0].pixels)
+    again = decode_instance(SHARED_SINGLE / "OBXXXX1A_expb.dcm")  # nothing of the first decode left behind
+    np.testing.assert_allclose(again.images[0].pixels, little.images[0].pixels)

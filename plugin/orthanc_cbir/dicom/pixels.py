@@ -481,7 +481,7 @@ def _to_grey(
     """Map one decoded frame to (display, model) float32 grey in 0..1, appending each decision."""
     photometric = photometric.strip().upper()
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(raw, ds)
+        rgb = apply_color_lut(raw, _native_order_luts(ds))
         bits = 8 if rgb.dtype == np.uint8 else 16
         decisions.append(f"palette colour -> {bits}-bit RGB -> BT.601 luma (display and model)")
         luma = _luma(rgb, bits)
@@ -506,6 +506,26 @@ def _to_grey(
         display, model = 1.0 - display, 1.0 - model
         decisions.append("inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)")
     return _clip01(display), _clip01(model)
+
+
+_PALETTE_DATA = tuple(f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue"))
+
+
+def _native_order_luts(ds: Dataset) -> Dataset:
+    """The dataset as apply_color_lut should see it: pydicom 3.0 reads 16-bit palette LUT data in
+    the machine's byte order, so a big-endian file's palette came out byte-swapped (nearly black)."""
+    if ds.original_encoding[1] is not False or not any(k in ds for k in _PALETTE_DATA):
+        return ds
+    view = Dataset()
+    for element in ds:
+        if element.tag.group == 0x0028:
+            view.add(element)
+    for keyword in _PALETTE_DATA:
+        descriptor = ds.get(keyword.replace("Data", "Descriptor"))
+        if keyword in ds and descriptor is not None and int(descriptor[2]) > 8:
+            # a new element: the caller's dataset keeps its own bytes
+            setattr(view, keyword, np.frombuffer(ds[keyword].value, dtype=">u2").astype("<u2").tobytes())
+    return view
 
 
 def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
