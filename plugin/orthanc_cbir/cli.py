@@ -70,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
 
     viewer = commands.add_parser(
         "viewer",
-        help="serve the OHIF viewer with Orthanc behind it on one loopback origin",
+        help="serve the OHIF viewer with Orthanc's DICOMweb and /cbir routes behind it on one origin",
         description="Serves the prebuilt OHIF viewer (@ohif/app, fetched once with npm into --cache-dir and checked "
         "against its pinned sha512) with a DICOMweb data source at /dicom-web on the same origin, and forwards "
-        "/dicom-web, /wado, /cbir, Orthanc Explorer (/app, /ui) and Orthanc's REST paths to --orthanc-url, adding "
-        "Orthanc's credentials (CBIR_ORTHANC_USERNAME / CBIR_ORTHANC_PASSWORD): whoever reaches the port uses "
-        "Orthanc, so keep it on loopback. Open http://HOST:PORT/viewer?StudyInstanceUIDs=UID.",
+        "DICOMweb reads (/dicom-web, /wado), thumbnails (/instances/ID/preview) and /cbir to --orthanc-url; no other "
+        "Orthanc route. Callers log in with their own Orthanc user (HTTP Basic, checked by Orthanc); with --demo "
+        "(loopback only) the viewer logs anyone in with CBIR_ORTHANC_USERNAME / CBIR_ORTHANC_PASSWORD. Host names "
+        "other than CBIR_VIEWER_ALLOWED_HOSTS and cross-origin writes are refused. Open "
+        "http://HOST:PORT/viewer?StudyInstanceUIDs=UID.",
     )
     viewer.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     viewer.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
@@ -83,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     viewer.add_argument("--cache-dir", type=Path, default=None, help="where OHIF is kept (default: build/ohif)")
     viewer.add_argument("--dist", type=Path, default=None, help="serve this OHIF dist folder instead (no fetch)")
     viewer.add_argument("--fetch-only", action="store_true", help="fetch OHIF into --cache-dir if missing, then exit")
+    viewer.add_argument("--demo", action="store_true",
+                        help="loopback demo: let anonymous callers in with Orthanc's credentials (loopback only)")
+    viewer.add_argument("--allowed-hosts", help="default: settings (CBIR_VIEWER_ALLOWED_HOSTS)")
     viewer.set_defaults(run=_run_viewer)
 
     index = commands.add_parser(
@@ -310,9 +315,14 @@ def _run_viewer(args: argparse.Namespace) -> int:
     if not (dist / "index.html").is_file():
         print(f"error: {dist} has no index.html: not an OHIF dist folder", file=sys.stderr)
         return 2
-    settings = load_settings(orthanc_url=args.orthanc_url)
-    serve(dist, settings.orthanc_url, host=args.host, port=args.port, username=settings.orthanc_username,
-          password=settings.orthanc_password)  # fmt: skip
+    settings = load_settings(orthanc_url=args.orthanc_url, viewer_allowed_hosts=args.allowed_hosts)
+    allowed = [name.strip() for name in settings.viewer_allowed_hosts.split(",") if name.strip()]
+    try:
+        serve(dist, settings.orthanc_url, host=args.host, port=args.port, username=settings.orthanc_username,
+              password=settings.orthanc_password, demo=args.demo, allowed_hosts=allowed or None)  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -139,6 +139,12 @@ class Settings:
     http_password: str = ""
     """Standalone server: HTTP Basic password; prefer the CBIR_HTTP_PASSWORD variable."""
 
+    viewer_allowed_hosts: str = ""
+    """``orthanc-cbir viewer``: the ``Host`` names it answers to, comma-separated (``name`` for any
+    port, ``name:port``); anything else is refused, which defeats DNS rebinding. Empty: the
+    loopback names and addresses with the viewer's port (and its ``--host`` address). Behind a
+    reverse proxy, the name users type (``viewer.hospital.example``)."""
+
     log_level: str = "INFO"
     """Python logging level of the worker and CLI (Orthanc has its own verbosity)."""
 

@@ -490,14 +490,19 @@ class ViewerServer(_Process):
     it on the same origin (see :mod:`orthanc_cbir.viewer`). It fetches nothing: the OHIF
     ``dist`` folder (``dist``, default ``build/ohif``'s, made by ``make ohif``) must be there.
 
-    ``url`` + ``/viewer?StudyInstanceUIDs=UID`` opens a study; the proxy adds Orthanc's credentials.
+    ``url`` + ``/viewer?StudyInstanceUIDs=UID`` opens a study. With ``demo`` (the default: the demo
+    and the browser tests) the proxy adds Orthanc's credentials for anonymous callers; without it,
+    callers send their own. ``environment``: more ``CBIR_*`` variables for the viewer process.
     """
 
     name = "viewer"
 
-    def __init__(self, state_dir: Path, *, orthanc: OrthancServer, dist: Path | None = None, port: int | None = None):
+    def __init__(self, state_dir: Path, *, orthanc: OrthancServer, dist: Path | None = None, port: int | None = None,
+                 demo: bool = True, environment: dict[str, str] | None = None):  # fmt: skip
         super().__init__(state_dir)
         self.orthanc = orthanc
+        self.demo = demo
+        self.environment = environment or {}
         self.dist = dist
         self.port = port or free_port()
 
@@ -512,9 +517,9 @@ class ViewerServer(_Process):
         if not (dist / "index.html").is_file():
             raise ServiceError(f"no OHIF viewer in {dist}: run `make ohif` (orthanc-cbir viewer --fetch-only)")
         environment = {"CBIR_ORTHANC_URL": self.orthanc.url, "CBIR_ORTHANC_USERNAME": self.orthanc.username,
-                       "CBIR_ORTHANC_PASSWORD": self.orthanc.password}  # fmt: skip
+                       "CBIR_ORTHANC_PASSWORD": self.orthanc.password, **self.environment}  # fmt: skip
         self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "viewer", "--host", "127.0.0.1", "--port",
-                     str(self.port), "--dist", str(dist)], environment)  # fmt: skip
+                     str(self.port), "--dist", str(dist), *(["--demo"] if self.demo else [])], environment)  # fmt: skip
         self._wait_until(self._answers, timeout_s)
         return self
 
@@ -524,6 +529,8 @@ class ViewerServer(_Process):
         try:
             with urllib.request.urlopen(self.url + "/app-config.js", timeout=2) as response:
                 return response.status == 200
+        except urllib.error.HTTPError as error:  # outside the demo: 401 without credentials, but up
+            return error.code == 401
         except OSError:
             return False
 

@@ -1,15 +1,17 @@
-"""The OHIF viewer and Orthanc on one loopback origin, for the demo and the browser tests.
+"""The OHIF viewer and Orthanc on one origin, for the demo, the browser tests and small sites.
 
 ``orthanc-cbir viewer`` serves the unmodified prebuilt OHIF v3 viewer (the ``dist/``
 folder of the npm package ``@ohif/app``, fetched once by :func:`ensure_ohif`) with a
 generated ``app-config.js`` whose one DICOMweb data source is ``/dicom-web`` on the
-same origin, and forwards Orthanc's paths (:data:`PROXIED_PREFIXES`) to Orthanc.
+same origin, and forwards to Orthanc only what OHIF and the results page need
+(:func:`passed_to_orthanc`).
 
 Why one origin: Orthanc 1.10 sends no CORS headers, so a viewer on another port could
-not read its answers. The proxy adds Orthanc's Basic credentials itself, so the browser
-needs none: anyone who reaches the viewer's port reads (and writes) the archive. It is
-for loopback and demos; put a real reverse proxy with its own authentication in front
-of Orthanc anywhere else.
+not read its answers. Because the origin speaks to the archive, it refuses a foreign
+``Host`` (DNS rebinding) and unsafe methods from another origin (cross-site requests),
+and lets in only callers whose own credentials Orthanc accepts; it adds Orthanc's
+credentials for anonymous callers only in the loopback demo mode (``--demo``). It
+speaks plain HTTP: anywhere but loopback put a real reverse proxy with TLS in front.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,17 +43,64 @@ OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkyc
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "ohif"
 """Where :func:`ensure_ohif` keeps the viewer: ``build/ohif`` of the checkout (git-ignored)."""
 
-PROXIED_PREFIXES = frozenset(
+ORTHANC_PREFIXES = frozenset(
     {
-        "dicom-web", "wado",  # DICOMweb (QIDO, WADO-RS, STOW) and WADO-URI: what OHIF reads
-        "cbir",  # this project's routes
-        "app", "ui",  # Orthanc Explorer, Orthanc Explorer 2 (when installed)
-        # Orthanc's REST API, what Orthanc Explorer calls
-        "patients", "studies", "series", "instances", "system", "statistics", "changes", "exports", "tools",
-        "plugins", "modalities", "peers", "jobs", "queries",
+        "dicom-web", "wado", "cbir", "app", "ui", "patients", "studies", "series", "instances", "system",
+        "statistics", "changes", "exports", "tools", "plugins", "modalities", "peers", "jobs", "queries", "lua",
+        "storage-commitment", "transfers", "auth",
     }
 )  # fmt: skip
-"""First path segments forwarded to Orthanc; any other path is a file of OHIF or its ``index.html``."""
+"""First path segments that are Orthanc's (not a file of OHIF): refused 403 unless :func:`passed_to_orthanc`."""
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+REALM = 'Basic realm="Orthanc Secure Area"'
+"""Orthanc's own realm: a browser then keeps one set of credentials for the viewer's answers and Orthanc's."""
+_VERIFIED_TTL_S = 60.0  # a password changed or removed in Orthanc stops opening OHIF's files within a minute
+
+
+def passed_to_orthanc(method: str, segments: list[str]) -> bool:
+    """Whether the viewer forwards this request to Orthanc: what OHIF and the results page need, no more.
+
+    ``segments`` are the decoded path's, without the leading empty one. Passed: DICOMweb reads
+    (QIDO-RS, WADO-RS and its bulk data, under ``/dicom-web/{studies,series,instances}``),
+    WADO-URI reads (``/wado``), ``GET /instances/{id}/preview`` (the results page's thumbnails)
+    and this project's ``/cbir`` routes. Never STOW-RS, ``/tools``, ``/instances`` uploads,
+    DELETE, Lua, Orthanc Explorer or the rest of Orthanc's REST API: a page that reaches the
+    viewer must not be able to write to, or administer, the archive.
+    """
+    if segments[0] == "cbir":
+        return True  # Orthanc checks each /cbir route's method and the caller's credentials itself
+    if method not in READ_METHODS:
+        return False
+    if segments[0] == "dicom-web":
+        return len(segments) > 1 and segments[1] in ("studies", "series", "instances")
+    if segments[0] == "wado":
+        return len(segments) == 1
+    return len(segments) == 3 and segments[0] == "instances" and segments[2] == "preview"
+
+
+def default_allowed_hosts(host: str, port: int) -> list[str]:
+    """The ``Host`` values a browser sends for the viewer at ``host:port``: the loopback names and
+    addresses, and ``host`` itself when it is a specific address."""
+    names = [*LOOPBACK_HOSTS, *([host] if host not in ("", "0.0.0.0", "::", *LOOPBACK_HOSTS) else [])]
+    return [f"[{name}]:{port}" if ":" in name else f"{name}:{port}" for name in names]
+
+
+def _split_host(value: str) -> tuple[str, str] | None:
+    """``(name, port)`` of a ``Host`` value (port ``""`` when absent), lower-case; None when malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":")
+    if not name or (port and not port.isdigit()) or any(c in name for c in "/@ \t"):
+        return None
+    return name, port
+
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -212,21 +262,42 @@ def app_config_js() -> str:
 
 
 class ViewerHTTPServer(ThreadingHTTPServer):
-    """Serves one OHIF ``dist`` folder and forwards :data:`PROXIED_PREFIXES` to one Orthanc."""
+    """Serves one OHIF ``dist`` folder and forwards what :func:`passed_to_orthanc` allows to one Orthanc.
+
+    Every request must name an allowed ``Host`` (``allowed_hosts``; default
+    :func:`default_allowed_hosts`), which defeats DNS rebinding, and a request of any method but
+    GET and HEAD must come from the viewer's own origin (``Origin``, else ``Referer``), which
+    defeats cross-site requests. Who may read:
+
+    - by default every request must carry the caller's own ``Authorization``, which goes on to
+      Orthanc unchanged: Orthanc's ``RegisteredUsers`` decide, and Orthanc knows the real user
+      (the viewer's own files need credentials that Orthanc accepts too);
+    - with ``demo=True`` (loopback only) anonymous callers are let in and the viewer adds
+      Orthanc's credentials (``username``/``password``) itself.
+    """
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], dist: Path, orthanc_url: str, username: str = "", password: str = ""):
+    def __init__(self, address: tuple[str, int], dist: Path, orthanc_url: str, username: str = "", password: str = "",
+                 *, demo: bool = False, allowed_hosts: list[str] | None = None):  # fmt: skip
         self.dist = Path(dist).resolve()
         target = urllib.parse.urlsplit(orthanc_url.rstrip("/"))
         if target.scheme not in ("http", "https") or not target.hostname:
             raise ValueError(f"not an http(s) URL: {orthanc_url!r}")
+        if demo and address[0] not in LOOPBACK_HOSTS:
+            raise ValueError(f"the demo mode logs anyone in to Orthanc: loopback only, not {address[0]!r}")
         self.orthanc = target
+        self.demo = demo
         self.authorization = (
-            "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode() if username else None
+            "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode() if demo and username else None
         )
         self.app_config = app_config_js().encode()
         super().__init__(address, _Handler)
+        listening_port = self.server_address[1]
+        entries = allowed_hosts or default_allowed_hosts(address[0], listening_port)
+        self.allowed_hosts = {parsed for entry in entries if (parsed := _split_host(entry))}
+        self._verified: dict[str, float] = {}  # sha256 of an Authorization Orthanc accepted -> until when
+        self._verified_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -234,10 +305,66 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def host_allowed(self, value: str | None) -> bool:
+        """Whether a ``Host`` header names this viewer: an entry without a port allows any port."""
+        parsed = _split_host(value or "")
+        return parsed is not None and (parsed in self.allowed_hosts or (parsed[0], "") in self.allowed_hosts)
+
+    def orthanc_connection(self) -> http.client.HTTPConnection:
+        connection_class = http.client.HTTPSConnection if self.orthanc.scheme == "https" else http.client.HTTPConnection
+        return connection_class(self.orthanc.hostname, self.orthanc.port, timeout=300)
+
+    def orthanc_accepts(self, authorization: str) -> bool:
+        """Whether Orthanc answers ``GET /system`` to these credentials (remembered for a minute).
+
+        Raises:
+            OSError: Orthanc did not answer.
+        """
+        key = hashlib.sha256(authorization.encode()).hexdigest()
+        with self._verified_lock:
+            if self._verified.get(key, 0.0) > time.monotonic():
+                return True
+        connection = self.orthanc_connection()
+        try:
+            connection.request("GET", self.orthanc.path + "/system", headers={"Authorization": authorization})
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            return False
+        with self._verified_lock:
+            if len(self._verified) > 10_000:  # bounded: a flood of distinct credentials cannot grow it
+                self._verified.clear()
+            self._verified[key] = time.monotonic() + _VERIFIED_TTL_S
+        return True
+
+    def orthanc_answers_anonymously(self) -> bool | None:
+        """Whether Orthanc answers ``GET /system`` without credentials (None: it did not answer)."""
+        connection = self.orthanc_connection()
+        try:
+            connection.request("GET", self.orthanc.path + "/system")
+            response = connection.getresponse()
+            response.read()
+            return response.status == 200
+        except OSError:
+            return None
+        finally:
+            connection.close()
+
+
+class _Refused(Exception):
+    """A request the viewer answers itself with an error, before anything is read or forwarded."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every answer has a Content-Length or is chunked
     server: ViewerHTTPServer
+    _answered = False
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -254,26 +381,110 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch()
 
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._answered = True
+        super().send_response(code, message)
+
     def _dispatch(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        first = path.lstrip("/").split("/", 1)[0]
+        self._answered = False
         try:
-            if first in PROXIED_PREFIXES:
-                self._proxy()
-            elif self.command not in ("GET", "HEAD"):
-                self.close_connection = True  # its body, unread, must not be taken for the next request
-                self._send_bytes(405, b"method not allowed here\n", "text/plain", {"Allow": "GET, HEAD"})
-            elif path == "/app-config.js":
+            segments, length = self._checked()
+            if segments[0] in ORTHANC_PREFIXES:
+                if not passed_to_orthanc(self.command, segments):
+                    raise _Refused(403, "the viewer does not pass this request to Orthanc")
+                self._proxy(length)
+            elif self.command not in READ_METHODS:
+                raise _Refused(405, "method not allowed here", {"Allow": "GET, HEAD"})
+            elif segments == ["app-config.js"]:
                 self._send_bytes(200, self.server.app_config, "text/javascript", {"Cache-Control": "no-cache"})
             else:
-                self._static(urllib.parse.unquote(path))
+                self._static(segments)
+        except _Refused as refused:
+            self.close_connection = True  # a body, unread, must not be taken for the next request
+            self._send_bytes(refused.status, f"{refused.message}\n".encode(), "text/plain", refused.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the browser went away (a cancelled request): nothing to answer
+        except Exception as error:  # a bug: one line in the log (no query string), a 500, the server goes on
+            log.error("%s %s: %s", self.command, self._path_only(), type(error).__name__)
+            self.close_connection = True
+            if not self._answered:
+                self._send_bytes(500, b"internal error\n", "text/plain")
 
-    def _static(self, path: str) -> None:
+    def _checked(self) -> tuple[list[str], int]:
+        """The decoded path's segments and the body's length, once the request passed every check
+        that does not depend on its route.
+
+        Raises:
+            _Refused: a malformed request (400, 411), a Host not allowed (421), an unsafe method
+                from another origin (403), no or refused credentials (401).
+        """
+        if not self.path.startswith("/"):
+            raise _Refused(400, "only origin-form request targets (a path) are served")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+            raise _Refused(400, "Content-Length must be one decimal number")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise _Refused(411, "a request body needs a Content-Length")
+        try:
+            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path, errors="strict")
+        except UnicodeDecodeError:
+            raise _Refused(400, "malformed path") from None
+        segments = path.split("/")[1:]
+        # Orthanc's web server decodes the path and removes dot segments before routing, so
+        # /cbir/%2e%2e/tools would reach /tools: such paths are refused, never normalized here.
+        if any(ord(c) < 0x20 or c in "\x7f\\" for c in path) or {".", ".."} & set(segments):
+            raise _Refused(400, "malformed path")
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not self.server.host_allowed(hosts[0]):
+            raise _Refused(421, "this viewer does not answer to that host name (allowed: CBIR_VIEWER_ALLOWED_HOSTS)")
+        if self.command not in READ_METHODS and not self._same_origin(hosts[0]):
+            raise _Refused(403, "a request that changes something must come from the viewer's own pages")
+        self._authenticate(forwarded=segments[0] in ORTHANC_PREFIXES)
+        return segments, int(lengths[0]) if lengths else 0
+
+    def _same_origin(self, host: str) -> bool:
+        """Whether ``Origin`` (else ``Referer``) is this viewer's origin, as the browser named it."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            referer = urllib.parse.urlsplit(self.headers.get("Referer", ""))
+            origin = f"{referer.scheme}://{referer.netloc}" if referer.scheme else ""
+        return origin.strip().lower() in (f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")
+
+    def _authenticate(self, forwarded: bool) -> None:
+        """Outside the demo, the caller's own credentials are needed: Orthanc checks those of a
+        forwarded request itself, and the viewer asks it about those of its own files.
+
+        Raises:
+            _Refused: 401 without credentials or with credentials Orthanc refuses, 502 when
+                Orthanc does not answer.
+        """
+        if self.server.demo:
+            return
+        authorization = self.headers.get("Authorization", "")
+        if not authorization:
+            raise _Refused(401, "log in with your Orthanc user", {"WWW-Authenticate": REALM})
+        if forwarded:
+            return
+        try:
+            accepted = self.server.orthanc_accepts(authorization)
+        except OSError as error:
+            log.warning("could not check credentials with Orthanc at %s: %s", self.server.orthanc.geturl(), error)
+            raise _Refused(502, "Orthanc did not answer") from None
+        if not accepted:
+            raise _Refused(401, "Orthanc refused these credentials", {"WWW-Authenticate": REALM})
+
+    def _path_only(self) -> str:
+        """The request's path without its query string, which can hold patient names and IDs (QIDO)."""
+        # getattr: a request line too malformed to parse leaves no path (and no command) behind
+        return urllib.parse.urlsplit(getattr(self, "path", "") or "").path[:200]
+
+    def _static(self, segments: list[str]) -> None:
         dist = self.server.dist
-        relative = PurePosixPath(path.lstrip("/"))
-        target = dist.joinpath(*relative.parts).resolve() if relative.parts and ".." not in relative.parts else dist
+        relative = PurePosixPath(*[s for s in segments if s])
+        target = dist.joinpath(*relative.parts).resolve() if relative.parts else dist
         if target.is_file() and target.is_relative_to(dist):
             self._send_file(target)
         elif relative.suffix.lower() in _FILE_SUFFIXES:
@@ -308,35 +519,27 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _proxy(self) -> None:
+    def _proxy(self, length: int) -> None:
         """Forward the request to Orthanc and stream the answer back, status and headers as they are."""
         target = self.server.orthanc
-        request = urllib.parse.urlsplit(self.path)  # an absolute URI too: only its path and query go on
-        path = request.path + (f"?{request.query}" if request.query else "")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._send_bytes(411, b"a request body needs a Content-Length\n", "text/plain")
-            return
-        length = int(self.headers.get("Content-Length") or 0)
         # Expect: 100-continue was answered here already (BaseHTTPRequestHandler does it).
         replaced = {"host", "expect", "authorization"} if self.server.authorization else {"host", "expect"}
         headers = [(n, v) for n, v in self.headers.items() if n.lower() not in _HOP_BY_HOP | replaced]
-        # Host stays the browser's: the DICOMweb plugin builds its BulkDataURIs from it.
-        headers.append(("Host", self.headers.get("Host") or target.netloc))
+        # Host stays the browser's (it is an allowed one): the DICOMweb plugin builds its BulkDataURIs from it.
+        headers.append(("Host", self.headers["Host"]))
         if self.server.authorization:
             headers.append(("Authorization", self.server.authorization))
-        connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(target.hostname, target.port, timeout=300)
+        connection = self.server.orthanc_connection()
         try:
             try:
-                connection.putrequest(self.command, target.path + path, skip_host=True, skip_accept_encoding=True)
+                connection.putrequest(self.command, target.path + self.path, skip_host=True, skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
                 connection.endheaders()
                 _copy(self.rfile, connection, length)
                 response = connection.getresponse()
             except OSError as error:
-                log.warning("proxy %s %s: Orthanc at %s: %s", self.command, self.path, target.geturl(), error)
+                log.warning("proxy %s %s: Orthanc at %s: %s", self.command, self._path_only(), target.geturl(), error)
                 self.close_connection = True
                 self._send_bytes(502, f"Orthanc did not answer: {error}\n".encode(), "text/plain")
                 return
@@ -358,8 +561,17 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             connection.close()
 
+    # http.server's own log lines quote the request line, query string included: QIDO queries
+    # carry patient names, IDs, accession numbers and birth dates, so only paths are logged.
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        log.debug("%s %s %s %s", self.address_string(), getattr(self, "command", None), self._path_only(), code)
+
+    def log_error(self, format: str, *args: object) -> None:
+        code = args[0] if args and isinstance(args[0], int) else "?"
+        log.info("%s: a malformed request refused (%s)", self.address_string(), code)
+
     def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), format)
 
 
 def _copy(source: BinaryIO, connection: http.client.HTTPConnection, length: int) -> None:
@@ -373,14 +585,22 @@ def _copy(source: BinaryIO, connection: http.client.HTTPConnection, length: int)
 
 
 def serve(dist: Path, orthanc_url: str, *, host: str = "127.0.0.1", port: int = 3000, username: str = "",
-          password: str = "") -> None:  # fmt: skip
-    """Serve the viewer until the process is interrupted or terminated."""
-    server = ViewerHTTPServer((host, port), dist, orthanc_url, username, password)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the viewer listens on %s: anyone who reaches it uses Orthanc with its credentials", host)
-    print(f"OHIF {OHIF_VERSION} on {server.url}/ (Orthanc {orthanc_url} behind it); open "
-          f"{server.url}/viewer?StudyInstanceUIDs=<uid>", flush=True)  # fmt: skip
+          password: str = "", demo: bool = False, allowed_hosts: list[str] | None = None) -> None:  # fmt: skip
+    """Serve the viewer until the process is interrupted or terminated.
+
+    Raises:
+        ValueError: ``demo`` off loopback, or (outside the demo) an Orthanc that answers without
+            credentials, behind which the viewer would authenticate no one.
+    """
+    server = ViewerHTTPServer((host, port), dist, orthanc_url, username, password, demo=demo,
+                              allowed_hosts=allowed_hosts)  # fmt: skip
     try:
+        if not demo and server.orthanc_answers_anonymously():
+            raise ValueError(f"Orthanc at {orthanc_url} answers without credentials: the viewer would let anyone "
+                             "in (enable Orthanc's AuthenticationEnabled, or use --demo on loopback)")  # fmt: skip
+        who = "anyone on this machine, as Orthanc's user" if demo else "Orthanc's users, with their own credentials"
+        print(f"OHIF {OHIF_VERSION} on {server.url}/ (Orthanc {orthanc_url} behind it, for {who}); open "
+              f"{server.url}/viewer?StudyInstanceUIDs=<uid>", flush=True)  # fmt: skip
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from orthanc_cbir import viewer
-from orthanc_cbir.viewer import OhifError, app_config_js, ensure_ohif, ohif_dist, ohif_present, sri_sha512
+from orthanc_cbir.viewer import (
+    OhifError,
+    app_config_js,
+    ensure_ohif,
+    ohif_dist,
+    ohif_present,
+    passed_to_orthanc,
+    sri_sha512,
+)
 
 
 def test_sri_is_npms_integrity_format(tmp_path):
@@ -103,3 +111,35 @@ def test_app_config_has_one_same_origin_dicomweb_source():
     settings = source["configuration"]
     assert settings["qidoRoot"] == settings["wadoRoot"] == settings["wadoUriRoot"] == "/dicom-web"
     assert settings["imageRendering"] == settings["thumbnailRendering"] == "wadors"
+
+
+def test_only_what_ohif_and_the_results_page_read_is_passed_to_orthanc():
+    def passed(method: str, path: str) -> bool:
+        return passed_to_orthanc(method, path.split("/")[1:])
+
+    for path in ("/dicom-web/studies", "/dicom-web/studies/1.2/series/3.4/metadata", "/dicom-web/series",
+                 "/dicom-web/instances", "/wado", "/instances/abc-123/preview", "/cbir/status"):  # fmt: skip
+        assert passed("GET", path) and passed("HEAD", path), path
+    assert passed("POST", "/cbir/instances/abc/similar/series")
+    for method, path in [("POST", "/dicom-web/studies"), ("DELETE", "/dicom-web/studies/1.2"), ("POST", "/instances"),
+                         ("GET", "/instances"), ("GET", "/instances/abc/file"), ("DELETE", "/instances/abc"),
+                         ("GET", "/dicom-web/servers"), ("GET", "/dicom-web"), ("GET", "/wado/x"), ("POST", "/wado"),
+                         ("POST", "/tools/shutdown"), ("GET", "/tools/find"), ("POST", "/lua"), ("GET", "/system"),
+                         ("GET", "/patients"), ("GET", "/app/explorer.html"),
+                         ("PUT", "/instances/abc/preview")]:  # fmt: skip
+        assert not passed(method, path), (method, path)
+
+
+def test_default_allowed_hosts_are_loopback_with_the_port():
+    assert viewer.default_allowed_hosts("127.0.0.1", 3000) == ["127.0.0.1:3000", "localhost:3000", "[::1]:3000"]
+    assert "10.1.2.3:8080" in viewer.default_allowed_hosts("10.1.2.3", 8080)
+    assert len(viewer.default_allowed_hosts("0.0.0.0", 80)) == 3  # a wildcard is no name a browser sends
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [("LocalHost:3000", ("localhost", "3000")), ("[::1]:3000", ("::1", "3000")),
+     ("viewer.example", ("viewer.example", "")), ("a:b", None), ("[::1", None), ("", None), ("127.0.0.1:3000@evil.example", None), (":3000", None)],
+)  # fmt: skip
+def test_host_header_parsing(value, parsed):
+    assert viewer._split_host(value) == parsed
