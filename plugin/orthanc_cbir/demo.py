@@ -9,18 +9,22 @@ the ranked answer, stores it as a "Similar cases" series in the CT's study, and
 serves OHIF in front of that Orthanc (``orthanc-cbir viewer``). It prints the
 OHIF URL of the CT study, where "Similar cases" sits beside the CT, and the
 results page; run from a terminal it keeps everything up until Ctrl-C, else it
-stops what it started.
+stops what it started. SIGTERM and SIGHUP (a closed terminal) stop everything as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
+from typing import TypeVar
 
 from .dicom import Rejection, decode_instance
 from .local_services import REPO_ROOT, OrthancServer, RedisServer, ServiceError, ViewerServer, WorkerProcess
@@ -43,17 +47,50 @@ _SHARED_PICKS = (
 _PYDICOM_PICKS = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "rtplan.dcm")
 
 
+class Stopped(Exception):
+    """The demo got SIGTERM or SIGHUP: unwinding stops what it started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on(signum: int, frame: FrameType | None) -> None:
+    # Without this, SIGTERM or SIGHUP ends Python at once and no with-block stops Redis, Orthanc,
+    # the worker or the viewer (Orthanc even takes a terminal's SIGHUP as "restart"). Later
+    # signals are ignored so that they cannot interrupt the stopping itself.
+    for other in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
     """Run the demo; returns the process exit status (0 when every stored instance was
-    indexed or rejected with a reason, and the query answered)."""
+    indexed or rejected with a reason, and the query answered; 128 + the signal's number
+    when SIGTERM or SIGHUP stopped it)."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _stop_on)
+    signal.signal(signal.SIGHUP, _stop_on)
+    try:
+        return _run_demo(state_dir, data_dir)
+    except Stopped as stopped:
+        print(f"demo: stopped by {stopped}; everything it started is stopped.", flush=True)
+        return 128 + stopped.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_demo(state_dir: Path, data_dir: Path | None) -> int:
     files = _demo_files(data_dir)
     state_dir = state_dir.resolve()
     for previous in ("orthanc", "redis", "worker", "viewer"):  # a fresh archive each run: Orthanc announces only new instances
         shutil.rmtree(state_dir / previous, ignore_errors=True)
     print(f"demo: {len(files)} DICOM files, state in {state_dir}")
-    with RedisServer(state_dir / "redis") as redis_server, OrthancServer(
-        state_dir / "orthanc", redis_url=redis_server.url
-    ) as orthanc, WorkerProcess(state_dir / "worker", redis_url=redis_server.url, orthanc=orthanc):
+    with ExitStack() as services:
+        redis_server = _started(services, RedisServer(state_dir / "redis"))
+        orthanc = _started(services, OrthancServer(state_dir / "orthanc", redis_url=redis_server.url))
+        _started(services, WorkerProcess(state_dir / "worker", redis_url=redis_server.url, orthanc=orthanc))
         print(f"demo: redis on {redis_server.url}, Orthanc on {orthanc.url} (DICOM port {orthanc.dicom_port}), "
               f"one worker (log: {state_dir / 'worker' / 'worker.log'})")  # fmt: skip
         started = time.monotonic()
@@ -73,6 +110,15 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
         if not store_similar_cases(orthanc, query):
             return 1
         return show_in_ohif(orthanc, query, state_dir / "viewer")
+
+
+_Service = TypeVar("_Service", RedisServer, OrthancServer, WorkerProcess)
+
+
+def _started(services: ExitStack, service: _Service) -> _Service:
+    """``service`` started, its stop registered first: a signal while it starts stops it too."""
+    services.callback(service.stop)
+    return service.start()
 
 
 def wait_until_indexed(orthanc: OrthancServer, stored: int, timeout_s: float) -> dict:
@@ -127,14 +173,15 @@ def store_similar_cases(orthanc: OrthancServer, query: str) -> bool:
 def show_in_ohif(orthanc: OrthancServer, query: str, viewer_state: Path) -> int:
     """Serve OHIF in front of this Orthanc and print where to look; from a terminal, wait for Ctrl-C."""
     study = orthanc.get_json(f"/instances/{query}/study")["MainDicomTags"]["StudyInstanceUID"]
+    viewer = ViewerServer(viewer_state, orthanc=orthanc, demo=True)  # loopback: anonymous callers use Orthanc's user
     try:
-        viewer = ViewerServer(viewer_state, orthanc=orthanc).start()
-    except ServiceError as exc:
-        print(f"demo: no OHIF viewer ({exc})")
-        print(f"demo: results page {orthanc.url}/cbir/ui/instances/{query} (user {orthanc.username}, "
-              f"password {orthanc.password})")  # fmt: skip
-        return 0
-    try:
+        try:
+            viewer.start()
+        except ServiceError as exc:
+            print(f"demo: no OHIF viewer ({exc})")
+            print(f"demo: results page {orthanc.url}/cbir/ui/instances/{query} (user {orthanc.username}, "
+                  f"password {orthanc.password})")  # fmt: skip
+            return 0
         print(f"demo: OHIF, the CT study with its \"Similar cases\" series: {viewer.url}/viewer?StudyInstanceUIDs={study}")
         print(f"demo: results page of the query slice: {viewer.url}/cbir/ui/instances/{query}")
         if sys.stdin.isatty():
