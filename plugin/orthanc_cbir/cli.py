@@ -478,7 +478,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     client = _redis(settings.redis_url)
     store = IndexStore(client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
     orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
-    summary = reconcile(orthanc, IngestQueue(client), store)
+    summary = reconcile(orthanc, IngestQueue.for_settings(client, settings), store)
     print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
           f"{summary.enqueued} sent to the workers; {summary.gone} gone from Orthanc, removal sent")  # fmt: skip
     return 0

@@ -85,6 +85,11 @@ class Settings:
     claim_after_s: float = 60.0
     """An entry a worker took but did not acknowledge for this long goes to another worker."""
 
+    ingest_stream: str = "cbir:ingest"
+    """The Redis stream (with its consumer group) between the receivers and the workers. Each
+    deployment sharing a Redis needs its own: Orthanc's workers fetch from Orthanc, a standalone
+    server's read its spool, and a worker refuses a stream that the other kind already reads."""
+
     enqueue_buffer_size: int = 100_000
     """Orthanc plugin: changes (stored, deleted instances) kept in memory while Redis does not
     answer, added to the ingest stream once it does; more are counted in Orthanc's log and left

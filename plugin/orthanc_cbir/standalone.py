@@ -8,26 +8,34 @@ One process runs
 - ``workers`` worker threads that index what both receivers spool,
 
 and stops them all on SIGINT / SIGTERM. What was received and acknowledged but not yet
-indexed waits in ``spool_dir`` and is enqueued again at the next start. More
-``orthanc-cbir worker`` processes may share the work if they see the same spool directory
-(``CBIR_SPOOL_DIR``).
+indexed waits in ``spool_dir`` and is enqueued again at the next start; what was received
+while Redis did not answer is enqueued once it does. More ``orthanc-cbir worker`` processes
+may share the work if they see the same spool directory (``CBIR_SPOOL_DIR``) and stream
+(``CBIR_INGEST_STREAM``). The stream is the server's own: one that Orthanc's workers read
+(another deployment on the same Redis) is refused at start.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
+import redis
+
 from .config import Settings
-from .ingest.queue import IngestQueue
+from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
 from .ingest.scp import StoreSCP
 from .ingest.spool import Spool
 from .ingest.worker import Worker
-from .redis_client import client_for
+from .redis_client import UNREACHABLE, client_for
 
 log = logging.getLogger(__name__)
+
+REQUEUE_EVERY_S = 5.0
+"""How often files received while Redis was away are enqueued again."""
 
 
 def serve(settings: Settings, workers: int = 1) -> int:
@@ -35,7 +43,13 @@ def serve(settings: Settings, workers: int = 1) -> int:
     from .api.http_server import HttpServerThread, create_app
 
     client = client_for(settings)
-    spool = Spool(Path(settings.spool_dir), IngestQueue(client))
+    queue = IngestQueue.for_settings(client, settings)
+    try:  # before anything is received or taken: the stream must not be another deployment's
+        queue.bind(SPOOL_WORKERS)
+    except StreamKindError as exc:
+        print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
+        return 2
+    spool = Spool(Path(settings.spool_dir), queue)
     recovered = spool.recover()
     if recovered:
         log.info("%d received instance(s) waiting in %s enqueued again", recovered, spool.directory)
@@ -54,7 +68,14 @@ def serve(settings: Settings, workers: int = 1) -> int:
     print(f"orthanc-cbir serve: DICOM {settings.scp_aet}@{settings.scp_host}:{settings.scp_port if scp else '(off)'}, "
           f"HTTP http://{settings.http_host}:{settings.http_port} (OpenAPI at /docs), {workers} worker(s), "
           f"spool {spool.directory}", flush=True)  # fmt: skip
-    stop.wait()  # until SIGTERM / SIGINT; then receivers first, so nothing is acknowledged that no one indexes
+    while not stop.wait(REQUEUE_EVERY_S):  # until SIGTERM / SIGINT
+        try:
+            requeued = spool.requeue()
+        except (redis.RedisError, *UNREACHABLE):  # Redis still away (or refusing writes): next time
+            continue
+        if requeued:
+            log.info("%d instance(s) received while Redis was away enqueued", requeued)
+    # receivers first, so nothing is acknowledged that no one indexes
     if scp is not None:
         scp.stop()
     http.stop()

@@ -25,6 +25,7 @@ from orthanc_cbir.dicom.similar_cases import (
     SERIES_DESCRIPTION,
 )
 from orthanc_cbir.index import IndexInfo, IndexStore
+from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
 from orthanc_cbir.local_services import OrthancServer, RedisServer
 
@@ -227,3 +228,49 @@ def test_a_stable_study_gets_its_similar_cases_series_once(embedder, tmp_path):
         finally:
             running.stop()
 
+
+
+class OrthancDyingMidSeries(OrthancClient):
+    """A client of ``orthanc`` that kills it (SIGKILL) before the ``after``-th store: Orthanc dies
+    with part of a series stored."""
+
+    def __init__(self, orthanc: OrthancServer, after: int):
+        super().__init__(orthanc.url, *orthanc.auth)
+        self.orthanc, self.after, self.stores = orthanc, after, 0
+
+    def store(self, data: bytes) -> dict:
+        self.stores += 1
+        if self.stores == self.after:
+            self.orthanc.process.kill()
+            self.orthanc.process.wait(timeout=10)
+        return super().store(data)
+
+
+def test_a_series_half_written_when_orthanc_died_is_replaced_by_one_complete_series(embedder, tmp_path):
+    with RedisServer(tmp_path / "redis") as redis_server, \
+         OrthancServer(tmp_path / "orthanc", redis_url=redis_server.url) as orthanc:  # fmt: skip
+        running = start_worker(orthanc, redis_server.url, embedder)
+        try:
+            study = factory.generate_uid()
+            paths = synthetic_series(tmp_path / "a", slices=8, StudyInstanceUID=study, **QUERY_PATIENT)
+            storescu(orthanc, paths + synthetic_series(tmp_path / "a2", slices=8, StudyInstanceUID=study, **QUERY_PATIENT)
+                     + synthetic_series(tmp_path / "b", slices=8, **OTHER_PATIENT))  # fmt: skip
+            store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
+            wait_until(lambda: store.count() >= 24, 120, "24 indexed slices")
+            settings = make_settings(redis_server.url, orthanc)
+            client = redis.Redis.from_url(redis_server.url)
+            query, asked = str(dcmread(paths[4]).SOPInstanceUID), {"k": "10", "exclude": "same-series"}
+            with pytest.raises(OSError):
+                SimilarSeriesMaker(settings, OrthancDyingMidSeries(orthanc, after=5), client).for_instance(query, asked)
+            orthanc.start()  # the same storage: the 4 images stored before it died are there
+
+            def own_series() -> list[dict]:
+                return [s for s in orthanc.get_json(f"/studies/{orthanc.client.lookup(study, 'Study')}/series")
+                        if s["MainDicomTags"].get("SeriesDescription") == SERIES_DESCRIPTION]  # fmt: skip
+
+            assert [len(s["Instances"]) for s in own_series()] == [4]
+            made = SimilarSeriesMaker(settings, orthanc.client, client).for_instance(query, asked)  # the retry
+            assert made["series"]["instances"] == 10
+            assert [(s["ID"], len(s["Instances"])) for s in own_series()] == [(made["series"]["orthanc"], 10)]
+        finally:
+            running.stop()

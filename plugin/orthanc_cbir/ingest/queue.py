@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 STORE = "store"
 STORE_FILE = "store-file"
@@ -35,6 +39,15 @@ STABLE_STUDY = "stable-study"
 """A study Orthanc calls stable: make its "Similar cases" series (when the setting says so)."""
 INTERACTIVE = (QUERY, SIMILAR_SERIES)
 """Actions someone waits for: the request's body and reply sit beside the stream."""
+
+ORTHANC_WORKERS = "orthanc"
+"""A stream of Orthanc's instances (``store`` entries): its workers fetch from Orthanc."""
+SPOOL_WORKERS = "spool"
+"""A stream of a standalone server (``store-file`` entries): its workers read its spool."""
+
+
+class StreamKindError(RuntimeError):
+    """The stream belongs to workers of the other kind (another deployment on this Redis)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +68,25 @@ class IngestEvent:
 @dataclass(frozen=True)
 class QueueKeys:
     prefix: str = "cbir"
+    stream_name: str = ""
+    """The stream's key (empty: ``<prefix>:ingest``); one per deployment sharing a Redis
+    (``Settings.ingest_stream``)."""
 
     @property
     def stream(self) -> str:
-        return f"{self.prefix}:ingest"
+        return self.stream_name or f"{self.prefix}:ingest"
+
+    @property
+    def stream_kind(self) -> str:
+        """Which workers the stream is for (:data:`ORTHANC_WORKERS` or :data:`SPOOL_WORKERS`),
+        set by the first worker or server that reads it."""
+        return f"{self.stream}:kind"
+
+    @property
+    def dead_letters(self) -> str:
+        """Hash id -> JSON {action, entry_id, reason, detail, at}: entries a worker failed on
+        (a fault of this service, not of the file), kept for the operator instead of retried."""
+        return f"{self.prefix}:dead-letters"
 
     @property
     def rejected(self) -> str:
@@ -88,6 +116,23 @@ class IngestQueue:
         self.group = group
         self.keys = keys
         self.claim_idle_ms = claim_idle_ms
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings, **options: int) -> IngestQueue:
+        """The queue of this deployment: the stream ``settings.ingest_stream`` (and its own
+        consumer group: a Redis consumer group belongs to one stream)."""
+        return cls(client, keys=QueueKeys(stream_name=settings.ingest_stream), **options)
+
+    def bind(self, kind: str) -> None:
+        """Claim the stream for workers of ``kind`` (the first caller sets it); raises
+        :class:`StreamKindError` when it is another kind's, before any entry is taken: an
+        Orthanc worker cannot read a spool, nor a standalone server fetch from Orthanc."""
+        self.client.set(self.keys.stream_kind, kind, nx=True)
+        bound = self.client.get(self.keys.stream_kind)
+        if bound is not None and bound.decode() != kind:
+            raise StreamKindError(
+                f"the ingest stream {self.keys.stream!r} belongs to {bound.decode()} workers, not {kind} workers: "
+                "give each deployment on this Redis its own stream (CBIR_INGEST_STREAM)")
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if they do not exist yet."""
@@ -131,13 +176,25 @@ class IngestQueue:
         self.client.hset(self.keys.rejected, orthanc_id, json.dumps(
             {"reason": reason, "detail": detail, "sop_instance_uid": sop_instance_uid, "at": time.time()}))  # fmt: skip
 
+    def dead_letter(self, event: IngestEvent, reason: str, detail: str) -> None:
+        """Keep an entry a worker failed on, with the reason, for the operator (it is not retried)."""
+        self.client.hset(self.keys.dead_letters, event.orthanc_id, json.dumps(
+            {"reason": reason, "detail": detail, "action": event.action, "entry_id": event.entry_id,
+             "at": time.time()}))  # fmt: skip
+
+    def dead_letters(self) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.dead_letters).items()}
+
     def rejected(self) -> dict[str, dict]:
-        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+        """What could not be indexed: the files (bad input) and the dead letters (``action`` set)."""
+        rejected = {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+        return {**self.dead_letters(), **rejected}
 
     def counts(self) -> dict[str, int]:
         """``queued`` (entries not yet handed out or not yet acknowledged), ``pending``
-        (handed to a worker, not acknowledged), ``rejected``."""
+        (handed to a worker, not acknowledged), ``rejected``, ``dead_letters``."""
         self.ensure_group()
         pending = self.client.xpending(self.keys.stream, self.group)["pending"]
         return {"queued": int(self.client.xlen(self.keys.stream)), "pending": int(pending),
-                "rejected": int(self.client.hlen(self.keys.rejected))}  # fmt: skip
+                "rejected": int(self.client.hlen(self.keys.rejected)),
+                "dead_letters": int(self.client.hlen(self.keys.dead_letters))}  # fmt: skip

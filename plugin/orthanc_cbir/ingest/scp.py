@@ -5,7 +5,10 @@ A PACS (or any SCU) sends to :data:`~orthanc_cbir.config.Settings.scp_aet` on
 (``STORE_RECV_CHUNKED_DATASET``: a large file never sits in memory), copied into the
 spool and put on the ingest stream (:meth:`Spool.accept_copy`), and only then answered
 with Success. If that fails the SCU gets 0xA700 (out of resources) and keeps its copy
-to send again. Only calling AE titles in ``scp_allowed_aets`` may associate when it is set.
+to send again. A dataset that cannot become an index entry because of its identity (no valid
+SOPInstanceUID, or one other than the request's AffectedSOPInstanceUID) is refused with 0xC000
+(cannot understand): the SCU is told, and nothing that no worker could handle is spooled. Only calling AE titles in
+``scp_allowed_aets`` may associate when it is set.
 
 Accepted: every storage SOP class, in the transfer syntaxes the pixel step decodes.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -34,6 +38,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ..dicom import looks_like_uid
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ plugins, GDCM, DCMTK for 12-bit JPEG), uncompressed first so an SCU that offers 
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
 
 # pynetdicom writes each received dataset to a temporary file instead of memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
@@ -87,10 +93,35 @@ class StoreSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         """Spool, then answer: Success only once the file and its queue entry are durable."""
-        uid = str(event.request.AffectedSOPInstanceUID)
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        refused = _identity_problem(Path(event.dataset_path), uid)
+        if refused is not None:  # the reason names no UID nor any value: they may identify a patient
+            log.warning("C-STORE from %s refused (0x%04X): %s", event.assoc.requestor.ae_title, *refused)
+            return refused[0]
         try:
             self.spool.accept_copy(Path(event.dataset_path), uid)
         except Exception as exc:  # the SCU keeps the instance and may send it again
             log.error("C-STORE from %s not spooled: %s: %s", event.assoc.requestor.ae_title, type(exc).__name__, exc)
             return OUT_OF_RESOURCES
         return SUCCESS
+
+
+def _identity_problem(path: Path, affected_uid: str) -> tuple[int, str] | None:
+    """``(status, reason)`` when the received dataset cannot be an index entry of its own, else ``None``."""
+    if not _valid_uid(affected_uid):
+        return CANNOT_UNDERSTAND, "the request's AffectedSOPInstanceUID is not a valid UID"
+    try:
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+        return CANNOT_UNDERSTAND, f"the dataset cannot be read ({type(exc).__name__})"
+    dataset_uid = str(header.get("SOPInstanceUID") or "")
+    if not _valid_uid(dataset_uid):
+        return CANNOT_UNDERSTAND, "the dataset has no valid SOPInstanceUID"
+    if dataset_uid != affected_uid:
+        return CANNOT_UNDERSTAND, "the dataset's SOPInstanceUID is not the request's AffectedSOPInstanceUID"
+    return None
+
+
+def _valid_uid(uid: str) -> bool:
+    """A DICOM UID: at most 64 characters, digits in dot-separated components (none empty)."""
+    return len(uid) <= 64 and looks_like_uid(uid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,13 @@ class SimilarSeriesError(Exception):
         self.status = status
 
 
+NOT_SERIES_PARAMETERS = ("format", "includefield")
+"""Parameters of ``GET .../similar`` that choose how hits are listed: a series is stored, not listed."""
+
+PARTIAL_STALE_S = 600.0
+"""A series still marked as being written after this long was left by a worker that died."""
+
+
 class SimilarSeriesMaker:
     """Searches, fetches the hits' pixels from Orthanc, builds the objects and stores them."""
 
@@ -68,6 +76,10 @@ class SimilarSeriesMaker:
         Raises:
             SimilarSeriesError: the instance is unknown or not indexed (404), a parameter is wrong (400).
         """
+        refused = sorted(set(parameters or {}) & set(NOT_SERIES_PARAMETERS))
+        if refused:
+            raise SimilarSeriesError(400, f"{', '.join(refused)}: not a parameter of a similar cases series "
+                                          "(it is stored in the study, not listed)")  # fmt: skip
         orthanc_id = self.orthanc.lookup(instance) if looks_like_uid(instance) else instance
         data = self.orthanc.instance_file(orthanc_id) if orthanc_id else None
         if data is None:
@@ -75,6 +87,8 @@ class SimilarSeriesMaker:
         query = read_dataset(data)
         asked = {**dict(urllib.parse.parse_qsl(self.settings.similar_series_parameters)), **(parameters or {}),
                  "level": "instance"}  # fmt: skip
+        for name in NOT_SERIES_PARAMETERS:  # the answer read below is the JSON one, whatever the setting says
+            asked.pop(name, None)
         answer = self._similarity().similar("instances", str(query.SOPInstanceUID), asked)
         body = json.loads(answer.body)
         if answer.status != 200:
@@ -83,7 +97,17 @@ class SimilarSeriesMaker:
         if not cases:
             raise SimilarSeriesError(404, "the search found no similar instance with these parameters")
         images = secondary_capture_series(query, cases)
-        stored = [self.orthanc.store(_to_bytes(image)) for image in images]
+        kos = key_object_selection(query, cases)
+        self._remove_partial_series()
+        partial = str(images[0].SeriesInstanceUID)
+        self._mark_partial(partial, str(kos.SeriesInstanceUID) if kos is not None else None)
+        try:
+            stored = [self.orthanc.store(_to_bytes(image)) for image in images]
+            answer_kos = self.orthanc.store(_to_bytes(kos)) if kos is not None else None
+        except BaseException:  # Orthanc went away mid-series: the next series deletes what was stored
+            self._mark_partial(partial, str(kos.SeriesInstanceUID) if kos is not None else None, failed=True)
+            raise
+        self.client.hdel(self._partial_key, partial)
         made: dict[str, Any] = {
             "query": {"orthanc": orthanc_id, "SOPInstanceUID": str(query.SOPInstanceUID),
                       "StudyInstanceUID": str(query.StudyInstanceUID)},
@@ -91,9 +115,7 @@ class SimilarSeriesMaker:
                        "instances": len(images), "SeriesDescription": SERIES_DESCRIPTION},
             "kos": None, "hits": len(cases), "strategy": body["strategy"],
         }  # fmt: skip
-        kos = key_object_selection(query, cases)
-        if kos is not None:
-            answer_kos = self.orthanc.store(_to_bytes(kos))
+        if kos is not None and answer_kos is not None:
             made["kos"] = {"SeriesInstanceUID": str(kos.SeriesInstanceUID), "SOPInstanceUID": str(kos.SOPInstanceUID),
                            "orthanc": answer_kos["ID"], "references": sum(c.reference is not None for c in cases)}  # fmt: skip
         log.info("similar cases series for instance %s: %d image(s), key objects %s", orthanc_id, len(images),
@@ -104,6 +126,7 @@ class SimilarSeriesMaker:
         """Make the series of a study Orthanc calls stable, unless it has one already (adding it
         makes the study stable again) or none of its images is indexed (yet). The query is the
         middle indexed image of the series with the most indexed images."""
+        self._remove_partial_series()  # a half-written series is not the study's series
         series_list = self.orthanc.get_json(f"/studies/{study}/series")
         if any(_is_own_series(series) for series in series_list):
             return None
@@ -120,6 +143,38 @@ class SimilarSeriesMaker:
         return self.for_instance(best[len(best) // 2])
 
     # -- helpers ----------------------------------------------------------------------------
+
+    @property
+    def _partial_key(self) -> str:
+        """Hash SeriesInstanceUID -> JSON {kos, at, failed}: series being written, or left half-written."""
+        return f"{self.keys.prefix}:similar-series:partial"
+
+    def _mark_partial(self, series_uid: str, kos_series_uid: str | None, failed: bool = False) -> None:
+        try:
+            self.client.hset(self._partial_key, series_uid,
+                             json.dumps({"kos": kos_series_uid, "at": time.time(), "failed": failed}))  # fmt: skip
+        except redis.RedisError:
+            if not failed:  # not marked: not begun
+                raise
+            # marking a failure (Redis away too): the mark of the start stays and goes stale
+
+    def _remove_partial_series(self) -> None:
+        """Delete from Orthanc the series a failed (or dead, after ``PARTIAL_STALE_S``) attempt left
+        half-written, so that a retry leaves one complete series, not a complete one and a part."""
+        for series_uid, value in self.client.hgetall(self._partial_key).items():
+            mark = json.loads(value)
+            if not mark.get("failed") and time.time() - float(mark.get("at", 0)) < PARTIAL_STALE_S:
+                continue  # another worker may be writing it now
+            removed = 0
+            for uid in filter(None, (series_uid.decode(), mark.get("kos"))):
+                orthanc_id = self.orthanc.lookup(uid, "Series")
+                if orthanc_id is not None:
+                    status, _, _ = self.orthanc.request("DELETE", f"/series/{orthanc_id}")
+                    if status not in (200, 404):
+                        raise OSError(f"DELETE /series/{orthanc_id}: HTTP {status}")
+                    removed += 1
+            self.client.hdel(self._partial_key, series_uid)
+            log.info("a half-written similar cases series deleted (%d series)", removed)
 
     def _similarity(self) -> Any:
         if self._service is None:

@@ -7,8 +7,10 @@ bytes go to a temporary file, are flushed to disk (``fsync``), renamed to their 
 reads the file, indexes it, deletes it, then acknowledges the entry. So a crash loses
 nothing that was acknowledged: a file whose entry never reached the stream is enqueued
 again by :meth:`Spool.recover` when the server starts (indexing is idempotent, so a file
-enqueued twice is indexed once; the second entry finds the file gone). A file that cannot
-be indexed is moved to ``rejected/`` beside its reason in the rejected list.
+enqueued twice is indexed once; the second entry finds the file gone), and one whose entry
+could not be added (Redis away) by :meth:`Spool.requeue` once Redis answers again. A failed
+write leaves no temporary file behind. A file that cannot be indexed is moved to
+``rejected/`` beside its reason in the rejected list.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -44,6 +47,9 @@ class Spool:
         self.directory = Path(directory)
         self.queue = queue
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._unqueued: set[str] = set()
+        """Files kept whose entry could not be added (Redis away): :meth:`requeue` adds them."""
+        self._lock = threading.Lock()
 
     def accept(self, data: bytes, sop_instance_uid: str) -> Accepted:
         """Keep one received instance (a DICOM Part 10 file) and enqueue it; returns once both are durable."""
@@ -63,12 +69,35 @@ class Spool:
         name = self.name_for(sop_instance_uid)
         os.replace(path, self.directory / name)
         _fsync_directory(self.directory)
-        return Accepted(name, self.queue.enqueue(name, STORE_FILE))
+        try:
+            return Accepted(name, self.queue.enqueue(name, STORE_FILE))
+        except Exception:  # refused, but the file is durable: enqueued when Redis answers again
+            with self._lock:
+                self._unqueued.add(name)
+            raise
 
     def _accept_stream(self, reader: BinaryIO, sop_instance_uid: str) -> Accepted:
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-", delete=False) as handle:
-            shutil.copyfileobj(reader, handle, 1 << 20)
-        return self.accept_file(Path(handle.name), sop_instance_uid)
+        handle = tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-", delete=False)
+        partial = Path(handle.name)
+        try:
+            with handle:
+                shutil.copyfileobj(reader, handle, 1 << 20)
+            return self.accept_file(partial, sop_instance_uid)
+        finally:  # a full disk (or any failure before the rename) leaves no half-written file
+            partial.unlink(missing_ok=True)
+
+    def requeue(self) -> int:
+        """Enqueue the files whose entry could not be added when they arrived (a serve process
+        calls this every few seconds); returns how many. Raises what Redis raises if it is
+        still away (those files wait for the next call)."""
+        with self._lock:
+            names = sorted(self._unqueued)
+        for name in names:
+            if (self.directory / name).exists():
+                self.queue.enqueue(name, STORE_FILE)
+            with self._lock:
+                self._unqueued.discard(name)
+        return len(names)
 
     def path(self, name: str) -> Path:
         """The file of a ``store-file`` entry (names never leave the spool directory)."""
@@ -82,10 +111,13 @@ class Spool:
         return self.directory / "rejected"
 
     def set_aside(self, name: str) -> None:
-        """Move a file that could not be indexed out of the way, into :attr:`rejected_directory`."""
+        """Move a file that could not be indexed out of the way, into :attr:`rejected_directory`
+        (also one whose name :meth:`path` refuses, as an older version could write)."""
+        if "/" in name or name in ("", ".", ".."):
+            return
         self.rejected_directory.mkdir(exist_ok=True)
-        source = self.path(name)
-        if source.exists():
+        source = self.directory / name
+        if source.is_file():
             os.replace(source, self.rejected_directory / name)
 
     def recover(self) -> int:
@@ -93,19 +125,22 @@ class Spool:
         Half-written temporary files (the sender was never acknowledged) are removed."""
         for partial in self.directory.glob(".part-*"):
             partial.unlink(missing_ok=True)
-        names = sorted(p.name for p in self.directory.glob(f"*{_SUFFIX}"))
+        for hidden in self.directory.glob(f".*{_SUFFIX}"):  # an older version's name for a UID starting with '.'
+            self.set_aside(hidden.name)  # no entry could ever read it: enqueued, it stopped the worker
+        names = sorted(p.name for p in self.directory.glob(f"*{_SUFFIX}") if not p.name.startswith("."))
         for name in names:
             self.queue.enqueue(name, STORE_FILE)
         return len(names)
 
     @staticmethod
     def name_for(sop_instance_uid: str) -> str:
-        """The spool name of an instance: its UID (a sender cannot name a path with it)."""
-        return _SAFE_NAME.sub("_", sop_instance_uid)[:200] + _SUFFIX
+        """The spool name of an instance: its UID (a sender cannot name a path with it, nor a
+        hidden file that :meth:`path` refuses)."""
+        return "_" * sop_instance_uid.startswith(".") + _SAFE_NAME.sub("_", sop_instance_uid)[:200] + _SUFFIX
 
     def pending(self) -> int:
         """Files received and not yet indexed."""
-        return sum(1 for _ in self.directory.glob(f"*{_SUFFIX}"))
+        return sum(1 for p in self.directory.glob(f"*{_SUFFIX}") if not p.name.startswith("."))
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -18,15 +18,17 @@ import logging
 import os
 import socket
 import threading
+import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
-from ..dicom import Rejection, decode_instance
-from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME
+from ..dicom import Rejection, decode_instance, looks_like_uid
+from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
 from ..dicom.similar_cases import is_own_output
-from ..index import IndexInfo, IndexStore
+from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
@@ -34,8 +36,10 @@ from .orthanc_client import OrthancClient
 from .queue import (
     DELETE,
     INTERACTIVE,
+    ORTHANC_WORKERS,
     QUERY,
     SIMILAR_SERIES,
+    SPOOL_WORKERS,
     STABLE_STUDY,
     STORE,
     STORE_FILE,
@@ -50,6 +54,9 @@ log = logging.getLogger(__name__)
 
 UNREACHABLE = (*REDIS_UNREACHABLE, OSError)
 """What Redis or Orthanc down (or restarting) raises in a worker: it waits and goes on."""
+
+NOT_AN_ENTRY_FAULT = (*UNREACHABLE, IndexLayoutError)
+"""Raised while handling an entry but not the entry's fault: never a dead letter."""
 
 
 @dataclass
@@ -92,7 +99,7 @@ class Worker:
     def from_settings(cls, settings: Settings, client) -> Worker:
         embedder = Embedder.from_settings(settings)
         orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
-        queue = IngestQueue(client, claim_idle_ms=int(settings.claim_after_s * 1000))
+        queue = IngestQueue.for_settings(client, settings, claim_idle_ms=int(settings.claim_after_s * 1000))
         return cls(
             queue, orthanc, IndexStore(client, IndexInfo.from_card(embedder.card), shards=settings.index_shards),
             embedder,
@@ -126,9 +133,13 @@ class Worker:
         stop = stop or threading.Event()
         log.info("worker %s: model %s, stream %s", self.consumer, self.store.info.version, self.queue.keys.stream)
         backoff = 0.0
+        bound = False
         while not stop.is_set():
             try:
                 _ = self.store.shards  # an index of another layout or shard count ends the worker now, not at a batch
+                if not bound:  # a stream of the other kind of worker ends it before it takes an entry
+                    self.queue.bind(SPOOL_WORKERS if self.spool is not None else ORTHANC_WORKERS)
+                    bound = True
                 self.run_once()
                 backoff = 0.0
             except UNREACHABLE as exc:
@@ -139,52 +150,99 @@ class Worker:
 
     def process(self, events: list[IngestEvent]) -> BatchOutcome:
         """Everything but the acknowledgement. Raises (and so leaves the batch pending) only
-        when Orthanc or Redis cannot be reached."""
+        when Orthanc or Redis cannot be reached; any other exception while handling an entry
+        makes that entry a dead letter (:meth:`_dead_letter`) and the others go on."""
         outcome = BatchOutcome()
         for event in events:  # interactive first: someone is waiting for these
             if event.action == QUERY:
-                self._embed_query(event.orthanc_id)
-        decoded, ids = [], []
+                self._guarded(event, lambda e: self._embed_query(e.orthanc_id))
+        decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]] = []
         for event in events:
             if event.action in INTERACTIVE or event.action == STABLE_STUDY:
                 continue
-            if event.action == DELETE:
-                outcome.removed += self._remove(event.orthanc_id)
-                continue
-            data = self._read(event)
-            if data is None:
-                outcome.gone += 1
-                continue
-            result = decode_instance(data, max_frames=self.frames_per_instance, **self.limits)
-            if isinstance(result, Rejection):
-                uid = result.metadata.sop_instance_uid if result.metadata else None
-                self.queue.reject(event.orthanc_id, result.reason.value, result.detail, uid)
-                if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
-                    self.spool.set_aside(event.orthanc_id)
-                outcome.rejected += 1
-                continue
-            if is_own_output(result.metadata):  # indexed, its copies of hits would answer every query
-                self.queue.reject(event.orthanc_id, "orthanc-cbir output",
-                                  "a Similar cases image made by this service", result.metadata.sop_instance_uid)  # fmt: skip
-                outcome.rejected += 1
-                continue
-            decoded.append(result)
-            ids.append(self.orthanc.parents(event.orthanc_id) if event.action == STORE else {})
+            self._guarded(event, lambda e: self._take(e, outcome, decoded))
         if decoded:
-            added = self.store.add(embed_instances(self.embedder, decoded, ids))
-            outcome.indexed, outcome.duplicates = added.added, added.duplicates
-            stored = {i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded) if i}
-            if stored:
-                self.store.client.hset(self.queue.keys.orthanc_ids, mapping=stored)
+            try:
+                self._index(decoded, outcome)
+            except NOT_AN_ENTRY_FAULT:
+                raise
+            except Exception:  # one instance the index cannot take must not cost the others theirs
+                for item in decoded:
+                    self._guarded(item[0], lambda e, item=item: self._index([item], outcome))
         for event in events:  # indexed or rejected (its reason recorded): the spool's copy is done
             if event.action == STORE_FILE and self.spool is not None:
-                self.spool.path(event.orthanc_id).unlink(missing_ok=True)
+                self._guarded(event, lambda e: self.spool.path(e.orthanc_id).unlink(missing_ok=True))
         for event in events:  # after the batch's instances are in the index: a stable study may be among them
             if event.action == SIMILAR_SERIES:
-                outcome.series += self._make_series(event.orthanc_id)
+                outcome.series += self._guarded(event, lambda e: self._make_series(e.orthanc_id)) or 0
             elif event.action == STABLE_STUDY and self.series_on_stable_study and self.series_maker:
-                outcome.series += self._stable_study(event.orthanc_id)
+                outcome.series += self._guarded(event, lambda e: self._stable_study(e.orthanc_id)) or 0
         return outcome
+
+    def _take(self, event: IngestEvent, outcome: BatchOutcome,
+              decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]]) -> None:  # fmt: skip
+        """Remove, read and decode one ``delete``, ``store`` or ``store-file`` entry; what can be
+        indexed joins ``decoded``, what cannot is recorded as rejected."""
+        if event.action == DELETE:
+            outcome.removed += self._remove(event.orthanc_id)
+            return
+        data = self._read(event)
+        if data is None:
+            outcome.gone += 1
+            return
+        result = decode_instance(data, max_frames=self.frames_per_instance, **self.limits)
+        if isinstance(result, Rejection):
+            uid = result.metadata.sop_instance_uid if result.metadata else None
+            self._reject(event, result.reason.value, result.detail, uid)
+        elif not looks_like_uid(result.metadata.sop_instance_uid or "") or len(result.metadata.sop_instance_uid) > 64:
+            # the index is keyed by it: without a valid one the file cannot be an entry
+            self._reject(event, "no SOPInstanceUID", "the file has no valid SOPInstanceUID", None)
+        elif is_own_output(result.metadata):  # indexed, its copies of hits would answer every query
+            self._reject(event, "orthanc-cbir output", "a Similar cases image made by this service",
+                         result.metadata.sop_instance_uid)  # fmt: skip
+        else:
+            decoded.append((event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {}))
+            return
+        outcome.rejected += 1
+
+    def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
+        self.queue.reject(event.orthanc_id, reason, detail, uid)
+        if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
+            self.spool.set_aside(event.orthanc_id)
+
+    def _index(self, items: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]], outcome: BatchOutcome) -> None:
+        """Embed and add decoded instances to the index."""
+        decoded, ids = [item[1] for item in items], [item[2] for item in items]
+        added = self.store.add(embed_instances(self.embedder, decoded, ids))
+        outcome.indexed += added.added
+        outcome.duplicates += added.duplicates
+        stored = {i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded) if i}
+        if stored:
+            self.store.client.hset(self.queue.keys.orthanc_ids, mapping=stored)
+
+    def _guarded(self, event: IngestEvent, handle: Callable[[IngestEvent], int | None]) -> int | None:
+        """``handle(event)``; an exception that is not Redis or Orthanc being away makes the
+        entry a dead letter instead of ending the worker (``None`` then)."""
+        try:
+            return handle(event)
+        except NOT_AN_ENTRY_FAULT:
+            raise
+        except Exception as exc:
+            self._dead_letter(event, exc)
+            return None
+
+    def _dead_letter(self, event: IngestEvent, exc: Exception) -> None:
+        """Record the entry and where it failed (the exception's type and place, not its
+        message, which may quote a patient's data); someone waiting for it gets a 500."""
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        detail = f"{type(exc).__name__} in {Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+        log.error("%s entry %s for %s is a dead letter: %s", event.action, event.entry_id, event.orthanc_id, detail)
+        self.queue.dead_letter(event, "worker error", detail)
+        if event.action == STORE_FILE and self.spool is not None:  # not enqueued again at the next start
+            self.spool.set_aside(event.orthanc_id)
+        if event.action in INTERACTIVE:
+            self._reply(event.orthanc_id, {"error": f"the worker failed on this request ({detail}); "
+                                                    "it is kept in the dead-letter list", "status": 500})  # fmt: skip
 
     def _embed_query(self, request: str) -> None:
         """Embed an uploaded query file and push the result (or the reason it cannot be used)."""
