@@ -22,6 +22,7 @@ import http.client
 import json
 import logging
 import mimetypes
+import re
 import shutil
 import subprocess
 import tarfile
@@ -392,6 +393,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._answered = False
         try:
             segments, length = self._checked()
+            if length and segments[0] not in ORTHANC_PREFIXES:
+                self.close_connection = True  # a body nothing here reads must not be taken for the next request
             if segments[0] in ORTHANC_PREFIXES:
                 if not passed_to_orthanc(self.command, segments):
                     raise _Refused(403, "the viewer does not pass this request to Orthanc")
@@ -424,7 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.path.startswith("/"):
             raise _Refused(400, "only origin-form request targets (a path) are served")
         lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+        # ASCII digits only: str.isdigit also takes '²', which int() refuses
+        if len(lengths) > 1 or (lengths and not re.fullmatch(r"[0-9]+", lengths[0].strip())):
             raise _Refused(400, "Content-Length must be one decimal number")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise _Refused(411, "a request body needs a Content-Length")
