@@ -446,6 +446,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(421, "this viewer does not answer to that host name (allowed: CBIR_VIEWER_ALLOWED_HOSTS)")
         if self.command not in READ_METHODS and not self._same_origin(hosts[0]):
             raise _Refused(403, "a request that changes something must come from the viewer's own pages")
+        if segments[0] in ORTHANC_PREFIXES and self._embedded_elsewhere():
+            raise _Refused(403, "the archive's answers are not for other sites' pages")
         self._authenticate(forwarded=segments[0] in ORTHANC_PREFIXES)
         return segments, int(lengths[0]) if lengths else 0
 
@@ -456,6 +458,14 @@ class _Handler(BaseHTTPRequestHandler):
             referer = urllib.parse.urlsplit(self.headers.get("Referer", ""))
             origin = f"{referer.scheme}://{referer.netloc}" if referer.scheme else ""
         return origin.strip().lower() in (f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")
+
+    def _embedded_elsewhere(self) -> bool:
+        """Whether a browser says another site's page asked for this (an ``<img>``, a script, a
+        ``no-cors`` fetch: it cannot read the answer, but the request still runs a query and is
+        audited in the viewer user's name). A link followed to the results page is let through."""
+        site = self.headers.get("Sec-Fetch-Site", "same-origin")  # browsers before 2020 send none
+        navigation = self.command == "GET" and self.headers.get("Sec-Fetch-Mode") == "navigate"
+        return site not in ("same-origin", "none") and not navigation
 
     def _authenticate(self, forwarded: bool) -> None:
         """Outside the demo, the caller's own credentials are needed: Orthanc checks those of a

@@ -187,6 +187,20 @@ def test_refuses_writes_from_another_origin(viewer, orthanc):
     assert orthanc.get_json("/system")["Name"]
 
 
+def test_refuses_to_answer_other_sites_pages(viewer, instance):
+    """A page elsewhere cannot read the answers (no CORS), but an <img> or a no-cors fetch still
+    runs the query; browsers say whence with Sec-Fetch-Site, and the viewer refuses those."""
+    qido = f"{viewer.url}/dicom-web/studies?StudyInstanceUID={instance.StudyInstanceUID}"
+    for site in ("cross-site", "same-site"):
+        for mode in ("no-cors", "cors"):
+            assert requests.get(qido, headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": mode}).status_code == 403
+        assert requests.get(f"{viewer.url}/cbir/status", headers={"Sec-Fetch-Site": site}).status_code == 403
+    for site, mode in (("same-origin", "cors"), ("none", "navigate"), ("cross-site", "navigate")):  # a followed link
+        assert requests.get(qido, headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": mode}).status_code == 200
+    app = requests.get(viewer.url + "/viewer", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+    assert app.status_code == 200 and app.content == INDEX
+
+
 def test_refuses_a_host_name_it_was_not_given(viewer, instance):
     """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 is same-origin
     with itself, so the browser lets it read the answers; the Host header still says evil.example."""
