@@ -132,7 +132,8 @@ class IngestQueue:
         if bound is not None and bound.decode() != kind:
             raise StreamKindError(
                 f"the ingest stream {self.keys.stream!r} belongs to {bound.decode()} workers, not {kind} workers: "
-                "give each deployment on this Redis its own stream (CBIR_INGEST_STREAM)")
+                "give each deployment on this Redis its own stream (CBIR_INGEST_STREAM), or delete the key "
+                f"{self.keys.stream_kind!r} if this stream's deployment was replaced")
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if they do not exist yet."""

@@ -236,7 +236,7 @@ class Worker:
         message, which may quote a patient's data); someone waiting for it gets a 500."""
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         detail = f"{type(exc).__name__} in {Path(frame.filename).name}:{frame.lineno} ({frame.name})"
-        log.error("%s entry %s for %s is a dead letter: %s", event.action, event.entry_id, event.orthanc_id, detail)
+        log.error("%s entry %s is a dead letter: %s", event.action, event.entry_id, detail)  # its id may be a UID
         self.queue.dead_letter(event, "worker error", detail)
         if event.action == STORE_FILE and self.spool is not None:  # not enqueued again at the next start
             self.spool.set_aside(event.orthanc_id)
@@ -311,6 +311,7 @@ class Worker:
         keys: QueueKeys = self.queue.keys
         uid = self.store.client.hget(keys.orthanc_ids, orthanc_id)
         self.store.client.hdel(keys.rejected, orthanc_id)
+        self.store.client.hdel(keys.dead_letters, orthanc_id)
         if uid is None:
             return 0
         self.store.client.hdel(keys.orthanc_ids, orthanc_id)
