@@ -268,7 +268,8 @@ class ViewerHTTPServer(ThreadingHTTPServer):
     Every request must name an allowed ``Host`` (``allowed_hosts``; default
     :func:`default_allowed_hosts`), which defeats DNS rebinding, and a request of any method but
     GET and HEAD must come from the viewer's own origin (``Origin``, else ``Referer``), which
-    defeats cross-site requests. Who may read:
+    defeats cross-site requests; another site's ``<img>`` or ``no-cors`` fetch of Orthanc's
+    answers is refused too (``Sec-Fetch-Site``). Who may read:
 
     - by default every request must carry the caller's own ``Authorization``, which goes on to
       Orthanc unchanged: Orthanc's ``RegisteredUsers`` decide, and Orthanc knows the real user
@@ -311,9 +312,9 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         parsed = _split_host(value or "")
         return parsed is not None and (parsed in self.allowed_hosts or (parsed[0], "") in self.allowed_hosts)
 
-    def orthanc_connection(self) -> http.client.HTTPConnection:
+    def orthanc_connection(self, timeout_s: float = 300) -> http.client.HTTPConnection:
         connection_class = http.client.HTTPSConnection if self.orthanc.scheme == "https" else http.client.HTTPConnection
-        return connection_class(self.orthanc.hostname, self.orthanc.port, timeout=300)
+        return connection_class(self.orthanc.hostname, self.orthanc.port, timeout=timeout_s)
 
     def orthanc_accepts(self, authorization: str) -> bool:
         """Whether Orthanc answers ``GET /system`` to these credentials (remembered for a minute).
@@ -325,7 +326,7 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         with self._verified_lock:
             if self._verified.get(key, 0.0) > time.monotonic():
                 return True
-        connection = self.orthanc_connection()
+        connection = self.orthanc_connection(timeout_s=10)
         try:
             connection.request("GET", self.orthanc.path + "/system", headers={"Authorization": authorization})
             response = connection.getresponse()
@@ -342,7 +343,7 @@ class ViewerHTTPServer(ThreadingHTTPServer):
 
     def orthanc_answers_anonymously(self) -> bool | None:
         """Whether Orthanc answers ``GET /system`` without credentials (None: it did not answer)."""
-        connection = self.orthanc_connection()
+        connection = self.orthanc_connection(timeout_s=10)
         try:
             connection.request("GET", self.orthanc.path + "/system")
             response = connection.getresponse()
