@@ -197,16 +197,20 @@ def _parser() -> argparse.ArgumentParser:
     recluster_parser.set_defaults(run=_run_recluster)
 
     shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    # Real anatomy brought beside the checkout (README, "The model"); never part of the project.
+    anatomy = Path(__file__).resolve().parents[3] / "anatomy"
     train = commands.add_parser(
         "train",
         help="train the retrieval model (needs the 'train' extra: torch)",
-        description="Train on MedNIST (file-number block split) and PneumoniaMNIST with a fixed seed; "
-        "writes checkpoint.pt and training.json to --out. About 25 minutes on 2 CPU cores.",
+        description="Train on MedNIST (file-number block split), PneumoniaMNIST, OrganAMNIST and real CT/MR "
+        "volumes with a fixed seed; writes checkpoint.pt and training.json to --out.",
     )
     train.add_argument("--mednist", type=Path, default=shared / "mednist" / "mednist_dev.tar.gz")
     train.add_argument("--pneumonia", type=Path, default=shared / "pneumoniamnist")
+    train.add_argument("--anatomy", type=Path, default=anatomy,
+                       help="folder with organamnist/organamnist.npz, lidc0314/ and ts_ct/ (skipped if absent)")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("state/training"))
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--limit", type=int, default=None, help="train on this many images only (smoke runs)")
@@ -259,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
         "validate-model",
         help="measure an exported model on held-out data and write the figures into its card",
         description="Runs the model through onnxruntime on MedNIST held-out blocks, copy detection, "
-        "PneumoniaMNIST val and a real CT series; prints the figures as JSON and stores them in the card.",
+        "PneumoniaMNIST (val and our held-back test), a real CT series (slice neighbours, window invariance) and, "
+        "with --anatomy, OrganAMNIST test, the cross-patient level of two chest CTs and plane/region across "
+        "patients; prints the figures as JSON and stores them in the card.",
     )
     validate.add_argument("--model", type=Path, default=None, help="ONNX file (default: CBIR_MODEL, the shipped model)")
     validate.add_argument("--mednist", type=Path, default=shared / "mednist" / "mednist_dev.tar.gz")
@@ -268,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
         "--series", type=Path,
         default=shared / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl",
     )  # fmt: skip
+    validate.add_argument("--anatomy", type=Path, default=anatomy, help="as for train (skipped if absent)")
     validate.add_argument("--no-write", action="store_true", help="print the figures, leave the card as it is")
     validate.set_defaults(run=_run_validate)
     return parser
@@ -426,7 +433,7 @@ def _run_query(args: argparse.Namespace) -> int:
         meta = record.metadata
         query = Query(record.features, record.code, record.probabilities,
                       QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid,
-                                   meta.series_instance_uid))  # fmt: skip
+                                   meta.series_instance_uid, meta.modality, meta.body_part_examined))  # fmt: skip
     result = searcher.search(query, options)
     if args.json:
         print(json.dumps({"strategy": result.strategy, "level": result.level, "index_size": result.index_size,
@@ -606,8 +613,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from .training.train import TrainConfig, train
 
+    organs = args.anatomy / "organamnist" / "organamnist.npz"
+    series = args.mednist.parents[1] / "dicom" / "series"
     config = TrainConfig(
         mednist=str(args.mednist), pneumonia=str(args.pneumonia) if args.pneumonia.exists() else None,
+        organamnist=str(organs) if organs.exists() else None,
+        anatomy_root=str(args.anatomy) if (args.anatomy / "lidc0314").exists() and series.exists() else None,
+        shared_series=str(series) if series.exists() else None,
         epochs=args.epochs, seed=args.seed, threads=args.threads, limit=args.limit,
     )  # fmt: skip
     summary = train(config, args.out)
@@ -645,6 +657,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         pneumonia=args.pneumonia if args.pneumonia.exists() else None,
         series=args.series if args.series.exists() else None,
         cache_dir=Path("state/cache"),
+        **_anatomy_validation(args.anatomy, args.mednist.parents[1] / "dicom" / "series", args.series),
     )
     figures = validate_model(embedder, data)
     figures["command"] = "orthanc-cbir validate-model" + (f" --model {args.model}" if args.model else "")
@@ -655,6 +668,20 @@ def _run_validate(args: argparse.Namespace) -> int:
         card["validation"] = figures
         path.write_text(json.dumps(card, indent=2) + "\n")
     return 0
+
+
+def _anatomy_validation(root: Path, shared_series: Path, chest_series: Path) -> dict:
+    """ValidationData's real-anatomy sources, where they are present."""
+    from .training.anatomy import anatomy_volumes
+
+    found: dict = {}
+    if (root / "organamnist" / "organamnist.npz").exists():
+        found["organamnist"] = root / "organamnist" / "organamnist.npz"
+    volumes = [v for v in anatomy_volumes(root, shared_series) if v.path.exists()]
+    if (root / "lidc0314").exists() and chest_series.exists():
+        found["level_pair"] = (chest_series, root / "lidc0314")
+        found["volumes"] = volumes
+    return found
 
 
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
