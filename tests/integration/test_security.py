@@ -23,6 +23,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from orthanc_cbir.api.routes import redis_health
+from orthanc_cbir.config import load_settings
 from orthanc_cbir.local_services import (
     OrthancServer,
     RedisServer,
@@ -48,6 +49,8 @@ PATIENT = {
 IDENTIFIERS = ["Quaxwellian", "Zorbanette", *list(PATIENT.values())[1:]]
 """What no log may contain (the name's parts on their own too)."""
 DEBUG = {"CBIR_LOG_LEVEL": "DEBUG"}
+PATIENT_KEY_SECRET = "hmac-Key-of-this-site-4Rw"
+SECRET_KEY = {"CBIR_PATIENT_KEY_SECRET": PATIENT_KEY_SECRET}
 
 
 def identified_series(folder: Path, slices: int, texture: int) -> list[Path]:
@@ -85,7 +88,7 @@ def pipeline(tmp_path_factory):
     with RedisServer(state / "redis", password=REDIS_PASSWORD) as redis_server, \
          OrthancServer(state / "orthanc", redis_url=redis_server.url) as orthanc:  # fmt: skip
         worker = WorkerProcess(state / "worker", redis_url=redis_server.url, orthanc=orthanc, batch_size=8)
-        worker.environment.update(DEBUG)
+        worker.environment.update({**DEBUG, **SECRET_KEY})
         with worker:
             paths = identified_series(state / "series", slices=8, texture=5)
             study = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -105,7 +108,7 @@ def standalone(pipeline):
     """`orthanc-cbir serve` at DEBUG, its index in database 3 of the same password-protected Redis."""
     url = pipeline.redis.url.rsplit("/", 1)[0] + "/3"
     server = StandaloneServer(pipeline.state / "serve", redis_url=url)
-    server.environment.update(DEBUG)
+    server.environment.update({**DEBUG, **SECRET_KEY})
     with server:
         yield server
 
@@ -152,6 +155,37 @@ def test_every_cbir_route_in_orthanc_needs_credentials(pipeline, identifiers, me
         assert "Quaxwellian" not in answer.text
     answer = requests.request(method, url, auth=orthanc.auth, data=b"", headers=headers, timeout=60)
     assert answer.status_code != 401 and answer.status_code < 500, (answer.status_code, answer.text[:300])
+
+
+# -- the index's patient key --------------------------------------------------------------------
+
+
+def test_the_index_keys_patients_with_the_sites_secret_not_a_bare_hash(pipeline):
+    """A bare SHA-256 of issuer and PatientID in Redis gives a 7-digit MRN back in seconds; the
+    worker keys it with the secret of its environment (``CBIR_PATIENT_KEY_SECRET``), which Redis never holds."""
+    import hashlib
+    import hmac
+
+    import redis
+
+    from orthanc_cbir.index import IndexInfo, IndexStore
+
+    client = redis.Redis.from_url(pipeline.redis.url)
+    try:
+        store = IndexStore(client, IndexInfo.for_model(load_settings(env={}).model))
+        keys = {entry["metadata"]["patient_key"] for entry in store.describe(pipeline.uids)}
+        dump = b"".join(client.dump(key) or b"" for key in client.scan_iter(count=1000))
+    finally:
+        client.close()
+    message = f"\x00{PATIENT['PatientID']}".encode()
+    assert keys == {hmac.new(PATIENT_KEY_SECRET.encode(), message, hashlib.sha256).hexdigest()[:16]}
+    assert hashlib.sha256(message).hexdigest()[:16] not in keys
+    assert PATIENT_KEY_SECRET.encode() not in dump
+    # the same key for a query file the worker embeds: exclude=same-patient leaves this patient out
+    probe = identified_series(pipeline.state / "key-probe", slices=1, texture=5)[0]
+    code, body, _ = pipeline.orthanc.request("POST", "/cbir/query", probe.read_bytes(), content_type="application/dicom",
+                                             headers={"X-Cbir-K": "8", "X-Cbir-Exclude": "same-patient"})  # fmt: skip
+    assert code == 200 and not set(pipeline.uids) & {hit["SOPInstanceUID"] for hit in json.loads(body)["hits"]}
 
 
 # -- c. Redis with a password -------------------------------------------------------------------
@@ -300,5 +334,6 @@ def test_no_patient_identifier_reaches_any_log(pipeline, standalone, identifiers
     leaks = []
     for log in logs:
         text = log.read_text(errors="replace")
-        leaks += [f"{log}: {secret!r}" for secret in [*IDENTIFIERS, REDIS_PASSWORD] if secret.lower() in text.lower()]
+        leaks += [f"{log}: {secret!r}" for secret in [*IDENTIFIERS, REDIS_PASSWORD, PATIENT_KEY_SECRET]
+                  if secret.lower() in text.lower()]  # fmt: skip
     assert not leaks, "\n".join(leaks)

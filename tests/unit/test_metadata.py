@@ -66,3 +66,47 @@ def test_malformed_values_become_none_instead_of_raising():
     record = extract_metadata(ds)
     assert (record.patient_sex, record.study_date, record.patient_age_years, record.pixel_spacing_mm) == (None,) * 4
     assert json.loads(json.dumps(record.to_json()))["study_date"] is None
+
+
+@pytest.fixture
+def key_secret(monkeypatch):
+    """The patient key's secret as the environment gives it; reset afterwards."""
+    from orthanc_cbir.dicom.metadata import use_patient_key_secret
+
+    monkeypatch.delenv("CBIR_PATIENT_KEY_SECRET", raising=False)
+    use_patient_key_secret(None)
+    yield monkeypatch
+    use_patient_key_secret(None)
+
+
+def test_the_patient_key_is_a_keyed_hmac_not_a_hash_anyone_can_recompute(key_secret):
+    import hashlib
+    import hmac
+
+    from orthanc_cbir.dicom.metadata import patient_key, use_patient_key_secret
+
+    ds = factory.grey_image(np.zeros((2, 2), dtype=np.uint16), PatientID="1234567", IssuerOfPatientID="HOSP")
+    unkeyed = hashlib.sha256(b"HOSP\x001234567").hexdigest()[:16]  # what an attacker with the index tries
+    use_patient_key_secret("site-secret-1")
+    first = extract_metadata(ds).patient_key
+    assert first == hmac.new(b"site-secret-1", b"HOSP\x001234567", hashlib.sha256).hexdigest()[:16] != unkeyed
+    assert extract_metadata(ds).patient_key == first  # stable: exclude=same-patient still matches
+    use_patient_key_secret("site-secret-2")
+    assert patient_key("1234567", "HOSP") != first
+    assert patient_key("1234567", "OTHER") != patient_key("1234567", "HOSP")
+    assert patient_key("") is None and patient_key(None) is None
+
+
+def test_every_process_takes_the_secret_from_the_setting_in_its_environment(key_secret):
+    import hashlib
+    import hmac
+
+    from orthanc_cbir.dicom.metadata import patient_key, use_patient_key_secret
+
+    key_secret.setenv("CBIR_PATIENT_KEY_SECRET", "from-the-environment")
+    use_patient_key_secret(None)  # as a worker or CLI process starts: nothing set explicitly
+    assert patient_key("1234567") == hmac.new(b"from-the-environment", b"\x001234567", hashlib.sha256).hexdigest()[:16]
+    key_secret.delenv("CBIR_PATIENT_KEY_SECRET")
+    use_patient_key_secret(None)
+    built_in = patient_key("1234567")  # no secret: a built-in key, still not the bare hash
+    assert built_in != hashlib.sha256(b"\x001234567").hexdigest()[:16]

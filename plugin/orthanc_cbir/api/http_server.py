@@ -66,6 +66,7 @@ from .. import __version__
 from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings
 from ..dicom import looks_like_uid
+from ..dicom.metadata import use_patient_key_secret
 from ..index import IndexInfo
 from ..redis_client import client_for
 from ..ingest.spool import Spool
@@ -177,6 +178,7 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
     without authentication, or a Basic user without a password."""
     authentication = _authentication_scheme(settings)
     _refuse_open_exposure(settings.http_host, authentication)
+    use_patient_key_secret(settings.patient_key_secret)  # the spool's workers key patients with it too
     max_query_bytes = settings.max_query_bytes if max_query_bytes is None else max_query_bytes
     app = FastAPI(title="orthanc-cbir", version=__version__, description=_DESCRIPTION, redoc_url=None)
     app.state.authentication = authentication

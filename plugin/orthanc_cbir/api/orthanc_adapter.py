@@ -16,6 +16,7 @@ from typing import Any
 from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings, load_settings
 from ..dicom import looks_like_uid
+from ..dicom.metadata import use_patient_key_secret
 from ..ingest.change_log import ChangeCursor
 from ..ingest.enqueue_buffer import EnqueueBuffer
 from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
@@ -32,6 +33,7 @@ def settings_from_orthanc(orthanc: Any) -> Settings:
 
 def register(orthanc: Any, settings: Settings) -> None:
     """Register the ingest callback and every ``/cbir/...`` route with Orthanc."""
+    use_patient_key_secret(settings.patient_key_secret)
     queue = IngestQueue.for_settings(client_for(settings, socket_timeout=2, socket_connect_timeout=2), settings)
     buffer = EnqueueBuffer(queue, maxlen=settings.enqueue_buffer_size, log=orthanc.LogWarning)
     cursor = ChangeCursor(lambda path: json.loads(orthanc.RestApiGet(path)), queue.client, buffer.enqueue,

@@ -2,14 +2,17 @@
 
 The record holds what retrieval filters and answers need (UIDs, modality, body
 part, sex, age, dates, geometry). It never holds the patient's name or ID: the
-one patient field is :attr:`InstanceMetadata.patient_key`, a one-way hash that
-lets a query exclude the same patient without storing who the patient is.
+one patient field is :attr:`InstanceMetadata.patient_key`, a keyed one-way hash
+(:func:`patient_key`) that lets a query exclude the same patient without storing
+who the patient is.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,12 +128,43 @@ def _age_years(ds: Dataset, study_date: dt.date | None) -> float | None:
     return round((study_date - birth).days / 365.25, 3)
 
 
-def _patient_key(ds: Dataset) -> str | None:
-    patient_id = _text(ds, "PatientID")
+PATIENT_KEY_VARIABLE = "CBIR_PATIENT_KEY_SECRET"
+_BUILT_IN_KEY = b"orthanc-cbir patient key: set patient_key_secret"
+_secret: list[bytes] = []
+"""The key of this process, once known (:func:`use_patient_key_secret`, else the environment)."""
+
+
+def use_patient_key_secret(secret: str | None) -> None:
+    """Make ``secret`` (``Settings.patient_key_secret``) the key of every patient key this process
+    computes; ``None`` goes back to the ``CBIR_PATIENT_KEY_SECRET`` variable, read on next use."""
+    _secret.clear()
+    if secret is not None:
+        _secret.append(secret.encode() or _BUILT_IN_KEY)
+
+
+def patient_key(patient_id: str | None, issuer: str | None = None) -> str | None:
+    """The index's key of a patient: an HMAC-SHA-256 of issuer and PatientID, 64 bits in hex.
+
+    Keyed, so that the index alone does not give the ID back: an unkeyed hash of a 7-digit MRN
+    is reversed by trying all ten million. The key is the ``patient_key_secret`` setting, kept
+    out of Redis; every process of a deployment (workers, ``serve``, the CLI) must have the same
+    one, or ``exclude=same-patient`` stops matching. Workers and the CLI read it from the
+    ``CBIR_PATIENT_KEY_SECRET`` variable (the setting's) unless :func:`use_patient_key_secret`
+    was called; empty means a built-in key, which does not protect the IDs.
+    """
     if not patient_id:
         return None
-    issuer = _text(ds, "IssuerOfPatientID") or ""
-    return hashlib.sha256(f"{issuer}\x00{patient_id}".encode()).hexdigest()[:16]
+    if not _secret:
+        from ..config import load_settings  # the setting as every process reads it (config imports nothing of ours)
+
+        variable = {PATIENT_KEY_VARIABLE: os.environ[PATIENT_KEY_VARIABLE]} if PATIENT_KEY_VARIABLE in os.environ else {}
+        use_patient_key_secret(load_settings(env=variable).patient_key_secret)
+    message = f"{issuer or ''}\x00{patient_id}".encode()
+    return hmac.new(_secret[0], message, hashlib.sha256).hexdigest()[:16]
+
+
+def _patient_key(ds: Dataset) -> str | None:
+    return patient_key(_text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"))
 
 
 def _sex(value: str | None) -> str | None:
