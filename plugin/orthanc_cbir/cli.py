@@ -163,6 +163,17 @@ def _parser() -> argparse.ArgumentParser:
     reconcile_parser.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
     reconcile_parser.set_defaults(run=_run_reconcile)
 
+    indexes_parser = commands.add_parser(
+        "indexes",
+        help="list the model versions indexed in Redis; drop one the current index has replaced",
+        description="One line per model version with an index in Redis: its instance count and shards, the "
+        "current model's marked. After a model change, run reconcile, wait for the workers, then --drop the old "
+        "version: refused while the current index holds fewer instances than the one dropped.",
+    )
+    indexes_parser.add_argument("--drop", metavar="VERSION", help="delete this version's index (name@sha prefix)")
+    indexes_parser.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
+    indexes_parser.set_defaults(run=_run_indexes)
+
     backfill_parser = commands.add_parser(
         "backfill",
         help="index what any DICOMweb server holds and the index lacks (QIDO-RS + WADO-RS)",
@@ -488,6 +499,30 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     summary = reconcile(orthanc, IngestQueue.for_settings(client, settings), store)
     print(f"{summary.in_orthanc} instances in Orthanc: {summary.already_indexed} indexed, {summary.rejected} rejected, "
           f"{summary.enqueued} sent to the workers; {summary.gone} gone from Orthanc, removal sent")  # fmt: skip
+    return 0
+
+
+def _run_indexes(args: argparse.Namespace) -> int:
+    from .index import IndexInfo
+    from .index.versions import IndexStillNeeded, drop_version, index_versions
+
+    settings = load_settings(redis_url=args.redis_url)
+    client = _redis(settings.redis_url)
+    current = IndexInfo.for_model(settings.model).version
+    if args.drop:
+        try:
+            deleted = drop_version(client, args.drop, current)
+        except IndexStillNeeded as exc:
+            print(f"not dropped: {exc}", file=sys.stderr)
+            return 1
+        print(f"dropped {args.drop}: {deleted} keys")
+        return 0
+    versions = index_versions(client)
+    for version in versions:
+        mark = "  (current model)" if version.version == current else ""
+        print(f"{version.version}: {version.indexed} instances, {version.shards} shard(s){mark}")
+    if current not in {v.version for v in versions}:
+        print(f"{current}: nothing indexed yet (current model): run orthanc-cbir reconcile")
     return 0
 
 
