@@ -46,7 +46,9 @@ PATIENT = {
     "AccessionNumber": "ACC88Z31K",
     "OtherPatientIDs": "OTHERID55KQ",
 }
-IDENTIFIERS = ["Quaxwellian", "Zorbanette", *list(PATIENT.values())[1:]]
+ONE_NAME = {"PatientName": "Zorquaxtrin", "PatientID": "PIDLONE9Q"}
+"""A patient whose name has one component, which highdicom quotes in a warning."""
+IDENTIFIERS = ["Quaxwellian", "Zorbanette", *list(PATIENT.values())[1:], *ONE_NAME.values()]
 """What no log may contain (the name's parts on their own too)."""
 DEBUG = {"CBIR_LOG_LEVEL": "DEBUG"}
 PATIENT_KEY_SECRET = "hmac-Key-of-this-site-4Rw"
@@ -77,6 +79,7 @@ class Pipeline:
     worker: WorkerProcess
     uids: list[str]
     state: Path
+    one_name_uids: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +96,10 @@ def pipeline(tmp_path_factory):
             paths = identified_series(state / "series", slices=8, texture=5)
             study = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
             others = synthetic_series(state / "others", slices=8, texture=11)  # another patient: similar/series hits
-            storescu(orthanc, [*paths, identified_report(state / "report.dcm", study), *others])
-            wait_until(lambda: _counts(orthanc) == (16, 1), 120, "16 slices indexed and the SR rejected")
-            yield Pipeline(redis_server, orthanc, worker, sop_uids(paths), state)
+            one_name = synthetic_series(state / "one-name", slices=4, texture=13, **ONE_NAME)
+            storescu(orthanc, [*paths, identified_report(state / "report.dcm", study), *others, *one_name])
+            wait_until(lambda: _counts(orthanc) == (20, 1), 120, "20 slices indexed and the SR rejected")
+            yield Pipeline(redis_server, orthanc, worker, sop_uids(paths), state, sop_uids(one_name))
 
 
 def _counts(orthanc) -> tuple[int, int]:
@@ -296,6 +300,10 @@ def test_no_patient_identifier_reaches_any_log(pipeline, standalone, identifiers
     assert code == 200 and len(json.loads(body)["hits"]) == 3, body[:300]
     code, body, _ = orthanc.request("POST", f"/cbir/instances/{identifiers['instance']}/similar/series",
                                     headers={"X-Cbir-K": "3"}, timeout_s=150)  # fmt: skip
+    assert code == 200, body[:300]
+    # the same for a patient whose name has one component, which highdicom's checks quote
+    code, body, _ = orthanc.request("POST", f"/cbir/instances/{pipeline.one_name_uids[1]}/similar/series",
+                                    headers={"X-Cbir-K": "2"}, timeout_s=150)  # fmt: skip
     assert code == 200, body[:300]
 
     # the standalone server: storescu and STOW-RS of identified files, and an SR it rejects

@@ -20,6 +20,8 @@ indexes its own output (:func:`is_own_output`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,23 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from .metadata import InstanceMetadata
+
+# highdicom quotes a one-component PatientName ("SMITH") in a UserWarning, and in a log record
+# when it refuses one: either would write the query patient's name to the worker's log. Neither
+# says anything the series needs, so both are dropped, for every thread of the process.
+warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                        category=UserWarning)  # fmt: skip
+
+
+class _NoPersonNames(logging.Filter):
+    """Drops highdicom's records that quote a person name argument."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_name" not in str(record.msg) and "person name" not in str(record.msg)
+
+
+for _name in [name for name in logging.root.manager.loggerDict if name.startswith("highdicom")] + ["highdicom"]:
+    logging.getLogger(_name).addFilter(_NoPersonNames())
 
 MANUFACTURER = "orthanc-cbir"
 SERIES_DESCRIPTION = "Similar cases"
