@@ -58,3 +58,36 @@ def test_there_is_no_key_object_selection_without_a_hit_in_the_query_study():
     references = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence
                   if item.ValueType == "IMAGE"]  # fmt: skip
     assert references == [here.SOPInstanceUID] and kos.StudyInstanceUID == query.StudyInstanceUID
+
+
+def identified(**attributes):
+    """A header of a patient (the factory's name, ID and the birth date below), with ``attributes``."""
+    return factory.grey_image(np.zeros((2, 2), dtype=np.uint16), **{"PatientBirthDate": "19600101", **attributes})
+
+
+def test_the_same_patient_has_the_same_id_issuer_birth_date_and_name():
+    from orthanc_cbir.dicom.similar_cases import same_patient
+
+    query = identified(IssuerOfPatientID="SITE-A")
+    assert same_patient(query, identified(IssuerOfPatientID="SITE-A"))
+    assert same_patient(query, identified(IssuerOfPatientID=" SITE-A", PatientName=str(query.PatientName).lower() + "^^"))
+    assert not same_patient(query, identified())  # no issuer: another site's numbering
+    assert not same_patient(query, identified(IssuerOfPatientID="SITE-B"))
+    assert not same_patient(query, identified(IssuerOfPatientID="SITE-A", PatientBirthDate="19600102"))
+    assert not same_patient(query, identified(IssuerOfPatientID="SITE-A", PatientName="Someone^Else"))
+    # a different person sharing the query's PatientID without an issuer is not "this patient"
+    assert not same_patient(identified(), identified(PatientName="Other^Person", PatientBirthDate="19770707"))
+    assert not same_patient(identified(PatientID=""), identified(PatientID=""))
+
+
+def test_another_patients_pixels_only_when_the_file_declares_no_burned_in_text():
+    from orthanc_cbir.dicom.similar_cases import withheld_reason
+
+    query = identified()
+    other = {"PatientName": "Other^Person", "PatientID": "OTHER-1"}
+    assert withheld_reason(query, identified(BurnedInAnnotation="NO", **other)) is None
+    assert "burned-in" in withheld_reason(query, identified(**other))  # absent: a grey panel by default
+    assert "burned-in" in withheld_reason(query, identified(BurnedInAnnotation="YES", **other))
+    assert withheld_reason(query, identified(**other), other_patients=True) is None  # turned on explicitly
+    assert withheld_reason(query, identified(BurnedInAnnotation="YES", **other), other_patients=True)
+    assert withheld_reason(query, identified(BurnedInAnnotation="YES")) is None  # the query's own images are drawn

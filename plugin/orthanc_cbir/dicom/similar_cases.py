@@ -7,8 +7,8 @@ no one else's):
 - a Secondary Capture series "Similar cases": one image per hit in rank order,
   the hit's pixels above a caption band (rank, distance, modality, body part,
   whose image it is). Another patient's image contributes its pixels only, and
-  not even those when the operator turns cross-patient pixels off or when the
-  hit's file says it has burned-in annotation (text that may name its patient);
+  only when its file declares no burned-in annotation (:func:`withheld_reason`;
+  "this patient" is :func:`same_patient`: ID, issuer, birth date and name);
 - a Key Object Selection document (TID 2010, "Of Interest") referencing the hits
   that belong to the query's own study. A KOS cannot reference another
   patient's study, so there is none when no hit is in the query's study.
@@ -80,6 +80,47 @@ class SimilarCase:
     """Why the pixels are not shown (``None`` when they are)."""
     reference: Dataset | None = None
     """The hit's header (pixels not needed) when it is in the query's study: the KOS references it."""
+
+
+def same_patient(query: Dataset, hit: Dataset) -> bool:
+    """Whether ``hit`` is an image of the query's patient: the same PatientID and issuer (an
+    absent issuer matches only an absent one), and the same birth date and name. An ID alone is
+    not enough: without an issuer, two sites' MRNs may coincide, and such a person must not be
+    captioned "this patient" nor drawn under the rules of the query's own images.
+
+    Names compare without case, surrounding spaces and empty trailing components
+    (``Doe^John^^`` is ``DOE^JOHN``), alphabetic group only."""
+    patient_id = _plain(query.get("PatientID"))
+    if not patient_id or patient_id != _plain(hit.get("PatientID")):
+        return False
+    same_issuer = _plain(query.get("IssuerOfPatientID")) == _plain(hit.get("IssuerOfPatientID"))
+    same_birth = _plain(query.get("PatientBirthDate")) == _plain(hit.get("PatientBirthDate"))
+    return same_issuer and same_birth and _person_name(query.get("PatientName")) == _person_name(hit.get("PatientName"))
+
+
+def withheld_reason(query: Dataset, hit: Dataset, *, other_patients: bool = False) -> str | None:
+    """Why the pixels of ``hit`` must not be drawn in the query patient's study, or ``None`` when
+    they may be. The query's own images are drawn. Another patient's image may carry its name,
+    ID or birth date burned into the pixels, so it is drawn only when its file says
+    ``BurnedInAnnotation`` NO; a file that does not say is a grey panel unless ``other_patients``
+    (the ``similar_series_other_patients`` setting) is turned on explicitly; YES never is."""
+    if same_patient(query, hit):
+        return None
+    declared = _plain(hit.get("BurnedInAnnotation")).upper()
+    if declared == "YES":
+        return "another patient's image with burned-in text"
+    if declared == "NO" or other_patients:
+        return None
+    return "another patient's image, not declared free of burned-in text"
+
+
+def _plain(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _person_name(value: object) -> str:
+    alphabetic = _plain(value).split("=")[0]
+    return "^".join(part.strip() for part in alphabetic.split("^")).rstrip("^").upper()
 
 
 def is_own_output(metadata: InstanceMetadata) -> bool:
