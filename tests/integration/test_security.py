@@ -322,6 +322,11 @@ def test_no_patient_identifier_reaches_any_log(pipeline, standalone, identifiers
     answer = requests.get(f"{standalone.url}/cbir/instances/{sop_uids(pushed)[0]}/similar?k=2",
                           headers=bearer(standalone), timeout=30)  # fmt: skip
     assert answer.status_code == 200
+    # `serve` records it in the audit trail under its token's name, with UIDs and no identifier
+    trail = requests.get(f"{standalone.url}/cbir/audit?count=1", headers=bearer(standalone), timeout=30).json()
+    assert [(e["user"], e["query"], e["hits"]) for e in trail["entries"]] == [("token", sop_uids(pushed)[0], 2)]
+    assert trail["entries"][0]["studies"] == list(dict.fromkeys(h["StudyInstanceUID"] for h in answer.json()["hits"]))
+    assert not any(secret.lower() in json.dumps(trail).lower() for secret in IDENTIFIERS)
 
     # backfill from Orthanc's DICOMweb into database 5, at DEBUG
     target = pipeline.redis.url.rsplit("/", 1)[0] + "/5"
