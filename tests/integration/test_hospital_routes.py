@@ -242,6 +242,38 @@ def test_series_requests_beyond_the_bound_are_refused_at_once_and_orthanc_keeps_
             worker.start()
 
 
+def test_an_asynchronous_series_request_answers_at_once_and_its_job_tells_the_outcome(orthanc, worker, indexed):
+    """``Prefer: respond-async``: a 202 and a job, whatever the workers do; no Orthanc thread waits."""
+    url = f"{orthanc.url}/cbir/instances/{indexed['mr'][2]}/similar/series"
+    worker.stop()
+    try:
+        jobs, refused = [], []
+        for _ in range(9):  # MaxWorkerWaits 2: eight jobs may wait for a worker, the ninth is refused
+            started = time.monotonic()
+            answer = requests.post(url, headers={"X-Cbir-K": "1", "Prefer": "respond-async"}, auth=orthanc.auth,
+                                   timeout=10)  # fmt: skip
+            assert time.monotonic() - started < 3
+            (jobs if answer.status_code == 202 else refused).append(answer)
+        assert len(jobs) == 8 and [a.status_code for a in refused] == [503], [a.text[:200] for a in refused]
+        first = jobs[0].json()
+        assert jobs[0].headers["Location"] == first["status"] == f"/cbir/jobs/{first['job']}"
+        assert from_orthanc(orthanc, first["status"]).json()["state"] == "queued"
+    finally:
+        worker.start()
+
+    def state() -> dict:
+        return from_orthanc(orthanc, first["status"]).json()
+
+    wait_until(lambda: state()["state"] == "done", 120, "the first job done")
+    made = state()["result"]
+    assert made["hits"] == 1 and made["series"]["instances"] == 1 and made["query"]["SOPInstanceUID"] == indexed["mr"][2]
+    wait_until(lambda: all(from_orthanc(orthanc, a.json()["status"]).json()["state"] == "done" for a in jobs), 180,
+               "every job done")  # fmt: skip
+    for unknown in ("0" * 32, "not-a-job"):
+        answer = from_orthanc(orthanc, f"/cbir/jobs/{unknown}")
+        assert answer.status_code == 404 and answer.headers["Content-Type"].startswith("application/json")
+
+
 # -- Orthanc refuses a large query body before reading it ---------------------------------------
 
 

@@ -135,6 +135,8 @@ ROUTES = [
     ("POST", "/cbir/query"),
     ("POST", "/cbir/instances/{instance}/similar/series"),
     ("GET", "/cbir/ui/instances/{instance}"),
+    ("GET", "/cbir/audit"),
+    ("GET", "/cbir/jobs/" + "0" * 32),
 ]
 
 

@@ -52,6 +52,7 @@ def register(orthanc: Any, settings: Settings) -> None:
         return service[0]
 
     _get(orthanc, "/cbir/rejected", lambda request: similarity().rejected())
+    _get(orthanc, "/cbir/jobs/([^/]+)", lambda request: similarity().job(request["groups"][0]))
     _get(orthanc, "/cbir/audit", lambda request: routes.audit_trail(audit, _parameters(request), _user(request),
                                                                     settings.audit_readers))  # fmt: skip
     _get(orthanc, "/cbir/ui/instances/([^/]+)",
@@ -66,7 +67,8 @@ def register(orthanc: Any, settings: Settings) -> None:
         if request.get("method") == "POST":
             if (resource, answer_level) != ("instances", "series"):
                 return routes.Response(405, b"", headers={"Allow": "GET"})
-            return similarity().similar_series(identifier, _parameters(request), user=_user(request))
+            return similarity().similar_series(identifier, _parameters(request), user=_user(request),
+                                               respond_async=_prefers_async(request))  # fmt: skip
         return similarity().similar(resource, identifier, {**_parameters(request), "format": "dicom+json",
                                                            "level": LEVELS[answer_level]}, user=_user(request))  # fmt: skip
 
@@ -123,6 +125,11 @@ def _parameters(request: dict[str, Any]) -> dict[str, str]:
     """The query string read by the standard rules (as the standalone server reads it), then ``X-Cbir-*`` headers."""
     query = parse_query(orthanc_query_string(request.get("get") or {}))
     return request_parameters(query, request.get("headers") or {})
+
+
+def _prefers_async(request: dict[str, Any]) -> bool:
+    """``Prefer: respond-async`` (RFC 7240): answer 202 with a job at once, no Orthanc thread waits."""
+    return "respond-async" in str((request.get("headers") or {}).get("prefer", "")).lower()
 
 
 def _user(request: dict[str, Any]) -> str:

@@ -16,7 +16,9 @@ import base64
 import dataclasses
 import functools
 import json
+import re
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
@@ -49,6 +51,12 @@ QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
 SERIES_WAIT_S = 120
 """How long ``POST .../similar/series`` waits for a worker to fetch, draw and store the hits."""
+JOB_QUEUE_S = 600
+"""How long an asynchronous series request (``Prefer: respond-async``) may wait for a worker to take it."""
+JOB_TTL_S = 3600
+"""How long ``GET /cbir/jobs/{id}`` knows a job."""
+QUEUED_JOBS_PER_WAIT = 4
+"""Asynchronous series requests one server lets wait for a worker: this many per ``max_worker_waits``."""
 MAX_PARAMETER_CHARS = 1024
 """Longest value of one parameter: a longer one (a 10 kB filter list) is a 400, not a search."""
 
@@ -212,10 +220,13 @@ class SimilarityService:
                                 (user, "query", "instance", embedded.get("sop_instance_uid")))  # fmt: skip
 
     @_answers_503_without_redis
-    def similar_series(self, identifier: str, parameters: Mapping[str, str], *, user: str | None = None) -> Response:
+    def similar_series(self, identifier: str, parameters: Mapping[str, str], *, user: str | None = None,
+                       respond_async: bool = False) -> Response:  # fmt: skip
         """``POST /cbir/instances/{identifier}/similar/series``: a worker stores a "Similar cases"
         Secondary Capture series (and a key object selection when hits are in the query's study)
-        in the query's study; the answer names what was stored.
+        in the query's study; the answer names what was stored. With ``respond_async`` (the
+        request says ``Prefer: respond-async``) the answer is at once a 202 naming a job, whose
+        outcome ``GET /cbir/jobs/{id}`` tells (:meth:`job`): no server thread waits for the worker.
 
         The route first runs the search the worker will run (the ``similar_series_parameters``
         setting, then the request's; one image per hit): an instance that is not indexed is a
@@ -231,6 +242,8 @@ class SimilarityService:
         if searched.status != 200:
             return searched
         request = json.dumps({"instance": identifier, "parameters": dict(parameters)}).encode()
+        if respond_async:
+            return self._submit_job(request, identifier)
         try:
             made = self._ask_worker(SIMILAR_SERIES, request, SERIES_WAIT_S)
         except Busy:
@@ -241,6 +254,37 @@ class SimilarityService:
         if "error" in made:
             return Response.error(int(made.get("status", 400)), made["error"])
         return Response.json(made)
+
+    @_answers_503_without_redis
+    def job(self, job_id: str) -> Response:
+        """``GET /cbir/jobs/{id}``: ``queued`` (no worker took it yet), ``running``, ``done`` (with
+        the ``result`` the synchronous route answers), ``failed`` (with its ``status`` and
+        ``error``), or ``lost`` (no worker took it in time, or its worker died)."""
+        if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+            return Response.error(404, "no such job: a job id is 32 hexadecimal digits")
+        keys = self.queue.keys
+        raw = self.client.get(self._job_key(job_id))
+        if raw is None:
+            return Response.error(404, f"no such job (unknown, or finished more than {JOB_TTL_S // 60} minutes ago)")
+        record = json.loads(raw)
+        if "result" not in record:
+            reply = self.client.lindex(keys.query_reply(job_id), 0)  # the worker keeps its reply a minute only
+            if reply is not None:
+                record["result"] = json.loads(reply)
+                self.client.set(self._job_key(job_id), json.dumps(record), keepttl=True)
+                self.client.zrem(self._jobs_key, job_id)
+        answer: dict[str, Any] = {"job": job_id, "instance": record["instance"], "created": record["created"]}
+        result = record.get("result")
+        if result is not None and "error" in result:
+            answer.update(state="failed", status=int(result.get("status", 400)), error=result["error"])
+        elif result is not None:
+            answer.update(state="done", result=result)
+        elif self.client.exists(keys.query_body(job_id)):
+            answer["state"] = "queued"
+        else:  # taken by a worker; one that died, or a body that expired unread, never replies
+            late = time.time() - record["created"] > JOB_QUEUE_S + SERIES_WAIT_S
+            answer["state"] = "lost" if late else "running"
+        return Response.json(answer)
 
     @_answers_503_without_redis
     def rejected(self) -> Response:
@@ -300,6 +344,39 @@ class SimilarityService:
             return self._wait_for_worker(action, body, wait_s)
         finally:
             self._worker_waits.release()
+
+    @property
+    def _jobs_key(self) -> str:
+        """Sorted set of the asynchronous jobs not yet seen finished (score: when submitted)."""
+        return f"{self.queue.keys.prefix}:jobs"
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.queue.keys.prefix}:job:{job_id}"
+
+    def _submit_job(self, request: bytes, identifier: str) -> Response:
+        """Enqueue a series request without waiting: 202 with the job's id and status route, or
+        the busy answer when this deployment's queued jobs reach their bound (a job leaves the
+        count once a worker takes it)."""
+        keys = self.queue.keys
+        waiting = [job.decode() if isinstance(job, bytes) else job for job in self.client.zrange(self._jobs_key, 0, -1)]
+        if waiting:
+            pipe = self.client.pipeline(transaction=False)
+            for job in waiting:
+                pipe.exists(keys.query_body(job))
+            taken = [job for job, queued in zip(waiting, pipe.execute()) if not queued]
+            if taken:
+                self.client.zrem(self._jobs_key, *taken)
+            waiting = [job for job in waiting if job not in taken]
+        if len(waiting) >= QUEUED_JOBS_PER_WAIT * max(1, self.settings.max_worker_waits):
+            return _busy()
+        job = uuid.uuid4().hex
+        now = time.time()
+        self.client.set(self._job_key(job), json.dumps({"instance": identifier, "created": now}), ex=JOB_TTL_S)
+        self.client.set(keys.query_body(job), request, ex=JOB_QUEUE_S)
+        self.client.zadd(self._jobs_key, {job: now})
+        self.queue.enqueue(job, SIMILAR_SERIES)
+        answer = Response.json({"job": job, "state": "queued", "status": f"/cbir/jobs/{job}"}, status=202)
+        return dataclasses.replace(answer, headers={"Location": f"/cbir/jobs/{job}"})
 
     def _wait_for_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
         request = uuid.uuid4().hex
