@@ -118,5 +118,8 @@ def test_status_says_what_is_wrong_when_redis_is_unreachable(tmp_path):
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     with OrthancServer(tmp_path / "orthanc", redis_url=unreachable) as lonely:
         status = lonely.get_json("/cbir/status")
+        audit_code, audit_body, audit_type = lonely.request("GET", "/cbir/audit")
     assert status["redis"]["ok"] is False
+    assert audit_code == 503 and audit_type.startswith("application/json"), (audit_code, audit_body[:300])
+    assert "audit trail cannot be read" in json.loads(audit_body)["error"]
     assert "ConnectionError" in status["redis"]["error"]

@@ -19,7 +19,7 @@ from ..audit import MAX_READ, AuditLog, is_valid_entry_id
 from ..config import Settings
 from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
-from ..redis_client import client_for, connect
+from ..redis_client import UNREACHABLE, client_for, connect
 
 
 @dataclass(frozen=True)
@@ -91,5 +91,8 @@ def audit_trail(audit: AuditLog, parameters: Mapping[str, str], user: str, reade
         return Response.error(400, f"count must be 1..{MAX_READ}")
     if before is not None and not is_valid_entry_id(before):
         return Response.error(400, "before is an entry id (<milliseconds>-<sequence>)")
-    entries = audit.read(int(count), before)
+    try:
+        entries = audit.read(int(count), before)
+    except UNREACHABLE as exc:
+        return Response.error(503, f"Redis is unreachable ({type(exc).__name__}): the audit trail cannot be read now")
     return Response.json({"entries": entries, "next": entries[-1]["id"] if len(entries) == int(count) else None})
