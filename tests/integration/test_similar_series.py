@@ -44,13 +44,14 @@ OTHER_PATIENT = {"PatientName": "Other^Bertha^Secret", "PatientID": "PID-B-SECRE
 
 @pytest.fixture(scope="module")
 def pushed(orthanc, redis_server, embedder, tmp_path_factory):
-    """Two series of the query patient's study and one of another patient, alike slice by slice."""
+    """Two series of the query patient's study and one of another patient, alike slice by slice (the
+    other patient's at another size: the search gives one hit per picture, and a copy is one picture)."""
     running = start_worker(orthanc, redis_server.url, embedder)
     folder = tmp_path_factory.mktemp("similar-series")
     study_a, study_b = factory.generate_uid(), factory.generate_uid()
     a1 = synthetic_series(folder / "a1", StudyInstanceUID=study_a, **QUERY_PATIENT)
     a2 = synthetic_series(folder / "a2", StudyInstanceUID=study_a, **QUERY_PATIENT)
-    b1 = synthetic_series(folder / "b1", StudyInstanceUID=study_b, **OTHER_PATIENT)
+    b1 = synthetic_series(folder / "b1", size=48, StudyInstanceUID=study_b, **OTHER_PATIENT)
     storescu(orthanc, a1 + a2 + b1)
     store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
     wait_until(lambda: store.count() >= 36, 120, "36 indexed slices")
