@@ -104,9 +104,11 @@ class Settings:
     a ``POST .../similar/series`` request may override each. The default leaves out the query's
     own study: a reader wants other cases, not the images already on screen."""
 
-    similar_series_other_patients: bool = True
-    """Show other patients' pixels in "Similar cases" images (never their identifiers); off, such
-    a hit is a grey panel that says its image is not shown."""
+    similar_series_other_patients: bool = False
+    """Draw another patient's image in "Similar cases" (never its identifiers) even when its file
+    does not say ``BurnedInAnnotation`` NO; off (default), only a file that says NO is drawn, any
+    other is a grey panel that says why. A file that says YES never is
+    (:func:`orthanc_cbir.dicom.similar_cases.withheld_reason`)."""
 
     ohif_url: str = ""
     """The OHIF viewer the results page links each hit's study to (empty: the page's own origin,

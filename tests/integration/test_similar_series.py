@@ -23,6 +23,8 @@ from orthanc_cbir.dicom.similar_cases import (
     IMAGE_SIZE,
     MANUFACTURER,
     SERIES_DESCRIPTION,
+    SimilarCase,
+    render_case,
 )
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
@@ -45,13 +47,15 @@ OTHER_PATIENT = {"PatientName": "Other^Bertha^Secret", "PatientID": "PID-B-SECRE
 @pytest.fixture(scope="module")
 def pushed(orthanc, redis_server, embedder, tmp_path_factory):
     """Two series of the query patient's study and one of another patient, alike slice by slice (the
-    other patient's at another size: the search gives one hit per picture, and a copy is one picture)."""
+    other patient's at another size: the search gives one hit per picture, and a copy is one picture).
+    The other patient's files declare ``BurnedInAnnotation`` NO, so their pixels are drawn."""
     running = start_worker(orthanc, redis_server.url, embedder)
     folder = tmp_path_factory.mktemp("similar-series")
     study_a, study_b = factory.generate_uid(), factory.generate_uid()
     a1 = synthetic_series(folder / "a1", StudyInstanceUID=study_a, **QUERY_PATIENT)
     a2 = synthetic_series(folder / "a2", StudyInstanceUID=study_a, **QUERY_PATIENT)
-    b1 = synthetic_series(folder / "b1", size=48, StudyInstanceUID=study_b, **OTHER_PATIENT)
+    # the other patient's files say they carry no burned-in text: their pixels may be drawn
+    b1 = synthetic_series(folder / "b1", size=48, StudyInstanceUID=study_b, BurnedInAnnotation="NO", **OTHER_PATIENT)
     storescu(orthanc, a1 + a2 + b1)
     store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
     wait_until(lambda: store.count() >= 36, 120, "36 indexed slices")
@@ -166,17 +170,102 @@ def test_the_service_never_indexes_its_own_similar_cases_images(orthanc, made):
     assert reasons == {"orthanc-cbir output"}
 
 
-def test_with_cross_patient_pixels_off_other_patients_hits_are_grey_panels(orthanc, redis_server, pushed):
-    settings = make_settings(redis_server.url, orthanc, similar_series_other_patients=False)
-    client = redis.Redis.from_url(redis_server.url)
-    made = SimilarSeriesMaker(settings, orthanc.client, client).for_instance(
-        str(pushed["query"].SOPInstanceUID), {"k": "6", "strategy": "exact", "exclude": "same-series"})  # fmt: skip
-    answer = orthanc.get_json(f"/cbir/instances/{pushed['query_id']}/similar?k=6&strategy=exact&exclude=same-series")
-    own_study = str(pushed["query"].StudyInstanceUID)
-    for ds, hit in zip(read_series(orthanc, made["series"]["orthanc"]), answer["hits"]):
-        picture = ds.pixel_array[:IMAGE_SIZE]
-        panel = np.mean(picture == 48)  # the grey of the "image not shown" panel
-        assert (panel > 0.9) == (hit["StudyInstanceUID"] != own_study), hit
+NAMESAKE = {"PatientName": "Namesake^Carl", "PatientID": QUERY_PATIENT["PatientID"], "PatientBirthDate": "19771107",
+            "AccessionNumber": "ACC-C-7", "StudyID": "SID-C"}  # fmt: skip
+"""Another person whose PatientID (no issuer, like the query's) is the query patient's: another site's MRN."""
+UNDECLARED = {"PatientName": "Undeclared^Dora", "PatientID": "PID-D-0004", "PatientBirthDate": "19440404",
+              "AccessionNumber": "ACC-D-4", "StudyID": "SID-D"}  # fmt: skip
+"""Another patient whose files do not say whether their pixels carry burned-in text."""
+
+
+@pytest.fixture(scope="module")
+def strangers(embedder, tmp_path_factory):
+    """An Orthanc whose only hits for the query patient are a namesake's series (same PatientID
+    without issuer, another birth date and name; declared free of burned-in text) and a series of
+    another patient that does not declare ``BurnedInAnnotation``; each at its own size (one hit
+    per picture). A worker with the default settings makes series for the Orthanc route."""
+    folder = tmp_path_factory.mktemp("strangers")
+    with RedisServer(folder / "redis") as redis_server, \
+         OrthancServer(folder / "orthanc", redis_url=redis_server.url) as orthanc:  # fmt: skip
+        running = start_worker(orthanc, redis_server.url, embedder)
+        try:
+            query = synthetic_series(folder / "a", slices=6, **QUERY_PATIENT)
+            namesake = synthetic_series(folder / "c", slices=6, size=48, BurnedInAnnotation="NO", **NAMESAKE)
+            undeclared = synthetic_series(folder / "d", slices=6, size=56, **UNDECLARED)
+            storescu(orthanc, query + namesake + undeclared)
+            store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
+            wait_until(lambda: store.count() >= 18, 120, "18 indexed slices")
+            yield {"orthanc": orthanc, "redis": redis_server, "query": dcmread(query[3]),
+                   "namesake": str(dcmread(namesake[0]).StudyInstanceUID),
+                   "undeclared": str(dcmread(undeclared[0]).StudyInstanceUID)}  # fmt: skip
+        finally:
+            running.stop()
+
+
+STRANGER_PARAMETERS = {"k": "12", "strategy": "exact", "exclude": "same-series"}
+
+
+def drawn_series(orthanc, query: Dataset, made: dict) -> list[tuple[dict, Dataset]]:
+    """Each hit of the JSON answer with the stored image made of it, in rank order."""
+    query_id = orthanc.client.lookup(str(query.SOPInstanceUID))
+    answer = orthanc.get_json(f"/cbir/instances/{query_id}/similar?" + "&".join(f"{k}={v}" for k, v in STRANGER_PARAMETERS.items()))
+    images = read_series(orthanc, made["series"]["orthanc"])
+    assert len(images) == len(answer["hits"]) == made["hits"]
+    return list(zip(answer["hits"], images))
+
+
+def is_grey_panel(ds: Dataset) -> bool:
+    return bool(np.mean(ds.pixel_array[:IMAGE_SIZE] == 48) > 0.9)  # the grey of the "image not shown" panel
+
+
+def caption(hit: dict, same_patient: bool) -> np.ndarray:
+    """The caption band the series draws under a hit, for this patient or another one."""
+    case = SimilarCase(rank=int(hit["rank"]), distance=float(hit["distance"]), strategy=str(hit["strategy"]),
+                       modality=hit.get("Modality"), body_part=hit.get("BodyPartExamined"), same_patient=same_patient,
+                       pixels=None, withheld="")  # fmt: skip
+    return render_case(case)[IMAGE_SIZE:]
+
+
+@pytest.fixture(scope="module")
+def made_for_strangers(strangers):
+    orthanc, query = strangers["orthanc"], strangers["query"]
+    query_id = orthanc.client.lookup(str(query.SOPInstanceUID))
+    headers = {f"X-Cbir-{name.capitalize()}": value for name, value in STRANGER_PARAMETERS.items()}
+    status, body, _ = orthanc.request("POST", f"/cbir/instances/{query_id}/similar/series", b"", headers=headers,
+                                      timeout_s=150)  # fmt: skip
+    assert status == 200, body
+    return drawn_series(orthanc, query, json.loads(body))
+
+
+def test_another_patients_file_without_burned_in_annotation_is_a_withheld_panel_by_default(strangers,
+                                                                                           made_for_strangers):
+    undeclared = [(hit, ds) for hit, ds in made_for_strangers if hit["StudyInstanceUID"] == strangers["undeclared"]]
+    assert undeclared, "the undeclared patient's images are among the hits"
+    for hit, ds in undeclared:
+        assert is_grey_panel(ds), f"hit {hit['rank']}: another patient's pixels drawn without BurnedInAnnotation NO"
+        assert np.array_equal(ds.pixel_array[IMAGE_SIZE:], caption(hit, same_patient=False))
+
+
+def test_a_namesake_sharing_the_patient_id_without_issuer_is_captioned_another_patient(strangers, made_for_strangers):
+    namesake = [(hit, ds) for hit, ds in made_for_strangers if hit["StudyInstanceUID"] == strangers["namesake"]]
+    assert namesake, "the namesake's images are among the hits"
+    for hit, ds in namesake:
+        assert not np.array_equal(caption(hit, same_patient=False), caption(hit, same_patient=True))
+        assert np.array_equal(ds.pixel_array[IMAGE_SIZE:], caption(hit, same_patient=False)), \
+            f"hit {hit['rank']}: a namesake captioned as the query's own patient"  # fmt: skip
+        assert not is_grey_panel(ds)  # the file says BurnedInAnnotation NO: drawn, as another patient's
+    assert all(ds.PatientName == QUERY_PATIENT["PatientName"] for _, ds in made_for_strangers)
+
+
+def test_with_the_setting_turned_on_another_patients_undeclared_file_is_drawn(strangers):
+    orthanc, query = strangers["orthanc"], strangers["query"]
+    settings = make_settings(strangers["redis"].url, orthanc, similar_series_other_patients=True)
+    client = redis.Redis.from_url(strangers["redis"].url)
+    made = SimilarSeriesMaker(settings, orthanc.client, client).for_instance(str(query.SOPInstanceUID),
+                                                                             dict(STRANGER_PARAMETERS))  # fmt: skip
+    pairs = drawn_series(orthanc, query, made)
+    assert {hit["StudyInstanceUID"] for hit, _ in pairs} == {strangers["namesake"], strangers["undeclared"]}
+    assert not any(is_grey_panel(ds) for _, ds in pairs)
 
 
 @pytest.mark.parametrize("path, headers, code, message", [

@@ -24,10 +24,10 @@ from ..config import Settings
 from ..dicom import (
     Rejection,
     decode_dataset,
-    extract_metadata,
     looks_like_uid,
     read_dataset,
 )
+from ..dicom import similar_cases
 from ..dicom.similar_cases import (
     SERIES_DESCRIPTION,
     SimilarCase,
@@ -190,14 +190,13 @@ class SimilarSeriesMaker:
         hit_id = (hit.get("orthanc") or {}).get("instance")
         data = self.orthanc.instance_file(hit_id) if hit_id else None
         header = read_dataset(data) if data is not None else None
-        same_patient = header is not None and _same_patient(query, header)
+        same_patient = header is not None and similar_cases.same_patient(query, header)
         pixels, withheld = None, None
         if header is None:
             withheld = "not stored in this archive"
-        elif not same_patient and not self.settings.similar_series_other_patients:
-            withheld = "another patient's image (switched off)"
-        elif not same_patient and str(header.get("BurnedInAnnotation", "")).upper() == "YES":
-            withheld = "another patient's image with burned-in text"
+        elif (reason := similar_cases.withheld_reason(query, header,
+                                                      other_patients=self.settings.similar_series_other_patients)):
+            withheld = reason
         else:
             decoded = decode_dataset(header, max_frames=1)
             if isinstance(decoded, Rejection):
@@ -209,11 +208,6 @@ class SimilarSeriesMaker:
                            modality=hit.get("Modality"), body_part=hit.get("BodyPartExamined"),
                            same_patient=same_patient, pixels=pixels, withheld=withheld,
                            reference=header if in_study and same_patient else None)  # fmt: skip
-
-
-def _same_patient(query: Dataset, hit: Dataset) -> bool:
-    key = extract_metadata(query).patient_key
-    return key is not None and key == extract_metadata(hit).patient_key
 
 
 def _is_own_series(series: Mapping[str, Any]) -> bool:
