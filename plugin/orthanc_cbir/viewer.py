@@ -81,6 +81,31 @@ def passed_to_orthanc(method: str, segments: list[str]) -> bool:
     return len(segments) == 3 and segments[0] == "instances" and segments[2] == "preview"
 
 
+def orthanc_request_target(target: str) -> str:
+    """The request target sent to Orthanc for ``target`` (path and query string as received).
+
+    OHIF's study list asks ``/dicom-web/studies?...&includefield=00081030%2C00080060%2C...``:
+    dicomweb-client percent-encodes the commas, and Orthanc's DICOMweb plugin (1.7, Debian 12)
+    splits ``includefield`` on literal commas only, so it returned none of the asked attributes
+    and every study read "No Description" (StudyDescription is not among the plugin's default
+    study attributes). Commas are restored in the ``includefield`` values of DICOMweb requests;
+    nothing else is changed (a comma elsewhere, in a name, stays encoded).
+
+    >>> orthanc_request_target("/dicom-web/studies?limit=101&includefield=00081030%2C00080060")
+    '/dicom-web/studies?limit=101&includefield=00081030,00080060'
+    """
+    path, question, query = target.partition("?")
+    if not question or not path.startswith("/dicom-web/"):
+        return target
+    items = []
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        if equals and urllib.parse.unquote_plus(name).lower() == "includefield":
+            value = re.sub("%2[cC]", ",", value)
+        items.append(name + equals + value)
+    return path + question + "&".join(items)
+
+
 def default_allowed_hosts(host: str, port: int) -> list[str]:
     """The ``Host`` values a browser sends for the viewer at ``host:port``: the loopback names and
     addresses, and ``host`` itself when it is a specific address."""
@@ -547,7 +572,8 @@ class _Handler(BaseHTTPRequestHandler):
         connection = self.server.orthanc_connection()
         try:
             try:
-                connection.putrequest(self.command, target.path + self.path, skip_host=True, skip_accept_encoding=True)
+                connection.putrequest(self.command, target.path + orthanc_request_target(self.path), skip_host=True,
+                                      skip_accept_encoding=True)  # fmt: skip
                 for name, value in headers:
                     connection.putheader(name, value)
                 connection.endheaders()
