@@ -146,7 +146,7 @@ def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, wo
             assert [hit["SOPInstanceUID"] for hit in answer["hits"]] == expected and uids[4] not in expected
             assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3, 4, 5]
             first = answer["hits"][0]
-            assert first["thumbnail"] == f"/instances/{first['orthanc']['instance']}/preview"
+            assert first["thumbnail"] == f"/cbir/instances/{first['orthanc']['instance']}/thumbnail"
             assert first["orthanc"]["series"] and first["StudyInstanceUID"] and answer["model"] == store.info.version
     expected = searcher.search(query, SearchOptions("exact", k=5)).sop_instance_uids
     second_page = orthanc.get_json(f"/cbir/instances/{uids[4]}/similar?k=2&offset=3&strategy=exact")

@@ -68,11 +68,13 @@ from ..config import Settings
 from ..dicom import looks_like_uid
 from ..dicom.metadata import use_patient_key_secret
 from ..index import IndexInfo
+from ..ingest.orthanc_client import OrthancClient
 from ..redis_client import client_for
 from ..ingest.spool import Spool
 from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
 from . import routes
+from .thumbnail import thumbnail
 from .similar import (
     FILTER_PARAMETERS,
     LEVELS,
@@ -214,6 +216,21 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         """Newest first; ``before`` (an entry's id) pages back. Whoever holds the token may read it."""
         parameters = parse_query(request.url.query)
         return _call(lambda: routes.audit_trail(services.audit(), parameters, _user(request, settings), ""))
+
+    @app.get("/cbir/instances/{orthanc_id}/thumbnail", tags=["cbir"], operation_id="thumbnail",
+             summary="A hit's thumbnail (PNG), drawn by the pixel step from its file in the Orthanc of CBIR_ORTHANC_URL",
+             responses={200: {"content": {"image/png": {}}, "description": "the thumbnail"},
+                        404: _error_content("no such instance"), 413: _error_content("the file is too large"),
+                        422: _error_content("the image cannot be drawn"),
+                        502: _error_content("Orthanc did not answer")})  # fmt: skip
+    def instance_thumbnail(orthanc_id: str) -> HttpResponse:
+        """``orthanc_id`` is a hit's ``orthanc.instance``; a hit without one has no thumbnail."""
+        orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
+        try:
+            answer = thumbnail(orthanc_id, lambda oid: _orthanc_file_size(orthanc, oid), orthanc.instance_file, settings)
+        except OSError:
+            return _error(502, "the Orthanc of the CBIR_ORTHANC_URL setting did not answer")
+        return _http(answer)
 
     sub_codes = _sub_codes(settings)
     similar_parameters = _search_parameters(settings.max_results, sub_codes, qido=False)
@@ -416,6 +433,16 @@ def _search_parameters(max_results: int, sub_codes: tuple[str, ...], *, qido: bo
     signature = inspect.Signature(declared, return_annotation=dict[str, str])
     parameters.__signature__ = signature  # type: ignore[attr-defined]
     return Depends(parameters)
+
+
+def _orthanc_file_size(orthanc: OrthancClient, orthanc_id: str) -> int | None:
+    """The size of an instance's file as Orthanc reports it (``None``: Orthanc has no such instance)."""
+    status, body, _ = orthanc.request("GET", f"/instances/{orthanc_id}")
+    if status == 404:
+        return None
+    if status != 200:
+        raise OSError(f"Orthanc answered HTTP {status}")
+    return int(json.loads(body)["FileSize"])
 
 
 def _call(handler: Callable[[], routes.Response]) -> HttpResponse:

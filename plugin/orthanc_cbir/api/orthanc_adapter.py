@@ -24,6 +24,7 @@ from ..redis_client import client_for
 from . import routes
 from .results_page import results_page
 from .similar import LEVELS, SimilarityService, orthanc_query_string, parse_query, request_parameters
+from .thumbnail import thumbnail
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -57,6 +58,10 @@ def register(orthanc: Any, settings: Settings) -> None:
                                                                     settings.audit_readers))  # fmt: skip
     _get(orthanc, "/cbir/ui/instances/([^/]+)",
          lambda request: results_page(settings, request["groups"][0], _instance_id(orthanc, request["groups"][0])))
+    # a hit's thumbnail from the pixel step (Orthanc 1.10's /preview cannot decode JPEG 2000)
+    _get(orthanc, "/cbir/instances/([^/]+)/thumbnail",
+         lambda request: thumbnail(request["groups"][0], lambda oid: _file_size(orthanc, oid),
+                                   lambda oid: _instance_file(orthanc, oid), settings))  # fmt: skip
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request),
                                               user=_user(request)))  # fmt: skip
@@ -107,6 +112,22 @@ def _dicom_uid(orthanc: Any, level: str, orthanc_id: str) -> str | None:
     except Exception:  # Orthanc answers an unknown id with an error
         return None
     return answer.get("MainDicomTags", {}).get(tag)
+
+
+def _file_size(orthanc: Any, orthanc_id: str) -> int | None:
+    """The size of an instance's stored file (``None`` if Orthanc does not know the id)."""
+    try:
+        return int(json.loads(orthanc.RestApiGet(f"/instances/{orthanc_id}"))["FileSize"])
+    except Exception:  # Orthanc answers an unknown id with an error
+        return None
+
+
+def _instance_file(orthanc: Any, orthanc_id: str) -> bytes | None:
+    """An instance's stored file (``None`` if Orthanc no longer has it)."""
+    try:
+        return bytes(orthanc.RestApiGet(f"/instances/{orthanc_id}/file"))
+    except Exception:  # deleted since its size was read
+        return None
 
 
 def _instance_id(orthanc: Any, identifier: str) -> str | None:

@@ -2,7 +2,7 @@
 
 One static HTML file (``static/results.html``, no build step) that asks
 ``GET /cbir/instances/{id}/similar`` from the browser and draws the query and its
-hits as thumbnails (Orthanc's ``/instances/{id}/preview``) with rank, distance,
+hits as thumbnails (``/cbir/instances/{id}/thumbnail``, :mod:`.thumbnail`) with rank, distance,
 modality and body part, a strategy and filter selector, links that open each
 hit's study in OHIF and in Orthanc Explorer, and a button that stores the hits as
 a "Similar cases" series. The server fills in only the JSON the script starts from.

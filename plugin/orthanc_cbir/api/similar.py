@@ -452,5 +452,5 @@ def hit_json(rank: int, distance: float, instances: int, strategy: str, record: 
         "SeriesDescription": meta.get("series_description"), "PatientSex": meta.get("patient_sex"),
         "PatientAgeYears": meta.get("patient_age_years"),
         "labels": record.get("labels"), "copies": record.get("copies", []),  # set by the search (Hit.record)
-        "thumbnail": f"/instances/{orthanc['instance']}/preview" if orthanc.get("instance") else None,
+        "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,
     }  # fmt: skip
