@@ -12,9 +12,10 @@ to resolve its ids). Routes:
 - ``POST /cbir/query``: a DICOM file, PNG or JPEG as the body, parameters in the query string
   or as ``X-Cbir-*`` headers (as in Orthanc);
 - ``POST /dicom-web/studies[/{study}]``: STOW-RS (PS3.18 10.5). Each part is written to a file in
-  the spool directory as it arrives (a request is never held whole in memory), read with pydicom,
-  and handed to :meth:`.Spool.accept_file` (synced and enqueued) before the answer names it in
-  the ReferencedSOPSequence; a worker indexes it later (``GET /cbir/status``: ``spooled``).
+  the spool directory as it arrives (a request is never held whole in memory), its elements before
+  the pixel data read with pydicom (a Deflated part inflated only that far, 16 MiB at most), and
+  handed to :meth:`.Spool.accept_file` (synced and enqueued) before the answer names it in the
+  ReferencedSOPSequence; a worker indexes it later (``GET /cbir/status``: ``spooled``).
 
 Every error is JSON ``{"error": message, "status": code}`` (unknown routes, 405, validation
 errors as 400, 500 without a trace, which goes to the log). With ``http_token`` every request
@@ -52,7 +53,6 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -67,6 +67,7 @@ from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings
 from ..dicom import looks_like_uid
 from ..dicom.metadata import use_patient_key_secret
+from ..dicom.pixels import read_header
 from ..index import IndexInfo
 from ..ingest.orthanc_client import OrthancClient
 from ..redis_client import client_for
@@ -694,7 +695,7 @@ def _spool_parts(spool: Spool, files: list[Path], study: str | None) -> tuple[li
     for number, path in enumerate(files, 1):
         sop_class = uid = ""
         try:
-            ds = dcmread(path, force=False, stop_before_pixels=True)
+            ds = read_header(path)  # a Deflated part inflated only up to its pixel data, 16 MiB at most
             meta = getattr(ds, "file_meta", None)
             sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
             uid = str(ds.get("SOPInstanceUID") or "")

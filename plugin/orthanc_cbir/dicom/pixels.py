@@ -7,7 +7,10 @@ with the decisions that produced it) or a :class:`Rejection` with a
 :class:`RejectionReason` and a sentence that says what was wrong. Nothing raises on
 bad input, and nothing the size of a frame is allocated before the header has been
 checked against the limits (``max_file_bytes``, ``max_pixels_per_frame``) and the
-pixel data's length (tests/unit/test_bad_input.py fuzzes this).
+pixel data's length (tests/unit/test_bad_input.py fuzzes this). Nor is anything inflated or
+decompressed past what the headers declare: a Deflated dataset is inflated in bounded chunks
+(:func:`read_dataset`), and a compressed frame's own SOF/SIZ header must agree with Rows and
+Columns and be no decompression bomb (tests/unit/test_memory_bounds.py measures the peak RSS).
 
 The grey value pipeline follows PS3.3 C.11 in the order a viewer applies it:
 decode (pydicom with pylibjpeg; GDCM only where nothing else can; DCMTK when those refuse) -> colour to grey
@@ -32,21 +35,28 @@ pictures are its luma.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import get_frame, parse_basic_offsets, parse_fragments
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset as _read_elements
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
@@ -88,6 +98,29 @@ DEFAULT_MAX_FILE_BYTES = 2 * 2**30
 DEFAULT_MAX_PIXELS_PER_FRAME = 64 * 2**20
 """Largest frame (rows x columns x samples) it decodes (``Settings.max_pixels_per_frame``): the grey
 pipeline holds a few float64 copies of a frame, about 2 GiB at this size."""
+HEADER_INFLATE_CAP = 16 * 2**20
+"""Most the elements before the pixel data of a Deflated file may inflate to (16 MiB)."""
+INFLATE_SLACK = 2**20
+"""What a Deflated dataset may inflate to past the end of the pixel data its header declares
+(elements after the pixel data, padding)."""
+CODESTREAM_FREE_PIXELS = 4 * 2**20
+"""A compressed frame (a codestream, or a Deflated file's frame) may declare this many pixels (2048 x 2048)
+whatever its size in bytes;
+beyond it at least one byte per :data:`CODESTREAM_PIXELS_PER_BYTE` pixels."""
+CODESTREAM_PIXELS_PER_BYTE = 1000
+"""The most pixels per byte of codestream believed beyond :data:`CODESTREAM_FREE_PIXELS`: lossless
+medical images compress 2-4:1 and lossy ones rarely past 50:1, so a 2 KB file that declares
+8192 x 8192 is a decompression bomb, refused before a decoder allocates it (its frame costs the
+grey pipeline about 45 bytes a pixel)."""
+
+DEFLATE_PIXELS_PER_BYTE = 100
+"""The same for a Deflated file's native pixels: deflate gives medical images 2-5:1 and at most
+about 1000:1 (a zlib bomb), so a Deflated file whose frame of more than 2048 x 2048 pixels would
+have 100 pixels a byte is refused as soon as its header has inflated."""
+
+
+class InflationRefused(ValueError):
+    """A Deflated dataset that would inflate past its bound (a zlib bomb): "too large"."""
 
 
 @dataclass(frozen=True)
@@ -163,31 +196,165 @@ model card."""
 _BT601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def read_dataset(source: Source) -> Dataset:
+def read_dataset(
+    source: Source,
+    *,
+    max_inflated_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME,
+) -> Dataset:
     """Parse a DICOM file, with or without its preamble and file meta.
 
     Files written without file meta (old ACR-NEMA style) get a Transfer Syntax UID
-    inferred from their encoding, so that the pixel decoders can run.
+    inferred from their encoding, so that the pixel decoders can run. A Deflated file is
+    inflated here in 1 MiB chunks, never past ``max_inflated_bytes``, nor past
+    :data:`HEADER_INFLATE_CAP` before its pixel data begins, nor past the end of the pixel
+    data its header declares (plus :data:`INFLATE_SLACK`); a frame over
+    ``max_pixels_per_frame`` stops it as soon as the header is read.
 
     Raises:
         pydicom.errors.InvalidDicomError: the data is not DICOM.
+        InflationRefused: a Deflated dataset past those bounds.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(bytes(source))
-    try:
-        ds = pydicom.dcmread(source)
-    except InvalidDicomError:
-        if hasattr(source, "seek"):
-            source.seek(0)
-        ds = pydicom.dcmread(source, force=True)
-        if not _looks_like_dicom(ds):
-            raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements")
+    with _opened(source) as fp:
+        deflated = _read_deflated(fp, max_inflated_bytes, max_pixels_per_frame, header_only=False)
+        if deflated is not None:
+            return deflated
+        start = fp.tell()
+        try:
+            ds = pydicom.dcmread(fp)
+        except InvalidDicomError:
+            fp.seek(start)
+            ds = pydicom.dcmread(fp, force=True)
+            if not _looks_like_dicom(ds):
+                raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements")
     if not (_looks_like_dicom(ds) or "DirectoryRecordSequence" in ds
             or "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {})):  # fmt: skip
         raise InvalidDicomError("a DICOM preamble followed by no recognisable DICOM elements")
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         _infer_transfer_syntax(ds)
     return ds
+
+
+def read_header(source: Source, *, max_inflated_bytes: int = HEADER_INFLATE_CAP) -> Dataset:
+    """The elements before the pixel data of a DICOM Part 10 file (pydicom's ``stop_before_pixels``,
+    without ``force``), for a receiver that needs the UIDs. A Deflated file is inflated in 1 MiB
+    chunks only as far as its pixel data, at most ``max_inflated_bytes``.
+
+    Raises:
+        pydicom.errors.InvalidDicomError (or what pydicom raises): the data is not DICOM.
+        InflationRefused: the elements before the pixel data inflate past ``max_inflated_bytes``.
+    """
+    with _opened(source) as fp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            deflated = _read_deflated(fp, max_inflated_bytes, DEFAULT_MAX_PIXELS_PER_FRAME, header_only=True)
+            if deflated is not None:
+                return deflated
+            return pydicom.dcmread(fp, stop_before_pixels=True)
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[BinaryIO]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fp:
+            yield fp
+    else:
+        yield source
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_INFLATE_CHUNK = 2**20
+
+
+def _read_deflated(fp: BinaryIO, max_bytes: int, max_pixels: int, *, header_only: bool) -> Dataset | None:
+    """A Deflated Explicit VR Little Endian file read with a bounded inflation (see
+    :func:`read_dataset`); ``None``, and ``fp`` where it was, for any other file."""
+    start = fp.tell()
+    try:
+        preamble = read_preamble(fp, True)  # None, and fp where it was, without one
+        file_meta = _read_file_meta_info(fp)
+        deflated = file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception:  # not a Part 10 file: pydicom's own reading says what it is
+        deflated = False
+    if not deflated:
+        fp.seek(start)
+        return None
+    here = fp.tell()
+    compressed = fp.seek(0, io.SEEK_END) - here
+    fp.seek(here)
+    body = _inflate(fp, max_bytes, max_pixels, header_only, compressed)
+    buffer = DicomBytesIO(body)
+    del body
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    stop = (lambda tag, vr, length: tag == 0x7FE00010) if header_only else None
+    dataset = _read_elements(buffer, False, True, stop_when=stop)
+    ds = FileDataset(getattr(fp, "name", None) or "", dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
+
+
+def _inflate(fp: BinaryIO, max_bytes: int, max_pixels: int, header_only: bool, compressed: int) -> bytes:
+    """The rest of ``fp`` inflated (raw deflate) in bounded chunks; see :func:`read_dataset`."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    cap, what = min(max_bytes, HEADER_INFLATE_CAP), "its elements before the pixel data"
+    if max_bytes <= HEADER_INFLATE_CAP:
+        what = "the file size limit"
+    pixel_data_at, next_look = None, 2**16
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(_INFLATE_CHUNK)
+        piece = inflater.decompress(data, _INFLATE_CHUNK)
+        if not piece and not data:
+            raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+        out += piece
+        if pixel_data_at is None and (len(out) >= next_look or inflater.eof or len(out) > cap):
+            next_look = 4 * len(out)
+            found = _pixel_data_end(out, max_pixels, compressed)
+            if found is not None:
+                pixel_data_at, end = found
+                if header_only:
+                    return bytes(out[:pixel_data_at])
+                if end < max_bytes:
+                    cap, what = end, "the end of the pixel data its header declares"
+                else:
+                    cap, what = max_bytes, "the file size limit"
+        if len(out) > cap:
+            raise InflationRefused(f"the Deflated dataset inflates past {what} ({cap} bytes)")
+    return bytes(out)
+
+
+def _pixel_data_end(inflated: bytearray, max_pixels: int, compressed: int) -> tuple[int, int] | None:
+    """(where the pixel data element starts, how far the dataset may inflate) once the inflated
+    bytes reach the pixel data, else ``None``. Raises :class:`InflationRefused` for a frame over
+    ``max_pixels``, or one of more pixels than the ``compressed`` bytes can honestly hold
+    (:data:`DEFLATE_PIXELS_PER_BYTE`)."""
+    buffer = DicomBytesIO(bytes(inflated))
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = _read_elements(buffer, False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
+    except Exception:  # cut inside an element: more is needed
+        return None
+    at = buffer.tell()
+    if inflated[at:at + 4] != _PIXEL_DATA_TAG or len(inflated) < at + 12:
+        return None
+    try:
+        rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+        samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 16)
+        frames = max(int(header.get("NumberOfFrames") or 1), 1)
+    except Exception:  # the geometry check names it once the dataset is read
+        rows = columns = samples = bits = frames = 0
+    if rows * columns * samples > max_pixels:
+        raise InflationRefused(f"a frame of {rows} x {columns} x {samples} samples is more than the "
+                               f"{max_pixels} pixels allowed")  # fmt: skip
+    if rows * columns * samples > max(CODESTREAM_FREE_PIXELS, DEFLATE_PIXELS_PER_BYTE * compressed):
+        raise InflationRefused(f"{compressed} deflated bytes declare a frame of {rows} x {columns} x {samples} samples, "
+                               f"more than {DEFLATE_PIXELS_PER_BYTE} pixels a byte (a decompression bomb)")  # fmt: skip
+    declared = (frames * rows * columns * samples * max(bits, 1) + 7) // 8
+    return at, at + 12 + declared + 1 + INFLATE_SLACK
 
 
 def decode_instance(
@@ -211,7 +378,9 @@ def decode_instance(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = read_dataset(source)
+            ds = read_dataset(source, max_inflated_bytes=max_file_bytes, max_pixels_per_frame=max_pixels_per_frame)
+        except InflationRefused as exc:
+            return Rejection(RejectionReason.TOO_LARGE, str(exc))
         except MemoryError:
             return Rejection(RejectionReason.TOO_LARGE, "the file does not fit in memory")
         except Exception as exc:  # any parse failure means the same thing to the caller
@@ -265,6 +434,9 @@ def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> 
     if bad_geometry:
         return Rejection(bad_geometry[0], bad_geometry[1], metadata)
     frames = select_frames(metadata.number_of_frames, max_frames)
+    bad_codestream = _codestream_problem(ds, frames, metadata.number_of_frames, max_pixels_per_frame)
+    if bad_codestream:
+        return Rejection(bad_codestream[0], bad_codestream[1], metadata)
     pixel_source, decoder_note = ds, None
     images = []
     for index in frames:
@@ -381,6 +553,91 @@ def _geometry_problem(ds: Dataset, frames: int, max_pixels: int) -> tuple[Reject
         if frames > fragments:
             return RejectionReason.CORRUPT_PIXEL_DATA, f"{frames} frames declared, {fragments} fragments present"
     return None
+
+
+# Transfer syntaxes whose frames declare their own size: JPEG (SOFn), JPEG-LS (SOF55), JPEG 2000 (SIZ).
+_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})  # fmt: skip
+_J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                           "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                           "1.2.840.10008.1.2.4.203"})  # fmt: skip
+# JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC) and JPEG-LS's SOF55 (F7)
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _codestream_problem(ds: Dataset, frames: list[int], number_of_frames: int,
+                        max_pixels: int) -> tuple[RejectionReason, str] | None:  # fmt: skip
+    """Why a compressed frame must not reach a decoder: its codestream's own header (JPEG SOF,
+    JPEG-LS SOF55, JPEG 2000 SIZ) declares a size other than Rows x Columns, more than
+    ``max_pixels``, or more pixels than its bytes can honestly hold (a decompression bomb:
+    :data:`CODESTREAM_PIXELS_PER_BYTE`). Read from the frame's first bytes, nothing decoded."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax not in _JPEG_SYNTAXES and syntax not in _J2K_SYNTAXES:
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    for index in frames:
+        try:
+            frame = get_frame(ds.PixelData, index, number_of_frames=number_of_frames)
+        except Exception as exc:
+            return RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: unreadable encapsulated pixel data: {_first_line(exc)}"
+        declared = _j2k_size(frame) if syntax in _J2K_SYNTAXES else _jpeg_size(frame)
+        if declared is None:
+            return RejectionReason.CORRUPT_PIXEL_DATA, (f"frame {index}: no readable frame header "
+                                                        f"({'SIZ' if syntax in _J2K_SYNTAXES else 'SOF'}) in its codestream")  # fmt: skip
+        height, width, components = declared
+        if height * width * components > max_pixels:
+            return RejectionReason.TOO_LARGE, (f"frame {index}'s codestream declares {height} x {width} x {components} "
+                                               f"samples, more than the {max_pixels} pixels allowed")  # fmt: skip
+        if (height, width, components) != (rows, columns, samples):
+            return RejectionReason.CORRUPT_PIXEL_DATA, (f"frame {index}'s codestream declares {height} x {width} x "
+                                                        f"{components} samples, the header {rows} x {columns} x {samples}")  # fmt: skip
+        pixels = height * width * components
+        if pixels > max(CODESTREAM_FREE_PIXELS, CODESTREAM_PIXELS_PER_BYTE * len(frame)):
+            return RejectionReason.TOO_LARGE, (f"frame {index}: {len(frame)} bytes of codestream declare {height} x "
+                                               f"{width} x {components} samples, more than "
+                                               f"{CODESTREAM_PIXELS_PER_BYTE} pixels a byte (a decompression bomb)")  # fmt: skip
+    return None
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG or JPEG-LS frame's SOF segment, walking the
+    marker segments from SOI; ``None`` when there is none before the scan."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(frame):
+        if frame[at] != 0xFF:
+            return None
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or the scan before any frame header
+            return None
+        length = struct.unpack_from(">H", frame, at + 2)[0]
+        if marker in _SOF_MARKERS:
+            if at + 10 > len(frame) or length < 8:
+                return None
+            height, width = struct.unpack_from(">HH", frame, at + 5)
+            return height, width, frame[at + 9]
+        at += 2 + length
+    return None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG 2000 codestream's SIZ segment (also inside a JP2 box)."""
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if at < 0 or at + 42 > len(frame):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", frame, at + 8)
+    components = struct.unpack_from(">H", frame, at + 40)[0]
+    if xsiz <= xosiz or ysiz <= yosiz:
+        return None
+    return ysiz - yosiz, xsiz - xosiz, components
 
 
 def _count_fragments(data: bytes) -> int:

@@ -28,7 +28,7 @@ from ..config import Settings
 from ..dicom import Rejection, decode_instance, looks_like_uid
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
 from ..dicom.similar_cases import is_own_output
-from ..index import IndexInfo, IndexLayoutError, IndexStore
+from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
@@ -57,6 +57,11 @@ UNREACHABLE = (*REDIS_UNREACHABLE, OSError)
 
 NOT_AN_ENTRY_FAULT = (*UNREACHABLE, IndexLayoutError)
 """Raised while handling an entry but not the entry's fault: never a dead letter."""
+
+HELD_PIXELS = 16 * 2**20
+"""Decoded pixels a worker holds before it embeds them (16 Mi: a batch of 32 512 x 512 instances
+is embedded in one pass); a larger instance is embedded alone, so a batch's peak memory is about
+one instance's decode (README, "Bad input")."""
 
 
 @dataclass
@@ -156,18 +161,24 @@ class Worker:
         for event in events:  # interactive first: someone is waiting for these
             if event.action == QUERY:
                 self._guarded(event, lambda e: self._embed_query(e.orthanc_id))
+        # Decoded pictures are embedded (and let go) whenever they hold more than HELD_PIXELS: a
+        # batch of large frames never holds more than one instance's pictures beside that.
         decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]] = []
+        embedded: list[tuple[IngestEvent, IndexRecord]] = []
         for event in events:
             if event.action in INTERACTIVE or event.action == STABLE_STUDY:
                 continue
             self._guarded(event, lambda e: self._take(e, outcome, decoded))
-        if decoded:
+            if sum(image.pixels.size for _, instance, _ in decoded for image in instance.images) > HELD_PIXELS:
+                self._embed(decoded, embedded)
+        self._embed(decoded, embedded)
+        if embedded:
             try:
-                self._index(decoded, outcome)
+                self._index(embedded, outcome)
             except NOT_AN_ENTRY_FAULT:
                 raise
             except Exception:  # one instance the index cannot take must not cost the others theirs
-                for item in decoded:
+                for item in embedded:
                     self._guarded(item[0], lambda e, item=item: self._index([item], outcome))
         for event in events:  # indexed or rejected (its reason recorded): the spool's copy is done
             if event.action == STORE_FILE and self.spool is not None:
@@ -210,13 +221,30 @@ class Worker:
         if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
             self.spool.set_aside(event.orthanc_id)
 
-    def _index(self, items: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]], outcome: BatchOutcome) -> None:
-        """Embed and add decoded instances to the index."""
-        decoded, ids = [item[1] for item in items], [item[2] for item in items]
-        added = self.store.add(embed_instances(self.embedder, decoded, ids))
+    def _embed(self, decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]],
+               embedded: list[tuple[IngestEvent, IndexRecord]]) -> None:  # fmt: skip
+        """Embed the decoded instances (one onnxruntime pass) into ``embedded`` and empty ``decoded``,
+        so that their pictures can be freed; an instance the model cannot take is a dead letter."""
+        if not decoded:
+            return
+        try:
+            records = embed_instances(self.embedder, [item[1] for item in decoded], [item[2] for item in decoded])
+            embedded.extend(zip([item[0] for item in decoded], records))
+        except NOT_AN_ENTRY_FAULT:
+            raise
+        except Exception:  # one instance the model cannot take must not cost the others theirs
+            for event, instance, ids in decoded:
+                self._guarded(event, lambda e, instance=instance, ids=ids: embedded.append(
+                    (e, embed_instances(self.embedder, [instance], [ids])[0])))  # fmt: skip
+        decoded.clear()
+
+    def _index(self, items: list[tuple[IngestEvent, IndexRecord]], outcome: BatchOutcome) -> None:
+        """Add embedded instances to the index."""
+        records = [item[1] for item in items]
+        added = self.store.add(records)
         outcome.indexed += added.added
         outcome.duplicates += added.duplicates
-        stored = {i["instance"]: d.metadata.sop_instance_uid for i, d in zip(ids, decoded) if i}
+        stored = {r.orthanc["instance"]: r.metadata.sop_instance_uid for r in records if r.orthanc.get("instance")}
         if stored:
             self.store.client.hset(self.queue.keys.orthanc_ids, mapping=stored)
 
@@ -262,14 +290,14 @@ class Worker:
                      "sop_instance_uid": meta.sop_instance_uid, "series_instance_uid": meta.series_instance_uid}  # fmt: skip
         self._reply(request, reply)
 
-    def _read(self, event: IngestEvent) -> bytes | None:
+    def _read(self, event: IngestEvent) -> bytes | Path | None:
         """The file of a ``store`` (from Orthanc) or ``store-file`` (from the spool) entry;
         ``None`` when it is gone."""
         if event.action == STORE_FILE:
             if self.spool is None:
                 raise RuntimeError("a store-file entry reached a worker without a spool (set CBIR_SPOOL_DIR)")
-            path = self.spool.path(event.orthanc_id)
-            return path.read_bytes() if path.exists() else None
+            path = self.spool.path(event.orthanc_id)  # decoded from disk: measured before it is read
+            return path if path.exists() else None
         return self.orthanc.instance_file(event.orthanc_id)
 
     def _make_series(self, request: str) -> int:
