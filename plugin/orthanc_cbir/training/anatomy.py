@@ -22,6 +22,7 @@ This module needs numpy, Pillow and pydicom; nibabel only for NIfTI volumes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ SOURCES: dict[str, dict[str, str]] = {
 ORGAN_FINE_OFFSET = 100
 """OrganAMNIST organs get fine classes 100 + organ, clear of MedNIST's and PneumoniaMNIST's."""
 
-REFORMAT_FRACTIONS = (0.35, 0.5, 0.65)
+REFORMAT_FRACTIONS = (0.25, 0.35, 0.45, 0.55, 0.65, 0.75)
 MIN_REFORMAT_MM = 100.0
 """A volume thinner than this along the body axis gives no reformat (it would be a strip)."""
 """Where coronal (front to back) and sagittal (right to left) reformats cut a volume."""
@@ -160,7 +161,8 @@ def read_volume(source: VolumeSource, group: int) -> ImageSet:
 
 
 def anatomy_volumes(anatomy_root: Path, shared_series: Path) -> list[VolumeSource]:
-    """The real volumes of :data:`SOURCES` where ``anatomy_root`` holds what README says to bring."""
+    """The real volumes of :data:`SOURCES` where ``anatomy_root`` holds what README says to bring,
+    then those :func:`extra_sources` lists."""
     root, series = Path(anatomy_root), Path(shared_series)
     return [
         VolumeSource(root / "lidc0314", "CT", "chest", "LIDC-IDRI-0314"),
@@ -168,7 +170,20 @@ def anatomy_volumes(anatomy_root: Path, shared_series: Path) -> list[VolumeSourc
         VolumeSource(root / "ts_ct" / "example_ct.nii.gz", "CT", "abdomen", "TotalSegmentator"),
         VolumeSource(root / "ts_ct" / "example_ct_dicom", "CT", "abdomen", "TotalSegmentator"),
         VolumeSource(series / "qin_prostate_adc_mr_20sl", "MR", None, "QIN-Prostate"),
+    ] + [
+        VolumeSource(root / entry["path"], entry.get("modality", "CT"),
+                     entry["region"] if entry["region"] in LABELS["region"] else None, entry["patient"])
+        for entry in extra_sources(root)
     ]  # fmt: skip
+
+
+def extra_sources(anatomy_root: Path) -> list[dict]:
+    """More public volumes, as ``<anatomy_root>/extra/SOURCES.json`` lists them (each with its
+    repository, commit and licence, which the model card copies); none when absent."""
+    listing = Path(anatomy_root) / "extra" / "SOURCES.json"
+    if not listing.exists():
+        return []
+    return [entry for entry in json.loads(listing.read_text()) if (Path(anatomy_root) / entry["path"]).exists()]
 
 
 def read_volumes(sources: list[VolumeSource]) -> ImageSet:

@@ -23,14 +23,16 @@ def jpeg_recompress(images: np.ndarray, rng: np.random.Generator, probability: f
     return out
 
 
-def random_view(batch: torch.Tensor, generator: torch.Generator, max_shift_px: float = 4.0) -> torch.Tensor:
-    """float (N, 1, H, W) in 0..1 -> a randomly shifted, zoomed, rotated, intensity-changed view."""
+def random_view(batch: torch.Tensor, generator: torch.Generator, max_shift_px: float = 4.0,
+                max_zoom: float = 0.05) -> torch.Tensor:  # fmt: skip
+    """float (N, 1, H, W) in 0..1 -> a randomly shifted, zoomed (1 +- ``max_zoom``), rotated,
+    intensity-changed view."""
     n, _, height, _ = batch.shape
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator) * (high - low) + low
 
     angle = uniform(-0.05, 0.05)  # about +-3 degrees
-    scale = uniform(0.95, 1.05)
+    scale = uniform(1 - max_zoom, 1 + max_zoom)
     shift = uniform(-1, 1), uniform(-1, 1)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = torch.cos(angle) / scale

@@ -25,7 +25,7 @@ from ..model.preprocess import INPUT_SIZE
 from .data import LABELS
 from .net import RetrievalNet
 from ..dicom.pixels import CT_MODEL_MAPPING
-from .anatomy import SOURCES
+from .anatomy import SOURCES, extra_sources
 from .spectrum import SpectralDescriptor
 from .train import TrainConfig, build_spectral, exported_features, load_trained
 
@@ -124,7 +124,8 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
                      "volumes": "real CT/MR volumes (axial slices with their level, coronal and sagittal "
                                 "reformats)" if config.anatomy_root else None},  # fmt: skip
             "credits": DATA_CREDITS,
-            "sources": SOURCES if (config.organamnist or config.anatomy_root) else {},
+            "sources": {**SOURCES, **{entry["name"]: entry for entry in extra_sources(Path(config.anatomy_root))}}
+            if config.anatomy_root else (SOURCES if config.organamnist else {}),
             "seed": config.seed,
             "epochs": config.epochs,
             "losses": "cross-entropy per head; CSQ hash centres per label sub-code; NT-Xent on two views "

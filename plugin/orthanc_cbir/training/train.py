@@ -71,6 +71,8 @@ class TrainConfig:
     """The folder holding the real volumes of :func:`.anatomy.anatomy_volumes`; ``None``: none."""
     shared_series: str | None = None
     """``../shared/data/dicom/series`` (the shared real series used beside ``anatomy_root``)."""
+    held_out_patients: tuple[str, ...] = ()
+    """Patients (:attr:`.anatomy.VolumeSource.patient`) whose volumes training never sees, kept for validation."""
     epochs: int = 3
     batch_size: int = 256
     learning_rate: float = 2e-3
@@ -90,14 +92,21 @@ class TrainConfig:
     spectral_weight: float = 0.5
     """Share of the spectral half in squared feature distances."""
     temperature: float = 0.1
-    supervised_weight: float = 0.2
+    supervised_weight: float = 0.4
     neighbour_probability: float = 0.1
     """Chance that an image's second view is its neighbouring slice (volume classes only)."""
     pneumonia_repeat: int = 2
     """Times the (small) PneumoniaMNIST train set appears per epoch."""
+    organ_repeat: int = 2
+    """Times OrganAMNIST's train split appears per epoch."""
     aux_weight: float = 0.5
     """Weight of the training-only heads' cross-entropy (plane, organ)."""
     level_loss_weight: float = 1.0
+    level_consistency_weight: float = 0.2
+    """Weight of the level agreeing between an image's two views (every image of a step): a level
+    that ignores intensity, zoom and shift depends on anatomy, not on one patient's look."""
+    level_zoom: float = 0.2
+    """Zoom range of the level slices' views (bodies differ in size by more than 5 %)."""
     level_slices: int = 12
     """Slices of each of two volumes per step for the level loss."""
     level_feature_weight: float = 0.3
@@ -136,9 +145,10 @@ def load_data(config: TrainConfig) -> TrainingData:
         train = ImageSet.concatenate([train] + [pneumonia] * config.pneumonia_repeat)
         pneumonia_validation = read_pneumonia(Path(config.pneumonia), "val")
     if config.organamnist:
-        train = ImageSet.concatenate([train, read_organamnist(Path(config.organamnist), "train")])
+        train = ImageSet.concatenate([train] + [read_organamnist(Path(config.organamnist), "train")] * config.organ_repeat)
     if config.anatomy_root and config.shared_series:
-        volumes = read_volumes(anatomy_volumes(Path(config.anatomy_root), Path(config.shared_series)))
+        sources = anatomy_volumes(Path(config.anatomy_root), Path(config.shared_series))
+        volumes = read_volumes([v for v in sources if v.patient not in config.held_out_patients and v.path.exists()])
         region = np.where(volumes.labels["region"] >= 0, volumes.labels["region"], 9)
         volumes.fine_class = 200 + 10 * region + volumes.aux["plane"]
         train = ImageSet.concatenate([train, volumes])
@@ -247,10 +257,12 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
             ]
             stacks = _level_rows(volumes, config.level_slices, rng)
             if len(stacks):
-                views.append(random_view(_as_tensor(train_set.images[stacks]), generator))
+                views.append(random_view(_as_tensor(train_set.images[stacks]), generator, max_shift_px=6.0,
+                                         max_zoom=config.level_zoom))  # fmt: skip
             out = net(torch.cat(views))
             main = 2 * len(index)
             level_out = out["level"][main:]
+            view_levels = out["level"][:main].view(2, -1)
             out = {name: value[:main] for name, value in out.items()}
             both = torch.from_numpy(np.concatenate([index, index]))
             losses = {
@@ -271,6 +283,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                 if (target >= 0).any():
                     known = target >= 0
                     losses[name] = config.aux_weight * F.cross_entropy(out[name][known], target[known])
+            losses["level_views"] = config.level_consistency_weight * F.smooth_l1_loss(view_levels[0], view_levels[1])
             if len(stacks):
                 losses["level"] = config.level_loss_weight * level_loss(
                     level_out, torch.from_numpy(train_set.aux["level"][stacks]), torch.from_numpy(train_set.group[stacks])
@@ -343,6 +356,7 @@ def load_trained(checkpoint: Path) -> tuple[RetrievalNet, TrainConfig, dict]:
     config_fields["widths"] = tuple(config_fields["widths"])
     config_fields["blocks"] = tuple(config_fields["blocks"])
     config_fields["level_periods_mm"] = tuple(config_fields["level_periods_mm"])
+    config_fields["held_out_patients"] = tuple(config_fields.get("held_out_patients", ()))
     config = TrainConfig(**config_fields)
     net = build_net(config)
     net.load_state_dict(saved["state_dict"])
