@@ -296,10 +296,10 @@ def test_nema_copies_are_one_hit_each(client, nema_records):
 
 def records_named(records, stem: str) -> str:
     """The patient key of a NEMA image (each NEMA image is its own patient, ``1CT1``, ``4MR1``...)."""
-    import hashlib
+    from orthanc_cbir.dicom.metadata import patient_key
 
     patient = next(p for p in ("1CT1", "2CT2", "4MR1", "6MR3", "7MR4") if p.endswith(stem))
-    return hashlib.sha256(f"\x00{patient}".encode()).hexdigest()[:16]
+    return patient_key(patient)
 
 
 def test_nema_copy_distances_stay_far_below_the_threshold(nema_records):
