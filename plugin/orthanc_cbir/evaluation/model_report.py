@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..dicom import DecodedInstance, decode_dataset
 from ..model.embedder import Embedder
-from ..training.anatomy import VolumeSource, read_organamnist, read_volume
+from ..training.anatomy import HELD_OUT_PATIENTS, VolumeSource, read_organamnist, read_volume
 from ..training.data import (
     AUX_LABELS,
     ImageSet,
@@ -229,11 +229,14 @@ def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return volume.aux["level"][axial].astype(np.float64), embedder.embed(volume.subset(axial).as_float()).features
 
 
-def plane_region(embedder, sources: list[VolumeSource], k: int = 5) -> dict:
+def plane_region(embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS) -> dict:
     """Precision@k of same plane and same region among hits from other patients (queries: volumes
-    whose region has at least two patients)."""
+    whose region has at least two patients; volumes without a region label left out), over all
+    queries and over those of ``held_out`` patients (never in training)."""
     from ..training import anatomy
 
+    # A volume without one region label (a pelvic MR, a neck-to-kidney CT) has no right answer here.
+    sources = [source for source in sources if source.region is not None]
     parts, patients = [], []
     saved = anatomy.REFORMAT_FRACTIONS
     anatomy.REFORMAT_FRACTIONS = VALIDATION_REFORMATS
@@ -246,23 +249,29 @@ def plane_region(embedder, sources: list[VolumeSource], k: int = 5) -> dict:
         anatomy.REFORMAT_FRACTIONS = saved
     images = ImageSet.concatenate(parts)
     features = embedder.embed(images.as_float()).features
-    region = np.array([sources[g].region or sources[g].modality for g in images.group])
+    region = np.array([sources[g].region for g in images.group])
     plane = images.aux["plane"]
     patient = np.array(patients)
     per_region = {r: len(set(patient[region == r])) for r in set(region)}
     queries = np.flatnonzero([per_region[r] >= 2 for r in region])
     distances = ((features[queries, None, :] - features[None, :, :]) ** 2).sum(axis=2)
-    precision, per_plane = [], {name: [] for name in AUX_LABELS["plane"]}
+    precision, per_plane, unseen = [], {name: [] for name in AUX_LABELS["plane"]}, {name: [] for name in AUX_LABELS["plane"]}
     for row, q in enumerate(queries):
         others = np.flatnonzero(patient != patient[q])
         top = others[np.argsort(distances[row, others], kind="stable")[:k]]
         share = float(np.mean((plane[top] == plane[q]) & (region[top] == region[q])))
         precision.append(share)
         per_plane[AUX_LABELS["plane"][plane[q]]].append(share)
+        if patient[q] in held_out:
+            unseen[AUX_LABELS["plane"][plane[q]]].append(share)
     return {
         "images": int(len(images)), "queries": int(len(queries)), "k": k,
         "precision_at_5": round(float(np.mean(precision)), 4),
         "per_plane": {name: round(float(np.mean(v)), 4) for name, v in per_plane.items() if v},
+        "held_out_patients": list(held_out),
+        "held_out_precision_at_5": round(float(np.mean([x for v in unseen.values() for x in v])), 4)
+        if any(unseen.values()) else None,
+        "held_out_per_plane": {name: round(float(np.mean(v)), 4) for name, v in unseen.items() if v},
         "volumes": [f"{s.patient}: {s.path.name} ({s.modality} {s.region or ''})".strip() for s in sources],
     }  # fmt: skip
 

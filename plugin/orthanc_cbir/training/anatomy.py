@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..dicom.pixels import CT_MODEL_MAPPING
-from .data import AUX_LABELS, LABELS, ImageSet, to_uint8
+from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, to_uint8
 
 SOURCES: dict[str, dict[str, str]] = {
     "OrganAMNIST": {
@@ -70,6 +70,9 @@ ORGAN_FINE_OFFSET = 100
 """OrganAMNIST organs get fine classes 100 + organ, clear of MedNIST's and PneumoniaMNIST's."""
 
 REFORMAT_FRACTIONS = (0.25, 0.35, 0.45, 0.55, 0.65, 0.75)
+HELD_OUT_PATIENTS = ("LIDC-IDRI-0314", "Lung_Dx-A0001")
+"""The two chest CTs of the cross-patient level measure: training never sees them."""
+
 MIN_REFORMAT_MM = 100.0
 """A volume thinner than this along the body axis gives no reformat (it would be a strip)."""
 """Where coronal (front to back) and sagittal (right to left) reformats cut a volume."""
@@ -192,31 +195,18 @@ def read_volumes(sources: list[VolumeSource]) -> ImageSet:
 
 
 def _dicom_volume(folder: Path) -> Volume:
-    import pydicom
-
-    from ..dicom import DecodedInstance, decode_instance
-
-    slices = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file():
-            continue
-        outcome = decode_instance(path)
-        if not isinstance(outcome, DecodedInstance):
-            continue
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        orientation = np.array(header.ImageOrientationPatient, dtype=float)
-        normal = np.cross(orientation[:3], orientation[3:])
-        position = float(np.dot(normal, np.array(header.ImagePositionPatient, dtype=float)))
-        # Patient z grows towards the head; an axial normal may point either way.
-        z = position * (1.0 if normal[2] >= 0 else -1.0)
-        spacing = [float(v) for v in header.PixelSpacing]
-        slices.append((z, outcome.images[0].model_pixels, spacing))
-    slices.sort(key=lambda item: item[0])
-    shapes = {s[1].shape for s in slices}
+    slices = decoded_slices(folder)
+    orientation = np.array(slices[0].header.ImageOrientationPatient, dtype=float)
+    # Patient z grows towards the head; an axial slice normal may point either way.
+    towards_head = 1.0 if np.cross(orientation[:3], orientation[3:])[2] >= 0 else -1.0
+    if towards_head < 0:
+        slices = slices[::-1]
+    shapes = {s.pixels.shape for s in slices}
     if len(shapes) != 1:
         raise ValueError(f"{folder}: slices of several sizes {sorted(shapes)}")
-    return Volume(np.stack([s[1] for s in slices]).astype(np.float32), np.array([s[0] for s in slices]),
-                  slices[0][2][0], slices[0][2][1])  # fmt: skip
+    row_mm, column_mm = (float(v) for v in slices[0].header.PixelSpacing)
+    return Volume(np.stack([s.pixels for s in slices]).astype(np.float32),
+                  np.array([s.position * towards_head for s in slices]), row_mm, column_mm)  # fmt: skip
 
 
 def _nifti_volume(path: Path) -> Volume:

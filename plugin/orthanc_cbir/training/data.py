@@ -209,9 +209,30 @@ def read_pneumonia(root: Path, split: str) -> ImageSet:
 
 
 def read_dicom_series(folder: Path, group: int = 0) -> ImageSet:
-    """The slices of one DICOM series, decoded by the runtime's pixel step and ordered
-    along the slice normal (ImagePositionPatient projected on the cross product of
+    """The slices of one DICOM series (:func:`decoded_slices`) as an ordered stack."""
+    slices = decoded_slices(folder)
+    n = len(slices)
+    return ImageSet(
+        np.stack([to_uint8(s.pixels) for s in slices]), _label_arrays(n), np.full(n, group, dtype=np.int64),
+        np.arange(n, dtype=np.int64), [f"{Path(folder).name}/{s.name}" for s in slices],
+        fine_class=np.full(n, -1, dtype=np.int64),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DecodedSlice:
+    position: float
+    """Along the slice normal (ImagePositionPatient projected on the cross product of
     ImageOrientationPatient; InstanceNumber when geometry is missing)."""
+    name: str
+    pixels: np.ndarray
+    """The pixel step's model picture."""
+    header: object
+    """The pydicom header (no pixel data)."""
+
+
+def decoded_slices(folder: Path) -> list[DecodedSlice]:
+    """Every file of a folder that decodes, through the runtime's pixel step, ordered by position."""
     import pydicom
 
     from ..dicom import DecodedInstance, decode_instance
@@ -224,14 +245,8 @@ def read_dicom_series(folder: Path, group: int = 0) -> ImageSet:
         if not isinstance(outcome, DecodedInstance):
             continue
         header = pydicom.dcmread(path, stop_before_pixels=True)
-        slices.append((_slice_key(header), path.name, to_uint8(outcome.images[0].model_pixels)))
-    slices.sort(key=lambda item: item[0])
-    n = len(slices)
-    return ImageSet(
-        np.stack([s[2] for s in slices]), _label_arrays(n), np.full(n, group, dtype=np.int64),
-        np.arange(n, dtype=np.int64), [f"{Path(folder).name}/{s[1]}" for s in slices],
-        fine_class=np.full(n, -1, dtype=np.int64),
-    )  # fmt: skip
+        slices.append(DecodedSlice(_slice_key(header), path.name, outcome.images[0].model_pixels, header))
+    return sorted(slices, key=lambda s: s.position)
 
 
 def _slice_key(header) -> float:

@@ -124,6 +124,7 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
                      "volumes": "real CT/MR volumes (axial slices with their level, coronal and sagittal "
                                 "reformats)" if config.anatomy_root else None},  # fmt: skip
             "credits": DATA_CREDITS,
+            "held_out_patients": list(config.held_out_patients) if config.anatomy_root else [],
             "sources": {**SOURCES, **{entry["name"]: entry for entry in extra_sources(Path(config.anatomy_root))}}
             if config.anatomy_root else (SOURCES if config.organamnist else {}),
             "seed": config.seed,

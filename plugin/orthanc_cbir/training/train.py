@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..evaluation.metrics import all_heads_correct
 from ..model.preprocess import INPUT_SIZE
-from .anatomy import anatomy_volumes, read_organamnist, read_volumes
+from .anatomy import HELD_OUT_PATIENTS, anatomy_volumes, read_organamnist, read_volumes
 from .augment import jpeg_recompress, random_view
 from .data import (
     AUX_LABELS,
@@ -71,7 +71,7 @@ class TrainConfig:
     """The folder holding the real volumes of :func:`.anatomy.anatomy_volumes`; ``None``: none."""
     shared_series: str | None = None
     """``../shared/data/dicom/series`` (the shared real series used beside ``anatomy_root``)."""
-    held_out_patients: tuple[str, ...] = ("LIDC-IDRI-0314", "Lung_Dx-A0001")
+    held_out_patients: tuple[str, ...] = HELD_OUT_PATIENTS
     """Patients (:attr:`.anatomy.VolumeSource.patient`) whose volumes training never sees: the two chest
     CTs of the cross-patient level measure, so that its figure is on patients the model never met."""
     epochs: int = 3
@@ -93,7 +93,7 @@ class TrainConfig:
     spectral_weight: float = 0.5
     """Share of the spectral half in squared feature distances."""
     temperature: float = 0.1
-    supervised_weight: float = 0.4
+    supervised_weight: float = 0.2
     neighbour_probability: float = 0.1
     """Chance that an image's second view is its neighbouring slice (volume classes only)."""
     pneumonia_repeat: int = 2
