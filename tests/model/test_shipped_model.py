@@ -83,3 +83,23 @@ def test_a_real_ct_slice_embeds_the_same_whatever_display_window_the_file_carrie
     figures = window_invariance(embedder, SHARED_CT, slices=4)
     # lung window, soft-tissue window and none: closer to each other than a tenth of the next slice
     assert figures["share_below_a_tenth"] == 1.0 and figures["max_ratio_to_neighbour"] < 0.1
+
+
+def test_the_card_says_where_every_piece_of_real_anatomy_came_from_and_how_the_model_saw_it(embedder):
+    card = embedder.card.raw
+    sources = card["training"]["sources"]
+    assert {"OrganAMNIST", "LIDC-IDRI-0314", "TotalSegmentator examples"} <= set(sources)
+    for name, source in sources.items():
+        assert source.get("licence"), f"{name}: no licence recorded"
+        if "GitHub" in source.get("obtained", "") or "repository" in source:
+            assert len(source.get("commit", "")) == 40, f"{name}: no commit recorded"
+    # the measure's two chest CTs were never trained on, and the card says so
+    assert set(card["training"]["held_out_patients"]) == {"LIDC-IDRI-0314", "Lung_Dx-A0001"}
+    assert card["input"]["ct_mapping_hu_to_grey"][0] == [-1000.0, 0.0]
+    assert "never the file's display window" in card["input"]["preprocessing"]
+    validation = card["validation"]
+    for measure in ("organs", "cross_patient_level", "plane_region", "window_invariance"):
+        assert measure in validation, f"validate-model did not measure {measure}"
+    assert validation["window_invariance"]["share_below_a_tenth"] == 1.0
+    assert validation["pneumonia"]["held_back_test"]["map10"] >= 0.90
+    assert validation["copy_detection"]["rank1"] >= 0.99 and validation["real_series"]["top_hit_within_2_slices"] >= 0.95
