@@ -801,16 +801,24 @@ def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
 def _model_grey(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
     """The model's picture: CT in Hounsfield units through :data:`CT_MODEL_MAPPING`, anything else
     through its own 0.5-99.5 percentile range; never the file's window."""
-    calibrated = "RescaleIntercept" in view or bool(view.get("ModalityLUTSequence"))
-    if metadata.modality == "CT" and calibrated:
+    if _in_hounsfield_units(view, metadata):
         hu, grey = zip(*CT_MODEL_MAPPING)
         decisions.append("model input: CT Hounsfield units through the fixed mapping (file window ignored)")
         return np.interp(values, hu, grey)
-    low, high = np.percentile(values, _AUTO_PERCENTILES)
-    if high <= low:
-        high = low + 1.0
+    low, high = _percentile_range(values)
     decisions.append("model input: 0.5-99.5 percentile range of the modality-LUT values (file window ignored)")
     return (values - low) / (high - low)
+
+
+def _in_hounsfield_units(view: Dataset, metadata: InstanceMetadata) -> bool:
+    """A CT frame whose modality LUT is given: its values are Hounsfield units."""
+    return metadata.modality == "CT" and ("RescaleIntercept" in view or bool(view.get("ModalityLUTSequence")))
+
+
+def _percentile_range(values: np.ndarray) -> tuple[float, float]:
+    """The :data:`_AUTO_PERCENTILES` of ``values``, never an empty range."""
+    low, high = np.percentile(values, _AUTO_PERCENTILES)
+    return float(low), float(high if high > low else low + 1.0)
 
 
 def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
@@ -828,14 +836,11 @@ def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decision
         centre, width, function, note = window
         decisions.append(f"display VOI: window centre {centre:g} width {width:g} ({note})")
         return _apply_window(values, centre, width, function)
-    calibrated = "RescaleIntercept" in view or bool(view.get("ModalityLUTSequence"))
-    if metadata.modality == "CT" and calibrated:
+    if _in_hounsfield_units(view, metadata):
         name, centre, width = _ct_default(metadata.body_part_examined)
         decisions.append(f"display VOI: none in file; CT {name} default centre {centre:g} width {width:g}")
         return _apply_window(values, centre, width, "LINEAR")
-    low, high = np.percentile(values, _AUTO_PERCENTILES)
-    if high <= low:
-        high = low + 1.0
+    low, high = _percentile_range(values)
     decisions.append(
         f"display VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile [{low:g}, {high:g}]"
     )
