@@ -162,20 +162,21 @@ def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, 
 def _pathology(embedder, root: Path) -> dict:
     train, validation = read_pneumonia(root, "train"), read_pneumonia(root, "val")
     kept, held_back = pneumonia_holdback(train)
-    gallery = embedder.embed(train.as_float())
-    figures = {"val": _pathology_queries(embedder, gallery, train, kept, validation)}
-    figures["held_back_test"] = _pathology_queries(embedder, gallery, train, kept, train.subset(held_back))
-    return figures
+    gallery, answers = embedder.embed(train.as_float()), embedder.embed(validation.as_float())
+    truth = train.labels["pathology"]
 
+    def figures(features: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> dict:
+        return {
+            "gallery": int(len(kept)), "queries": len(labels),
+            "map10": _map_exact(features, labels, gallery.features[kept], truth[kept]),
+            "accuracy": round(float((probabilities.argmax(axis=1) == labels).mean()), 4),
+        }  # fmt: skip
 
-def _pathology_queries(embedder, gallery, train: ImageSet, kept: np.ndarray, queries: ImageSet) -> dict:
-    answers = embedder.embed(queries.as_float())
-    truth = queries.labels["pathology"]
-    accuracy = float((answers.probabilities["pathology"].argmax(axis=1) == truth).mean())
     return {
-        "gallery": int(len(kept)), "queries": len(queries),
-        "map10": _map_exact(answers.features, truth, gallery.features[kept], train.labels["pathology"][kept]),
-        "accuracy": round(accuracy, 4),
+        "val": figures(answers.features, answers.probabilities["pathology"], validation.labels["pathology"]),
+        # the held-back part is in train's embedding already: its rows are the queries
+        "held_back_test": figures(gallery.features[held_back], gallery.probabilities["pathology"][held_back],
+                                  truth[held_back]),
     }  # fmt: skip
 
 
@@ -224,34 +225,22 @@ def _landmark_pair(folder: Path, landmarks: dict) -> tuple[float, float]:
 
 
 def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    volume = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0)
-    axial = np.flatnonzero(~np.isnan(volume.aux["level"]))
-    return volume.aux["level"][axial].astype(np.float64), embedder.embed(volume.subset(axial).as_float()).features
+    axial = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0, reformats=())
+    return axial.aux["level"].astype(np.float64), embedder.embed(axial.as_float()).features
 
 
 def plane_region(embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS) -> dict:
     """Precision@k of same plane and same region among hits from other patients (queries: volumes
     whose region has at least two patients; volumes without a region label left out), over all
     queries and over those of ``held_out`` patients (never in training)."""
-    from ..training import anatomy
-
     # A volume without one region label (a pelvic MR, a neck-to-kidney CT) has no right answer here.
     sources = [source for source in sources if source.region is not None]
-    parts, patients = [], []
-    saved = anatomy.REFORMAT_FRACTIONS
-    anatomy.REFORMAT_FRACTIONS = VALIDATION_REFORMATS
-    try:
-        for i, source in enumerate(sources):
-            part = read_volume(source, group=i)
-            parts.append(part)
-            patients += [source.patient] * len(part)
-    finally:
-        anatomy.REFORMAT_FRACTIONS = saved
-    images = ImageSet.concatenate(parts)
+    images = ImageSet.concatenate([read_volume(source, group=i, reformats=VALIDATION_REFORMATS)
+                                   for i, source in enumerate(sources)])  # fmt: skip
     features = embedder.embed(images.as_float()).features
     region = np.array([sources[g].region for g in images.group])
     plane = images.aux["plane"]
-    patient = np.array(patients)
+    patient = np.array([sources[g].patient for g in images.group])
     per_region = {r: len(set(patient[region == r])) for r in set(region)}
     queries = np.flatnonzero([per_region[r] >= 2 for r in region])
     distances = ((features[queries, None, :] - features[None, :, :]) ** 2).sum(axis=2)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..dicom.pixels import CT_MODEL_MAPPING
-from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, to_uint8
+from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, label_arrays, to_uint8
 
 SOURCES: dict[str, dict[str, str]] = {
     "OrganAMNIST": {
@@ -110,8 +110,7 @@ def read_organamnist(npz: Path, split: str) -> ImageSet:
     crops, organs = data[f"{split}_images"], data[f"{split}_labels"].ravel().astype(np.int64)
     images = np.stack([to_uint8(crop.astype(np.float32) / 255.0) for crop in crops])
     n = len(images)
-    labels = {head: np.full(n, -1, dtype=np.int64) for head in LABELS}
-    labels["modality"][:] = LABELS["modality"].index("CT")
+    labels = label_arrays(n, modality=LABELS["modality"].index("CT"))
     image_set = ImageSet(images, labels, np.full(n, -1, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [f"organamnist/{split}/{i}" for i in range(n)], fine_class=ORGAN_FINE_OFFSET + organs)  # fmt: skip
     image_set.aux["organ"] = organs
@@ -126,8 +125,9 @@ def load_volume(path: Path) -> Volume:
     return _nifti_volume(path)
 
 
-def read_volume(source: VolumeSource, group: int) -> ImageSet:
-    """Every axial slice (with its level in mm) and the coronal and sagittal reformats of a volume."""
+def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] = REFORMAT_FRACTIONS) -> ImageSet:
+    """Every axial slice (with its level in mm) and the coronal and sagittal reformats of a volume,
+    cut at the ``reformats`` fractions of its depth and width (none: axial slices only)."""
     volume = load_volume(source.path)
     pictures, planes, levels, names = [], [], [], []
     for k in range(len(volume.z_mm)):
@@ -137,7 +137,7 @@ def read_volume(source: VolumeSource, group: int) -> ImageSet:
         names.append(f"{source.path.name}/axial/{k}")
     if volume.z_mm[-1] - volume.z_mm[0] >= MIN_REFORMAT_MM:
         slice_mm = float(np.median(np.diff(volume.z_mm)))
-        for fraction in REFORMAT_FRACTIONS:
+        for fraction in reformats:
             row = int(fraction * (volume.grey.shape[1] - 1))
             column = int(fraction * (volume.grey.shape[2] - 1))
             # Rows of a reformat run from the head down, as a viewer shows them.
@@ -149,10 +149,8 @@ def read_volume(source: VolumeSource, group: int) -> ImageSet:
                 levels.append(np.nan)
                 names.append(f"{source.path.name}/{plane}/{fraction:g}")
     n = len(pictures)
-    labels = {head: np.full(n, -1, dtype=np.int64) for head in LABELS}
-    labels["modality"][:] = LABELS["modality"].index(source.modality)
-    if source.region is not None:
-        labels["region"][:] = LABELS["region"].index(source.region)
+    region = {} if source.region is None else {"region": LABELS["region"].index(source.region)}
+    labels = label_arrays(n, modality=LABELS["modality"].index(source.modality), **region)
     plane_index = np.array([AUX_LABELS["plane"].index(p) for p in planes], dtype=np.int64)
     image_set = ImageSet(
         np.stack([to_uint8(p) for p in pictures]), labels, np.full(n, group, dtype=np.int64),

@@ -124,7 +124,8 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round(to_model_input(pixels) * 255.0).astype(np.uint8)
 
 
-def _label_arrays(n: int, **known: int) -> dict[str, np.ndarray]:
+def label_arrays(n: int, **known: int) -> dict[str, np.ndarray]:
+    """Per head of :data:`LABELS`, ``n`` labels: the index given by name in ``known``, else -1 (unknown)."""
     return {head: np.full(n, known.get(head, -1), dtype=np.int64) for head in LABELS}
 
 
@@ -168,7 +169,7 @@ def read_mednist(archive: Path, cache_dir: Path | None = None) -> ImageSet:
 
 def _mednist_set(images: np.ndarray, classes: list[str], numbers: np.ndarray, names: list[str]) -> ImageSet:
     class_names = sorted(MEDNIST_CLASSES)
-    labels = _label_arrays(len(images))
+    labels = label_arrays(len(images))
     for i, name in enumerate(classes):
         modality, region = MEDNIST_CLASSES[name]
         labels["modality"][i] = _label_index("modality", modality)
@@ -193,7 +194,7 @@ def read_image_folder(root: Path, class_names: list[str] | None = None) -> tuple
     n = len(images)
     numbers = np.array([int(re.sub(r"\D", "", Path(x).stem) or 0) for x in names], dtype=np.int64)
     image_set = ImageSet(
-        np.stack(images), _label_arrays(n), np.full(n, -1, dtype=np.int64), numbers, names,
+        np.stack(images), label_arrays(n), np.full(n, -1, dtype=np.int64), numbers, names,
         fine_class=np.array(classes, dtype=np.int64),
     )  # fmt: skip
     return image_set, class_names
@@ -203,7 +204,7 @@ def read_pneumonia(root: Path, split: str) -> ImageSet:
     """PneumoniaMNIST ``root/<split>/{normal,pneumonia}``: chest X-rays with a pathology label."""
     image_set, class_names = read_image_folder(Path(root) / split, list(LABELS["pathology"]))
     n = len(image_set)
-    image_set.labels = _label_arrays(n, modality=_label_index("modality", "XR"), region=_label_index("region", "chest"))
+    image_set.labels = label_arrays(n, modality=_label_index("modality", "XR"), region=_label_index("region", "chest"))
     image_set.labels["pathology"] = image_set.fine_class.copy()
     return image_set
 
@@ -213,7 +214,7 @@ def read_dicom_series(folder: Path, group: int = 0) -> ImageSet:
     slices = decoded_slices(folder)
     n = len(slices)
     return ImageSet(
-        np.stack([to_uint8(s.pixels) for s in slices]), _label_arrays(n), np.full(n, group, dtype=np.int64),
+        np.stack([to_uint8(s.pixels) for s in slices]), label_arrays(n), np.full(n, group, dtype=np.int64),
         np.arange(n, dtype=np.int64), [f"{Path(folder).name}/{s.name}" for s in slices],
         fine_class=np.full(n, -1, dtype=np.int64),
     )  # fmt: skip

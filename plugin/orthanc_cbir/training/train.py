@@ -353,11 +353,9 @@ def save_checkpoint(out_dir: Path, net: RetrievalNet, fit: DescriptorFit, summar
 def load_trained(checkpoint: Path) -> tuple[RetrievalNet, TrainConfig, dict]:
     """The trained network (eval mode), its configuration and everything else the checkpoint holds."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config_fields = dict(saved["summary"]["config"])
-    config_fields["widths"] = tuple(config_fields["widths"])
-    config_fields["blocks"] = tuple(config_fields["blocks"])
-    config_fields["level_periods_mm"] = tuple(config_fields["level_periods_mm"])
-    config_fields["held_out_patients"] = tuple(config_fields.get("held_out_patients", ()))
+    # JSON made the configuration's tuples lists
+    config_fields = {name: tuple(value) if isinstance(value, list) else value
+                     for name, value in saved["summary"]["config"].items()}  # fmt: skip
     config = TrainConfig(**config_fields)
     net = build_net(config)
     net.load_state_dict(saved["state_dict"])
