@@ -1,7 +1,7 @@
 """Real services for the integration tests: a redis-server and an Orthanc (DICOMweb and
 Python plugins, this project's entry script) on free loopback ports in a temp dir.
 Both are stopped, and waited for, when the module's tests are done; ``client`` is a Redis
-connection to that server and ``embedder`` the shipped model."""
+connection to that server, ``embedder`` the shipped model and ``store`` its index there."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import pytest
 import redis
 
+from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.local_services import ORTHANC_BINARY, OrthancServer, RedisServer
 from orthanc_cbir.model.embedder import Embedder
 
@@ -40,3 +41,8 @@ def client(redis_server):
 @pytest.fixture(scope="module")
 def embedder():
     return Embedder(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def store(client):
+    return IndexStore(client, IndexInfo.from_card(Embedder().card))

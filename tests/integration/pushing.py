@@ -18,6 +18,13 @@ def storescu(orthanc, paths) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def sop_instance_uids(paths) -> set[str]:
+    """The SOPInstanceUIDs of DICOM files."""
+    from pydicom import dcmread
+
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
 def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.3) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

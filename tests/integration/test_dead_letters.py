@@ -11,11 +11,9 @@ import pytest
 import redis
 from pydicom import dcmread
 
-from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import SIMILAR_SERIES, STORE_FILE, IngestQueue
 from orthanc_cbir.local_services import WorkerProcess
-from orthanc_cbir.model.embedder import Embedder
-from tests.integration.pushing import storescu, synthetic_series, wait_until
+from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,18 +28,9 @@ def worker(orthanc, redis_server, tmp_path_factory):
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def store(client):
-    return IndexStore(client, IndexInfo.from_card(Embedder().card))
-
-
-def uids(paths) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
-
-
 def push_and_wait(orthanc, store, paths) -> None:
     storescu(orthanc, paths)
-    wait_until(lambda: all(store.row(uid) is not None for uid in uids(paths)), 90, "the pushed slices indexed")
+    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 90, "the pushed slices indexed")
 
 
 def ask(client: redis.Redis, queue: IngestQueue, action: str, body: bytes, wait_s: int = 60) -> dict:

@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydicom import dcmread
 
 from orthanc_cbir.config import Settings
-from orthanc_cbir.index import IndexInfo, IndexStore
+from orthanc_cbir.index import IndexStore
 from orthanc_cbir.local_services import REPO_ROOT, StandaloneServer, WorkerProcess, free_port
-from orthanc_cbir.model.embedder import Embedder
-from tests.integration.pushing import storescu, synthetic_series, wait_until
+from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
 
 pytestmark = pytest.mark.integration
 
 STANDALONE_STREAM = "cbir:standalone:ingest"
-
-
-@pytest.fixture(scope="module")
-def store(client):
-    return IndexStore(client, IndexInfo.from_card(Embedder().card))
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +31,8 @@ def orthanc_worker(orthanc, redis_server, tmp_path_factory):
     process.stop()
 
 
-def uids(paths) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
-
-
 def all_indexed(store: IndexStore, paths) -> bool:
-    return all(store.row(uid) is not None for uid in uids(paths))
+    return all(store.row(uid) is not None for uid in sop_instance_uids(paths))
 
 
 def test_a_standalone_server_and_orthanc_workers_share_one_redis(orthanc, orthanc_worker, redis_server, store,

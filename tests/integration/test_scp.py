@@ -13,24 +13,17 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.scp import StoreSCP
 from orthanc_cbir.ingest.spool import Spool
 from orthanc_cbir.local_services import free_port
-from orthanc_cbir.model.embedder import Embedder
 from tests import dicom_factory as factory
-from tests.integration.pushing import synthetic_series, wait_until
+from tests.integration.pushing import sop_instance_uids, synthetic_series, wait_until
 from tests.integration.workers import start_spool_worker
 
 pytestmark = pytest.mark.integration
 
 ALLOWED = ("TEST_PACS", "MODALITY_1", "MODALITY_2", "MODALITY_3")
-
-
-@pytest.fixture(scope="module")
-def store(client):
-    return IndexStore(client, IndexInfo.from_card(Embedder().card))
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +50,13 @@ def storescu(scp, paths, calling: str = "TEST_PACS") -> subprocess.CompletedProc
                            *map(str, paths)], capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def uids(paths) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
-
-
 def test_storescu_pushes_are_indexed_and_leave_the_spool(scp, worker, store, spool, tmp_path):
     paths = synthetic_series(tmp_path / "series", slices=10)
     report = tmp_path / "report.dcm"
     factory.structured_report().save_as(report, enforce_file_format=True)
     done = storescu(scp, [*paths, report])
     assert done.returncode == 0, done.stderr
-    wait_until(lambda: all(store.row(uid) is not None for uid in uids(paths)), 60, "the pushed slices indexed")
+    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60, "the pushed slices indexed")
     report_uid = str(dcmread(report).SOPInstanceUID)
     wait_until(lambda: any(entry.get("sop_instance_uid") == report_uid for entry in worker.queue.rejected().values()),
                30, "the SR listed as rejected")  # fmt: skip
@@ -96,7 +85,7 @@ def test_several_pynetdicom_associations_at_once_are_all_indexed(scp, worker, st
     for thread in threads:
         thread.join(timeout=60)
     assert statuses == [0] * 18
-    pushed = set().union(*(uids(paths) for paths in series))
+    pushed = set().union(*(sop_instance_uids(paths) for paths in series))
     wait_until(lambda: all(store.row(uid) is not None for uid in pushed), 60, "18 slices from 3 associations indexed")
 
 

@@ -19,7 +19,7 @@ from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.spool import Spool
 from orthanc_cbir.local_services import RedisServer, StandaloneServer
 from orthanc_cbir.model.embedder import Embedder
-from tests.integration.pushing import storescu, synthetic_series, wait_until
+from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,6 @@ def push(server: StandaloneServer, paths, acknowledged: list[str], started: thre
     finally:
         if association.is_established:
             association.release()
-
-
-def uids(paths) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
 
 
 def status(server: StandaloneServer) -> dict:
@@ -128,7 +124,7 @@ def test_poison_c_stores_are_refused_with_a_reason_and_later_files_are_indexed(r
         assert not list(server.spool_dir.glob("*.dcm")) and not list(server.spool_dir.glob(".*"))
         paths = synthetic_series(tmp_path / "after", slices=4, texture=3)
         storescu(server, paths)
-        wait_until(lambda: all(store.row(uid) is not None for uid in uids(paths)), 60, "the files sent after indexed")
+        wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60, "the files sent after indexed")
         log = server.log_tail(400)
     assert "refused (0xC000): the dataset has no valid SOPInstanceUID" in log
     assert "refused (0xC000): the request's AffectedSOPInstanceUID is not a valid UID" in log
@@ -149,7 +145,7 @@ def test_poison_files_left_in_the_spool_do_not_stall_the_server(redis_server, tm
             server.start()
             paths = synthetic_series(tmp_path / f"round{round_}", slices=3, texture=4 + round_)
             storescu(server, paths)
-            wait_until(lambda: all(store.row(uid) is not None for uid in uids(paths)), 60,
+            wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
                        f"round {round_}: the files sent indexed")  # fmt: skip
             wait_until(lambda: not list(server.spool_dir.glob("*.dcm")), 30, "an empty spool")
             server.stop()
@@ -184,7 +180,7 @@ def test_files_refused_while_redis_is_down_are_indexed_once_it_is_back(tmp_path)
             statuses = [c_store_file(server.dicom_port, server.aet, path) for path in paths]
             assert statuses == [0xA700] * 3  # refused: the SCU keeps its copies...
             redis_server.start()  # ...but the server kept them too, and indexes them without a restart
-            wait_until(lambda: all(store.row(uid) is not None for uid in uids(paths)), 90,
+            wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 90,
                        "the files refused while Redis was down indexed")  # fmt: skip
     finally:
         redis_server.stop()
