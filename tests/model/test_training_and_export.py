@@ -119,6 +119,19 @@ def test_the_level_loss_ignores_each_volume_offset_and_punishes_a_reversed_order
     assert level_loss(-z / 100, z, volume).item() > 0.3
 
 
+def test_levels_are_taught_in_the_lung_frame_where_a_volume_shows_the_lungs_and_in_mm_elsewhere():
+    from orthanc_cbir.training.data import ImageSet, label_arrays
+    from orthanc_cbir.training.train import level_targets
+
+    image_set = ImageSet(np.zeros((4, 8, 8), dtype=np.uint8), label_arrays(4), np.array([1, 1, 2, 2]),
+                         np.arange(4), ["a", "b", "c", "d"], fine_class=np.zeros(4, dtype=np.int64))  # fmt: skip
+    image_set.aux["level"] = np.array([-500.0, -400.0, 80.0, 120.0], dtype=np.float32)
+    image_set.aux["anatomical_level"] = np.array([-250.0, -125.0, np.nan, np.nan], dtype=np.float32)
+    target, anchored = level_targets(image_set, np.array([0, 1, 2, 3]))
+    assert target.tolist() == [-250.0, -125.0, 80.0, 120.0]
+    assert anchored.tolist() == [True, True, False, False]
+
+
 def test_the_level_encoding_grows_with_the_level_difference_and_never_folds_back_within_the_body():
     from orthanc_cbir.training.spectrum import level_encoding
 

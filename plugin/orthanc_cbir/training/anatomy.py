@@ -8,9 +8,10 @@ slice lies. These readers add what it cannot:
   disjoint by patient (``read_organamnist``);
 - **anatomical level and plane**: every slice of a real volume with its position along
   the body axis in mm, plus coronal and sagittal reformats of the same volume
-  (``read_volume``). Training only ever compares levels *within* a volume (the body-part
-  regression idea: slice order and spacing are free labels), so nothing tells the model
-  which slice of patient A matches which slice of patient B; the validation measures that.
+  (``read_volume``). Levels are compared within a volume (the body-part regression idea:
+  slice order and spacing are free labels) and, where a CT shows the lungs, across
+  patients too: the lung apex and base (:mod:`.landmarks`) put every such volume on one
+  frame. The validation measures the agreement on two patients training never sees.
 
 None of this data is in the project; :data:`SOURCES` says where each piece comes from,
 under which licence, and how to bring it (README, "The model"). Volumes are rendered the
@@ -31,6 +32,7 @@ from PIL import Image
 
 from ..dicom.pixels import CT_MODEL_MAPPING
 from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, label_arrays, to_uint8
+from .landmarks import anatomical_levels, lung_landmarks
 
 SOURCES: dict[str, dict[str, str]] = {
     "OrganAMNIST": {
@@ -126,14 +128,21 @@ def load_volume(path: Path) -> Volume:
 
 
 def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] = REFORMAT_FRACTIONS) -> ImageSet:
-    """Every axial slice (with its level in mm) and the coronal and sagittal reformats of a volume,
-    cut at the ``reformats`` fractions of its depth and width (none: axial slices only)."""
+    """Every axial slice and the coronal and sagittal reformats of a volume, cut at the ``reformats``
+    fractions of its depth and width (none: axial slices only). Axial slices carry their level: the
+    volume's own z in mm (aux ``level``) and, for a CT showing the lungs, the same in the frame of
+    :mod:`.landmarks` (aux ``anatomical_level``, NaN otherwise)."""
     volume = load_volume(source.path)
-    pictures, planes, levels, names = [], [], [], []
+    anatomical = None
+    if source.modality == "CT":
+        anatomical = anatomical_levels(volume.z_mm, lung_landmarks(volume.grey, volume.z_mm, volume.row_mm,
+                                                                   volume.column_mm))  # fmt: skip
+    pictures, planes, levels, anatomical_mm, names = [], [], [], [], []
     for k in range(len(volume.z_mm)):
         pictures.append(volume.grey[k])
         planes.append("axial")
         levels.append(volume.z_mm[k])
+        anatomical_mm.append(np.nan if anatomical is None else anatomical[k])
         names.append(f"{source.path.name}/axial/{k}")
     if volume.z_mm[-1] - volume.z_mm[0] >= MIN_REFORMAT_MM:
         slice_mm = float(np.median(np.diff(volume.z_mm)))
@@ -147,6 +156,7 @@ def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] =
                 pictures.append(picture)
                 planes.append(plane)
                 levels.append(np.nan)
+                anatomical_mm.append(np.nan)
                 names.append(f"{source.path.name}/{plane}/{fraction:g}")
     n = len(pictures)
     region = {} if source.region is None else {"region": LABELS["region"].index(source.region)}
@@ -158,6 +168,7 @@ def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] =
     )  # fmt: skip
     image_set.aux["plane"] = plane_index
     image_set.aux["level"] = np.array(levels, dtype=np.float32)
+    image_set.aux["anatomical_level"] = np.array(anatomical_mm, dtype=np.float32)
     return image_set
 
 

@@ -26,6 +26,7 @@ from .data import LABELS
 from .net import RetrievalNet
 from ..dicom.pixels import CT_MODEL_MAPPING
 from .anatomy import SOURCES, extra_sources
+from .landmarks import LUNG_SPAN_MM
 from .spectrum import SpectralDescriptor
 from .train import TrainConfig, build_spectral, exported_features, load_trained
 
@@ -132,9 +133,12 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             "losses": "cross-entropy per head; CSQ hash centres per label sub-code; NT-Xent on two views "
             "(JPEG, shift, zoom, rotation, intensity, noise; neighbouring slice as second view); "
             "supervised contrastive on the finest label (MedNIST class, pathology, organ, plane x region of "
-            "real volumes); training-only heads for plane and organ; level (body-part regression): smooth-L1 "
-            "on level differences in mm between slices of one volume; after training: spectral PCA, ITQ "
-            "appearance bits of the whole descriptor",
+            f"real volumes), and among OrganAMNIST crops alone at {config.organ_supervised_weight:g}; "
+            "training-only heads for plane and organ; level (body-part regression): smooth-L1 on level "
+            "differences in mm between slices of one volume and, for CT volumes showing the lungs, on the "
+            f"level itself in the lung frame (apex 0 mm, base -{LUNG_SPAN_MM:g} mm; apex and base found from "
+            "the aerated lungs, training.landmarks); after training: spectral PCA, ITQ appearance bits of "
+            "the whole descriptor",
             "seconds": summary["seconds"],
             "torch": summary["torch"],
             "history": summary["history"],

@@ -12,9 +12,11 @@ One network learns four things at once, each with its own loss:
   known label (MedNIST class, pneumonia label, OrganAMNIST organ, plane and region of
   a real volume's slice or reformat), weighted below the instance term;
 - training-only heads: the plane of real volumes' images and OrganAMNIST's organ;
-- the anatomical level: each step also takes slices of two real volumes and asks the
-  ``level`` head for their differences in mm (body-part regression, Yan et al. 2018).
-  Nothing compares levels across patients; ``validate-model`` measures whether they agree.
+- the anatomical level: each step also takes slices of a few real volumes and asks the
+  ``level`` head for their differences in mm (body-part regression, Yan et al. 2018) and,
+  for chest CTs showing the lungs, for the level itself in the lung frame of
+  :mod:`.landmarks` (apex 0, base -250 mm), so that one anatomy gets one level in every
+  patient; ``validate-model`` measures the agreement on two patients training never sees.
 
 After the last epoch :func:`fit_descriptor` fits the spectral half of the
 descriptor (:mod:`.spectrum`) and an ITQ rotation of the whole descriptor, which
@@ -109,7 +111,15 @@ class TrainConfig:
     level_zoom: float = 0.2
     """Zoom range of the level slices' views (bodies differ in size by more than 5 %)."""
     level_slices: int = 12
-    """Slices of each of two volumes per step for the level loss."""
+    """Slices of each volume of a step's level loss."""
+    level_volumes: int = 4
+    """Volumes per step for the level loss."""
+    level_anchor_weight: float = 1.0
+    """Weight of the level in the lung frame (volumes whose CT shows the lungs), beside its differences."""
+    organ_supervised_weight: float = 0.4
+    """Weight of a supervised-contrastive term among OrganAMNIST's crops alone: organs of unseen
+    patients, not MedNIST's classes, need the tighter grouping (a global weight this high loosens
+    the within-class order the Hamming pool relies on)."""
     level_feature_weight: float = 0.3
     """Share of the level encoding in squared feature distances (see :func:`.spectrum.with_level`)."""
     level_periods_mm: tuple[float, ...] = (3200.0, 800.0, 250.0)
@@ -219,6 +229,15 @@ def level_loss(level: torch.Tensor, target_mm: torch.Tensor, volume: torch.Tenso
     return F.smooth_l1_loss(predicted[same], actual[same])
 
 
+def level_targets(image_set: ImageSet, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level loss's targets for ``rows``: mm in the lung frame where the volume has it, else the
+    volume's own z; and which rows have the lung frame (their level itself is a target)."""
+    anatomical = image_set.aux["anatomical_level"][rows]
+    anchored = ~np.isnan(anatomical)
+    target = np.where(anchored, anatomical, image_set.aux["level"][rows])
+    return torch.from_numpy(target.astype(np.float32)), torch.from_numpy(anchored)
+
+
 def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train, fit ITQ, save ``checkpoint.pt`` in ``out_dir``; returns the training summary."""
     started = time.monotonic()
@@ -256,7 +275,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
             views = [
                 random_view(_as_tensor(jpeg_recompress(train_set.images[i], rng)), generator) for i in (index, partner)
             ]
-            stacks = _level_rows(volumes, config.level_slices, rng)
+            stacks = _level_rows(volumes, config.level_volumes, config.level_slices, rng)
             if len(stacks):
                 views.append(random_view(_as_tensor(train_set.images[stacks]), generator, max_shift_px=6.0,
                                          max_zoom=config.level_zoom))  # fmt: skip
@@ -271,6 +290,11 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                 "supervised": config.supervised_weight
                 * supervised_contrastive(out["features"], fine[both], config.temperature),
             }
+            organ_rows = aux["organ"][both] >= 0
+            if organ_rows.sum() > 1:
+                losses["organ_supervised"] = config.organ_supervised_weight * supervised_contrastive(
+                    out["features"][organ_rows], aux["organ"][both][organ_rows], config.temperature
+                )
             for head in LABELS:
                 target = labels[head][both]
                 if (target >= 0).any():
@@ -286,9 +310,14 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                     losses[name] = config.aux_weight * F.cross_entropy(out[name][known], target[known])
             losses["level_views"] = config.level_consistency_weight * F.smooth_l1_loss(view_levels[0], view_levels[1])
             if len(stacks):
+                target_mm, anchored = level_targets(train_set, stacks)
                 losses["level"] = config.level_loss_weight * level_loss(
-                    level_out, torch.from_numpy(train_set.aux["level"][stacks]), torch.from_numpy(train_set.group[stacks])
+                    level_out, target_mm, torch.from_numpy(train_set.group[stacks])
                 )
+                if anchored.any():
+                    losses["level_anchor"] = config.level_anchor_weight * F.smooth_l1_loss(
+                        level_out[anchored], target_mm[anchored] / 100.0
+                    )
             loss = sum(losses.values())
             optimiser.zero_grad()
             loss.backward()
@@ -379,11 +408,11 @@ def _as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(as_model_input(images))
 
 
-def _level_rows(volumes: list[np.ndarray], per_volume: int, rng: np.random.Generator) -> np.ndarray:
-    """Rows of two random volumes (``per_volume`` slices each) for one step's level loss."""
+def _level_rows(volumes: list[np.ndarray], count: int, per_volume: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of ``count`` random volumes (``per_volume`` slices each) for one step's level loss."""
     if not volumes:
         return np.zeros(0, dtype=np.int64)
-    chosen = rng.choice(len(volumes), size=min(2, len(volumes)), replace=False)
+    chosen = rng.choice(len(volumes), size=min(count, len(volumes)), replace=False)
     rows = [rng.choice(volumes[v], size=min(per_volume, len(volumes[v])), replace=False) for v in chosen]
     return np.concatenate(rows)
 
