@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--anatomy", type=Path, default=anatomy,
                        help="folder with organamnist/organamnist.npz, lidc0314/ and ts_ct/ (skipped if absent)")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("state/training"))
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=None, help="default: TrainConfig.epochs (4)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--limit", type=int, default=None, help="train on this many images only (smoke runs)")
@@ -655,7 +655,8 @@ def _run_train(args: argparse.Namespace) -> int:
         organamnist=str(organs) if organs.exists() else None,
         anatomy_root=str(args.anatomy) if (args.anatomy / "lidc0314").exists() and series.exists() else None,
         shared_series=str(series) if series.exists() else None,
-        epochs=args.epochs, seed=args.seed, threads=args.threads, limit=args.limit,
+        epochs=TrainConfig.epochs if args.epochs is None else args.epochs, seed=args.seed, threads=args.threads,
+        limit=args.limit,
     )  # fmt: skip
     summary = train(config, args.out)
     print(f"trained in {summary['seconds']:.0f} s: {args.out / 'checkpoint.pt'}")

@@ -76,7 +76,7 @@ class TrainConfig:
     held_out_patients: tuple[str, ...] = HELD_OUT_PATIENTS
     """Patients (:attr:`.anatomy.VolumeSource.patient`) whose volumes training never sees: the two chest
     CTs of the cross-patient level measure, so that its figure is on patients the model never met."""
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 256
     learning_rate: float = 2e-3
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
