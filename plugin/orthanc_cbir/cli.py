@@ -300,7 +300,7 @@ def _run_preview(args: argparse.Namespace) -> int:
     failed = False
     for path in _walk(args.files):
         try:
-            outcome = decode_instance(path, max_frames=settings.frames_per_instance)
+            outcome = decode_instance(path, max_frames=settings.frames_per_instance, **settings.decode_limits())
         except Exception as exc:  # a bug, not bad input: say so and go on
             print(f"{path}: error: {type(exc).__name__}: {exc}")
             failed = True
@@ -391,7 +391,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     files = list(_walk(args.paths))
     for path in tqdm(files, desc="index", unit="file", dynamic_ncols=True):
-        outcome = decode_file(path, max_frames=settings.frames_per_instance)
+        outcome = decode_file(path, max_frames=settings.frames_per_instance, **settings.decode_limits())
         if isinstance(outcome, Rejection):
             rejected[outcome.reason.value] += 1
             continue
@@ -436,7 +436,7 @@ def _run_query(args: argparse.Namespace) -> int:
         searcher.snapshot.refresh()
         query = searcher.stored_query(np.array([row]))
     else:
-        outcome = decode_file(args.file)
+        outcome = decode_file(args.file, **load_settings().decode_limits())
         if isinstance(outcome, Rejection):
             print(f"error: {args.file}: rejected: {outcome}", file=sys.stderr)
             return 1
@@ -558,7 +558,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
     try:
         summary = backfill(client, store, IngestQueue(connection), embedder, since=args.since, modalities=modalities,
                            batch_size=args.batch, frames_per_instance=settings.frames_per_instance,
-                           restart=args.restart, stop=stop)  # fmt: skip
+                           restart=args.restart, stop=stop, **settings.decode_limits())  # fmt: skip
     except BackfillError as exc:
         if exc.summary is not None and exc.summary.studies:  # what it did before it stopped
             print(exc.summary.line())

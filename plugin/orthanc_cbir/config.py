@@ -181,6 +181,12 @@ class Settings:
     the same one (``CBIR_PATIENT_KEY_SECRET``); empty uses a built-in key, which anyone holding
     the index and this source can test MRNs against. Changing it needs a re-index."""
 
+    def decode_limits(self) -> dict[str, int]:
+        """``max_file_bytes`` and ``max_pixels_per_frame`` as keyword arguments of the pixel step's
+        decoders: every entry point (worker, ``index``, ``query``, ``preview``, backfill, the
+        "Similar cases" pictures) decodes under the same configured limits."""
+        return {"max_file_bytes": self.max_file_bytes, "max_pixels_per_frame": self.max_pixels_per_frame}
+
 
 def load_settings(
     orthanc_section: Mapping[str, Any] | None = None,

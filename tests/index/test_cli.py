@@ -56,6 +56,20 @@ def test_index_twice_then_query_a_picture(redis_url, client, tmp_path, capsys):
     assert answer["hits"] == []  # the CT is the only CT, and a query never answers itself
 
 
+def test_index_and_query_decode_under_the_configured_limits(redis_url, tmp_path, capsys, monkeypatch):
+    # index and query used the pixel step's built-in limits, not the deployment's (a live bug)
+    ct = grey_image(np.zeros((512, 512), dtype=np.int16), BodyPartExamined="CHEST")  # 512 KiB of pixels
+    (tmp_path / "ct.dcm").write_bytes(to_bytes(ct))
+    picture = write_image_folder(tmp_path / "pictures", per_class=1) / "disc" / "000.png"  # 64 x 64
+    monkeypatch.setenv("CBIR_MAX_FILE_BYTES", "10000")
+    monkeypatch.setenv("CBIR_MAX_PIXELS_PER_FRAME", "1000")
+    assert main(["index", str(tmp_path / "ct.dcm"), str(picture), "--redis-url", redis_url]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 0, skipped as duplicate 0, rejected 2" in out and "rejected: too large: 2" in out
+    assert main(["query", str(picture), "--redis-url", redis_url]) == 1
+    assert "rejected: too large" in capsys.readouterr().err
+
+
 def test_query_refuses_a_bad_filter_with_a_message(redis_url, tmp_path, capsys):
     assert main(["query", "--uid", "1.2.3", "--redis-url", redis_url, "--filter", "colour=red"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err

@@ -154,6 +154,21 @@ def test_the_command_line_indexes_then_finds_nothing_new(orthanc, archive, targe
         assert factory.PATIENT_ID not in output and factory.PATIENT_NAME.split("^")[0] not in output
 
 
+def test_backfill_decodes_under_the_configured_limits(orthanc, archive, target, embedder, monkeypatch):
+    # backfill used the pixel step's built-in limits, not the deployment's (a live bug)
+    images = len(archive.images)
+    framed = run(orthanc, target, embedder, max_pixels_per_frame=100)  # the synthetic slices are larger
+    assert (framed.indexed, framed.rejected) == (0, images + 1) and target.store.count() == 0
+    reasons = {entry["reason"] for entry in target.queue.rejected().values()}
+    assert reasons == {"too large", "not an image"}
+    target.client.flushdb()  # forget those rejections: the command line decides afresh
+    monkeypatch.setenv("CBIR_MAX_FILE_BYTES", "1000")
+    command = cli(orthanc, target)
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert f"backfill: 3 studies, indexed 0, already indexed 0, rejected {images + 1} (model " in command.stdout
+    assert target.store.count() == 0
+
+
 def test_since_and_modality_limit_what_is_walked(orthanc, archive, target, embedder):
     recent = run(orthanc, target, embedder, since="2024-01-01")
     assert recent.studies == 2 and recent.indexed == len(archive.studies["ct2024"]) + len(archive.studies["mr2025"])

@@ -268,6 +268,18 @@ def test_with_the_setting_turned_on_another_patients_undeclared_file_is_drawn(st
     assert not any(is_grey_panel(ds) for _, ds in pairs)
 
 
+def test_a_hit_over_the_configured_frame_limit_is_a_withheld_panel(strangers):
+    # the "Similar cases" maker decoded hits under the built-in limits, not the deployment's (a live bug)
+    orthanc, query = strangers["orthanc"], strangers["query"]
+    settings = make_settings(strangers["redis"].url, orthanc, similar_series_other_patients=True,
+                             max_pixels_per_frame=32 * 32)  # every hit is 48 or 56 px square
+    client = redis.Redis.from_url(strangers["redis"].url)
+    made = SimilarSeriesMaker(settings, orthanc.client, client).for_instance(str(query.SOPInstanceUID),
+                                                                             dict(STRANGER_PARAMETERS))  # fmt: skip
+    pairs = drawn_series(orthanc, query, made)
+    assert pairs and all(is_grey_panel(ds) for _, ds in pairs)
+
+
 @pytest.mark.parametrize("path, headers, code, message", [
     ("/cbir/instances/0123abcd-nope/similar/series", {}, 404, "no instance"),
     ("/cbir/instances/{query}/similar/series", {"X-Cbir-K": "0"}, 400, "k must be"),

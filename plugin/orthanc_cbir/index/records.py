@@ -49,12 +49,18 @@ def picture_records(names: Sequence[str], embedded: Embeddings, namespace: str) 
     ]  # fmt: skip
 
 
-def decode_file(path: Path, max_frames: int = 1) -> DecodedInstance | Rejection:
+def decode_file(path: Path, max_frames: int = 1, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME) -> DecodedInstance | Rejection:  # fmt: skip
     """A DICOM file through the pixel step, or a PNG / JPEG picture as one grey image
-    (its UID derived from its absolute path); never raises."""
+    (its UID derived from its absolute path); never raises. The limits are those of
+    :func:`~orthanc_cbir.dicom.decode_instance`."""
     if path.suffix.lower() not in PICTURE_SUFFIXES:
-        return decode_instance(path, max_frames=max_frames)
-    return _picture(path, str(path.resolve()))
+        return decode_instance(path, max_frames=max_frames, max_file_bytes=max_file_bytes,
+                               max_pixels_per_frame=max_pixels_per_frame)  # fmt: skip
+    size = path.stat().st_size if path.is_file() else 0
+    if size > max_file_bytes:
+        return Rejection(RejectionReason.TOO_LARGE, f"the file has {size} bytes, more than the {max_file_bytes} allowed")
+    return _picture(path, str(path.resolve()), max_pixels_per_frame)
 
 
 def decode_bytes(data: bytes, name: str, max_frames: int = 1, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,

@@ -43,7 +43,7 @@ from dicomweb_client.session_utils import create_session_from_auth
 from tqdm import tqdm
 
 from ..dicom import Rejection, RejectionReason, decode_dataset
-from ..dicom.pixels import DecodedInstance
+from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
 from ..dicom.similar_cases import is_own_output
 from ..index import IndexStore
 from ..index.records import embed_instances
@@ -188,6 +188,8 @@ def backfill(
     batch_size: int = 32,
     progress: bool = True,
     frames_per_instance: int = 1,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME,
     restart: bool = False,
     max_instances: int | None = None,
     stop: threading.Event | None = None,
@@ -250,7 +252,7 @@ def backfill(
             summary.interrupted = True
             raise _Interrupted
         retrieved += 1
-        outcome = _retrieve(client, url, instance, frames_per_instance, summary)
+        outcome = _retrieve(client, url, instance, frames_per_instance, summary, max_file_bytes, max_pixels_per_frame)
         if outcome is None:
             summary.failed += 1
             consecutive_failures += 1
@@ -411,10 +413,11 @@ def _pages(search, url: str, what: str, summary: BackfillSummary) -> Iterable[li
         offset += len(page)
 
 
-def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int,
-              summary: BackfillSummary) -> DecodedInstance | Rejection | None:  # fmt: skip
-    """WADO-RS and decode: the decoded instance, a rejection, or ``None`` when this
-    instance could not be retrieved (gone, or an HTTP error on it alone)."""
+def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int, summary: BackfillSummary,
+              max_file_bytes: int, max_pixels_per_frame: int) -> DecodedInstance | Rejection | None:  # fmt: skip
+    """WADO-RS and decode under the worker's limits: the decoded instance, a rejection, or
+    ``None`` when this instance could not be retrieved (gone, or an HTTP error on it alone).
+    dicomweb-client hands over the whole dataset, so ``max_file_bytes`` bounds its pixel data."""
     try:
         ds = client.retrieve_instance(instance.study, instance.series, instance.sop)
     except requests.HTTPError as exc:
@@ -427,10 +430,14 @@ def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int,
         raise BackfillError(_describe(exc, url, "a retrieval"), summary) from None
     except Exception as exc:  # the answer is not a DICOM file: the instance cannot be used
         return Rejection(RejectionReason.NOT_DICOM, f"WADO-RS answer unreadable ({type(exc).__name__})")
+    pixel_bytes = len(ds.get("PixelData") or b"")
+    if pixel_bytes > max_file_bytes:
+        return Rejection(RejectionReason.TOO_LARGE,
+                         f"the pixel data has {pixel_bytes} bytes, more than the {max_file_bytes} allowed")  # fmt: skip
     with warnings.catch_warnings():  # pydicom's warnings quote values, names included
         warnings.simplefilter("ignore")
         try:
-            return decode_dataset(ds, max_frames=frames)
+            return decode_dataset(ds, max_frames=frames, max_pixels_per_frame=max_pixels_per_frame)
         except Exception as exc:  # a decoder bug must not end the walk
             return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"decoding failed ({type(exc).__name__})")
 

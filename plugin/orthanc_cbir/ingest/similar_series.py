@@ -198,7 +198,7 @@ class SimilarSeriesMaker:
                                                       other_patients=self.settings.similar_series_other_patients)):
             withheld = reason
         else:
-            decoded = decode_dataset(header, max_frames=1)
+            decoded = decode_dataset(header, max_frames=1, max_pixels_per_frame=self.settings.max_pixels_per_frame)
             if isinstance(decoded, Rejection):
                 withheld = f"cannot be drawn: {decoded.reason.value}"
             else:
