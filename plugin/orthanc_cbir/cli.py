@@ -373,6 +373,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     from .dicom import Rejection
     from .index import IndexInfo
+    from .dicom.similar_cases import reject_own_output
     from .index.records import decode_file, embed_instances
 
     settings = load_settings(frames_per_instance=args.frames)
@@ -391,7 +392,8 @@ def _run_index(args: argparse.Namespace) -> int:
 
     files = list(_walk(args.paths))
     for path in tqdm(files, desc="index", unit="file", dynamic_ncols=True):
-        outcome = decode_file(path, max_frames=settings.frames_per_instance, **settings.decode_limits())
+        outcome = reject_own_output(decode_file(path, max_frames=settings.frames_per_instance,
+                                                **settings.decode_limits()))  # fmt: skip
         if isinstance(outcome, Rejection):
             rejected[outcome.reason.value] += 1
             continue

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from orthanc_cbir.cli import main
+from orthanc_cbir.dicom.similar_cases import SimilarCase, secondary_capture_series
 from tests.dicom_factory import grey_image, structured_report, to_bytes
 
 
@@ -68,6 +69,18 @@ def test_index_and_query_decode_under_the_configured_limits(redis_url, tmp_path,
     assert "indexed 0, skipped as duplicate 0, rejected 2" in out and "rejected: too large: 2" in out
     assert main(["query", str(picture), "--redis-url", redis_url]) == 1
     assert "rejected: too large" in capsys.readouterr().err
+
+
+def test_index_refuses_the_services_own_similar_cases_images(redis_url, tmp_path, capsys):
+    # the worker and backfill refused them, orthanc-cbir index indexed them (the three loops had drifted)
+    query = grey_image(np.zeros((64, 64), dtype=np.int16))
+    gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    case = SimilarCase(1, 0.1, "exact", "CT", "CHEST", True, gradient)
+    made = secondary_capture_series(query, [case])[0]
+    (tmp_path / "similar.dcm").write_bytes(to_bytes(made))
+    assert main(["index", str(tmp_path / "similar.dcm"), "--redis-url", redis_url]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 0, skipped as duplicate 0, rejected 1" in out and "rejected: orthanc-cbir output: 1" in out
 
 
 def test_query_refuses_a_bad_filter_with_a_message(redis_url, tmp_path, capsys):

@@ -233,7 +233,7 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
 
     monkeypatch.setattr(worker_module, "decode_instance", decode)
     monkeypatch.setattr(worker_module, "embed_instances", embed)
-    monkeypatch.setattr(worker_module, "is_own_output", lambda metadata: False)
+    monkeypatch.setattr(worker_module, "reject_own_output", lambda outcome: outcome)
     orthanc = SimpleNamespace(instance_file=lambda orthanc_id: orthanc_id,
                               parents=lambda orthanc_id: {"instance": orthanc_id})  # fmt: skip
     store = mock.MagicMock()

@@ -91,6 +91,8 @@ class RejectionReason(str, enum.Enum):
     CORRUPT_PIXEL_DATA = "corrupt pixel data"
     TRUNCATED = "truncated"
     TOO_LARGE = "too large"
+    OWN_OUTPUT = "orthanc-cbir output"
+    """A "Similar cases" image this service made (:func:`~.similar_cases.reject_own_output`)."""
 
 
 DEFAULT_MAX_FILE_BYTES = 2 * 2**30

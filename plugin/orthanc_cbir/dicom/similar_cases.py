@@ -33,6 +33,7 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from .metadata import InstanceMetadata
+from .pixels import DecodedInstance, Rejection, RejectionReason
 
 # highdicom quotes a one-component PatientName ("SMITH") in a UserWarning, and in a log record
 # when it refuses one: either would write the query patient's name to the worker's log. Neither
@@ -126,6 +127,14 @@ def _person_name(value: object) -> str:
 def is_own_output(metadata: InstanceMetadata) -> bool:
     """Whether an instance is one this module made (never indexed: it would answer queries with copies)."""
     return made_here(metadata.manufacturer, metadata.series_description)
+
+
+def reject_own_output(outcome: DecodedInstance | Rejection) -> DecodedInstance | Rejection:
+    """The pixel step's outcome, or a rejection when it is one of this module's images: every path
+    that indexes (worker, backfill, ``orthanc-cbir index``) passes its outcomes through this."""
+    if isinstance(outcome, DecodedInstance) and is_own_output(outcome.metadata):
+        return Rejection(RejectionReason.OWN_OUTPUT, "a Similar cases image made by this service", outcome.metadata)
+    return outcome
 
 
 def made_here(manufacturer: str | None, series_description: str | None) -> bool:

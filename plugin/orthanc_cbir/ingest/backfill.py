@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..dicom import Rejection, RejectionReason, decode_dataset
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
-from ..dicom.similar_cases import is_own_output
+from ..dicom.similar_cases import reject_own_output
 from ..index import IndexStore
 from ..index.records import embed_instances
 from .queue import IngestQueue
@@ -261,16 +261,13 @@ def backfill(
                                     "(rerun to resume)", summary)  # fmt: skip
             return False
         consecutive_failures = 0
-        if isinstance(outcome, DecodedInstance) and is_own_output(outcome.metadata):
-            reason, detail = "orthanc-cbir output", "a Similar cases image made by this service"  # as the worker
-        elif isinstance(outcome, Rejection):
-            reason, detail = outcome.reason.value, outcome.detail
-        else:
+        outcome = reject_own_output(outcome)
+        if not isinstance(outcome, Rejection):
             batch.append(outcome)
             if len(batch) >= batch_size:
                 flush()
             return True
-        queue.reject(REJECTED_PREFIX + instance.sop, reason, detail, instance.sop)
+        queue.reject(REJECTED_PREFIX + instance.sop, outcome.reason.value, outcome.detail, instance.sop)
         rejected_before.add(instance.sop)
         summary.rejected += 1
         return True

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import Settings
 from ..dicom import Rejection, decode_instance, looks_like_uid
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
-from ..dicom.similar_cases import is_own_output
+from ..dicom.similar_cases import reject_own_output
 from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
@@ -201,16 +201,14 @@ class Worker:
         if data is None:
             outcome.gone += 1
             return
-        result = decode_instance(data, max_frames=self.frames_per_instance, **self.limits)
+        # indexed, its own "Similar cases" images would answer every query with copies of hits
+        result = reject_own_output(decode_instance(data, max_frames=self.frames_per_instance, **self.limits))
         if isinstance(result, Rejection):
             uid = result.metadata.sop_instance_uid if result.metadata else None
             self._reject(event, result.reason.value, result.detail, uid)
         elif not looks_like_uid(result.metadata.sop_instance_uid or "") or len(result.metadata.sop_instance_uid) > 64:
             # the index is keyed by it: without a valid one the file cannot be an entry
             self._reject(event, "no SOPInstanceUID", "the file has no valid SOPInstanceUID", None)
-        elif is_own_output(result.metadata):  # indexed, its copies of hits would answer every query
-            self._reject(event, "orthanc-cbir output", "a Similar cases image made by this service",
-                         result.metadata.sop_instance_uid)  # fmt: skip
         else:
             decoded.append((event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {}))
             return
