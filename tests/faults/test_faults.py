@@ -7,6 +7,8 @@ plugin, storescu and ``orthanc-cbir worker`` processes with the shipped model; l
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -180,3 +182,25 @@ def test_redis_unreachable_orthanc_stores_queries_answer_503_and_nothing_is_lost
         stopped(worker)
     assert_each_instance_once(stack, len(before) + len(during))
 
+
+def test_a_hung_redis_gets_a_503_within_seconds_not_after_the_worker_wait(stack, tmp_path):
+    """Redis stopped mid-answer (SIGSTOP: connections open, no replies): the similarity route
+    answers 503 once a command times out. Its one client had the 130 s timeout of the worker
+    request/reply, so a hung Redis held an Orthanc HTTP thread 130 s."""
+    worker = stack.worker().start()
+    paths = synthetic_series(tmp_path / "series", slices=4, size=64)
+    try:
+        storescu(stack.orthanc, paths)
+        wait_until(lambda: accounted(stack) and stack.store.count() == len(paths), SETTLE_S, "the series")
+        instance = orthanc_instances(stack)[0]
+        os.kill(stack.redis_server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            code, body, _ = stack.orthanc.request("GET", f"/cbir/instances/{instance}/similar?k=2", timeout_s=60)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(stack.redis_server.process.pid, signal.SIGCONT)
+        assert code == 503 and "unreachable" in json.loads(body)["error"], (code, body)
+        assert waited < 40, f"{waited:.0f} s for an answer"
+    finally:
+        stopped(worker)

@@ -51,6 +51,9 @@ QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
 SERIES_WAIT_S = 120
 """How long ``POST .../similar/series`` waits for a worker to fetch, draw and store the hits."""
+REDIS_COMMAND_TIMEOUT_S = 10
+"""How long a route's Redis command may take before the route answers 503: a hung Redis must not
+hold a server thread for the worker waits above. Snapshot refreshes read in bounded blocks."""
 JOB_QUEUE_S = 600
 """How long an asynchronous series request (``Prefer: respond-async``) may wait for a worker to take it."""
 JOB_TTL_S = 3600
@@ -157,7 +160,10 @@ class SimilarityService:
         # A route waiting for a worker holds one of the server's threads (in Orthanc, one the
         # worker itself may need for its REST calls): at most max_worker_waits wait, more get 429.
         self._worker_waits = threading.BoundedSemaphore(max(1, settings.max_worker_waits))
-        self.client = client_for(settings, socket_timeout=SERIES_WAIT_S + 10)
+        self.client = client_for(settings, socket_timeout=REDIS_COMMAND_TIMEOUT_S)
+        # Only the wait for a worker's reply blocks that long; on the client every command uses, a
+        # hung Redis would hold the route (an Orthanc HTTP thread) as long before its 503.
+        self._replies = client_for(settings, socket_timeout=SERIES_WAIT_S + 10)
         self.queue = IngestQueue.for_settings(self.client, settings)
         self.store = IndexStore(self.client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
         self.searcher = Searcher(self.store)
@@ -383,7 +389,7 @@ class SimilarityService:
         keys = self.queue.keys
         self.client.set(keys.query_body(request), body, ex=int(wait_s * 2))
         self.queue.enqueue(request, action)
-        reply = self.client.blpop([keys.query_reply(request)], timeout=wait_s)
+        reply = self._replies.blpop([keys.query_reply(request)], timeout=wait_s)
         if reply is None:
             self.client.delete(keys.query_body(request))  # a worker that comes later finds nothing to do
             return None
