@@ -72,12 +72,12 @@ ORGAN_FINE_OFFSET = 100
 """OrganAMNIST organs get fine classes 100 + organ, clear of MedNIST's and PneumoniaMNIST's."""
 
 REFORMAT_FRACTIONS = (0.25, 0.35, 0.45, 0.55, 0.65, 0.75)
+"""Where coronal (front to back) and sagittal (right to left) reformats cut a volume."""
 HELD_OUT_PATIENTS = ("LIDC-IDRI-0314", "Lung_Dx-A0001")
 """The two chest CTs of the cross-patient level measure: training never sees them."""
 
 MIN_REFORMAT_MM = 100.0
 """A volume thinner than this along the body axis gives no reformat (it would be a strip)."""
-"""Where coronal (front to back) and sagittal (right to left) reformats cut a volume."""
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,16 @@ def load_volume(path: Path) -> Volume:
     return _nifti_volume(path)
 
 
-def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] = REFORMAT_FRACTIONS) -> ImageSet:
+def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] = REFORMAT_FRACTIONS, *,
+                lung_frame: bool = False) -> ImageSet:  # fmt: skip
     """Every axial slice and the coronal and sagittal reformats of a volume, cut at the ``reformats``
     fractions of its depth and width (none: axial slices only). Axial slices carry their level: the
-    volume's own z in mm (aux ``level``) and, for a CT showing the lungs, the same in the frame of
-    :mod:`.landmarks` (aux ``anatomical_level``, NaN otherwise)."""
+    volume's own z in mm (aux ``level``) and, with ``lung_frame`` (training: finding the lungs takes
+    seconds a volume) for a CT showing the lungs, the same in the frame of :mod:`.landmarks` (aux
+    ``anatomical_level``, NaN otherwise)."""
     volume = load_volume(source.path)
     anatomical = None
-    if source.modality == "CT":
+    if lung_frame and source.modality == "CT":
         anatomical = anatomical_levels(volume.z_mm, lung_landmarks(volume.grey, volume.z_mm, volume.row_mm,
                                                                    volume.column_mm))  # fmt: skip
     pictures, planes, levels, anatomical_mm, names = [], [], [], [], []
@@ -199,8 +201,9 @@ def extra_sources(anatomy_root: Path) -> list[dict]:
 
 
 def read_volumes(sources: list[VolumeSource]) -> ImageSet:
-    """:func:`read_volume` of each source, one group per volume (groups from 1000 up, clear of MedNIST's)."""
-    return ImageSet.concatenate([read_volume(source, 1000 + i) for i, source in enumerate(sources)])
+    """:func:`read_volume` of each source with its lung frame, one group per volume (groups from 1000 up,
+    clear of MedNIST's): the training set's volumes."""
+    return ImageSet.concatenate([read_volume(source, 1000 + i, lung_frame=True) for i, source in enumerate(sources)])
 
 
 def _dicom_volume(folder: Path) -> Volume:

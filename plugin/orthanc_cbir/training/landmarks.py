@@ -9,12 +9,12 @@ Training maps each volume that shows them onto one frame (:func:`anatomical_leve
 apex at 0 mm, base at ``-LUNG_SPAN_MM``, linear in between and beyond.
 
 The lungs are the large air-density (< -500 HU) structure inside the body: in each slice
-the body is the largest piece of tissue clear of the picture's edge, holes filled; the air
-inside it is labelled in 3-D, and components of at least :data:`MIN_LUNG_ML` are the lungs (bowel gas
-and the stomach bubble are smaller and not connected to them). The trachea and the main
-bronchi lie on the body's midline; lung is counted only :data:`MIDLINE_MM` or more from it,
-so the apex is the lung's and not the windpipe's. A volume whose lungs touch its first or
-last slice (the volume ends inside the lungs), or run off the picture's edge, lacks that
+the body is the largest piece of tissue that does not enclose the whole picture, holes
+filled; the air inside it is labelled in 3-D, and components of at least :data:`MIN_LUNG_ML`
+are the lungs (bowel gas and the stomach bubble are smaller and not connected to them). The
+trachea and the main bronchi lie on the body's midline; lung is counted only
+:data:`MIDLINE_MM` or more from it, so the apex is the lung's and not the windpipe's. A volume
+whose lungs reach its first or last slice (the volume ends inside the lungs) lacks that
 landmark; a volume with neither (an abdomen, a pelvis) keeps only its levels' differences.
 """
 
@@ -84,7 +84,7 @@ def _body(tissue: np.ndarray) -> np.ndarray:
     tissue that does not enclose the whole picture. Air outside it (around the body, inside the
     table's hollow shell) is not lung; a bright ring outside a scanner's field of view encloses
     everything and is passed over."""
-    labels, count = ndimage.label(tissue)
+    labels, _ = ndimage.label(tissue)
     for label in np.argsort(np.bincount(labels.ravel())[1:])[::-1] + 1:
         filled = ndimage.binary_fill_holes(labels == label)
         if filled.mean() < MAX_BODY_SHARE:

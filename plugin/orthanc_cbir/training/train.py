@@ -290,10 +290,10 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                 "supervised": config.supervised_weight
                 * supervised_contrastive(out["features"], fine[both], config.temperature),
             }
-            organ_rows = aux["organ"][both] >= 0
-            if organ_rows.sum() > 1:
+            organs = aux["organ"][both]
+            if (organs >= 0).sum() > 1:
                 losses["organ_supervised"] = config.organ_supervised_weight * supervised_contrastive(
-                    out["features"][organ_rows], aux["organ"][both][organ_rows], config.temperature
+                    out["features"][organs >= 0], organs[organs >= 0], config.temperature
                 )
             for head in LABELS:
                 target = labels[head][both]
