@@ -1,6 +1,6 @@
 # orthanc-cbir: the two commands of the README, and what they stand on.
 #   make demo   install what is missing, run the pipeline end to end on loopback, stop
-#   make test   install what is missing, run every test (unit, integration and browser)
+#   make test   install what is missing, run ruff and mypy, then every test (unit, integration and browser)
 #   make ohif   fetch the pinned OHIF viewer into build/ohif (npm pack, sha512 checked); `make viewer` serves it
 
 SHELL := /bin/bash
@@ -46,7 +46,10 @@ viewer: install ohif
 demo: install ohif
 	$(VENV)/bin/orthanc-cbir demo --state state/demo
 
+# The lint and type gate first (configured in pyproject.toml), then every test.
 test: install ohif
+	$(VENV)/bin/ruff check plugin tests benchmarks
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -ra
 
 clean:

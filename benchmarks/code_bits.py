@@ -45,7 +45,9 @@ def main() -> None:
         mean, projection = fit_itq(out.features[train][sample], bits - label_bits, seed=0)
         appearance = (out.features - mean) @ projection > 0
         codes = np.packbits(np.concatenate([label_codes, appearance], axis=1), axis=1)
-        curve = recall_vs_exact(out.features[queries], codes[queries], out.features[train], codes[train], POOL_FRACTIONS)
+        curve = recall_vs_exact(
+            out.features[queries], codes[queries], out.features[train], codes[train], POOL_FRACTIONS
+        )
         stats = code_statistics(codes[train])
         print(f"{bits:5d} " + " ".join(f"{curve[f]:7.4f}" for f in POOL_FRACTIONS)
               + f"  {stats['distinct_codes']:8d}  {stats['mean_bucket_size']:11.2f}")  # fmt: skip

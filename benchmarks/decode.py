@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"{'source':58} {'inst/s':>8} {'ms/inst':>8}")
-    for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless):
+    for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless,
+                   JPEG2000Lossless):  # fmt: skip
         seconds = time_decode(encoded_ct(syntax), args.repeat)
         print(f"{'CT 512x512 ' + syntax.name:58} {1 / seconds:8.1f} {1000 * seconds:8.2f}")
     for name in ("REF/CT1_UNC", "JPLL/CT1_JPLL", "JLSL/CT1_JLSL", "J2KR/CT1_J2KR", "JPLY/MR1_JPLY"):

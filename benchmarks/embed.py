@@ -39,7 +39,9 @@ def resnet18_onnx(path: Path) -> Path:
 
     from orthanc_cbir.training.net import BasicBlock
 
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+    ]
     inputs = 64
     for i, width in enumerate((64, 128, 256, 512)):
         layers += [BasicBlock(inputs, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
@@ -64,7 +66,8 @@ def main() -> None:
         size = embedder.card.input_size
         images = rng.random((batch, size, size), dtype=np.float32)
         rows.append((f"shipped {DEFAULT_MODEL.name} ({size}x{size}), full Embedder.embed", batch,
-                     images_per_second(lambda b: embedder.embed(images[:b]), batch, args.seconds)))  # fmt: skip
+                     images_per_second(lambda b, embedder=embedder, images=images: embedder.embed(images[:b]),
+                                       batch, args.seconds)))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
@@ -73,7 +76,8 @@ def main() -> None:
         pictures = rng.random((32, 3, 224, 224), dtype=np.float32)
         for batch in (1, 32):
             rows.append(("ResNet-18 (224x224, 3 channels), onnxruntime", batch,
-                         images_per_second(lambda b: session.run(None, {"x": pictures[:b]}), batch, args.seconds)))  # fmt: skip
+                         images_per_second(lambda b: session.run(None, {"x": pictures[:b]}),
+                                           batch, args.seconds)))  # fmt: skip
     print(f"{'model':62} {'batch':>5} {'images/s':>9}")
     for name, batch, rate in rows:
         print(f"{name:62} {batch:5d} {rate:9.1f}")

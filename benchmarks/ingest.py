@@ -42,14 +42,17 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugin"))
+from scp import copies_of_series  # noqa: E402  (benchmarks/, the script's own folder)
+
 from orthanc_cbir.config import DEFAULT_MODEL  # noqa: E402
 from orthanc_cbir.index import IndexInfo, IndexStore  # noqa: E402
 from orthanc_cbir.ingest.queue import STORE, IngestQueue  # noqa: E402
 from orthanc_cbir.local_services import OrthancServer, RedisServer, WorkerProcess  # noqa: E402
 from orthanc_cbir.model.embedder import Embedder  # noqa: E402
-from scp import copies_of_series  # noqa: E402  (benchmarks/, the script's own folder)
 
-SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+SERIES = (
+    ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+)
 TIMEOUT_S = 600
 BATCH_LINE = re.compile(r"batch of (\d+):")
 
@@ -139,7 +142,7 @@ def scaling(files: list[Path], counts: list[int], threads: int | None, cores: in
             with ExitStack() as round_stack:
                 workers = start_workers(round_stack, scratch / f"round{k}", k, share, db_url, orthanc)
                 # every worker has loaded the model and is waiting on the stream before the clock starts
-                wait_for(lambda: waiting_workers(client) >= k, "workers ready", 120, 0.1)
+                wait_for(lambda k=k: waiting_workers(client) >= k, "workers ready", 120, 0.1)
                 time.sleep(0.5)
                 pipe = client.pipeline(transaction=True)  # the backlog appears at once
                 for orthanc_id in ids:
@@ -164,7 +167,7 @@ def scaling(files: list[Path], counts: list[int], threads: int | None, cores: in
                       "/".join(map(str, split))))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for n, row in enumerate(table):
-        print(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+        print(" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
         if n == 0:
             print("-|-".join("-" * w for w in widths))
     return used
@@ -185,9 +188,10 @@ def live(files: list[Path], counts: list[int], threads: int | None, cores: int, 
             started = time.monotonic()
             push(files, orthanc)
             pushed = time.monotonic()
-            done = wait_for(lambda: orthanc.get_json("/cbir/status").get("indexed", 0) >= len(files), "indexed", 300, 0.05)
-        print(f"{len(files)} CT slices (512x512), {k} worker(s) x {share} thread(s): push took {pushed - started:.2f} s, "
-              f"last slice indexed {done - pushed:.2f} s after the push ended; "
+            done = wait_for(lambda orthanc=orthanc: orthanc.get_json("/cbir/status").get("indexed", 0) >= len(files),
+                            "indexed", 300, 0.05)  # fmt: skip
+        print(f"{len(files)} CT slices (512x512), {k} worker(s) x {share} thread(s): "
+              f"push took {pushed - started:.2f} s, last slice indexed {done - pushed:.2f} s after the push ended; "
               f"{len(files) / (done - started):.1f} instances/s from first byte to last indexed")  # fmt: skip
     return used
 

@@ -41,7 +41,9 @@ from orthanc_cbir.local_services import (  # noqa: E402
     WorkerProcess,
 )
 
-SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+SERIES = (
+    ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+)
 STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
 
 

@@ -346,7 +346,7 @@ def measure(results: dict[str, Result], searches: dict[str, Search], index: Inde
             started = time.perf_counter()
             rows = active[name](q)
             return rows, (time.perf_counter() - started) * 1000
-        except Exception as exc:  # a broken strategy is a row of the report, not the end of the run
+        except Exception as exc:  # noqa: BLE001 - a broken strategy is a row of the report, not the end of the run
             results[name].notes.append(f"error: {type(exc).__name__}: {str(exc)[:120]}")
             del active[name]
             failed.add(name)

@@ -36,7 +36,9 @@ from orthanc_cbir.local_services import (  # noqa: E402
     WorkerProcess,
 )
 
-SERIES = ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+SERIES = (
+    ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+)
 
 
 def copies_of_series(files: list[Path], copies: int, out: Path) -> list[Path]:

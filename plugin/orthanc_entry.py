@@ -25,5 +25,5 @@ try:
 
     orthanc_adapter.register(orthanc, orthanc_adapter.settings_from_orthanc(orthanc))
     orthanc.LogWarning("cbir: routes registered under /cbir/")
-except Exception as exc:  # keep Orthanc up; the log says why the plugin is idle
+except Exception as exc:  # noqa: BLE001 - keep Orthanc up; the log says why the plugin is idle
     orthanc.LogError(f"cbir: plugin not started: {type(exc).__name__}: {exc}")

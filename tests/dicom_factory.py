@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UID, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -94,7 +94,7 @@ def enhanced_ct(frames: np.ndarray, per_frame_rescale: list[tuple[float, float]]
     ds = grey_image(frames, sop_class=ENHANCED_CT)
     ds.NumberOfFrames = frames.shape[0]
     groups = []
-    for (slope, intercept), (centre, width) in zip(per_frame_rescale, per_frame_window):
+    for (slope, intercept), (centre, width) in zip(per_frame_rescale, per_frame_window, strict=False):
         group = Dataset()
         transformation = Dataset()
         transformation.RescaleSlope, transformation.RescaleIntercept = slope, intercept

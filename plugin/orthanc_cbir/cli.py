@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import load_settings
 
@@ -64,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--state", type=Path, default=Path("state/demo"), help="state folder (default state/demo)")
     demo.add_argument(
-        "--data", type=Path, default=None, help="DICOM folder to push (default: ../shared/data/dicom, else pydicom's files)"
+        "--data",
+        type=Path,
+        default=None,
+        help="DICOM folder to push (default: ../shared/data/dicom, else pydicom's files)",
     )
     demo.set_defaults(run=_run_demo)
 
@@ -219,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--mednist", type=Path, default=shared / "mednist" / "mednist_dev.tar.gz")
     train.add_argument("--pneumonia", type=Path, default=shared / "pneumoniamnist")
     train.add_argument("--anatomy", type=Path, default=anatomy,
-                       help="folder with organamnist/organamnist.npz, lidc0314/ and ts_ct/ (skipped if absent)")  # fmt: skip
+                       help="folder with organamnist/organamnist.npz, lidc0314/ and ts_ct/ "
+                            "(skipped if absent)")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("state/training"))
     train.add_argument("--epochs", type=int, default=None, help="default: TrainConfig.epochs (4)")
     train.add_argument("--seed", type=int, default=0)
@@ -301,7 +306,7 @@ def _run_preview(args: argparse.Namespace) -> int:
     for path in _walk(args.files):
         try:
             outcome = decode_instance(path, max_frames=settings.frames_per_instance, **settings.decode_limits())
-        except Exception as exc:  # a bug, not bad input: say so and go on
+        except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so and go on
             print(f"{path}: error: {type(exc).__name__}: {exc}")
             failed = True
             continue
@@ -372,8 +377,8 @@ def _run_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .dicom import Rejection
-    from .index import IndexInfo
     from .dicom.similar_cases import reject_own_output
+    from .index import IndexInfo
     from .index.records import decode_file, embed_instances
 
     settings = load_settings(frames_per_instance=args.frames)
@@ -411,14 +416,14 @@ def _run_index(args: argparse.Namespace) -> int:
 def _run_query(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-
     from .api.similar import hit_json
     from .dicom import Rejection
+    from .errors import NotIndexed
     from .index import IndexInfo
     from .index.records import decode_file, embed_instances
-    from .search import Filters, Query, QueryContext, Searcher, SearchOptions
+    from .search import Filters, Query, QueryContext, SearchOptions
     from .search.filters import parse_weights
+    from .search.service import Page, SimilaritySearch
 
     try:
         filters = Filters.parse(args.filter)
@@ -429,14 +434,13 @@ def _run_query(args: argparse.Namespace) -> int:
         return 2
     embedder = _embedder()
     store = _store(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
-    searcher = Searcher(store)
+    core = SimilaritySearch(store)
     if args.uid:
-        row = store.row(args.uid)
-        if row is None:
+        try:
+            answer = core.similar_to_stored("instance", args.uid, Page(options))
+        except NotIndexed:
             print(f"error: {args.uid} is not in the index {store.info.version}", file=sys.stderr)
             return 1
-        searcher.snapshot.refresh()
-        query = searcher.stored_query(np.array([row]))
     else:
         outcome = decode_file(args.file, **load_settings().decode_limits())
         if isinstance(outcome, Rejection):
@@ -447,20 +451,21 @@ def _run_query(args: argparse.Namespace) -> int:
         query = Query(record.features, record.code, record.probabilities,
                       QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid,
                                    meta.series_instance_uid, meta.modality, meta.body_part_examined))  # fmt: skip
-    result = searcher.search(query, options)
+        answer = core.similar_to(query, Page(options))
+    result = answer.result
     if args.json:
         print(json.dumps({"strategy": result.strategy, "level": result.level, "index_size": result.index_size,
                           "candidate_fraction": round(result.candidate_fraction, 6),
                           "elapsed_ms": round(result.elapsed_ms, 2),
-                          "hits": [hit_json(h.rank, h.distance, h.instances, result.strategy, h.record)
-                                   for h in result.hits]}, indent=2))  # fmt: skip
+                          "hits": [hit_json(h, result.strategy) for h in result.hits]}, indent=2))  # fmt: skip
         return 0
-    print(f"{result.strategy} over {result.index_size} instances: {len(result.hits)} hits in {result.elapsed_ms:.1f} ms "
-          f"({result.candidates} candidates)")  # fmt: skip
+    print(f"{result.strategy} over {result.index_size} instances: {len(result.hits)} hits "
+          f"in {result.elapsed_ms:.1f} ms ({result.candidates} candidates)")  # fmt: skip
     for hit in result.hits:
-        fields = hit_json(hit.rank, hit.distance, hit.instances, result.strategy, hit.record)
-        print(f"{hit.rank:3d}  {hit.distance:8.4f}  {fields['Modality'] or '-':3s}  {fields['BodyPartExamined'] or '-':10s}"
-              f"  {fields['SOPInstanceUID']}  {fields['SeriesDescription'] or ''}")  # fmt: skip
+        fields = hit_json(hit, result.strategy)
+        print(f"{hit.rank:3d}  {hit.distance:8.4f}  {fields['Modality'] or '-':3s}  "
+              f"{fields['BodyPartExamined'] or '-':10s}  {fields['SOPInstanceUID']}  "
+              f"{fields['SeriesDescription'] or ''}")  # fmt: skip
     return 0
 
 
@@ -557,10 +562,11 @@ def _run_backfill(args: argparse.Namespace) -> int:
     embedder = _embedder()
     connection = _redis(settings.redis_url)
     store = IndexStore(connection, IndexInfo.from_card(embedder.card), shards=settings.index_shards)
+    decode_limits: dict[str, Any] = settings.decode_limits()  # max_file_bytes, max_pixels_per_frame
     try:
         summary = backfill(client, store, IngestQueue(connection), embedder, since=args.since, modalities=modalities,
                            batch_size=args.batch, frames_per_instance=settings.frames_per_instance,
-                           restart=args.restart, stop=stop, **settings.decode_limits())  # fmt: skip
+                           restart=args.restart, stop=stop, **decode_limits)  # fmt: skip
     except BackfillError as exc:
         if exc.summary is not None and exc.summary.studies:  # what it did before it stopped
             print(exc.summary.line())
@@ -608,7 +614,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         mednist = read_mednist(args.mednist, Path("state/cache"))
         train_index, validation_index = block_split(mednist)
         classes = sorted(MEDNIST_CLASSES)
-        gallery, queries = Labelled(mednist.subset(train_index), classes), Labelled(mednist.subset(validation_index), classes)
+        gallery = Labelled(mednist.subset(train_index), classes)
+        queries = Labelled(mednist.subset(validation_index), classes)
         copies = 1000 if args.copies is None else args.copies
     elif args.gallery and args.queries:
         gallery_set, classes = read_image_folder(args.gallery)
@@ -620,13 +627,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         return 2
     if args.limit:
         keep = np.random.default_rng(0).permutation(len(queries.images))[: args.limit]
-        queries = Labelled(queries.images.subset(sorted(keep)), queries.classes)
+        queries = Labelled(queries.images.subset(np.sort(keep)), queries.classes)
     embedder = _embedder()
     command = "orthanc-cbir " + " ".join(args.argv)
     with tempfile.TemporaryDirectory(prefix="cbir-evaluate-") as scratch:
         server = None if args.redis_url else RedisServer(Path(scratch)).start()
         try:
-            client = _redis(args.redis_url) if args.redis_url else _redis(server.url, cluster=False)
+            client = _redis(args.redis_url) if server is None else _redis(server.url, cluster=False)
             summary, reports = evaluate(client, embedder, gallery, queries, strategies, k=args.k, copies=copies)
             write_report(args.report, summary, reports, gallery, queries, command)
             if args.pneumonia:

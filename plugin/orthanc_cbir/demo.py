@@ -84,7 +84,8 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
 def _run_demo(state_dir: Path, data_dir: Path | None) -> int:
     files = _demo_files(data_dir)
     state_dir = state_dir.resolve()
-    for previous in ("orthanc", "redis", "worker", "viewer"):  # a fresh archive each run: Orthanc announces only new instances
+    # a fresh archive each run: Orthanc announces only new instances
+    for previous in ("orthanc", "redis", "worker", "viewer"):
         shutil.rmtree(state_dir / previous, ignore_errors=True)
     print(f"demo: {len(files)} DICOM files, state in {state_dir}")
     with ExitStack() as services:
@@ -182,7 +183,8 @@ def show_in_ohif(orthanc: OrthancServer, query: str, viewer_state: Path) -> int:
             print(f"demo: results page {orthanc.url}/cbir/ui/instances/{query} (user {orthanc.username}, "
                   f"password {orthanc.password})")  # fmt: skip
             return 0
-        print(f"demo: OHIF, the CT study with its \"Similar cases\" series: {viewer.url}/viewer?StudyInstanceUIDs={study}")
+        print(f"demo: OHIF, the CT study with its \"Similar cases\" series: "
+              f"{viewer.url}/viewer?StudyInstanceUIDs={study}")  # fmt: skip
         print(f"demo: results page of the query slice: {viewer.url}/cbir/ui/instances/{query}")
         if sys.stdin.isatty():
             print("demo: press Ctrl-C to stop everything")
@@ -229,4 +231,5 @@ def _demo_files(data_dir: Path | None) -> list[Path]:
         return [p for p in picks if p.exists()]
     from pydicom.data import get_testdata_file
 
-    return [Path(get_testdata_file(name)) for name in _PYDICOM_PICKS]
+    # get_testdata_file(name) is a path (str) without read=True; pydicom annotates it str | Dataset | None
+    return [Path(get_testdata_file(name)) for name in _PYDICOM_PICKS]  # type: ignore[arg-type]

@@ -247,7 +247,7 @@ class RedisCluster:
                     if node.process is not None and node.process.poll() is not None:
                         raise ServiceError(f"cluster node {node.port} exited with {node.process.returncode}\n"
                                            f"{self.log_tail()}")  # fmt: skip
-                problems = [problem for client, node in zip(clients, self._nodes)
+                problems = [problem for client, node in zip(clients, self._nodes, strict=True)
                             if (problem := self._unhealthy(client, node))]  # fmt: skip
                 if not problems:
                     return
@@ -362,7 +362,9 @@ class OrthancServer(_Process):
                 "RemoteAccessAllowed": False,
                 "AuthenticationEnabled": True,
                 "RegisteredUsers": {self.username: self.password},
-                "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so"), str(ORTHANC_PLUGINS / "libOrthancPython.so")],
+                "Plugins": [
+                    str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so"), str(ORTHANC_PLUGINS / "libOrthancPython.so")
+                ],
                 "PythonScript": str(REPO_ROOT / "plugin" / "orthanc_entry.py"),
             }
         )

@@ -72,7 +72,8 @@ def _tile(outcome: DecodedInstance | Rejection) -> Image.Image:
     pixels = outcome.images[0].pixels
     image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
     scale = TILE / max(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
     tile = Image.new("L", (TILE, TILE), color=0)
     tile.paste(image, ((TILE - image.width) // 2, (TILE - image.height) // 2))
     return tile

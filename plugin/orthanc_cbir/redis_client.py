@@ -17,7 +17,7 @@ Redis outage (the Orthanc plugin's enqueue buffer, workers, the 503 of the simil
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 from redis.cluster import RedisCluster
@@ -27,6 +27,25 @@ from .config import Settings
 
 UNREACHABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, RedisClusterException)
 """What a Redis server or Redis Cluster that is down, restarting or too slow raises."""
+
+
+RedisClient: TypeAlias = redis.Redis | RedisCluster
+"""What :func:`connect` makes: one server (or Sentinel-managed master) or a Redis Cluster."""
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text: clients here answer bytes (``decode_responses`` off), which redis-py
+    types as ``bytes | str``.
+
+    >>> text(b"1.2.3"), text("1.2.3")
+    ('1.2.3', '1.2.3')
+    """
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A Redis reply as bytes (the other half of :func:`text`)."""
+    return value.encode() if isinstance(value, str) else value
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any):

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 REQUEUE_EVERY_S = 5.0
 """How often files received while Redis was away are enqueued again."""
 
+_REDIS_AWAY: tuple[type[BaseException], ...] = (redis.RedisError, *UNREACHABLE)
+"""What a requeue raises while Redis is still away (or refusing writes)."""
+
 
 def serve(settings: Settings, workers: int = 1) -> int:
     """Run the standalone server until interrupted; returns the exit status."""
@@ -71,7 +74,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
     while not stop.wait(REQUEUE_EVERY_S):  # until SIGTERM / SIGINT
         try:
             requeued = spool.requeue()
-        except (redis.RedisError, *UNREACHABLE):  # Redis still away (or refusing writes): next time
+        except _REDIS_AWAY:  # Redis still away (or refusing writes): next time
             continue
         if requeued:
             log.info("%d instance(s) received while Redis was away enqueued", requeued)

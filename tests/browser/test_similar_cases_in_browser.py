@@ -66,7 +66,8 @@ def test_the_results_page_shows_hits_and_follows_the_strategy(viewer, indexed, p
 
 def test_ohif_lists_the_similar_cases_series_beside_the_query_and_draws_it(orthanc, viewer, indexed, page):
     status, body, _ = orthanc.request("POST", f"/cbir/instances/{indexed['query']}/similar/series", b"",
-                                      headers={"X-Cbir-K": "4", "X-Cbir-Exclude": "same-series"}, timeout_s=150)  # fmt: skip
+                                      headers={"X-Cbir-K": "4", "X-Cbir-Exclude": "same-series"},
+                                      timeout_s=150)  # fmt: skip
     assert status == 200, body
     made = json.loads(body)
     open_study(page, viewer, indexed["study_uid"], PHANTOM_DESCRIPTION, "ohif-query-study.png")
@@ -74,7 +75,8 @@ def test_ohif_lists_the_similar_cases_series_beside_the_query_and_draws_it(ortha
     series_list.filter(has_text=SERIES_DESCRIPTION).first.wait_for(state="visible", timeout=30_000)
     # the same study, opened on the "Similar cases" series: its first image is drawn
     pixels = open_study(page, viewer, f"{indexed['study_uid']}&initialSeriesInstanceUID="
-                        f"{made['series']['SeriesInstanceUID']}", SERIES_DESCRIPTION, "ohif-similar-cases.png")  # fmt: skip
+                        f"{made['series']['SeriesInstanceUID']}",
+                        SERIES_DESCRIPTION, "ohif-similar-cases.png")  # fmt: skip
     assert caption_band_rows(pixels) >= 10, "the viewport shows no Similar cases image (no caption band)"
     assert caption_band_rows(open_study(page, viewer, indexed["study_uid"], PHANTOM_DESCRIPTION,
                                         "ohif-query-again.png")) == 0  # fmt: skip

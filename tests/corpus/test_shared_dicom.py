@@ -22,7 +22,8 @@ MANIFEST = SHARED_DICOM / "MANIFEST.tsv"
 NOT_IMAGES_WITH_PIXELS = {"Segmentation Storage", "RT Dose Storage"}
 
 pytestmark = pytest.mark.skipif(
-    not MANIFEST.exists(), reason=f"the shared DICOM corpus is absent ({MANIFEST} not found): a fresh clone without ../shared"
+    not MANIFEST.exists(),
+    reason=f"the shared DICOM corpus is absent ({MANIFEST} not found): a fresh clone without ../shared",
 )
 
 
@@ -62,7 +63,11 @@ def lossless_pairs() -> list[tuple[Path, Path]]:
     pairs = []
     for reference in sorted((WG04 / "REF").glob("*_UNC")):
         stem = reference.name.removesuffix("_UNC")
-        pairs += [(reference, WG04 / kind / f"{stem}_{kind}") for kind in LOSSLESS if (WG04 / kind / f"{stem}_{kind}").exists()]
+        pairs += [
+            (reference, WG04 / kind / f"{stem}_{kind}")
+            for kind in LOSSLESS
+            if (WG04 / kind / f"{stem}_{kind}").exists()
+        ]
     return pairs
 
 

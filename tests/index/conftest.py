@@ -76,7 +76,8 @@ def make_records(n: int, seed: int = 0, dim: int = DIM, prefix: str = "1.2.826.0
             patient_key=f"{i // 10 + 1:016x}",
         )  # fmt: skip
         # the model's heads agree with the file (CHEST, HEAD, HAND, ABDOMEN -> chest, head, hand, abdomen)
-        probabilities = {"modality": np.eye(3, dtype=np.float32)[klass % 3], "region": np.eye(5, dtype=np.float32)[(2, 4, 3, 0)[klass]],
+        probabilities = {"modality": np.eye(3, dtype=np.float32)[klass % 3],
+                         "region": np.eye(5, dtype=np.float32)[(2, 4, 3, 0)[klass]],
                          "pathology": np.eye(2, dtype=np.float32)[klass % 2]}  # fmt: skip
         records.append(IndexRecord(metadata, features, pack_codes(bits[None])[0], probabilities))
     return records

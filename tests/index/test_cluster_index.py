@@ -83,9 +83,9 @@ def test_three_shards_on_three_masters_answer_as_one_server(cluster, cluster_cli
     queries = make_records(4, seed=12) + records[7:9]
     assert answers(sharded, queries) == answers(single, queries)
     described = sharded.describe([records[5].key])[0]
-    assert described["row"] % 3 == shard_of(records[5].key, 3)
-    assert sharded.sop_uids([described["row"]]) == [records[5].key]
-    assert described["metadata"] == records[5].metadata.to_json()
+    assert described.row % 3 == shard_of(records[5].key, 3)
+    assert sharded.sop_uids([described.row]) == [records[5].key]
+    assert described.metadata == records[5].metadata
 
 
 def test_removal_and_racing_adds_on_the_cluster(cluster, cluster_client, records):

@@ -38,9 +38,9 @@ def record(uid: str, features, *, modality=None, body_part=None, said_modality="
     m, r = MODALITY[said_modality], REGION[said_region]
     label_bits = np.concatenate([np.arange(8) == m, np.arange(8) == r, np.arange(8) == 0])
     bits = np.concatenate([label_bits, np.resize(features > 0, 104)]).astype(np.float32) - 0.5
-    metadata = dataclasses.replace(BASE, sop_instance_uid=uid, series_instance_uid=series, study_instance_uid=series + ".1",
-                                   modality=modality, body_part_examined=body_part, rows=rows, columns=rows,
-                                   image_position_patient=position)  # fmt: skip
+    metadata = dataclasses.replace(BASE, sop_instance_uid=uid, series_instance_uid=series,
+                                   study_instance_uid=series + ".1", modality=modality, body_part_examined=body_part,
+                                   rows=rows, columns=rows, image_position_patient=position)  # fmt: skip
     probabilities = {"modality": np.eye(3, dtype=np.float32)[m], "region": np.eye(5, dtype=np.float32)[r],
                      "pathology": np.eye(2, dtype=np.float32)[0]}  # fmt: skip
     return IndexRecord(metadata, features, pack_codes(bits[None])[0], probabilities)
@@ -81,7 +81,7 @@ def test_class_finds_a_ct_the_model_calls_mr_among_the_cts(misnamed):
     # the 11 other CTs (file: CT, chest) and the pictures the model calls CT / chest; no MR, no US
     assert sorted(uids) == sorted([f"1.2.4.ct.{i}" for i in range(1, 12)] + [f"1.2.4.png.{i}" for i in range(5)])
     for hit in hits:
-        labels = hit.record["labels"]
+        labels = hit.labels
         if hit.sop_instance_uid.startswith("1.2.4.ct."):
             assert labels["modality"] == {"value": "CT", "source": "file"}
             assert labels["region"] == {"value": "chest", "source": "file"}
@@ -101,7 +101,8 @@ def test_a_modality_the_model_has_no_label_for_falls_back_to_the_model(misnamed)
     searcher = misnamed
     hits = searcher.search(query_of(searcher, "1.2.4.us.0"), SearchOptions("class", k=30)).hits
     # US is not CT, MR or XR: the model's MR; LUNG is chest: the file's chest
-    assert sorted(h.sop_instance_uid for h in hits) == ["1.2.4.us.1", "1.2.4.us.2"]  # the other US: MR by the model, chest by the file
+    # the other US: MR by the model, chest by the file
+    assert sorted(h.sop_instance_uid for h in hits) == ["1.2.4.us.1", "1.2.4.us.2"]
     assert searcher.labels.describe({"modality": "US", "body_part_examined": "LUNG"},
                                     {"modality": [0, 1, 0], "region": [1, 0, 0, 0, 0]}) == {  # fmt: skip
         "modality": {"value": "MR", "source": "model"}, "region": {"value": "chest", "source": "file"},
@@ -115,7 +116,8 @@ def test_an_uploaded_dicom_query_counts_its_header(misnamed):
     body = to_bytes(grey_image(np.zeros((8, 8), np.int16), modality="CT", BodyPartExamined="THORAX"))
     modality, body_part = upload_header(body)
     assert (modality, body_part) == ("CT", "THORAX")
-    upload = Query(stored.features, stored.code, stored.probabilities, QueryContext(modality=modality, body_part=body_part))
+    upload = Query(stored.features, stored.code, stored.probabilities,
+                   QueryContext(modality=modality, body_part=body_part))  # fmt: skip
     uids = searcher.search(upload, SearchOptions("class", k=30)).sop_instance_uids
     assert "1.2.4.ct.0" in uids and not any(u.startswith(("1.2.4.mr", "1.2.4.us")) for u in uids)
     # the same picture without a header: the model's MR / head decides
@@ -183,11 +185,12 @@ def test_six_copies_are_one_hit_with_five_copies_and_k_distinct_pictures(store):
         assert len(uids) == 10 and len(set(uids)) == 10, strategy
         leads = [h for h in result.hits if h.sop_instance_uid.startswith("1.2.5.copy.")]
         assert len(leads) == 1, (strategy, uids)  # the six copies are one hit...
-        listed = [c["SOPInstanceUID"] for c in leads[0].record["copies"]]
-        assert sorted(listed + [leads[0].sop_instance_uid]) == sorted(c.key for c in copies)  # ...listing the other five
-        assert all(set(c) >= {"SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "orthanc", "distance"}
-                   for c in leads[0].record["copies"])  # fmt: skip
-        assert all(h.record["copies"] == [] for h in result.hits if h is not leads[0])
+        listed = [c.entry.sop_instance_uid for c in leads[0].copies]
+        # ...listing the other five
+        assert sorted(listed + [leads[0].sop_instance_uid]) == sorted(c.key for c in copies)
+        distances = [c.distance for c in leads[0].copies]  # to the query, best first
+        assert distances == sorted(distances) and distances[0] >= leads[0].distance, strategy
+        assert all(h.copies == [] for h in result.hits if h is not leads[0])
         # nothing else is collapsed: the 9 other hits are the nearest 9 of the 30 other pictures
     exact = searcher.search(query, SearchOptions("exact", k=10))
     assert exact.hits[0].sop_instance_uid.startswith("1.2.5.copy.")
@@ -202,9 +205,10 @@ def test_copies_that_fill_the_first_ranks_are_refilled_from_deeper(store):
     copies = [record(f"1.2.6.copy.{i}", picture + 0.001 * rng.normal(size=DIM)) for i in range(60)]
     others = [record(f"1.2.6.other.{i}", picture + 1.5 * rng.normal(size=DIM)) for i in range(20)]
     store.add(copies + others)
-    result = Searcher(store).search(Query(picture / np.linalg.norm(picture), copies[0].code), SearchOptions("exact", k=5))
+    query = Query(picture / np.linalg.norm(picture), copies[0].code)
+    result = Searcher(store).search(query, SearchOptions("exact", k=5))
     assert len(result.hits) == 5 and sum(h.sop_instance_uid.startswith("1.2.6.copy.") for h in result.hits) == 1
-    assert len(result.hits[0].record["copies"]) == 59
+    assert len(result.hits[0].copies) == 59
 
 
 def test_near_pictures_that_differ_in_their_records_are_not_copies(store):
@@ -218,9 +222,10 @@ def test_near_pictures_that_differ_in_their_records_are_not_copies(store):
         record("1.2.7.e", picture, modality="CT", position=(0.0, 0.0, 10.0)),  # a copy of a
     ]  # fmt: skip
     store.add(twins)
-    result = Searcher(store).search(Query(picture / np.linalg.norm(picture), twins[0].code), SearchOptions("exact", k=5))
+    query = Query(picture / np.linalg.norm(picture), twins[0].code)
+    result = Searcher(store).search(query, SearchOptions("exact", k=5))
     assert len(result.hits) == 4
-    by_uid = {h.sop_instance_uid: [c["SOPInstanceUID"] for c in h.record["copies"]] for h in result.hits}
+    by_uid = {h.sop_instance_uid: [c.entry.sop_instance_uid for c in h.copies] for h in result.hits}
     assert sorted(by_uid) == ["1.2.7.a", "1.2.7.b", "1.2.7.c", "1.2.7.d"] or sorted(by_uid) == [
         "1.2.7.b", "1.2.7.c", "1.2.7.d", "1.2.7.e"]  # fmt: skip
     assert sum(len(v) for v in by_uid.values()) == 1
@@ -245,7 +250,7 @@ def test_hit_json_shows_labels_and_copies(store):
     store.add([record(f"1.2.9.{i}", picture, modality="CT") for i in range(3)])
     hit = Searcher(store).search(Query(picture / np.linalg.norm(picture), np.zeros(16, np.uint8)),
                                  SearchOptions("exact", k=3)).hits[0]  # fmt: skip
-    shown = hit_json(hit.rank, hit.distance, hit.instances, "exact", hit.record)
+    shown = hit_json(hit, "exact")
     assert shown["labels"]["modality"] == {"value": "CT", "source": "file"}
     assert shown["labels"]["region"] == {"value": "chest", "source": "model"}  # no BodyPartExamined
     assert len(shown["copies"]) == 2 and shown["copies"][0]["SOPInstanceUID"].startswith("1.2.9.")
@@ -282,16 +287,16 @@ def test_nema_copies_are_one_hit_each(client, nema_records):
     query = query_of(searcher, ct1[0])
     for strategy in ("exact", "hamming", "class", "multilateral"):
         result = searcher.search(query, SearchOptions(strategy, k=10))
-        patients = [h.record["metadata"]["patient_key"] for h in result.hits]
+        patients = [h.entry.metadata.patient_key for h in result.hits]
         assert len(set(patients)) == len(patients), (strategy, patients)  # never one picture twice
         if strategy != "class":  # class: only the CTs (two pictures) qualify
             assert len(patients) == 10, (strategy, patients)  # ten distinct pictures of the 15
         if strategy != "multilateral":  # multilateral ranks by codes, ties in any order
             first = result.hits[0]
-            assert first.sop_instance_uid in ct1 and len(first.record["copies"]) == 3  # 5 copies, the query left out
+            assert first.sop_instance_uid in ct1 and len(first.copies) == 3  # 5 copies, the query left out
     exact = searcher.search(query, SearchOptions("exact", k=15))
     mr = [h for h in exact.hits if h.sop_instance_uid in mr1]
-    assert len(mr) == 1 and len(mr[0].record["copies"]) == 5
+    assert len(mr) == 1 and len(mr[0].copies) == 5
 
 
 def records_named(records, stem: str) -> str:
@@ -340,4 +345,4 @@ def test_neighbouring_slices_of_real_series_are_never_copies(client):
     searcher = Searcher(store)
     for uid in (records[0].key, records[len(records) // 2].key):
         hits = searcher.search(query_of(searcher, uid), SearchOptions("exact", k=20)).hits
-        assert len(hits) == 20 and all(h.record["copies"] == [] for h in hits)
+        assert len(hits) == 20 and all(h.copies == [] for h in hits)

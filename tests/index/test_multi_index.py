@@ -7,8 +7,7 @@ import numpy as np
 
 from orthanc_cbir.index.hamming import CodeTables, MultiIndex
 from orthanc_cbir.model.codes import hamming_distances
-from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
-from orthanc_cbir.search import strategies
+from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions, strategies
 
 from .conftest import make_records
 
@@ -55,7 +54,9 @@ def as_query(record) -> Query:
 
 
 def multi_index(k: int = 1) -> SearchOptions:
-    return SearchOptions("hamming", k=k, candidates=20, hamming_search="multi-index", filters=Filters(exclude_self=False))
+    return SearchOptions(
+        "hamming", k=k, candidates=20, hamming_search="multi-index", filters=Filters(exclude_self=False)
+    )
 
 
 def test_instances_indexed_after_the_tables_were_built_are_found(store):

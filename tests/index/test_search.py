@@ -56,7 +56,7 @@ def test_exact_is_the_float32_brute_force_but_for_ties_within_quantisation_error
     for seed in range(9, 14):
         query = make_records(1, seed=seed)[0]
         result = searcher.search(as_query(query), SearchOptions("exact", k=15))
-        exact = dict(zip((r.key for r in records), distances(records, query.features, stored=False)))
+        exact = dict(zip((r.key for r in records), distances(records, query.features, stored=False), strict=True))
         kth = sorted(exact.values())[14]
         answered = set(result.sop_instance_uids)
         assert len(answered) == 15
@@ -69,7 +69,8 @@ def test_hamming_with_a_pool_as_large_as_the_index_is_exact(indexed):
     _, records, searcher = indexed
     query = as_query(make_records(1, seed=9)[0])
     exact = searcher.search(query, SearchOptions("exact", k=10))
-    assert searcher.search(query, SearchOptions("hamming", k=10, candidates=600)).sop_instance_uids == exact.sop_instance_uids
+    hamming = searcher.search(query, SearchOptions("hamming", k=10, candidates=600))
+    assert hamming.sop_instance_uids == exact.sop_instance_uids
 
 
 def test_hamming_ranks_a_small_pool_of_near_codes(indexed):
@@ -79,7 +80,9 @@ def test_hamming_ranks_a_small_pool_of_near_codes(indexed):
     assert result.candidates == 60 and result.candidate_fraction == pytest.approx(0.1)
     pool_limit = np.sort(hamming_distances(query.code, np.stack([r.code for r in records])))[59]
     by_key = {r.key: r for r in records}
-    assert all(hamming_distances(query.code, by_key[u].code[None])[0] <= pool_limit + 2 for u in result.sop_instance_uids)
+    assert all(
+        hamming_distances(query.code, by_key[u].code[None])[0] <= pool_limit + 2 for u in result.sop_instance_uids
+    )
 
 
 def test_class_answers_only_instances_predicted_as_the_query_class(indexed):
@@ -88,7 +91,7 @@ def test_class_answers_only_instances_predicted_as_the_query_class(indexed):
     result = searcher.search(as_query(query), SearchOptions("class", k=20))
     assert len(result.hits) == 20
     for hit in result.hits:
-        assert np.argmax(hit.record["probabilities"]["region"]) == np.argmax(query.probabilities["region"])
+        assert np.argmax(hit.entry.probabilities["region"]) == np.argmax(query.probabilities["region"])
 
 
 def test_multilateral_ranks_by_the_weighted_sub_code_distance(indexed):
@@ -128,7 +131,7 @@ def test_filters_never_let_a_non_matching_record_through(indexed, strategy, filt
     result = searcher.search(as_query(query, **context), SearchOptions(strategy, k=25, filters=parsed, candidates=50))
     assert result.hits, "the filters leave matching records: the answer must not be empty"
     for hit in result.hits:
-        meta = hit.record["metadata"]
+        meta = hit.entry.metadata.to_json()
         if parsed.modality:
             assert meta["modality"] in parsed.modality
         if parsed.body_part:
@@ -164,10 +167,10 @@ def test_series_and_study_rank_by_their_best_instance(indexed, level):
     field = f"{level}_instance_uid"
     seen = []
     for hit in instances:
-        group = hit.record["metadata"][field]
+        group = hit.entry.metadata.to_json()[field]
         if group not in seen:
             seen.append(group)
-    assert [h.record["metadata"][field] for h in groups] == seen[:5]
+    assert [h.entry.metadata.to_json()[field] for h in groups] == seen[:5]
     assert all(h.instances >= 1 for h in groups)
 
 
@@ -197,5 +200,5 @@ def test_multi_index_search_respects_filters(indexed):
     options = SearchOptions("hamming", k=20, candidates=40, hamming_search="multi-index", filters=filters)
     result = searcher.search(as_query(make_records(1, seed=9)[0]), options)
     assert result.hits
-    assert all(h.record["metadata"]["modality"] == "XR" and h.record["metadata"]["patient_sex"] == "M"
+    assert all(h.entry.metadata.modality == "XR" and h.entry.metadata.patient_sex == "M"
                for h in result.hits)  # fmt: skip

@@ -86,7 +86,7 @@ def test_snapshot_holds_what_was_written(store):
     store.add(records)
     snapshot = IndexSnapshot(store)
     snapshot.refresh()
-    rows = [store.describe([r.key])[0]["row"] for r in records]
+    rows = [store.describe([r.key])[0].row for r in records]
     features = np.stack([r.features for r in records])
     step = np.abs(features).max(axis=1, keepdims=True) / 127  # one int8 step of each row
     assert snapshot.quantized.dtype == np.int8 and not hasattr(snapshot, "features")  # no float32 copy
@@ -99,9 +99,9 @@ def test_record_keeps_metadata_without_patient_identifiers(store):
     record = make_records(1)[0]
     store.add([record])
     stored = store.describe([record.key])[0]
-    assert stored["metadata"]["sop_instance_uid"] == record.key
-    assert stored["metadata"]["modality"] == "CT"
-    assert "patient_id" not in stored["metadata"] and "patient_name" not in stored["metadata"]
+    assert stored.metadata.sop_instance_uid == record.key
+    assert stored.metadata.modality == "CT"
+    assert "patient_id" not in stored.metadata.to_json() and "patient_name" not in stored.metadata.to_json()
 
 
 def test_two_model_versions_never_share_records(client):
@@ -122,7 +122,7 @@ def test_rows_across_block_boundaries_read_back_in_place(store):
     store.add(records[100:])
     snapshot = IndexSnapshot(store)
     assert snapshot.refresh() == 2
-    last = store.describe([records[-1].key])[0]["row"]
+    last = store.describe([records[-1].key])[0].row
     assert last >= BLOCK_ROWS
     np.testing.assert_array_equal(snapshot.codes[last], records[-1].code)
     assert np.count_nonzero(snapshot.live) == BLOCK_ROWS + 50
@@ -164,9 +164,9 @@ def test_an_entry_keeps_the_record_in_a_few_hundred_bytes():
     record = type(record)(record.metadata, record.features, record.code, record.probabilities, orthanc, frame=2)
     raw = encode_entry(record, 12345)
     entry = decode_entry(record.key, raw)
-    assert entry["row"] == 12345 and entry["frame"] == 2 and entry["orthanc"] == orthanc
-    assert entry["metadata"] == record.metadata.to_json()
-    assert {h: np.argmax(p) for h, p in entry["probabilities"].items()} == \
+    assert entry.row == 12345 and entry.frame == 2 and entry.orthanc == orthanc
+    assert entry.metadata == record.metadata
+    assert {h: np.argmax(p) for h, p in entry.probabilities.items()} == \
         {h: np.argmax(p) for h, p in record.probabilities.items()}  # fmt: skip
     assert len(raw) < 300
 
@@ -189,7 +189,8 @@ def test_a_worker_told_another_shard_count_stops_before_it_takes_an_entry(client
     queue = IngestQueue(client)
     queue.ensure_group()
     queue.enqueue("an-orthanc-id")
-    worker = Worker(queue, OrthancClient("http://127.0.0.1:9"), IndexStore(client, make_info(), shards=1), embedder=None)
+    store = IndexStore(client, make_info(), shards=1)
+    worker = Worker(queue, OrthancClient("http://127.0.0.1:9"), store, embedder=None)
     stop = threading.Event()
     deadline = threading.Timer(5, stop.set)  # a worker that did not refuse would go on until then
     deadline.daemon = True

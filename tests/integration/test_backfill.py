@@ -127,8 +127,8 @@ def test_backfill_indexes_every_image_and_rejects_the_report(orthanc, archive, t
     assert all(target.store.contains(uid) for uid in archive.images)
     rejected = target.queue.rejected()[f"dicomweb:{archive.report}"]
     assert rejected["reason"] == "not an image" and rejected["sop_instance_uid"] == archive.report
-    described = target.store.describe([archive.studies["mr2025"][0]])[0]["metadata"]
-    assert described["study_instance_uid"] == archive.study_uids["mr2025"] and described["modality"] == "MR"
+    described = target.store.describe([archive.studies["mr2025"][0]])[0].metadata
+    assert described.study_instance_uid == archive.study_uids["mr2025"] and described.modality == "MR"
     assert factory.PATIENT_NAME.split("^")[0] not in caplog.text and factory.PATIENT_ID not in caplog.text
     assert summary.line().startswith(f"backfill: 3 studies, indexed {images}, already indexed 0, rejected 1 (model ")
 

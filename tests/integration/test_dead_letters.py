@@ -5,13 +5,12 @@ storescu on loopback."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
-import redis
 from pydicom import dcmread
 
-from orthanc_cbir.ingest.queue import SIMILAR_SERIES, STORE_FILE, IngestQueue
+from orthanc_cbir.api.similar import status_of
+from orthanc_cbir.ingest.queue import SIMILAR_SERIES, STORE_FILE, IngestQueue, WorkerRequests
 from orthanc_cbir.local_services import WorkerProcess
 from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
 
@@ -30,17 +29,15 @@ def worker(orthanc, redis_server, tmp_path_factory):
 
 def push_and_wait(orthanc, store, paths) -> None:
     storescu(orthanc, paths)
-    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 90, "the pushed slices indexed")
+    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 90,
+               "the pushed slices indexed")  # fmt: skip
 
 
-def ask(client: redis.Redis, queue: IngestQueue, action: str, body: bytes, wait_s: int = 60) -> dict:
+def ask(queue: IngestQueue, action: str, body: bytes, wait_s: int = 60) -> dict:
     """Enqueue an interactive request as the routes do and wait for the worker's reply."""
-    request = uuid.uuid4().hex
-    client.set(queue.keys.query_body(request), body, ex=wait_s * 2)
-    queue.enqueue(request, action)
-    reply = client.blpop([queue.keys.query_reply(request)], timeout=wait_s)
+    reply = WorkerRequests(queue).ask(action, body, wait_s)
     assert reply is not None, "no reply: the worker is gone"
-    return json.loads(reply[1])
+    return reply
 
 
 def test_a_format_on_similar_series_is_a_400_and_the_worker_goes_on(orthanc, worker, store, client, tmp_path):
@@ -52,8 +49,8 @@ def test_a_format_on_similar_series_is_a_400_and_the_worker_goes_on(orthanc, wor
     assert status == 400 and "format" in json.loads(body)["error"], body
     # the same request reaching a worker some other way (an older route, a script) is a 400 too
     asked = json.dumps({"instance": query, "parameters": {"format": "dicom+json", "k": "3"}}).encode()
-    reply = ask(client, IngestQueue(client), SIMILAR_SERIES, asked)
-    assert reply["status"] == 400 and "format" in reply["error"]
+    reply = ask(IngestQueue(client), SIMILAR_SERIES, asked)
+    assert reply["kind"] == "BadParameters" and status_of(reply) == 400 and "format" in reply["error"]
     assert worker.process.poll() is None, worker.log_tail()
     status, body, _ = orthanc.request("POST", route, b"", headers={"X-Cbir-K": "3"}, timeout_s=120)
     assert status == 200 and json.loads(body)["series"]["instances"] == 3, body
@@ -62,8 +59,8 @@ def test_a_format_on_similar_series_is_a_400_and_the_worker_goes_on(orthanc, wor
 def test_an_entry_the_worker_fails_on_is_a_dead_letter_and_the_worker_goes_on(orthanc, worker, store, client,
                                                                                tmp_path):  # fmt: skip
     queue = IngestQueue(client)
-    reply = ask(client, queue, SIMILAR_SERIES, b"{not json")  # a body no route writes
-    assert reply["status"] == 500 and "dead-letter" in reply["error"]
+    reply = ask(queue, SIMILAR_SERIES, b"{not json")  # a body no route writes
+    assert reply["kind"] == "WorkerFailed" and status_of(reply) == 500 and "dead-letter" in reply["error"]
     queue.enqueue("1.2.3.4.dcm", STORE_FILE)  # a standalone server's entry: this worker has no spool
     paths = synthetic_series(tmp_path / "after", slices=4, texture=5, **PATIENT)
     push_and_wait(orthanc, store, paths)

@@ -50,8 +50,9 @@ def cbir_settings(redis_server, spool):
 def worker(client, embedder, spool, cbir_settings):
     """A standalone worker with the settings' limits; no Orthanc (port 9 is never asked)."""
     store = IndexStore(client, IndexInfo.from_card(embedder.card))
-    running = start_spool_worker(client, store, embedder, spool, "fuzz-worker", max_file_bytes=cbir_settings.max_file_bytes,
-                                 max_pixels_per_frame=cbir_settings.max_pixels_per_frame)
+    running = start_spool_worker(client, store, embedder, spool, "fuzz-worker",
+                                 max_file_bytes=cbir_settings.max_file_bytes,
+                                 max_pixels_per_frame=cbir_settings.max_pixels_per_frame)  # fmt: skip
     yield running
     running.stop()
 
@@ -90,8 +91,8 @@ def mutated_picture() -> st.SearchStrategy[bytes]:
                 data[at] = value
         return bytes(data[:end])
 
-    return st.tuples(st.sampled_from(PICTURES), st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=3),
-                     st.integers(8, 2000)).map(mutate)  # fmt: skip
+    flips = st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=3)
+    return st.tuples(st.sampled_from(PICTURES), flips, st.integers(8, 2000)).map(mutate)
 
 
 BODIES = st.one_of(

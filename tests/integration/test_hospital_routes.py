@@ -168,7 +168,8 @@ def test_every_answer_and_series_request_is_in_the_audit_trail(orthanc, standalo
     code, uploaded, _ = orthanc.request("POST", "/cbir/query", probe.read_bytes(), content_type="application/dicom",
                                         headers={"X-Cbir-K": "2"})  # fmt: skip
     series, made, _ = orthanc.request("POST", f"/cbir/instances/{indexed['mr'][3]}/similar/series",
-                                      headers={"X-Cbir-K": "2", "X-Cbir-Exclude": "same-series"}, timeout_s=150)  # fmt: skip
+                                      headers={"X-Cbir-K": "2", "X-Cbir-Exclude": "same-series"},
+                                      timeout_s=150)  # fmt: skip
     assert [seen.status_code, qido.status_code, standalone_answer.status_code, code, series] == [200] * 5, made[:300]
 
     entries = audit_entries(orthanc)[:5][::-1]  # newest first: the last five, in the order they were made
@@ -266,7 +267,8 @@ def test_an_asynchronous_series_request_answers_at_once_and_its_job_tells_the_ou
 
     wait_until(lambda: state()["state"] == "done", 120, "the first job done")
     made = state()["result"]
-    assert made["hits"] == 1 and made["series"]["instances"] == 1 and made["query"]["SOPInstanceUID"] == indexed["mr"][2]
+    assert made["hits"] == 1 and made["series"]["instances"] == 1
+    assert made["query"]["SOPInstanceUID"] == indexed["mr"][2]
     wait_until(lambda: all(from_orthanc(orthanc, a.json()["status"]).json()["state"] == "done" for a in jobs), 180,
                "every job done")  # fmt: skip
     for unknown in ("0" * 32, "not-a-job"):

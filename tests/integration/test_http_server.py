@@ -316,7 +316,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, stor
     done = subprocess.run(
         [runner, "--no-color", "--config-file", str(tmp_path / "schemathesis.toml"), "run",
          server.url + "/openapi.json", "--header", f"Authorization: Bearer {TOKEN}",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--exclude-path-regex", "^/dicom-web/|/thumbnail$",
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         "--exclude-path-regex", "^/dicom-web/|/thumbnail$",
          "--max-examples", "10", "--workers", "2", "--seed", "20260101", "--request-timeout", "60"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )  # fmt: skip

@@ -56,14 +56,14 @@ def test_a_pushed_series_is_indexed_and_its_slices_find_their_neighbours(orthanc
     assert stored["model"] == store.info.version and stored["queued"] == 0 and stored["pending"] == 0
 
     records = [r for r in store.describe([dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths])]
-    assert all(r is not None and r["orthanc"]["instance"] for r in records)
-    order = np.argsort([r["metadata"]["image_position_patient"][2] for r in records])
-    position = {records[i]["metadata"]["sop_instance_uid"]: rank for rank, i in enumerate(order)}
+    assert all(r is not None and r.orthanc["instance"] for r in records)
+    order = np.argsort([r.metadata.image_position_patient[2] for r in records])
+    position = {records[i].metadata.sop_instance_uid: rank for rank, i in enumerate(order)}
     searcher = Searcher(store)
     searcher.snapshot.refresh()
     near = 0
     for uid, rank in position.items():
-        row = store.describe([uid])[0]["row"]
+        row = store.describe([uid])[0].row
         query = Query(searcher.snapshot.vectors([row])[0], searcher.snapshot.codes[row])
         hit = searcher.search(query, SearchOptions("exact", k=2, filters=Filters(exclude_self=False))).hits
         neighbour = hit[1] if hit[0].sop_instance_uid == uid else hit[0]
@@ -95,7 +95,7 @@ def test_deleting_an_instance_in_orthanc_removes_it_from_the_index(orthanc, work
     storescu(orthanc, paths)
     uid = dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID
     wait_until(lambda: store.contains(uid), 60, "the slice to be indexed")
-    orthanc_id = store.describe([uid])[0]["orthanc"]["instance"]
+    orthanc_id = store.describe([uid])[0].orthanc["instance"]
     assert orthanc.request("DELETE", f"/instances/{orthanc_id}")[0] == 200
     wait_until(lambda: not store.contains(uid), 60, "the slice to leave the index")
 
@@ -137,11 +137,11 @@ def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, wo
     stored = store.describe([uids[4]])[0]
     searcher = Searcher(store)
     searcher.snapshot.refresh()
-    query = searcher.stored_query(np.array([stored["row"]]))
+    query = searcher.stored_query(np.array([stored.row]))
     assert query.probabilities, "a stored instance asks with its class probabilities (the class strategy needs them)"
     for strategy in ("exact", "class"):
         expected = searcher.search(query, SearchOptions(strategy, k=5)).sop_instance_uids
-        for identifier in (stored["orthanc"]["instance"], uids[4]):  # an Orthanc id or the SOPInstanceUID
+        for identifier in (stored.orthanc["instance"], uids[4]):  # an Orthanc id or the SOPInstanceUID
             answer = orthanc.get_json(f"/cbir/instances/{identifier}/similar?k=5&strategy={strategy}")
             assert [hit["SOPInstanceUID"] for hit in answer["hits"]] == expected and uids[4] not in expected
             assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3, 4, 5]
@@ -157,9 +157,9 @@ def test_similar_route_gives_the_core_answer_with_ids_and_thumbnails(orthanc, wo
 def test_similar_series_never_answers_with_itself(orthanc, worker, store):
     some = store.describe(store.sop_uids([0]))[0]
     for level in ("series", "instance"):  # asked per series or per instance, never its own series
-        answer = orthanc.get_json(f"/cbir/series/{some['orthanc']['series']}/similar?k=3&strategy=exact&level={level}")
+        answer = orthanc.get_json(f"/cbir/series/{some.orthanc['series']}/similar?k=3&strategy=exact&level={level}")
         assert answer["level"] == level and len(answer["hits"]) == 3
-        assert all(hit["SeriesInstanceUID"] != some["metadata"]["series_instance_uid"] for hit in answer["hits"])
+        assert all(hit["SeriesInstanceUID"] != some.metadata.series_instance_uid for hit in answer["hits"])
 
 
 def test_query_route_embeds_an_unstored_file_through_a_worker(orthanc, worker, tmp_path):
@@ -174,7 +174,7 @@ def test_query_route_embeds_an_unstored_file_through_a_worker(orthanc, worker, t
 
 def test_similar_answers_as_qido_rs_to_a_dicomweb_client(orthanc, worker, store):
     stored = store.describe(store.sop_uids([5]))[0]
-    base = f"/cbir/instances/{stored['orthanc']['instance']}/similar"
+    base = f"/cbir/instances/{stored.orthanc['instance']}/similar"
     session = requests.Session()
     session.auth = orthanc.auth
     found = DICOMwebClient(url=orthanc.url + base, session=session).search_for_instances(
@@ -219,7 +219,7 @@ def test_reconcile_recovers_lost_entries_and_drops_what_orthanc_no_longer_has(or
     paths = synthetic_series(tmp_path / "lost", slices=4, texture=7)
     storescu(orthanc, paths)
     indexed = store.describe(store.sop_uids([0]))[0]
-    assert orthanc.request("DELETE", f"/instances/{indexed['orthanc']['instance']}")[0] == 200
+    assert orthanc.request("DELETE", f"/instances/{indexed.orthanc['instance']}")[0] == 200
     wait_until(lambda: queue.counts()["queued"] >= 5, 30, "the plugin to enqueue")
     client.delete(queue.keys.stream)  # every entry lost
     with pytest.MonkeyPatch.context() as patch:
@@ -230,4 +230,4 @@ def test_reconcile_recovers_lost_entries_and_drops_what_orthanc_no_longer_has(or
     worker.start()
     uids = series_uids(paths)
     wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the lost instances to be indexed")
-    wait_until(lambda: not store.contains(indexed["metadata"]["sop_instance_uid"]), 60, "the deleted one to go")
+    wait_until(lambda: not store.contains(indexed.metadata.sop_instance_uid), 60, "the deleted one to go")

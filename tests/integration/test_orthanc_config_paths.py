@@ -47,7 +47,9 @@ def run_orthanc(config: Path, port: int, cwd: Path, log: Path) -> tuple[int | No
         try:
             deadline, status = time.monotonic() + 30, None
             while time.monotonic() < deadline and process.poll() is None:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/cbir/status", headers={"Authorization": auth})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/cbir/status", headers={"Authorization": auth}
+                )
                 try:
                     with urllib.request.urlopen(request, timeout=2) as answer:
                         status = answer.status

@@ -56,7 +56,8 @@ def test_storescu_pushes_are_indexed_and_leave_the_spool(scp, worker, store, spo
     factory.structured_report().save_as(report, enforce_file_format=True)
     done = storescu(scp, [*paths, report])
     assert done.returncode == 0, done.stderr
-    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60, "the pushed slices indexed")
+    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
+               "the pushed slices indexed")  # fmt: skip
     report_uid = str(dcmread(report).SOPInstanceUID)
     wait_until(lambda: any(entry.get("sop_instance_uid") == report_uid for entry in worker.queue.rejected().values()),
                30, "the SR listed as rejected")  # fmt: skip

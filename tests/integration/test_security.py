@@ -179,7 +179,7 @@ def test_the_index_keys_patients_with_the_sites_secret_not_a_bare_hash(pipeline)
     client = redis.Redis.from_url(pipeline.redis.url)
     try:
         store = IndexStore(client, IndexInfo.for_model(load_settings(env={}).model))
-        keys = {entry["metadata"]["patient_key"] for entry in store.describe(pipeline.uids)}
+        keys = {entry.metadata.patient_key for entry in store.describe(pipeline.uids)}
         dump = b"".join(client.dump(key) or b"" for key in client.scan_iter(count=1000))
     finally:
         client.close()
@@ -189,7 +189,8 @@ def test_the_index_keys_patients_with_the_sites_secret_not_a_bare_hash(pipeline)
     assert PATIENT_KEY_SECRET.encode() not in dump
     # the same key for a query file the worker embeds: exclude=same-patient leaves this patient out
     probe = identified_series(pipeline.state / "key-probe", slices=1, texture=5)[0]
-    code, body, _ = pipeline.orthanc.request("POST", "/cbir/query", probe.read_bytes(), content_type="application/dicom",
+    code, body, _ = pipeline.orthanc.request("POST", "/cbir/query", probe.read_bytes(),
+                                             content_type="application/dicom",
                                              headers={"X-Cbir-K": "8", "X-Cbir-Exclude": "same-patient"})  # fmt: skip
     assert code == 200 and not set(pipeline.uids) & {hit["SOPInstanceUID"] for hit in json.loads(body)["hits"]}
 

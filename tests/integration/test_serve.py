@@ -124,7 +124,8 @@ def test_poison_c_stores_are_refused_with_a_reason_and_later_files_are_indexed(r
         assert not list(server.spool_dir.glob("*.dcm")) and not list(server.spool_dir.glob(".*"))
         paths = synthetic_series(tmp_path / "after", slices=4, texture=3)
         storescu(server, paths)
-        wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60, "the files sent after indexed")
+        wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
+                   "the files sent after indexed")  # fmt: skip
         log = server.log_tail(400)
     assert "refused (0xC000): the dataset has no valid SOPInstanceUID" in log
     assert "refused (0xC000): the request's AffectedSOPInstanceUID is not a valid UID" in log
@@ -145,7 +146,7 @@ def test_poison_files_left_in_the_spool_do_not_stall_the_server(redis_server, tm
             server.start()
             paths = synthetic_series(tmp_path / f"round{round_}", slices=3, texture=4 + round_)
             storescu(server, paths)
-            wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
+            wait_until(lambda paths=paths: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
                        f"round {round_}: the files sent indexed")  # fmt: skip
             wait_until(lambda: not list(server.spool_dir.glob("*.dcm")), 30, "an empty spool")
             server.stop()

@@ -30,7 +30,6 @@ from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
 from orthanc_cbir.local_services import OrthancServer, RedisServer
-
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
 from tests.integration.workers import make_settings, start_worker
@@ -98,7 +97,7 @@ def test_posting_similar_series_stores_one_image_per_hit_in_the_query_study(orth
     images = read_series(orthanc, made["series"]["orthanc"])
     answer = orthanc.get_json(f"/cbir/instances/{pushed['query_id']}/similar?k=6&strategy=exact&exclude=same-series")
     assert [ds.InstanceNumber for ds in images] == [1, 2, 3, 4, 5, 6]
-    for ds, hit in zip(images, answer["hits"]):  # the same hits as the JSON answer, in rank order
+    for ds, hit in zip(images, answer["hits"], strict=False):  # the same hits as the JSON answer, in rank order
         assert ds.ImageComments.startswith(f"rank {hit['rank']}, distance ")
     for ds in images:
         assert ds.StudyInstanceUID == query.StudyInstanceUID and ds.PatientID == query.PatientID
@@ -208,10 +207,11 @@ STRANGER_PARAMETERS = {"k": "12", "strategy": "exact", "exclude": "same-series"}
 def drawn_series(orthanc, query: Dataset, made: dict) -> list[tuple[dict, Dataset]]:
     """Each hit of the JSON answer with the stored image made of it, in rank order."""
     query_id = orthanc.client.lookup(str(query.SOPInstanceUID))
-    answer = orthanc.get_json(f"/cbir/instances/{query_id}/similar?" + "&".join(f"{k}={v}" for k, v in STRANGER_PARAMETERS.items()))
+    parameters = "&".join(f"{k}={v}" for k, v in STRANGER_PARAMETERS.items())
+    answer = orthanc.get_json(f"/cbir/instances/{query_id}/similar?" + parameters)
     images = read_series(orthanc, made["series"]["orthanc"])
     assert len(images) == len(answer["hits"]) == made["hits"]
-    return list(zip(answer["hits"], images))
+    return list(zip(answer["hits"], images, strict=True))
 
 
 def is_grey_panel(ds: Dataset) -> bool:
@@ -356,7 +356,8 @@ def test_a_series_half_written_when_orthanc_died_is_replaced_by_one_complete_ser
         try:
             study = factory.generate_uid()
             paths = synthetic_series(tmp_path / "a", slices=8, StudyInstanceUID=study, **QUERY_PATIENT)
-            storescu(orthanc, paths + synthetic_series(tmp_path / "a2", slices=8, StudyInstanceUID=study, **QUERY_PATIENT)
+            storescu(orthanc, paths
+                     + synthetic_series(tmp_path / "a2", slices=8, StudyInstanceUID=study, **QUERY_PATIENT)
                      + synthetic_series(tmp_path / "b", slices=8, **OTHER_PATIENT))  # fmt: skip
             store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))
             wait_until(lambda: store.count() >= 24, 120, "24 indexed slices")

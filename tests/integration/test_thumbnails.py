@@ -26,7 +26,7 @@ from orthanc_cbir.dicom import DecodedInstance, decode_instance
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.spool import Spool
-from orthanc_cbir.local_services import OrthancServer, RedisServer, free_port
+from orthanc_cbir.local_services import OrthancServer, free_port
 from tests import dicom_factory as factory
 from tests.integration.pushing import wait_until
 from tests.integration.workers import start_worker
@@ -57,7 +57,8 @@ def stored(orthanc, redis_server, embedder):
                     for seed in range(4)]  # fmt: skip
         ids = []
         for ds in datasets:
-            status, body, _ = orthanc.request("POST", "/instances", factory.to_bytes(ds), content_type="application/dicom")
+            status, body, _ = orthanc.request("POST", "/instances", factory.to_bytes(ds),
+                                              content_type="application/dicom")  # fmt: skip
             assert status == 200, body
             ids.append(json.loads(body)["ID"])
         store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(embedder.card))

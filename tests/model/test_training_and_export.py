@@ -38,7 +38,7 @@ def test_onnx_agrees_with_torch(tiny_checkpoint, exported):
     out = Embedder(exported, batch_size=7).embed(images.numpy())
     np.testing.assert_allclose(out.features, features, atol=1e-4)
     np.testing.assert_array_equal(out.codes, np.packbits(code_logits > 0, axis=1))
-    for head_logits, probabilities in zip(class_logits, out.probabilities.values()):
+    for head_logits, probabilities in zip(class_logits, out.probabilities.values(), strict=False):
         np.testing.assert_array_equal(probabilities.argmax(axis=1), head_logits.argmax(axis=1))
 
 

@@ -34,7 +34,7 @@ def test_axial_slices_come_ordered_towards_the_head_with_their_level_in_mm(tmp_p
     np.testing.assert_allclose(levels, -500.0 + 5.0 * np.arange(30))
     # the model's picture, not the file's 40/400 window: the fixed HU mapping
     brightness = volume.images[axial].mean(axis=(1, 2)) / 255.0
-    expected = np.interp(-1000 + 2000 * np.arange(30) / 29, *zip(*CT_MODEL_MAPPING))
+    expected = np.interp(-1000 + 2000 * np.arange(30) / 29, *zip(*CT_MODEL_MAPPING, strict=True))
     np.testing.assert_allclose(brightness, expected, atol=0.01)
     assert (volume.group == 7).all() and (volume.labels["region"] >= 0).all()
 

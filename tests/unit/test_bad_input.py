@@ -267,7 +267,9 @@ def _seeds() -> list[bytes]:
     colour = factory.colour_image(np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8))
     palette = factory.palette_image(np.arange(64, dtype=np.uint8).reshape(8, 8), *(np.arange(256) * 256,) * 3)
     enhanced = factory.enhanced_ct(np.stack([ramp(8, 8)] * 3), [(1, -1024)] * 3, [(40, 400)] * 3)
-    implicit = factory.grey_image(ramp(8, 8), sop_class=factory.CR_IMAGE, modality="CR", PhotometricInterpretation="MONOCHROME1")
+    implicit = factory.grey_image(
+        ramp(8, 8), sop_class=factory.CR_IMAGE, modality="CR", PhotometricInterpretation="MONOCHROME1"
+    )
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     deflated = factory.grey_image(ramp(8, 8))
     deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
@@ -297,7 +299,8 @@ def mutated(draw) -> bytes:
             del data[at:at + draw(st.integers(1, 16))]
         elif kind == "length":  # a 2- or 4-byte field, likely a length, set to a value that tests bounds
             width = draw(st.sampled_from([2, 4]))
-            data[at:at + width] = (draw(st.sampled_from(INTERESTING)) & (2 ** (8 * width) - 1)).to_bytes(width, "little")
+            value = draw(st.sampled_from(INTERESTING)) & (2 ** (8 * width) - 1)
+            data[at:at + width] = value.to_bytes(width, "little")
     return bytes(data)
 
 

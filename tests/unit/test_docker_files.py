@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_container_configuration_keeps_authentication_and_takes_the_password_from_the_environment(tmp_path):
     target = tmp_path / "orthanc.json"
-    subprocess.run([sys.executable, str(ROOT / "docker" / "orthanc_config.py"), str(ROOT / "orthanc.json"), str(target)],
-                   check=True, timeout=30)  # fmt: skip
+    subprocess.run([sys.executable, str(ROOT / "docker" / "orthanc_config.py"), str(ROOT / "orthanc.json"),
+                    str(target)], check=True, timeout=30)  # fmt: skip
     config = json.loads(target.read_text())
     assert config["AuthenticationEnabled"] is True
     assert config["RegisteredUsers"] == {"cbir": "${ORTHANC_PASSWORD}"}

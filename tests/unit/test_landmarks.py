@@ -15,11 +15,13 @@ from orthanc_cbir.training.anatomy import load_volume
 from orthanc_cbir.training.landmarks import LUNG_SPAN_MM, LungLandmarks, anatomical_levels, lung_landmarks
 
 SLICE_MM, PIXEL_MM = 2.5, 3.0
-SHARED_CHEST = Path(__file__).parents[2] / ".." / "shared/data/dicom/series/lung_pet_ct_dx/Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+SHARED_CHEST = (
+    Path(__file__).parents[2] / ".." / "shared/data/dicom/series/lung_pet_ct_dx/Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
+)
 
 
 def grey(hu: float) -> float:
-    return float(np.interp(hu, *zip(*CT_MODEL_MAPPING)))
+    return float(np.interp(hu, *zip(*CT_MODEL_MAPPING, strict=True)))
 
 
 def chest(slices: int = 100, lung_centre: int = 50, lung_half_height: int = 30) -> np.ndarray:

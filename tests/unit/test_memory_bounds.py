@@ -229,7 +229,7 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
 
     def embed(embedder, instances, ids):
         passes.append(len(instances))
-        return [SimpleNamespace(metadata=i.metadata, orthanc=dict(o)) for i, o in zip(instances, ids)]
+        return [SimpleNamespace(metadata=i.metadata, orthanc=dict(o)) for i, o in zip(instances, ids, strict=True)]
 
     monkeypatch.setattr(worker_module, "decode_instance", decode)
     monkeypatch.setattr(worker_module, "embed_instances", embed)

@@ -14,7 +14,8 @@ from tests import dicom_factory as factory
 
 @pytest.mark.parametrize(
     ("value", "years"),
-    [("063Y", 63.0), ("006M", 0.5), ("052W", 0.997), ("010D", 0.027), (" 045Y", 45.0), ("45", None), ("", None), ("0XXY", None)],
+    [("063Y", 63.0), ("006M", 0.5), ("052W", 0.997), ("010D", 0.027), (" 045Y", 45.0), ("45", None), ("", None),
+     ("0XXY", None)],
 )
 def test_patient_age_is_parsed_to_years(value, years):
     assert parse_age(value) == (pytest.approx(years, abs=1e-3) if years is not None else None)
@@ -22,7 +23,8 @@ def test_patient_age_is_parsed_to_years(value, years):
 
 @pytest.mark.parametrize(
     ("value", "date"),
-    [("20240131", dt.date(2024, 1, 31)), ("2024.01.31", dt.date(2024, 1, 31)), ("20241340", None), ("", None), (None, None)],
+    [("20240131", dt.date(2024, 1, 31)), ("2024.01.31", dt.date(2024, 1, 31)), ("20241340", None), ("", None),
+     (None, None)],
 )
 def test_study_date_is_parsed_from_da(value, date):
     assert parse_da(value) == date

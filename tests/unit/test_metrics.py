@@ -26,7 +26,8 @@ def test_average_precision_at_k_by_hand():
 def test_map_at_k_averages_queries():
     gallery_labels = np.array([0, 0, 1, 1])
     ranked = np.array([[0, 1, 0], [0, 1, 1]])
-    # query 0 (label 0): hits at 1 and 3 of 2 relevant -> (1 + 2/3) / 2; query 1 (label 1): hits at 2, 3 -> (1/2 + 2/3) / 2
+    # query 0 (label 0): hits at 1 and 3 of 2 relevant -> (1 + 2/3) / 2;
+    # query 1 (label 1): hits at 2, 3 -> (1/2 + 2/3) / 2
     expected = ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2
     assert map_at_k(np.array([0, 1]), ranked, gallery_labels, 3) == pytest.approx(expected)
 

@@ -50,14 +50,16 @@ def test_ct_rescale_and_file_window_map_hounsfield_units_to_unit_range():
     assert any(d.startswith("display VOI: window centre 40 width 400") for d in image.decisions)
 
 
-@pytest.mark.parametrize("window", [{"WindowCenter": -600, "WindowWidth": 1600}, {"WindowCenter": 40, "WindowWidth": 350}, {}])
+@pytest.mark.parametrize(
+    "window", [{"WindowCenter": -600, "WindowWidth": 1600}, {"WindowCenter": 40, "WindowWidth": 350}, {}]
+)
 def test_ct_model_picture_ignores_the_file_window_and_the_display_keeps_it(window):
     hu = [-1000, -400, -100, 40, 200, 1000]
     ds = factory.grey_image(hu_ramp(hu), RescaleSlope=1, RescaleIntercept=HU_INTERCEPT, **window)
     image = decoded(ds).images[0]
     from orthanc_cbir.dicom.pixels import CT_MODEL_MAPPING
 
-    np.testing.assert_allclose(image.model_pixels[0], np.interp(hu, *zip(*CT_MODEL_MAPPING)), atol=1e-6)
+    np.testing.assert_allclose(image.model_pixels[0], np.interp(hu, *zip(*CT_MODEL_MAPPING, strict=True)), atol=1e-6)
     assert any(d.startswith("model input: CT Hounsfield units") for d in image.decisions)
     if window:  # the display picture is the file's own window
         low = window["WindowCenter"] - window["WindowWidth"] / 2
@@ -76,7 +78,8 @@ def test_mr_model_picture_is_its_percentile_range_whatever_the_window():
 
 @pytest.mark.parametrize(
     ("body_part", "window_name", "low_hu", "high_hu"),
-    [("CHEST", "lung", -1350, 150), ("HEAD", "brain", 0, 80), ("ABDOMEN", "soft tissue", -160, 240), (None, "soft tissue", -160, 240)],
+    [("CHEST", "lung", -1350, 150), ("HEAD", "brain", 0, 80), ("ABDOMEN", "soft tissue", -160, 240),
+     (None, "soft tissue", -160, 240)],
 )  # fmt: skip
 def test_ct_without_window_uses_the_body_part_default(body_part, window_name, low_hu, high_hu):
     attributes = {"BodyPartExamined": body_part} if body_part else {}
@@ -276,7 +279,9 @@ def test_decoding_writes_no_patient_identifier_to_logs_or_warnings(caplog, recwa
         assert identifier not in said
 
 
-SHARED_SINGLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom" / "single" / "pydicom_data_wheel"
+SHARED_SINGLE = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom" / "single" / "pydicom_data_wheel"
+)
 
 
 @pytest.mark.skipif(not (SHARED_SINGLE / "OBXXXX1A_expb.dcm").exists(), reason="the shared DICOM corpus is absent")

@@ -4,6 +4,7 @@ identity the objects carry, and when a key object selection exists."""
 from __future__ import annotations
 
 import numpy as np
+
 from orthanc_cbir.dicom import extract_metadata
 from orthanc_cbir.dicom.similar_cases import (
     CAPTION_HEIGHT,
@@ -14,7 +15,6 @@ from orthanc_cbir.dicom.similar_cases import (
     render_case,
     secondary_capture_series,
 )
-
 from tests import dicom_factory as factory
 
 GRADIENT = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (50, 1))
@@ -70,7 +70,9 @@ def test_the_same_patient_has_the_same_id_issuer_birth_date_and_name():
 
     query = identified(IssuerOfPatientID="SITE-A")
     assert same_patient(query, identified(IssuerOfPatientID="SITE-A"))
-    assert same_patient(query, identified(IssuerOfPatientID=" SITE-A", PatientName=str(query.PatientName).lower() + "^^"))
+    assert same_patient(
+        query, identified(IssuerOfPatientID=" SITE-A", PatientName=str(query.PatientName).lower() + "^^")
+    )
     assert not same_patient(query, identified())  # no issuer: another site's numbering
     assert not same_patient(query, identified(IssuerOfPatientID="SITE-B"))
     assert not same_patient(query, identified(IssuerOfPatientID="SITE-A", PatientBirthDate="19600102"))

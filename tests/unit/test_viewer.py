@@ -139,7 +139,8 @@ def test_default_allowed_hosts_are_loopback_with_the_port():
 @pytest.mark.parametrize(
     "value, parsed",
     [("LocalHost:3000", ("localhost", "3000")), ("[::1]:3000", ("::1", "3000")),
-     ("viewer.example", ("viewer.example", "")), ("a:b", None), ("[::1", None), ("", None), ("127.0.0.1:3000@evil.example", None), (":3000", None)],
+     ("viewer.example", ("viewer.example", "")), ("a:b", None), ("[::1", None), ("", None),
+     ("127.0.0.1:3000@evil.example", None), (":3000", None)],
 )  # fmt: skip
 def test_host_header_parsing(value, parsed):
     assert viewer._split_host(value) == parsed

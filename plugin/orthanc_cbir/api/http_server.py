@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import redis
 import uvicorn
@@ -70,20 +70,23 @@ from ..dicom.metadata import use_patient_key_secret
 from ..dicom.pixels import read_header
 from ..index import IndexInfo
 from ..ingest.orthanc_client import OrthancClient
-from ..redis_client import client_for
 from ..ingest.spool import Spool
+from ..redis_client import client_for
 from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
+from ..search.service import FILTER_PARAMETERS
 from . import routes
-from .thumbnail import thumbnail
 from .similar import (
-    FILTER_PARAMETERS,
     LEVELS,
     MAX_PARAMETER_CHARS,
     SimilarityService,
     parse_query,
     request_parameters,
 )
+from .thumbnail import thumbnail
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks  # a TypedDict defined for type checkers only
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,9 @@ _REALM = "orthanc-cbir"
 
 
 class HttpServerThread:
-    """``app`` served by uvicorn in a daemon thread (``orthanc-cbir serve``, the tests). :meth:`start` returns once the port listens; :meth:`stop` waits for open requests."""
+    """``app`` served by uvicorn in a daemon thread (``orthanc-cbir serve``, the tests).
+
+    :meth:`start` returns once the port listens; :meth:`stop` waits for open requests."""
 
     def __init__(self, app: FastAPI, host: str, port: int, *, log_level: str = "warning"):
         _refuse_open_exposure(host, app.state.authentication)
@@ -213,13 +218,15 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
              summary="The audit trail: who asked for similar images of which query, and the hits' studies",
              responses={200: _json_content("Audit"), 503: _error_content("Redis is unavailable")})  # fmt: skip
     def audit(request: Request, count: Annotated[int, Query(ge=1, le=1000)] = 100,
-              before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] = None) -> HttpResponse:  # fmt: skip
+              before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] = None,
+              ) -> HttpResponse:  # fmt: skip
         """Newest first; ``before`` (an entry's id) pages back. Whoever holds the token may read it."""
         parameters = parse_query(request.url.query)
         return _call(lambda: routes.audit_trail(services.audit(), parameters, _user(request, settings), ""))
 
     @app.get("/cbir/instances/{orthanc_id}/thumbnail", tags=["cbir"], operation_id="thumbnail",
-             summary="A hit's thumbnail (PNG), drawn by the pixel step from its file in the Orthanc of CBIR_ORTHANC_URL",
+             summary="A hit's thumbnail (PNG), drawn by the pixel step from its file in the Orthanc of "
+                     "CBIR_ORTHANC_URL",
              responses={200: {"content": {"image/png": {}}, "description": "the thumbnail"},
                         404: _error_content("no such instance"), 413: _error_content("the file is too large"),
                         422: _error_content("the image cannot be drawn"),
@@ -228,7 +235,9 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         """``orthanc_id`` is a hit's ``orthanc.instance``; a hit without one has no thumbnail."""
         orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
         try:
-            answer = thumbnail(orthanc_id, lambda oid: _orthanc_file_size(orthanc, oid), orthanc.instance_file, settings)
+            answer = thumbnail(
+                orthanc_id, lambda oid: _orthanc_file_size(orthanc, oid), orthanc.instance_file, settings
+            )
         except OSError:
             return _error(502, "the Orthanc of the CBIR_ORTHANC_URL setting did not answer")
         return _http(answer)
@@ -278,7 +287,7 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
     stow_openapi = {"requestBody": {"required": True, "content": {
         'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}}
     stored = {"schema": _ref("StoreAnswer")}
-    stow_responses = {
+    stow_responses: dict[int | str, dict[str, Any]] = {
         200: {"description": "every instance was received", "content": {DICOM_JSON: stored}},
         202: {"description": "some instances failed (FailedSOPSequence)", "content": {DICOM_JSON: stored}},
         409: {"description": "no instance was received", "content": {DICOM_JSON: stored}},
@@ -372,7 +381,7 @@ def _sub_codes(settings: Settings) -> tuple[str, ...]:
     (``GET /cbir/status`` then says why)."""
     try:
         return tuple(sub.name for sub in IndexInfo.for_model(settings.model).layout.sub_codes)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable model card must not stop the server; /cbir/status says why
         return ()
 
 
@@ -614,7 +623,7 @@ class _PartFiles:
         self.ended = False
         self._handle: Any = None
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> "MultipartCallbacks":
         return {"on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._close,
                 "on_end": self._end}  # fmt: skip
 
@@ -699,7 +708,7 @@ def _spool_parts(spool: Spool, files: list[Path], study: str | None) -> tuple[li
             meta = getattr(ds, "file_meta", None)
             sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
             uid = str(ds.get("SOPInstanceUID") or "")
-        except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on what is not DICOM
             log.warning("STOW-RS part %d is not a DICOM file: %s: %s", number, type(exc).__name__, exc)
             failed.append(_sop_item("", "", CANNOT_UNDERSTAND))
             continue
@@ -791,7 +800,8 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"}, "at": {"type": "number", "description": "Unix time"},
             "user": {"type": "string"}, "route": {"type": "string"}, "level": {"type": "string"},
             "query": {**_NULLABLE_STRING, "description": "the query's DICOM UID"}, "hits": {"type": "integer"},
-            "studies": {"type": "array", "items": {"type": "string"}, "description": "the hits' StudyInstanceUIDs"}}}}}},
+            "studies": {"type": "array", "items": {"type": "string"},
+                        "description": "the hits' StudyInstanceUIDs"}}}}}},
     "DicomDataset": {"type": "object", "description": "DICOM JSON (PS3.18 F.2)", "additionalProperties": {
         "type": "object", "required": ["vr"], "properties": {"vr": {"type": "string"}, "Value": {"type": "array"}}}},
     "StoreAnswer": {"allOf": [_ref("DicomDataset")], "description": "ReferencedSOPSequence (00081199) and "

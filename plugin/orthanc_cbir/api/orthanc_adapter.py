@@ -74,8 +74,9 @@ def register(orthanc: Any, settings: Settings) -> None:
                 return routes.Response(405, b"", headers={"Allow": "GET"})
             return similarity().similar_series(identifier, _parameters(request), user=_user(request),
                                                respond_async=_prefers_async(request))  # fmt: skip
-        return similarity().similar(resource, identifier, {**_parameters(request), "format": "dicom+json",
-                                                           "level": LEVELS[answer_level]}, user=_user(request))  # fmt: skip
+        return similarity().similar(resource, identifier,
+                                    {**_parameters(request), "format": "dicom+json", "level": LEVELS[answer_level]},
+                                    user=_user(request))  # fmt: skip
 
     _route(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar/(studies|series|instances)", ("GET", "POST"),
            qido_or_series)
@@ -109,7 +110,7 @@ def _dicom_uid(orthanc: Any, level: str, orthanc_id: str) -> str | None:
     resource, tag = _UID_TAG[level]
     try:
         answer = json.loads(orthanc.RestApiGet(f"/{resource}/{orthanc_id}"))
-    except Exception:  # Orthanc answers an unknown id with an error
+    except Exception:  # noqa: BLE001 - Orthanc answers an unknown id with an error
         return None
     return answer.get("MainDicomTags", {}).get(tag)
 
@@ -118,7 +119,7 @@ def _file_size(orthanc: Any, orthanc_id: str) -> int | None:
     """The size of an instance's stored file (``None`` if Orthanc does not know the id)."""
     try:
         return int(json.loads(orthanc.RestApiGet(f"/instances/{orthanc_id}"))["FileSize"])
-    except Exception:  # Orthanc answers an unknown id with an error
+    except Exception:  # noqa: BLE001 - Orthanc answers an unknown id with an error
         return None
 
 
@@ -126,7 +127,7 @@ def _instance_file(orthanc: Any, orthanc_id: str) -> bytes | None:
     """An instance's stored file (``None`` if Orthanc no longer has it)."""
     try:
         return bytes(orthanc.RestApiGet(f"/instances/{orthanc_id}/file"))
-    except Exception:  # deleted since its size was read
+    except Exception:  # noqa: BLE001 - deleted since its size was read
         return None
 
 
@@ -138,7 +139,7 @@ def _instance_id(orthanc: Any, identifier: str) -> str | None:
             return next((m["ID"] for m in matches if m.get("Type") == "Instance"), None)
         orthanc.RestApiGet(f"/instances/{identifier}")
         return identifier
-    except Exception:  # Orthanc answers an unknown id with an error
+    except Exception:  # noqa: BLE001 - Orthanc answers an unknown id with an error
         return None
 
 
@@ -189,14 +190,15 @@ def _get(orthanc: Any, uri: str, handler: Callable[[dict[str, Any]], routes.Resp
     _route(orthanc, uri, ("GET",), handler)
 
 
-def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[dict[str, Any]], routes.Response]) -> None:
+def _route(orthanc: Any, uri: str, methods: tuple[str, ...],
+           handler: Callable[[dict[str, Any]], routes.Response]) -> None:  # fmt: skip
     def callback(output: Any, uri: str, **request: Any) -> None:
         if request.get("method") not in methods:
             output.SendMethodNotAllowed(",".join(methods))
             return
         try:
             response = handler(request)
-        except Exception as exc:  # the client gets a message, the log gets the trace
+        except Exception as exc:  # noqa: BLE001 - the client gets a message, the log gets the trace
             orthanc.LogError(f"cbir: {uri} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             response = routes.Response.error(500, f"internal error ({type(exc).__name__}); see the Orthanc log")
         _send(output, response)
@@ -205,7 +207,8 @@ def _route(orthanc: Any, uri: str, methods: tuple[str, ...], handler: Callable[[
 
 
 def _send(output: Any, response: routes.Response) -> None:
-    if response.status == 429:  # Orthanc 1.10 cannot send 429 (it drops the connection): 503 + Retry-After says the same
+    # Orthanc 1.10 cannot send 429 (it drops the connection): 503 + Retry-After says the same
+    if response.status == 429:
         response = routes.Response(503, routes.Response.error(503, json.loads(response.body)["error"]).body,
                                    headers=response.headers)  # fmt: skip
     for name, value in response.headers.items():

@@ -2,8 +2,12 @@
 ``POST /cbir/query`` and ``GET /cbir/rejected``.
 
 An adapter builds one :class:`SimilarityService` and passes each request's path
-parts, query parameters and body. Parameters (all optional): ``k`` (10, at most
-the ``MaxResults`` setting), ``strategy`` (the ``DefaultStrategy`` setting), ``level`` (instance for an instance, else the level of
+parts, query parameters and body. The searching is the similarity core's
+(:class:`~orthanc_cbir.search.service.SimilaritySearch`); this module turns
+parameters into its options and its typed hits into JSON, DICOM JSON and statuses.
+
+Parameters (all optional): ``k`` (10, at most the ``MaxResults`` setting), ``strategy``
+(the ``DefaultStrategy`` setting), ``level`` (instance for an instance, else the level of
 the resource), ``offset`` (0), ``weights`` (``modality=1,region=1,pathology=0``),
 and the filters ``modality``, ``body_part``, ``sex``, ``age``, ``date``,
 ``exclude`` as in ``orthanc-cbir query --filter``. A client's mistake gets a 4xx
@@ -20,30 +24,28 @@ import re
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from .. import errors
 from ..audit import AuditLog
 from ..config import Settings
-from ..dicom import looks_like_uid
+from ..errors import BadParameters, Busy, NotFound, NotIndexed, Unavailable, UpstreamFailed, WorkerFailed
 from ..index import IndexInfo, IndexStore
-from ..index.schema import uid_hash
-from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue
+from ..index.schema import StoredEntry
+from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue, WorkerRequests
 from ..redis_client import UNREACHABLE, client_for
-from ..search import LEVELS as SEARCH_LEVELS
-from ..search import STRATEGIES, Filters, Query, QueryContext, Searcher, SearchOptions
-from ..search.filters import parse_weights
+from ..search import Query, QueryContext
 from ..search.labels import upload_header
+from ..search.service import SEARCH_PARAMETERS, Answer, Page, SimilaritySearch
+from ..search.strategies import Hit
 from .dicom_json import hit_dataset, included_fields
 from .routes import Response
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
-FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
-PARAMETERS = ("k", "limit", "strategy", "level", "offset", "weights", "format", "includefield", "fuzzymatching",
-              *FILTER_PARAMETERS)  # fmt: skip
+PARAMETERS = (*SEARCH_PARAMETERS, "format", "includefield", "fuzzymatching")
 """Every parameter a similarity route takes."""
 MAX_QUERY_BYTES = 256 * 2**20
 """Hard ceiling of a ``POST /cbir/query`` body; the ``max_query_bytes`` setting (64 MiB) is lower."""
@@ -110,23 +112,6 @@ def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> 
     return parameters
 
 
-class BadRequest(ValueError):
-    """A client's mistake: answered with 400 and the message (fixed text: it never repeats what
-    the client sent, which a browser could otherwise be made to render)."""
-
-
-class Busy(Exception):
-    """Too many requests wait for a worker in this server: answered 429."""
-
-
-_FILTER_GRAMMAR = {
-    "modality": "comma-separated modalities (CT,MR)", "body_part": "comma-separated body parts (CHEST)",
-    "sex": "comma-separated M, F or O", "age": "MIN-MAX in years (40-70, 40-, -70)",
-    "date": "YYYY-MM-DD..YYYY-MM-DD (either end may be left out)",
-    "exclude": "comma-separated same-patient, same-study, same-series",
-}  # fmt: skip
-
-
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
     parts = urllib.parse.urlsplit(redis_url)
@@ -147,8 +132,8 @@ def _answers_503_without_redis(route: Callable[..., Response]) -> Callable[..., 
 
 
 class SimilarityService:
-    """What the similarity routes share: one Redis client and one searcher. It never runs the
-    model: a stored resource is searched with its stored vector."""
+    """What the similarity routes share: one Redis client and one similarity core. It never runs
+    the model: a stored resource is searched with its stored vector, an upload by a worker."""
 
     def __init__(self, settings: Settings, resolve_uid: Callable[[str, str], str | None] | None = None,
                  audit: AuditLog | None = None):  # fmt: skip
@@ -163,12 +148,10 @@ class SimilarityService:
         self.client = client_for(settings, socket_timeout=REDIS_COMMAND_TIMEOUT_S)
         # Only the wait for a worker's reply blocks that long; on the client every command uses, a
         # hung Redis would hold the route (an Orthanc HTTP thread) as long before its 503.
-        self._replies = client_for(settings, socket_timeout=SERIES_WAIT_S + 10)
         self.queue = IngestQueue.for_settings(self.client, settings)
+        self.requests = WorkerRequests(self.queue, replies=client_for(settings, socket_timeout=SERIES_WAIT_S + 10))
         self.store = IndexStore(self.client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
-        self.searcher = Searcher(self.store)
-        self.resolve_uid = resolve_uid
-        self._lock = threading.Lock()  # one query at a time touches the searcher's snapshot
+        self.core = SimilaritySearch(self.store, resolve_uid)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -176,30 +159,24 @@ class SimilarityService:
     def similar(self, resource: str, identifier: str, parameters: Mapping[str, str], *, user: str | None = None,
                 route: str = "similar") -> Response:  # fmt: skip
         """``GET /cbir/{resource}/{identifier}/similar``; ``user`` is who asks, for the audit trail."""
+        level = LEVELS.get(resource)
+        if level is None:
+            return Response.error(404, "unknown resource: use instances, series or studies")
         try:
-            level = LEVELS.get(resource)
-            if level is None:
-                return Response.error(404, "unknown resource: use instances, series or studies")
-            options, offset = self._options(parameters, default_level=level)
-            with self._lock:
-                uid, query = self._stored_query(level, identifier)
-                if query is None:
-                    return Response.error(404, f"not in the index: no {level} with this identifier is stored and "
-                                               "indexed (not stored, not yet indexed, or rejected)")  # fmt: skip
-                if level != "instance":  # a series (study) never answers with itself
-                    exclude = {"series": "exclude_same_series", "study": "exclude_same_study"}[level]
-                    options = dataclasses.replace(options, filters=dataclasses.replace(options.filters, **{exclude: True}))
-                return self._answer(query, options, offset, parameters, (user, route, level, uid))
-        except BadRequest as exc:
+            answer = self.core.similar_to_stored(level, identifier, self._page(parameters, default_level=level))
+        except BadParameters as exc:
             return Response.error(400, str(exc))
+        except NotIndexed as exc:
+            return Response.error(404, str(exc))
+        return self._respond(answer, parameters, (user, route, level))
 
     @_answers_503_without_redis
     def query_file(self, body: bytes, parameters: Mapping[str, str], *, user: str | None = None) -> Response:
         """``POST /cbir/query``: a DICOM file, PNG or JPEG that need not be stored. A worker
         embeds it (the model never runs in Orthanc's process); the answer waits for it."""
         try:
-            options, offset = self._options(parameters, default_level="instance")
-        except BadRequest as exc:
+            page = self._page(parameters, default_level="instance")
+        except BadParameters as exc:
             return Response.error(400, str(exc))
         if not body:
             return Response.error(400, "send a DICOM file, PNG or JPEG as the request body")
@@ -221,9 +198,7 @@ class SimilarityService:
                       QueryContext(embedded["patient_key"], embedded["study_instance_uid"],
                                    embedded["sop_instance_uid"], embedded["series_instance_uid"],
                                    *upload_header(body)))  # fmt: skip
-        with self._lock:
-            return self._answer(query, options, offset, parameters,
-                                (user, "query", "instance", embedded.get("sop_instance_uid")))  # fmt: skip
+        return self._respond(self.core.similar_to(query, page), parameters, (user, "query", "instance"))
 
     @_answers_503_without_redis
     def similar_series(self, identifier: str, parameters: Mapping[str, str], *, user: str | None = None,
@@ -240,8 +215,8 @@ class SimilarityService:
         if "format" in parameters:  # a series is stored, not listed: a worker must never read a QIDO answer
             return Response.error(400, "format is not a parameter of a similar cases series (it is stored, not listed)")
         try:
-            self._options(parameters, default_level="instance")
-        except BadRequest as exc:
+            self._page(parameters, default_level="instance")
+        except BadParameters as exc:
             return Response.error(400, str(exc))
         asked = {**parse_query(self.settings.similar_series_parameters), **parameters, "level": "instance"}
         searched = self.similar("instances", identifier, asked, user=user, route="similar-series")
@@ -258,7 +233,7 @@ class SimilarityService:
             return Response.error(503, f"no worker made the series within {SERIES_WAIT_S} s: "
                                        "is `orthanc-cbir worker` running?")  # fmt: skip
         if "error" in made:
-            return Response.error(int(made.get("status", 400)), made["error"])
+            return Response.error(status_of(made), made["error"])
         return Response.json(made)
 
     @_answers_503_without_redis
@@ -268,27 +243,19 @@ class SimilarityService:
         ``error``), or ``lost`` (no worker took it in time, or its worker died)."""
         if not re.fullmatch(r"[0-9a-f]{32}", job_id):
             return Response.error(404, "no such job: a job id is 32 hexadecimal digits")
-        keys = self.queue.keys
-        raw = self.client.get(self._job_key(job_id))
-        if raw is None:
+        job = self.requests.job(job_id)
+        if job is None:
             return Response.error(404, f"no such job (unknown, or finished more than {JOB_TTL_S // 60} minutes ago)")
-        record = json.loads(raw)
-        if "result" not in record:
-            reply = self.client.lindex(keys.query_reply(job_id), 0)  # the worker keeps its reply a minute only
-            if reply is not None:
-                record["result"] = json.loads(reply)
-                self.client.set(self._job_key(job_id), json.dumps(record), keepttl=True)
-                self.client.zrem(self._jobs_key, job_id)
-        answer: dict[str, Any] = {"job": job_id, "instance": record["instance"], "created": record["created"]}
-        result = record.get("result")
+        answer: dict[str, Any] = {"job": job_id, "instance": job.instance, "created": job.created}
+        result = job.result
         if result is not None and "error" in result:
-            answer.update(state="failed", status=int(result.get("status", 400)), error=result["error"])
+            answer.update(state="failed", status=status_of(result), error=result["error"])
         elif result is not None:
             answer.update(state="done", result=result)
-        elif self.client.exists(keys.query_body(job_id)):
+        elif job.queued:
             answer["state"] = "queued"
         else:  # taken by a worker; one that died, or a body that expired unread, never replies
-            late = time.time() - record["created"] > JOB_QUEUE_S + SERIES_WAIT_S
+            late = time.time() - job.created > JOB_QUEUE_S + SERIES_WAIT_S
             answer["state"] = "lost" if late else "running"
         return Response.json(answer)
 
@@ -300,45 +267,18 @@ class SimilarityService:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _options(self, parameters: Mapping[str, str], default_level: str) -> tuple[SearchOptions, int]:
+    def _page(self, parameters: Mapping[str, str], default_level: str) -> Page:
         """The search a request asks for. Every message is fixed text: none repeats the client's input."""
         if set(parameters) - set(PARAMETERS):
-            raise BadRequest(f"unknown parameter: the parameters are {', '.join(PARAMETERS)}")
+            raise BadParameters(f"unknown parameter: the parameters are {', '.join(PARAMETERS)}")
         too_long = sorted(name for name, value in parameters.items() if len(value) > MAX_PARAMETER_CHARS)
         if too_long:
-            raise BadRequest(f"parameter(s) {', '.join(too_long)} longer than {MAX_PARAMETER_CHARS} characters")
+            raise BadParameters(f"parameter(s) {', '.join(too_long)} longer than {MAX_PARAMETER_CHARS} characters")
         if _format(parameters) not in ("json", "dicom+json"):
-            raise BadRequest("format is json or dicom+json")
-        try:
-            k, offset = int(parameters.get("limit", parameters.get("k", 10))), int(parameters.get("offset", 0))
-        except ValueError:
-            raise BadRequest("k and offset must be whole numbers") from None
-        if not 1 <= k <= self.settings.max_results or not 0 <= offset <= 1000 - k:
-            raise BadRequest(f"k must be 1..{self.settings.max_results} and offset 0..{1000 - k}")
-        strategy, level = parameters.get("strategy", self.settings.default_strategy), parameters.get("level", default_level)
-        if strategy not in STRATEGIES:
-            raise BadRequest(f"strategy is one of {', '.join(STRATEGIES)}")
-        if level not in SEARCH_LEVELS:
-            raise BadRequest(f"level is one of {', '.join(SEARCH_LEVELS)}")
-        clauses = []
-        for name in FILTER_PARAMETERS:
-            if name in parameters:
-                try:
-                    Filters.parse([f"{name}={parameters[name]}"])
-                except ValueError:
-                    raise BadRequest(f"{name} is {_FILTER_GRAMMAR[name]}") from None
-                clauses.append(f"{name}={parameters[name]}")
-        sub_codes = ", ".join(sub.name for sub in self.store.info.layout.sub_codes)
-        try:
-            weights = parse_weights(parameters.get("weights"))
-            self.store.info.layout.bit_weights(weights)  # names a sub-code the model has
-        except ValueError:
-            raise BadRequest(f"weights is SUB=WEIGHT,... with SUB one of {sub_codes} and WEIGHT a number >= 0") from None
-        try:
-            options = SearchOptions(strategy, k=k + offset, filters=Filters.parse(clauses), level=level, weights=weights)
-        except ValueError as exc:  # the checks above cover the client's part: what is left is ours
-            raise BadRequest(f"these parameters cannot be searched ({type(exc).__name__})") from None
-        return options, offset
+            raise BadParameters("format is json or dicom+json")
+        return self.core.page_for(parameters, default_level=default_level,
+                                  default_strategy=self.settings.default_strategy,
+                                  max_results=self.settings.max_results)  # fmt: skip
 
     def _ask_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
         """Leave ``body`` beside the stream, enqueue ``action`` and wait for the worker's JSON
@@ -347,89 +287,39 @@ class SimilarityService:
         if not self._worker_waits.acquire(blocking=False):
             raise Busy()
         try:
-            return self._wait_for_worker(action, body, wait_s)
+            return self.requests.ask(action, body, wait_s)
         finally:
             self._worker_waits.release()
 
-    @property
-    def _jobs_key(self) -> str:
-        """Sorted set of the asynchronous jobs not yet seen finished (score: when submitted)."""
-        return f"{self.queue.keys.prefix}:jobs"
-
-    def _job_key(self, job_id: str) -> str:
-        return f"{self.queue.keys.prefix}:job:{job_id}"
-
     def _submit_job(self, request: bytes, identifier: str) -> Response:
         """Enqueue a series request without waiting: 202 with the job's id and status route, or
-        the busy answer when this deployment's queued jobs reach their bound (a job leaves the
-        count once a worker takes it)."""
-        keys = self.queue.keys
-        waiting = [job.decode() if isinstance(job, bytes) else job for job in self.client.zrange(self._jobs_key, 0, -1)]
-        if waiting:
-            pipe = self.client.pipeline(transaction=False)
-            for job in waiting:
-                pipe.exists(keys.query_body(job))
-            taken = [job for job, queued in zip(waiting, pipe.execute()) if not queued]
-            if taken:
-                self.client.zrem(self._jobs_key, *taken)
-            waiting = [job for job in waiting if job not in taken]
-        if len(waiting) >= QUEUED_JOBS_PER_WAIT * max(1, self.settings.max_worker_waits):
+        the busy answer when this deployment's queued jobs reach their bound."""
+        job = self.requests.submit(SIMILAR_SERIES, request, identifier, queue_s=JOB_QUEUE_S, keep_s=JOB_TTL_S,
+                                   limit=QUEUED_JOBS_PER_WAIT * max(1, self.settings.max_worker_waits))  # fmt: skip
+        if job is None:
             return _busy()
-        job = uuid.uuid4().hex
-        now = time.time()
-        self.client.set(self._job_key(job), json.dumps({"instance": identifier, "created": now}), ex=JOB_TTL_S)
-        self.client.set(keys.query_body(job), request, ex=JOB_QUEUE_S)
-        self.client.zadd(self._jobs_key, {job: now})
-        self.queue.enqueue(job, SIMILAR_SERIES)
         answer = Response.json({"job": job, "state": "queued", "status": f"/cbir/jobs/{job}"}, status=202)
         return dataclasses.replace(answer, headers={"Location": f"/cbir/jobs/{job}"})
 
-    def _wait_for_worker(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
-        request = uuid.uuid4().hex
-        keys = self.queue.keys
-        self.client.set(keys.query_body(request), body, ex=int(wait_s * 2))
-        self.queue.enqueue(request, action)
-        reply = self._replies.blpop([keys.query_reply(request)], timeout=wait_s)
-        if reply is None:
-            self.client.delete(keys.query_body(request))  # a worker that comes later finds nothing to do
-            return None
-        return json.loads(reply[1])
-
-    def _stored_query(self, level: str, identifier: str) -> tuple[str | None, Query | None]:
-        """The DICOM UID and the query of a stored instance, series or study (query ``None`` if it is not indexed)."""
-        uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
-                                                              if self.resolve_uid else None)  # fmt: skip
-        if uid is None:
-            return None, None
-        self.searcher.snapshot.refresh()
-        if level == "instance":
-            row = self.store.row(uid)
-            rows = np.array([] if row is None else [row], dtype=np.int64)
-        else:
-            column = self.searcher.snapshot.attributes["series" if level == "series" else "study"]
-            rows = np.flatnonzero((column == uid_hash(uid)) & self.searcher.snapshot.live)
-        return uid, (self.searcher.stored_query(rows) if len(rows) else None)
-
-    def _answer(self, query: Query, options: SearchOptions, offset: int, parameters: Mapping[str, str],
-                audited: tuple[str | None, str, str, str | None]) -> Response:  # fmt: skip
-        """The hits as the request asks; ``audited`` is (user, route, query level, query UID): with
-        a user and an audit log, the answer is recorded first (no record, no answer)."""
-        result = self.searcher.search(query, options)
-        hits = result.hits[offset:]  # the search asked for k + offset
-        user, route, level, query_uid = audited
+    def _respond(self, answer: Answer, parameters: Mapping[str, str], audited: tuple[str | None, str, str]) -> Response:
+        """The hits as the request asks; ``audited`` is (user, route, query level): with a user and
+        an audit log, the answer is recorded first (no record, no answer)."""
+        result, hits = answer.result, answer.hits
+        user, route, level = audited
         if self.audit is not None and user is not None:
-            self.audit.record(user=user, route=route, level=level, query_uid=query_uid, hits=len(hits),
-                              studies=[h.record.get("metadata", {}).get("study_instance_uid") for h in hits])  # fmt: skip
+            studies = [h.entry.metadata.study_instance_uid if h.entry else None for h in hits]
+            self.audit.record(user=user, route=route, level=level, query_uid=answer.query_uid, hits=len(hits),
+                              studies=studies)
         if _format(parameters) == "dicom+json":
             extra = included_fields(parameters.get("includefield"))
-            objects = [hit_dataset(result.level, h.rank, h.distance, result.strategy, h.record.get("metadata", {}), extra)
-                       for h in hits]  # fmt: skip
+            objects = [hit_dataset(result.level, h.rank, h.distance, result.strategy,
+                                   h.entry.metadata.to_json() if h.entry else {}, extra) for h in hits]  # fmt: skip
             return Response(200, json.dumps(objects).encode(), "application/dicom+json")
         return Response.json({
             "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
             "elapsed_ms": round(result.elapsed_ms, 2),
-            "hits": [hit_json(h.rank, h.distance, h.instances, result.strategy, h.record) for h in hits],
+            "hits": [hit_json(h, result.strategy) for h in hits],
         })  # fmt: skip
 
 
@@ -440,23 +330,51 @@ def _format(parameters: Mapping[str, str]) -> str:
     return "dicom+json" if asked == "dicom json" else asked
 
 
+ERROR_STATUS: dict[type[errors.CbirError], int] = {
+    BadParameters: 400, NotFound: 404, Busy: 429, WorkerFailed: 500, UpstreamFailed: 502, Unavailable: 503,
+}  # fmt: skip
+"""The HTTP status of each error a worker's reply names (a subclass takes its base's)."""
+
+
+def status_of(reply: Mapping[str, Any]) -> int:
+    """The status of a worker's error reply: by the error's kind (:mod:`orthanc_cbir.errors`), 400 when unknown.
+
+    >>> status_of({"error": "...", "kind": "NotIndexed"}), status_of({"error": "...", "kind": "Exception"})
+    (404, 400)
+    """
+    kind = getattr(errors, str(reply.get("kind")), None)
+    if isinstance(kind, type) and issubclass(kind, errors.CbirError):
+        return next((status for error, status in ERROR_STATUS.items() if issubclass(kind, error)), 400)
+    return 400
+
+
 def _busy() -> Response:
     answer = Response.error(429, "too many requests wait for a worker now; try again in a few seconds")
     return dataclasses.replace(answer, headers={**answer.headers, "Retry-After": "5"})
 
 
-def hit_json(rank: int, distance: float, instances: int, strategy: str, record: dict) -> dict[str, Any]:
+def hit_json(hit: Hit, strategy: str) -> dict[str, Any]:
     """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail)."""
-    meta = record.get("metadata", {})
-    orthanc = record.get("orthanc", {})
+    entry = hit.entry
+    meta = entry.metadata if entry is not None else None
+    orthanc = entry.orthanc if entry is not None else {}
     return {
-        "rank": rank, "distance": distance, "strategy": strategy, "instances": instances,
-        "StudyInstanceUID": meta.get("study_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
-        "SOPInstanceUID": meta.get("sop_instance_uid"), "orthanc": orthanc,
-        "Modality": meta.get("modality"), "BodyPartExamined": meta.get("body_part_examined"),
-        "StudyDate": meta.get("study_date"), "StudyDescription": meta.get("study_description"),
-        "SeriesDescription": meta.get("series_description"), "PatientSex": meta.get("patient_sex"),
-        "PatientAgeYears": meta.get("patient_age_years"),
-        "labels": record.get("labels"), "copies": record.get("copies", []),  # set by the search (Hit.record)
+        "rank": hit.rank, "distance": hit.distance, "strategy": strategy, "instances": hit.instances,
+        "StudyInstanceUID": meta and meta.study_instance_uid, "SeriesInstanceUID": meta and meta.series_instance_uid,
+        "SOPInstanceUID": meta.sop_instance_uid if meta else hit.sop_instance_uid, "orthanc": orthanc,
+        "Modality": meta and meta.modality, "BodyPartExamined": meta and meta.body_part_examined,
+        "StudyDate": meta.study_date.isoformat() if meta and meta.study_date else None,
+        "StudyDescription": meta and meta.study_description,
+        "SeriesDescription": meta and meta.series_description, "PatientSex": meta and meta.patient_sex,
+        "PatientAgeYears": meta and meta.patient_age_years,
+        "labels": hit.labels if entry is not None else None,
+        "copies": [copy_json(copy.entry, copy.distance) for copy in hit.copies],
         "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,
     }  # fmt: skip
+
+
+def copy_json(entry: StoredEntry, distance: float) -> dict[str, Any]:
+    """A copy as a hit lists it: its UIDs, Orthanc ids and distance to the query."""
+    meta = entry.metadata
+    return {"SOPInstanceUID": meta.sop_instance_uid, "SeriesInstanceUID": meta.series_instance_uid,
+            "StudyInstanceUID": meta.study_instance_uid, "orthanc": entry.orthanc, "distance": distance}  # fmt: skip

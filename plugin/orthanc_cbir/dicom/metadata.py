@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -59,6 +59,17 @@ class InstanceMetadata:
             if record[name] is not None:
                 record[name] = list(record[name])
         return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> InstanceMetadata:
+        """:meth:`to_json` back; a field the record lacks (written before it existed) is ``None``."""
+        values: dict[str, Any] = {name: record.get(name) for name in cls.__dataclass_fields__}
+        values["study_date"] = dt.date.fromisoformat(values["study_date"]) if values["study_date"] else None
+        values["number_of_frames"] = values["number_of_frames"] or 1
+        for name in ("pixel_spacing_mm", "image_position_patient"):
+            if values[name] is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)
 
 
 def extract_metadata(ds: Dataset) -> InstanceMetadata:
@@ -157,7 +168,8 @@ def patient_key(patient_id: str | None, issuer: str | None = None) -> str | None
     if not _secret:
         from ..config import load_settings  # the setting as every process reads it (config imports nothing of ours)
 
-        variable = {PATIENT_KEY_VARIABLE: os.environ[PATIENT_KEY_VARIABLE]} if PATIENT_KEY_VARIABLE in os.environ else {}
+        secret = os.environ.get(PATIENT_KEY_VARIABLE)
+        variable = {PATIENT_KEY_VARIABLE: secret} if secret is not None else {}
         use_patient_key_secret(load_settings(env=variable).patient_key_secret)
     message = f"{issuer or ''}\x00{patient_id}".encode()
     return hmac.new(_secret[0], message, hashlib.sha256).hexdigest()[:16]
@@ -179,7 +191,7 @@ def _upper(value: str | None) -> str | None:
 def _raw(ds: Dataset, keyword: str) -> Any:
     try:
         return ds.get(keyword)
-    except Exception:  # a malformed element must not cost the whole record
+    except Exception:  # noqa: BLE001 - a malformed element must not cost the whole record
         return None
 
 
@@ -214,10 +226,14 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
+@overload
+def _floats(ds: Dataset, keyword: str, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(ds: Dataset, keyword: str, count: Literal[3]) -> tuple[float, float, float] | None: ...
 def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
     value = _raw(ds, keyword)
     try:
-        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return numbers if len(numbers) == count else None

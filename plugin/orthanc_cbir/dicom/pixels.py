@@ -48,18 +48,19 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import get_frame, parse_basic_offsets, parse_fragments
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as _read_elements
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import Decoder
 from pydicom.pixels.processing import (
     apply_color_lut,
     apply_modality_lut,
@@ -77,11 +78,11 @@ from pydicom.uid import (
 
 from .metadata import InstanceMetadata, extract_metadata
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 """A DICOM file: a path, its bytes, or a binary file object."""
 
 
-class RejectionReason(str, enum.Enum):
+class RejectionReason(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() of a member, which logs print
     """Why an instance cannot become an index entry. The value is what users read."""
 
     NOT_DICOM = "not DICOM"
@@ -228,7 +229,7 @@ def read_dataset(
             fp.seek(start)
             ds = pydicom.dcmread(fp, force=True)
             if not _looks_like_dicom(ds):
-                raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements")
+                raise InvalidDicomError("no DICOM preamble and no recognisable DICOM elements") from None
     if not (_looks_like_dicom(ds) or "DirectoryRecordSequence" in ds
             or "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {})):  # fmt: skip
         raise InvalidDicomError("a DICOM preamble followed by no recognisable DICOM elements")
@@ -278,7 +279,7 @@ def _read_deflated(fp: BinaryIO, max_bytes: int, max_pixels: int, *, header_only
         preamble = read_preamble(fp, True)  # None, and fp where it was, without one
         file_meta = _read_file_meta_info(fp)
         deflated = file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-    except Exception:  # not a Part 10 file: pydicom's own reading says what it is
+    except Exception:  # noqa: BLE001 - not a Part 10 file: pydicom's own reading says what it is
         deflated = False
     if not deflated:
         fp.seek(start)
@@ -290,11 +291,17 @@ def _read_deflated(fp: BinaryIO, max_bytes: int, max_pixels: int, *, header_only
     buffer = DicomBytesIO(body)
     del body
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    stop = (lambda tag, vr, length: tag == 0x7FE00010) if header_only else None
-    dataset = _read_elements(buffer, False, True, stop_when=stop)
+    stop = _at_pixel_data if header_only else None
+    # pydicom's read_dataset is annotated for a BinaryIO; it reads its own DicomBytesIO as well
+    dataset = _read_elements(buffer, False, True, stop_when=stop)  # type: ignore[arg-type]
     ds = FileDataset(getattr(fp, "name", None) or "", dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds
+
+
+def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    """The ``stop_when`` of pydicom's read_dataset that stops before the Pixel Data element."""
+    return tag == 0x7FE00010
 
 
 def _inflate(fp: BinaryIO, max_bytes: int, max_pixels: int, header_only: bool, compressed: int) -> bytes:
@@ -337,8 +344,8 @@ def _pixel_data_end(inflated: bytearray, max_pixels: int, compressed: int) -> tu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = _read_elements(buffer, False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
-    except Exception:  # cut inside an element: more is needed
+            header = _read_elements(buffer, False, True, stop_when=_at_pixel_data)  # type: ignore[arg-type]  # as above
+    except Exception:  # noqa: BLE001 - cut inside an element: more is needed
         return None
     at = buffer.tell()
     if inflated[at:at + 4] != _PIXEL_DATA_TAG or len(inflated) < at + 12:
@@ -347,14 +354,15 @@ def _pixel_data_end(inflated: bytearray, max_pixels: int, compressed: int) -> tu
         rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
         samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 16)
         frames = max(int(header.get("NumberOfFrames") or 1), 1)
-    except Exception:  # the geometry check names it once the dataset is read
+    except Exception:  # noqa: BLE001 - the geometry check names it once the dataset is read
         rows = columns = samples = bits = frames = 0
     if rows * columns * samples > max_pixels:
         raise InflationRefused(f"a frame of {rows} x {columns} x {samples} samples is more than the "
                                f"{max_pixels} pixels allowed")  # fmt: skip
     if rows * columns * samples > max(CODESTREAM_FREE_PIXELS, DEFLATE_PIXELS_PER_BYTE * compressed):
-        raise InflationRefused(f"{compressed} deflated bytes declare a frame of {rows} x {columns} x {samples} samples, "
-                               f"more than {DEFLATE_PIXELS_PER_BYTE} pixels a byte (a decompression bomb)")  # fmt: skip
+        raise InflationRefused(f"{compressed} deflated bytes declare a frame of {rows} x {columns} x {samples} "
+                               f"samples, more than {DEFLATE_PIXELS_PER_BYTE} pixels a byte "
+                               "(a decompression bomb)")  # fmt: skip
     declared = (frames * rows * columns * samples * max(bits, 1) + 7) // 8
     return at, at + 12 + declared + 1 + INFLATE_SLACK
 
@@ -374,7 +382,9 @@ def decode_instance(
     """
     size = _source_size(source)
     if size is not None and size > max_file_bytes:
-        return Rejection(RejectionReason.TOO_LARGE, f"the file has {size} bytes, more than the {max_file_bytes} allowed")
+        return Rejection(
+            RejectionReason.TOO_LARGE, f"the file has {size} bytes, more than the {max_file_bytes} allowed"
+        )
     # pydicom warns about malformed values by quoting them, names included: such
     # text must not reach a log, and the outcome already says what matters.
     with warnings.catch_warnings():
@@ -385,7 +395,7 @@ def decode_instance(
             return Rejection(RejectionReason.TOO_LARGE, str(exc))
         except MemoryError:
             return Rejection(RejectionReason.TOO_LARGE, "the file does not fit in memory")
-        except Exception as exc:  # any parse failure means the same thing to the caller
+        except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the caller
             return Rejection(RejectionReason.NOT_DICOM, _first_line(exc))
         truncated = _truncated_element(ds)
         if truncated:
@@ -403,21 +413,21 @@ def decode_dataset(
             return _decode_dataset(ds, max_frames, max_pixels_per_frame)
         except MemoryError:
             return Rejection(RejectionReason.TOO_LARGE, "a frame does not fit in memory", _metadata_or_none(ds))
-        except Exception as exc:  # a malformed value met where no rule above expected it
-            return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"malformed dataset: {type(exc).__name__}: "
-                                                                 f"{_first_line(exc)}", _metadata_or_none(ds))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a malformed value met where no rule above expected it
+            detail = f"malformed dataset: {type(exc).__name__}: {_first_line(exc)}"
+            return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, detail, _metadata_or_none(ds))
 
 
 def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> DecodedInstance | Rejection:
     try:
         metadata = extract_metadata(ds)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a malformed attribute rejects the file, never raises
         return Rejection(RejectionReason.NOT_DICOM, f"unreadable attributes: {_first_line(exc)}")
 
     try:  # raw elements are converted on first use: a malformed one raises here
         not_image = _not_an_image(ds)
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a malformed attribute rejects the file, never raises
         return Rejection(RejectionReason.NOT_DICOM, f"unreadable attributes: {_first_line(exc)}", metadata)
     if not_image:
         return Rejection(RejectionReason.NOT_AN_IMAGE, not_image, metadata)
@@ -456,7 +466,7 @@ def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> 
         decisions = [decoder_note or note]
         try:
             pixels, model_pixels = _to_grey(pixel_source, raw, index, decoded_photometric, metadata, decisions)
-        except Exception as exc:  # a LUT or window that contradicts the pixel data
+        except Exception as exc:  # noqa: BLE001 - a LUT or window that contradicts the pixel data
             return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: {_first_line(exc)}", metadata)
         images.append(NormalisedImage(pixels=pixels, model_pixels=model_pixels, frame_index=index,
                                       decisions=tuple(decisions)))  # fmt: skip
@@ -499,7 +509,7 @@ def _source_size(source: Source) -> int | None:
 def _truncated_element(ds: Dataset) -> str | None:
     """Which top-level element ends before the length it declares (a cut file), or ``None``."""
     for tag in list(ds.keys()):
-        raw = dict.get(ds._dict, tag)  # the element as read, not converted
+        raw = ds._dict.get(tag)  # the element as read, not converted
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
         if isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF and len(value) < length:
@@ -510,7 +520,7 @@ def _truncated_element(ds: Dataset) -> str | None:
 def _metadata_or_none(ds: Dataset) -> InstanceMetadata | None:
     try:
         return extract_metadata(ds)
-    except Exception:
+    except Exception:  # noqa: BLE001 - what could be read of a broken file: nothing, here
         return None
 
 
@@ -525,7 +535,7 @@ def _geometry_problem(ds: Dataset, frames: int, max_pixels: int) -> tuple[Reject
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         samples = int(ds.get("SamplesPerPixel") or 1)
         bits = int(ds.get("BitsAllocated") or 0)
-    except Exception as exc:  # a value that is no number, or an element pydicom cannot convert
+    except Exception as exc:  # noqa: BLE001 - a value that is no number, or an element pydicom cannot convert
         return RejectionReason.CORRUPT_PIXEL_DATA, f"unreadable image size: {_first_line(exc)}"
     if rows < 1 or columns < 1:
         return RejectionReason.CORRUPT_PIXEL_DATA, f"image size {rows} x {columns}"
@@ -545,12 +555,12 @@ def _geometry_problem(ds: Dataset, frames: int, max_pixels: int) -> tuple[Reject
             pixels = pixels * 2 // 3  # two chroma samples shared by each pair of pixels
         if frames * pixels * bits > 8 * length:  # 1-bit frames are packed back to back
             declared = f"{frames} frames of " if frames > 1 else ""
-            return RejectionReason.CORRUPT_PIXEL_DATA, (f"pixel data has {length} bytes, shorter than the "
-                                                        f"{declared}{rows} x {columns} x {samples} x {bits} bits declared")  # fmt: skip
+            shape = f"{declared}{rows} x {columns} x {samples} x {bits} bits declared"
+            return RejectionReason.CORRUPT_PIXEL_DATA, f"pixel data has {length} bytes, shorter than the {shape}"
     elif length and frames > 1:
         try:
             fragments = _count_fragments(data)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom's parser raises, the fragments are unreadable
             return RejectionReason.CORRUPT_PIXEL_DATA, f"unreadable encapsulated pixel data: {_first_line(exc)}"
         if frames > fragments:
             return RejectionReason.CORRUPT_PIXEL_DATA, f"{frames} frames declared, {fragments} fragments present"
@@ -581,24 +591,30 @@ def _codestream_problem(ds: Dataset, frames: list[int], number_of_frames: int,
     for index in frames:
         try:
             frame = get_frame(ds.PixelData, index, number_of_frames=number_of_frames)
-        except Exception as exc:
-            return RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: unreadable encapsulated pixel data: {_first_line(exc)}"
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom's parser raises, the frame is unreadable
+            return (
+                RejectionReason.CORRUPT_PIXEL_DATA,
+                f"frame {index}: unreadable encapsulated pixel data: {_first_line(exc)}",
+            )
         declared = _j2k_size(frame) if syntax in _J2K_SYNTAXES else _jpeg_size(frame)
         if declared is None:
-            return RejectionReason.CORRUPT_PIXEL_DATA, (f"frame {index}: no readable frame header "
-                                                        f"({'SIZ' if syntax in _J2K_SYNTAXES else 'SOF'}) in its codestream")  # fmt: skip
+            header = "SIZ" if syntax in _J2K_SYNTAXES else "SOF"
+            return RejectionReason.CORRUPT_PIXEL_DATA, (f"frame {index}: no readable frame header ({header}) "
+                                                        "in its codestream")  # fmt: skip
         height, width, components = declared
         if height * width * components > max_pixels:
             return RejectionReason.TOO_LARGE, (f"frame {index}'s codestream declares {height} x {width} x {components} "
                                                f"samples, more than the {max_pixels} pixels allowed")  # fmt: skip
         if (height, width, components) != (rows, columns, samples):
             return RejectionReason.CORRUPT_PIXEL_DATA, (f"frame {index}'s codestream declares {height} x {width} x "
-                                                        f"{components} samples, the header {rows} x {columns} x {samples}")  # fmt: skip
+                                                        f"{components} samples, the header "
+                                                        f"{rows} x {columns} x {samples}")  # fmt: skip
         pixels = height * width * components
         if pixels > max(CODESTREAM_FREE_PIXELS, CODESTREAM_PIXELS_PER_BYTE * len(frame)):
             return RejectionReason.TOO_LARGE, (f"frame {index}: {len(frame)} bytes of codestream declare {height} x "
                                                f"{width} x {components} samples, more than "
-                                               f"{CODESTREAM_PIXELS_PER_BYTE} pixels a byte (a decompression bomb)")  # fmt: skip
+                                               f"{CODESTREAM_PIXELS_PER_BYTE} pixels a byte "
+                                               "(a decompression bomb)")  # fmt: skip
     return None
 
 
@@ -661,8 +677,8 @@ def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str, str]:
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise _DecodeFailure(RejectionReason.NO_DECODER, f"no pixel decoder for transfer syntax {syntax.name}")
+    except NotImplementedError as exc:
+        raise _DecodeFailure(RejectionReason.NO_DECODER, f"no pixel decoder for transfer syntax {syntax.name}") from exc
     if not decoder.is_available:
         raise _DecodeFailure(
             RejectionReason.NO_DECODER, f"no installed decoder for {syntax.name}: {decoder.missing_dependencies}"
@@ -670,11 +686,16 @@ def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str, str]:
     refusals = []
     for plugin in _plugins(decoder):
         try:
-            array, meta = decoder.as_array(ds, index=index, as_rgb=True, decoding_plugin=plugin)
+            array, meta = decoder.as_array(
+                ds,
+                index=index,
+                as_rgb=True,  # type: ignore[arg-type]  # pydicom: **kwargs: DecodeOptions, not Unpack[DecodeOptions]
+                decoding_plugin=plugin,
+            )
             break
-        except MemoryError:
-            raise _DecodeFailure(RejectionReason.TOO_LARGE, f"{syntax.name}: a frame does not fit in memory")
-        except BaseException as exc:
+        except MemoryError as exc:
+            raise _DecodeFailure(RejectionReason.TOO_LARGE, f"{syntax.name}: a frame does not fit in memory") from exc
+        except BaseException as exc:  # noqa: BLE001 - re-raised below unless a plugin's refusal
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             # pylibjpeg-rle panics on some corrupt segments: pyo3's PanicException is a BaseException
@@ -692,7 +713,7 @@ _PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
 _ABORTS_ON_CORRUPT_DATA = ("gdcm",)
 
 
-def _plugins(decoder) -> list[str]:
+def _plugins(decoder: Decoder) -> list[str]:
     """The plugins to try one by one (``[""]``, pydicom's choice, for native pixel data)."""
     available = tuple(decoder.available_plugins)
     if not available:
@@ -715,18 +736,20 @@ def _dcmtk_decompress(ds: Dataset) -> tuple[Dataset, str]:
         src, dst = Path(tmp, "in.dcm"), Path(tmp, "out.dcm")
         try:
             ds.save_as(src, enforce_file_format=True)
-        except Exception as exc:  # a malformed element pydicom read but cannot write back
-            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"cannot hand the file to {tool}: {_first_line(exc)}")
+        except Exception as exc:  # noqa: BLE001 - a malformed element pydicom read but cannot write back
+            detail = f"cannot hand the file to {tool}: {_first_line(exc)}"
+            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, detail) from exc
         try:
             done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(exc)}")
+            raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(exc)}") from exc
         if done.returncode != 0 or not dst.exists():
             raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(done.stderr)}")
         try:
             return pydicom.dcmread(dst), tool
-        except Exception as exc:
-            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, f"{tool} wrote an unreadable file: {_first_line(exc)}")
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, DCMTK's output is unreadable
+            detail = f"{tool} wrote an unreadable file: {_first_line(exc)}"
+            raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, detail) from exc
 
 
 def _to_grey(
@@ -763,7 +786,9 @@ def _to_grey(
     inverse_shape = str(view.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse_shape:
         display, model = 1.0 - display, 1.0 - model
-        decisions.append("inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)")
+        decisions.append(
+            "inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)"
+        )
     return _clip01(display), _clip01(model)
 
 
@@ -804,7 +829,7 @@ def _model_grey(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, d
     """The model's picture: CT in Hounsfield units through :data:`CT_MODEL_MAPPING`, anything else
     through its own 0.5-99.5 percentile range; never the file's window."""
     if _in_hounsfield_units(view, metadata):
-        hu, grey = zip(*CT_MODEL_MAPPING)
+        hu, grey = zip(*CT_MODEL_MAPPING, strict=True)
         decisions.append("model input: CT Hounsfield units through the fixed mapping (file window ignored)")
         return np.interp(values, hu, grey)
     low, high = _percentile_range(values)
@@ -844,7 +869,8 @@ def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decision
         return _apply_window(values, centre, width, "LINEAR")
     low, high = _percentile_range(values)
     decisions.append(
-        f"display VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile [{low:g}, {high:g}]"
+        f"display VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile "
+        f"[{low:g}, {high:g}]"
     )
     return (values - low) / (high - low)
 
@@ -858,13 +884,14 @@ def _file_window(view: Dataset) -> tuple[float, float, str, str] | None:
     if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         function = "LINEAR"
     explanations = _as_list(view.get("WindowCenterWidthExplanation", []))
-    for i, (centre, width) in enumerate(zip(centres, widths)):
+    for i, (centre, width) in enumerate(zip(centres, widths, strict=False)):  # a window lacking a width is no window
         try:
             centre, width = float(centre), float(width)
         except (TypeError, ValueError):
             continue
         if width >= 1.0 or (function != "LINEAR" and width > 0):
-            label = str(explanations[i]) if i < len(explanations) and explanations[i] else f"window {i + 1} of {len(centres)}"
+            named = i < len(explanations) and explanations[i]
+            label = str(explanations[i]) if named else f"window {i + 1} of {len(centres)}"
             return centre, width, function, f"{label}, {function}"
     return None
 

@@ -182,8 +182,9 @@ def secondary_capture_series(query: Dataset, cases: Sequence[SimilarCase]) -> li
             series_date=now.date(), series_time=now.time(),
         )  # fmt: skip
         # A picture of a hit, of any plane, states no orientation: PatientOrientation is type 2, so
-        # empty is valid, but highdicom asks for a value with a patient coordinate system.
-        image.PatientOrientation = ""
+        # empty is valid, but highdicom asks for a value with a patient coordinate system. (Through the
+        # element, as pydicom's attribute setter does: highdicom's __init__ makes mypy read the attribute as a list.)
+        image["PatientOrientation"].value = ""
         # Likewise laterality: a hit may show any body part, so it is unknown (type 2C, empty = unknown).
         image.Laterality = ""
         # The caption names no one, and a hit whose file declares burned-in text is never drawn here.
@@ -196,8 +197,8 @@ def secondary_capture_series(query: Dataset, cases: Sequence[SimilarCase]) -> li
 def key_object_selection(query: Dataset, cases: Sequence[SimilarCase]) -> hd.ko.KeyObjectSelectionDocument | None:
     """A KOS "Of Interest" in the query's study referencing the cases of that study, in rank order;
     ``None`` if there are none."""
-    referenced = [case.reference for case in cases
-                  if case.reference is not None and case.reference.StudyInstanceUID == query.StudyInstanceUID]  # fmt: skip
+    referenced = [case.reference for case in cases if case.reference is not None
+                  and case.reference.StudyInstanceUID == query.StudyInstanceUID]  # fmt: skip
     if not referenced:
         return None
     evidence = [_evidence(query, hit) for hit in referenced]

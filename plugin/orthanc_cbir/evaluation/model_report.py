@@ -95,7 +95,9 @@ def validate_model(embedder: Embedder, data: ValidationData, seed: int = 0, copi
             "class_accuracy": _class_accuracy(embedded.probabilities, mednist, validation_index),
             "recall10_vs_exact": {
                 "full_code": _curve(query_features, query_codes, gallery_features, gallery_codes),
-                "appearance_bits": _curve(query_features, query_codes, gallery_features, gallery_codes, appearance_only),
+                "appearance_bits": _curve(
+                    query_features, query_codes, gallery_features, gallery_codes, appearance_only
+                ),
             },
             "map10_class_exact": _map_exact(query_features, mednist.fine_class[queries], gallery_features,
                                             mednist.fine_class[train_index]),  # fmt: skip
@@ -154,7 +156,7 @@ def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, 
     features = embedder.embed(queries).features
     top = exact_top_k(features, gallery_features, 1)[:, 0]
     digests = image_digests(mednist.images[train_index])
-    found = [digests[t] == digests[c] for t, c in zip(top, chosen)]
+    found = [digests[t] == digests[c] for t, c in zip(top, chosen, strict=True)]
     return {"queries": int(len(chosen)), "rank1": round(float(np.mean(found)), 4),
             "perturbation": "JPEG q70, shift <= 4 px, intensity x U(0.9, 1.1)"}  # fmt: skip
 
@@ -229,7 +231,9 @@ def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return axial.aux["level"].astype(np.float64), embedder.embed(axial.as_float()).features
 
 
-def plane_region(embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS) -> dict:
+def plane_region(
+    embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS
+) -> dict:
     """Precision@k of same plane and same region among hits from other patients (queries: volumes
     whose region has at least two patients; volumes without a region label left out), over all
     queries and over those of ``held_out`` patients (never in training)."""
@@ -244,7 +248,9 @@ def plane_region(embedder, sources: list[VolumeSource], k: int = 5, held_out: tu
     per_region = {r: len(set(patient[region == r])) for r in set(region)}
     queries = np.flatnonzero([per_region[r] >= 2 for r in region])
     distances = ((features[queries, None, :] - features[None, :, :]) ** 2).sum(axis=2)
-    precision, per_plane, unseen = [], {name: [] for name in AUX_LABELS["plane"]}, {name: [] for name in AUX_LABELS["plane"]}
+    precision: list[float] = []
+    per_plane: dict[str, list[float]] = {name: [] for name in AUX_LABELS["plane"]}
+    unseen: dict[str, list[float]] = {name: [] for name in AUX_LABELS["plane"]}
     for row, q in enumerate(queries):
         others = np.flatnonzero(patient != patient[q])
         top = others[np.argsort(distances[row, others], kind="stable")[:k]]

@@ -121,8 +121,8 @@ def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, ex
     labels, gallery_labels = queries.labels, gallery.labels
     totals = np.bincount(gallery_labels, minlength=len(gallery.classes))
     figures: dict[str, list[float]] = {name: [] for name in ("p@1", "p@10", "map@10", "map@100", "ndcg@10",
-                                                              "recall@10_vs_exact", "candidate_fraction", "examined_fraction",
-                                                              "latency")}  # fmt: skip
+                                                              "recall@10_vs_exact", "candidate_fraction",
+                                                              "examined_fraction", "latency")}  # fmt: skip
     rankings = []
     for i in tqdm(range(len(labels)), desc=strategy, unit="query", disable=not progress, dynamic_ncols=True):
         result = searcher.search(_query(embedded, i), options)
@@ -145,7 +145,7 @@ def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, ex
     out["latency_ms_p50"] = round(float(np.percentile(latency, 50)), 2)
     out["latency_ms_p95"] = round(float(np.percentile(latency, 95)), 2)
     per_class = {name: round(float(np.mean([precision_at_k(gallery_labels[r] == c, k)
-                                            for r, label in zip(rankings, labels) if label == c])), 4)
+                                            for r, label in zip(rankings, labels, strict=True) if label == c])), 4)
                  for c, name in enumerate(queries.classes) if np.any(labels == c)}  # fmt: skip
     return StrategyReport(out, per_class, rankings)
 
@@ -175,10 +175,11 @@ def write_report(out_dir: Path, summary: dict, reports: dict[str, StrategyReport
     names = list(reports)
     columns = ["p@1", "p@10", "map@10", "map@100", "ndcg@10", "recall@10_vs_exact", "candidate_fraction",
                "examined_fraction", "latency_ms_p50", "latency_ms_p95"]  # fmt: skip
-    extra = [c for c in ("copy_rank1", "copy_found_in_10") if c in next(iter(reports.values())).figures]
+    extra: list[str] = [c for c in ("copy_rank1", "copy_found_in_10") if c in next(iter(reports.values())).figures]
     lines = [f"# Retrieval evaluation\n\n`{command}`\n\nModel `{summary['model']}`; gallery {summary['n_gallery']} "
              f"images, {summary['n_queries']} queries; relevance = same class.\n",
-             "| strategy | " + " | ".join(columns + extra) + " |", "|---" * (len(columns + extra) + 1) + "|"]  # fmt: skip
+             "| strategy | " + " | ".join(columns + extra) + " |",
+             "|---" * (len(columns + extra) + 1) + "|"]  # fmt: skip
     lines += [f"| {s} | " + " | ".join(str(reports[s].figures[c]) for c in columns + extra) + " |" for s in names]
     lines += ["\n## P@10 per query class\n", "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for name in reports[names[0]].per_class_p10:
@@ -202,7 +203,7 @@ def _precision_recall_png(path: Path, reports, gallery: Labelled, queries: Label
     colours = ["black", "red", "blue", "green", "orange", "purple"]
     for n, (strategy, report) in enumerate(reports.items()):
         curve = np.zeros((DEPTH, 2))
-        for ranking, label in zip(report.rankings, queries.labels):
+        for ranking, label in zip(report.rankings, queries.labels, strict=True):
             relevant = np.zeros(DEPTH)
             hits = (gallery.labels[ranking] == label).astype(float)
             relevant[: len(hits)] = hits

@@ -109,7 +109,7 @@ class CodeTables:
         values = self.index.values(code)[0]
         parts: list[np.ndarray] = []
         found = 0
-        for radius, masks in enumerate(self._masks):
+        for radius, masks in enumerate(self._masks):  # noqa: B007 - the last radius probed is returned below
             probed = values[:, None] ^ masks[None, :]
             starts = np.take_along_axis(self.offsets, probed, axis=1)
             lengths = np.take_along_axis(self.offsets, probed + 1, axis=1) - starts

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pydicom.uid import generate_uid
-
-from pathlib import Path
 
 from ..dicom import Rejection, RejectionReason, decode_instance
 from ..dicom.metadata import InstanceMetadata
@@ -59,7 +58,8 @@ def decode_file(path: Path, max_frames: int = 1, *, max_file_bytes: int = DEFAUL
                                max_pixels_per_frame=max_pixels_per_frame)  # fmt: skip
     size = path.stat().st_size if path.is_file() else 0
     if size > max_file_bytes:
-        return Rejection(RejectionReason.TOO_LARGE, f"the file has {size} bytes, more than the {max_file_bytes} allowed")
+        return Rejection(RejectionReason.TOO_LARGE,
+                         f"the file has {size} bytes, more than the {max_file_bytes} allowed")  # fmt: skip
     return _picture(path, str(path.resolve()), max_pixels_per_frame)
 
 
@@ -68,7 +68,8 @@ def decode_bytes(data: bytes, name: str, max_frames: int = 1, *, max_file_bytes:
     """The same for bytes (an upload): PNG and JPEG are told by their signature. Never raises;
     the limits are those of :func:`~orthanc_cbir.dicom.decode_instance`."""
     if len(data) > max_file_bytes:
-        return Rejection(RejectionReason.TOO_LARGE, f"the file has {len(data)} bytes, more than the {max_file_bytes} allowed")
+        return Rejection(RejectionReason.TOO_LARGE,
+                         f"the file has {len(data)} bytes, more than the {max_file_bytes} allowed")  # fmt: skip
     if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
         return _picture(data, name, max_pixels_per_frame)
     return decode_instance(data, max_frames=max_frames, max_file_bytes=max_file_bytes,
@@ -85,8 +86,9 @@ def _picture(source: Path | bytes, name: str,
                                                         f"{max_pixels} pixels allowed")  # fmt: skip
         pixels = read_picture(source)
     except (MemoryError, Image.DecompressionBombError):
-        return Rejection(RejectionReason.TOO_LARGE, "the picture does not fit in memory (or claims a size that would not)")
-    except Exception as exc:  # whatever Pillow refuses is a picture we cannot use
+        return Rejection(RejectionReason.TOO_LARGE,
+                         "the picture does not fit in memory (or claims a size that would not)")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow refuses is a picture we cannot use (never raises)
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"unreadable picture ({type(exc).__name__})")
     if pixels.ndim != 2 or 0 in pixels.shape:
         return Rejection(RejectionReason.UNSUPPORTED_IMAGE, f"a picture of shape {pixels.shape} is not one grey image")

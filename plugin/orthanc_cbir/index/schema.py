@@ -284,27 +284,48 @@ def encode_entry(record: IndexRecord, row: int) -> bytes:
         values.pop()
     probabilities = {head: [float(f"{x:.3g}") for x in np.asarray(p, np.float64).ravel()]
                      for head, p in record.probabilities.items()}  # fmt: skip
-    orthanc: list | dict = {k: _compact_id(v) for k, v in record.orthanc.items()}
-    if set(orthanc) == set(ORTHANC_LEVELS):
-        orthanc = [orthanc[level] for level in ORTHANC_LEVELS]
+    ids = {k: _compact_id(v) for k, v in record.orthanc.items()}
+    # all four levels: a list, without their names
+    orthanc: list[str] | dict[str, str] = [ids[level] for level in ORTHANC_LEVELS] if set(ids) == set(ORTHANC_LEVELS) \
+        else ids
     text = json.dumps([int(row), int(record.frame), values, probabilities, orthanc], separators=(",", ":"),
                       ensure_ascii=False).encode("utf-8", "surrogatepass")  # fmt: skip
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=_ZDICT)
     return packer.compress(text) + packer.flush()
 
 
-def decode_entry(sop_instance_uid: str, raw: bytes) -> dict:
-    """:func:`encode_entry` back: ``{"row": local row, "frame", "metadata" (as
-    :meth:`InstanceMetadata.to_json`), "probabilities", "orthanc"}``."""
+@dataclass(frozen=True)
+class StoredEntry:
+    """What the index keeps about one instance besides its columns: read back with
+    :meth:`~.store.IndexStore.describe` (decoded in :func:`decode_entry`, nowhere else)."""
+
+    row: int
+    """The instance's row: local in :func:`decode_entry`, global once the store has it."""
+    frame: int
+    """The frame whose code and probabilities the index holds."""
+    metadata: InstanceMetadata
+    probabilities: dict[str, np.ndarray]
+    """Per label head, float32 (classes,), to 3 significant digits."""
+    orthanc: dict[str, str] = field(default_factory=dict)
+    """Orthanc ids where known: ``instance``, ``series``, ``study``, ``patient``."""
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.metadata.sop_instance_uid or ""
+
+
+def decode_entry(sop_instance_uid: str, raw: bytes) -> StoredEntry:
+    """:func:`encode_entry` back (its row the local row)."""
     unpacker = zlib.decompressobj(-15, zdict=_ZDICT)
     row, frame, values, probabilities, orthanc = json.loads(
         (unpacker.decompress(raw) + unpacker.flush()).decode("utf-8", "surrogatepass"))
     metadata = {"sop_instance_uid": sop_instance_uid, **dict.fromkeys(METADATA_FIELDS)}
-    metadata.update(zip(METADATA_FIELDS, values))
+    metadata.update(zip(METADATA_FIELDS, values, strict=False))
     if isinstance(orthanc, list):
-        orthanc = dict(zip(ORTHANC_LEVELS, orthanc))
-    return {"row": row, "frame": frame, "metadata": metadata, "probabilities": probabilities,
-            "orthanc": {k: _dashed_id(v) for k, v in orthanc.items()}}  # fmt: skip
+        orthanc = dict(zip(ORTHANC_LEVELS, orthanc, strict=True))
+    return StoredEntry(int(row), int(frame), InstanceMetadata.from_json(metadata),
+                       {head: np.asarray(p, np.float32) for head, p in probabilities.items()},
+                       {k: _dashed_id(v) for k, v in orthanc.items()})  # fmt: skip
 
 
 def entry_row(raw: bytes) -> int:
@@ -314,11 +335,11 @@ def entry_row(raw: bytes) -> int:
     return int(head[1 : head.index(b",")])
 
 
-def _compact_id(value):
+def _compact_id(value: str) -> str:
     return value.replace("-", "") if isinstance(value, str) and _ORTHANC_ID.fullmatch(value) else value
 
 
-def _dashed_id(value):
+def _dashed_id(value: str) -> str:
     if isinstance(value, str) and _ORTHANC_HEX.fullmatch(value):
         return "-".join(value[i : i + 8] for i in range(0, 40, 8))
     return value

@@ -12,12 +12,14 @@ works on one set of arrays whatever ``S``.
 Features stay int8 (``quantized``, with a float32 ``scales`` per row): a float32
 copy of 10^7 rows would take 20 GB. :meth:`IndexSnapshot.similarities` computes
 dot products from them in chunks and :meth:`IndexSnapshot.vectors` dequantizes the
-rows it is given.
+rows it is given. The snapshot also knows each row's SOPInstanceUID (read with its
+block), so that an answer reads its hits' entries in one round trip.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from .schema import ATTRIBUTES, BLOCK_ROWS
 from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexStore
@@ -26,6 +28,8 @@ CHUNK_ROWS = 65536
 """Rows whose int8 features one step of :meth:`IndexSnapshot.similarities` converts at a time."""
 READ_BLOCKS = 8
 """Blocks read from Redis per round trip while refreshing (bounds the bytes in flight)."""
+UID_BYTES = 64
+"""Width of the SOPInstanceUID column: a DICOM UID has at most 64 characters (a longer key widens it)."""
 
 
 class IndexSnapshot:
@@ -46,11 +50,13 @@ class IndexSnapshot:
         self._writes: tuple[int, ...] | None = None
         info = store.info
         self._capacity = 0
-        self._buffers = {
+        names: tuple[str, ...] = ATTRIBUTES.names or ()
+        self._buffers: dict[str, np.ndarray] = {
             "quantized": np.zeros((0, info.feature_dim), FEATURE_DTYPE),
             "scales": np.zeros(0, np.float32),
             "codes": np.zeros((0, info.code_bytes), np.uint8),
-            **{f"attribute:{name}": np.zeros(0, ATTRIBUTES[name]) for name in ATTRIBUTES.names},
+            "uids": np.zeros(0, f"S{UID_BYTES}"),
+            **{f"attribute:{name}": np.zeros(0, ATTRIBUTES[name]) for name in names},
         }
         self._views()
 
@@ -58,8 +64,9 @@ class IndexSnapshot:
         self.quantized = self._buffers["quantized"][: self.rows]
         self.scales = self._buffers["scales"][: self.rows]
         self.codes = self._buffers["codes"][: self.rows]
+        self._uids = self._buffers["uids"][: self.rows]
         self.attributes: dict[str, np.ndarray] = {name: self._buffers[f"attribute:{name}"][: self.rows]
-                                                  for name in ATTRIBUTES.names}  # fmt: skip
+                                                  for name in ATTRIBUTES.names or ()}  # fmt: skip
 
     def refresh(self) -> int:
         """Bring the copy up to date; returns the number of blocks re-read."""
@@ -75,15 +82,17 @@ class IndexSnapshot:
         self._grow((max(block for _, block in current) + 1) * BLOCK_ROWS * shards)
         dim = self.store.info.feature_dim
         for start in range(0, len(stale), READ_BLOCKS):
-            for (shard, block), columns in self.store.read_blocks(stale[start : start + READ_BLOCKS]).items():
+            for (shard, block), data in self.store.read_blocks(stale[start : start + READ_BLOCKS]).items():
+                columns = data.columns
                 # shard s's block b: global rows (b * BLOCK_ROWS + i) * S + s
                 where = slice(block * BLOCK_ROWS * shards + shard, (block + 1) * BLOCK_ROWS * shards, shards)
                 self._place("quantized", where, _rows(columns["features"], FEATURE_DTYPE, dim))
                 self._place("scales", where, _rows(columns["scales"], SCALE_DTYPE))
                 self._place("codes", where, _rows(columns["codes"], np.uint8, self.codes.shape[1]))
                 records = _rows(columns["attributes"], ATTRIBUTES)
-                for name in ATTRIBUTES.names:
+                for name in ATTRIBUTES.names or ():
                     self._place(f"attribute:{name}", where, records[name])
+                self._place("uids", where, self._uid_column(data.uids))
                 self._seen[(shard, block)] = current[(shard, block)]
         self._writes = writes
         self.generation += 1
@@ -93,7 +102,7 @@ class IndexSnapshot:
         # a block may be shorter than BLOCK_ROWS rows: the rest of its rows are zero
         target = self._buffers[buffer][where]
         target[: len(values)] = values
-        target[len(values) :] = 0
+        target[len(values) :] = np.zeros((), target.dtype)
 
     def _grow(self, rows: int) -> None:
         if rows <= self.rows:
@@ -104,12 +113,24 @@ class IndexSnapshot:
         self.rows = rows
         self._views()
 
+    def _uid_column(self, uids: list[str | None]) -> np.ndarray:
+        encoded = [uid.encode() if uid else b"" for uid in uids]
+        width = max((len(uid) for uid in encoded), default=0)
+        if width > self._buffers["uids"].dtype.itemsize:  # a key longer than a DICOM UID: widen the column
+            self._buffers["uids"] = self._buffers["uids"].astype(f"S{width}")
+            self._views()
+        return np.asarray(encoded, dtype=self._buffers["uids"].dtype)
+
+    def sop_uids(self, rows: ArrayLike) -> list[str | None]:
+        """The SOPInstanceUID of each row as of the last refresh (``None``: a gap or a removed instance)."""
+        return [uid.decode() if uid else None for uid in np.take(self._uids, np.asarray(rows, dtype=np.int64))]
+
     @property
     def live(self) -> np.ndarray:
         """Boolean (rows,): rows that are indexed now."""
         return self.attributes["live"] == 1
 
-    def vectors(self, rows) -> np.ndarray:
+    def vectors(self, rows: ArrayLike) -> np.ndarray:
         """float32 (n, D): the dequantized features of ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
         return np.take(self.quantized, rows, axis=0).astype(np.float32) * np.take(self.scales, rows)[:, None]
@@ -122,8 +143,8 @@ class IndexSnapshot:
         if rows is None:
             out = np.empty(self.rows, np.float32)
             for start in range(0, self.rows, CHUNK_ROWS):
-                chunk = slice(start, start + CHUNK_ROWS)
-                out[chunk] = np.einsum("ij,j->i", self.quantized[chunk], query) * self.scales[chunk]
+                rows_here = slice(start, start + CHUNK_ROWS)
+                out[rows_here] = np.einsum("ij,j->i", self.quantized[rows_here], query) * self.scales[rows_here]
             return out
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) > self.rows // 4:  # most rows: one pass in place beats gathering copies
@@ -137,7 +158,7 @@ class IndexSnapshot:
         return out
 
 
-def _rows(raw: bytes, dtype, width: int | None = None) -> np.ndarray:
+def _rows(raw: bytes, dtype: DTypeLike, width: int | None = None) -> np.ndarray:
     """A block's bytes as whole rows of ``dtype`` (``width`` values per row)."""
     itemsize = np.dtype(dtype).itemsize * (width or 1)
     values = np.frombuffer(raw[: len(raw) // itemsize * itemsize], dtype)

@@ -20,24 +20,43 @@ of the old layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
+from redis.client import Pipeline
 
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
+from ..redis_client import RedisClient, as_bytes
 from .hamming import MultiIndex
-from .schema import (ATTRIBUTES, BLOCK_ROWS, LAYOUT, MAX_SHARDS, ROWS_PER_MAP, IndexRecord, KeySpace, decode_entry,
-                     encode_entry, entry_row, quantize, shard_of)  # fmt: skip
+from .schema import (
+    ATTRIBUTES,
+    BLOCK_ROWS,
+    LAYOUT,
+    MAX_SHARDS,
+    ROWS_PER_MAP,
+    IndexRecord,
+    KeySpace,
+    StoredEntry,
+    decode_entry,  # fmt: skip
+    encode_entry,
+    entry_row,
+    quantize,
+    shard_of,
+)
 
 FEATURE_DTYPE = np.dtype("i1")
 """Stored features: int8, with a float32 scale per row in the ``scales`` column."""
 SCALE_DTYPE = np.dtype("<f4")
+_FIELDS: Mapping[str, tuple[Any, ...]] = ATTRIBUTES.fields or {}
+"""Each attribute's (dtype, byte offset) in an attributes row (a structured dtype always has them)."""
 
 
 class IndexLayoutError(ValueError):
@@ -55,7 +74,7 @@ class IndexInfo:
     labels: dict[str, tuple[str, ...]]
 
     @classmethod
-    def from_card(cls, card) -> IndexInfo:
+    def from_card(cls, card: ModelCard) -> IndexInfo:
         """From a :class:`~orthanc_cbir.model.embedder.ModelCard`."""
         return cls(card.version, card.embedding_dim, card.code_layout, {h: tuple(n) for h, n in card.labels.items()})
 
@@ -85,6 +104,15 @@ COLUMNS = ("features", "scales", "codes", "attributes")
 
 
 @dataclass(frozen=True)
+class BlockData:
+    """One column block of one shard as read: each column's bytes and, per row, its instance."""
+
+    columns: dict[str, bytes]
+    uids: list[str | None]
+    """SOPInstanceUID of each of the block's :data:`~.schema.BLOCK_ROWS` rows (``None``: a gap)."""
+
+
+@dataclass(frozen=True)
 class AddResult:
     added: int
     duplicates: int
@@ -97,7 +125,7 @@ class IndexStore:
     yet); a number is checked against it, and a mismatch raises :class:`IndexLayoutError`
     (so every process agrees where an instance lives). The first :meth:`add` records it."""
 
-    def __init__(self, client, info: IndexInfo, prefix: str = "cbir", shards: int | None = None):
+    def __init__(self, client: RedisClient, info: IndexInfo, prefix: str = "cbir", shards: int | None = None):
         if shards is not None and not 1 <= shards <= MAX_SHARDS:
             raise ValueError(f"an index has 1 to {MAX_SHARDS} shards, not {shards}")
         self.client = client
@@ -202,10 +230,13 @@ class IndexStore:
                     for block in blocks:
                         look.exists(keys.block("features", block))
                     there = look.execute()
-                    seen = set()  # an instance twice in one batch is added once
-                    new = [(record, row) for record, row, indexed in zip(records, rows, there)
-                           if not indexed and not (record.key in seen or seen.add(record.key))]  # fmt: skip
-                    missing = {block for block, exists in zip(blocks, there[len(names):]) if not exists}
+                    seen: set[str] = set()  # an instance twice in one batch is added once
+                    new = []
+                    for record, row, indexed in zip(records, rows, there, strict=False):  # there: names, then blocks
+                        if not indexed and record.key not in seen:
+                            seen.add(record.key)
+                            new.append((record, row))
+                    missing = {block for block, exists in zip(blocks, there[len(names):], strict=True) if not exists}
                     pipe.multi()
                     if new:
                         self._write_rows(pipe, keys, new, missing)
@@ -221,7 +252,8 @@ class IndexStore:
                                  f"{record.code.shape}; this index holds ({self.info.feature_dim},) and "
                                  f"({self.info.code_bytes},)")  # fmt: skip
 
-    def _write_rows(self, pipe, keys: KeySpace, new: list[tuple[IndexRecord, int]], missing: set[int]) -> None:
+    def _write_rows(self, pipe: Pipeline, keys: KeySpace, new: list[tuple[IndexRecord, int]],
+                    missing: set[int]) -> None:  # fmt: skip
         """Queue the writes of new (record, local row) pairs of one shard in its transaction;
         ``missing``: blocks that may not exist yet, created at full size first."""
         heads = tuple(self.info.labels)
@@ -246,7 +278,7 @@ class IndexStore:
             pipe.set(keys.instance(record.key), encode_entry(record, row))
             maps[row // ROWS_PER_MAP][row % ROWS_PER_MAP] = record.key
         for number, mapping in maps.items():
-            pipe.hset(keys.rows(number), mapping=mapping)
+            pipe.hset(keys.rows(number), mapping=dict[Any, Any](mapping))  # redis-py's Mapping: invariant key type
         pipe.incrby(keys.count, len(new))
         for block in np.unique(rows // BLOCK_ROWS):
             pipe.hincrby(keys.generations, int(block), 1)
@@ -263,10 +295,10 @@ class IndexStore:
                     raw = pipe.get(name)
                     if raw is None:
                         return False
-                    row = entry_row(raw)
+                    row = entry_row(as_bytes(raw))
                     block, slot = divmod(row, BLOCK_ROWS)
                     pipe.multi()
-                    live_offset = slot * ATTRIBUTES.itemsize + ATTRIBUTES.fields["live"][1]
+                    live_offset = slot * ATTRIBUTES.itemsize + _FIELDS["live"][1]
                     pipe.setrange(keys.block("attributes", block), live_offset, b"\x00")
                     pipe.delete(name)
                     pipe.hdel(keys.rows(row // ROWS_PER_MAP), row % ROWS_PER_MAP)
@@ -280,14 +312,14 @@ class IndexStore:
 
     def set_attribute(self, rows: np.ndarray, name: str, values: np.ndarray) -> None:
         """Overwrite one attribute of many rows (global rows, e.g. ``cluster`` after re-clustering)."""
-        kind, offset = ATTRIBUTES.fields[name][:2]
+        kind, offset = _FIELDS[name][:2]
         encoded = np.asarray(values, dtype=kind)
         shards, local = self._locate(rows, self.shards)
         for shard in np.unique(shards):
             keys = self._shard_keys[int(shard)]
             pipe = self.client.pipeline(transaction=True)
             blocks = set()
-            for row, value in zip(local[shards == shard], encoded[shards == shard]):
+            for row, value in zip(local[shards == shard], encoded[shards == shard], strict=True):
                 block, slot = divmod(int(row), BLOCK_ROWS)
                 blocks.add(block)
                 pipe.setrange(keys.block("attributes", block), slot * ATTRIBUTES.itemsize + offset, value.tobytes())
@@ -303,7 +335,7 @@ class IndexStore:
         shards = self.shards
         shard = shard_of(sop_instance_uid, shards)
         raw = self.client.get(self._shard_keys[shard].instance(sop_instance_uid))
-        return None if raw is None else entry_row(raw) * shards + shard
+        return None if raw is None else entry_row(as_bytes(raw)) * shards + shard
 
     def contains(self, sop_instance_uid: str) -> bool:
         return bool(self.client.exists(self._keys_of(sop_instance_uid, self.shards).instance(sop_instance_uid)))
@@ -329,7 +361,7 @@ class IndexStore:
                 "blocks": sum(-(-n // BLOCK_ROWS) for n in allocated), "shards": self.shards,
                 "feature_dim": self.info.feature_dim, "code_bits": self.info.layout.bits, "layout": LAYOUT}  # fmt: skip
 
-    def _per_shard(self, command) -> list[int]:
+    def _per_shard(self, command: Callable[[Pipeline, KeySpace], object]) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for shard in range(self.shards):
             command(pipe, self._shard_keys[shard])
@@ -341,40 +373,63 @@ class IndexStore:
         if not len(local):
             return []
         pipe = self.client.pipeline(transaction=False)
-        for shard, row in zip(shards.tolist(), local.tolist()):
+        for shard, row in zip(shards.tolist(), local.tolist(), strict=True):
             pipe.hget(self._shard_keys[shard].rows(row // ROWS_PER_MAP), row % ROWS_PER_MAP)
         return [v.decode() if v else None for v in pipe.execute()]
 
-    def describe(self, sop_instance_uids: Sequence[str]) -> list[dict | None]:
-        """The stored global row, metadata, probabilities, Orthanc ids and frame of each
-        instance (``None`` if absent)."""
+    def describe(self, sop_instance_uids: Sequence[str]) -> list[StoredEntry | None]:
+        """The stored entry of each instance, its row the global row (``None`` if absent); one round trip."""
         if not sop_instance_uids:
             return []
         count = self.shards
         shards = [shard_of(uid, count) for uid in sop_instance_uids]
         pipe = self.client.pipeline(transaction=False)
-        for uid, shard in zip(sop_instance_uids, shards):
+        for uid, shard in zip(sop_instance_uids, shards, strict=True):
             pipe.get(self._shard_keys[shard].instance(uid))
-        out = []
-        for uid, shard, raw in zip(sop_instance_uids, shards, pipe.execute()):
-            if raw is None:
-                out.append(None)
-                continue
-            entry = decode_entry(uid, raw)
-            entry["row"] = entry["row"] * count + shard
-            out.append(entry)
+        out: list[StoredEntry | None] = []
+        for uid, shard, raw in zip(sop_instance_uids, shards, pipe.execute(), strict=True):
+            entry = None if raw is None else decode_entry(uid, raw)
+            out.append(None if entry is None else dataclasses.replace(entry, row=entry.row * count + shard))
         return out
 
-    def read_blocks(self, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], dict[str, bytes]]:
-        """Raw column blocks, by (shard, block number) (missing ones as empty bytes)."""
+    def read_blocks(self, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], BlockData]:
+        """Raw column blocks (missing ones as empty bytes) and the SOPInstanceUIDs of their rows,
+        by (shard, block number); one round trip."""
         self._resolve()
         pipe = self.client.pipeline(transaction=False)
+        maps: list[range] = []
         for shard, block in blocks:
             for column in COLUMNS:
                 pipe.get(self._shard_keys[shard].block(column, block))
+            # the row maps covering the block's local rows (a map may straddle two blocks)
+            numbers = range(block * BLOCK_ROWS // ROWS_PER_MAP, ((block + 1) * BLOCK_ROWS - 1) // ROWS_PER_MAP + 1)
+            maps.append(numbers)
+            for number in numbers:
+                pipe.hgetall(self._shard_keys[shard].rows(number))
         raw = pipe.execute()
-        return {key: {column: raw[i * len(COLUMNS) + j] or b"" for j, column in enumerate(COLUMNS)}
-                for i, key in enumerate(blocks)}  # fmt: skip
+        out, at = {}, 0
+        for (shard, block), numbers in zip(blocks, maps, strict=True):
+            columns = {column: raw[at + j] or b"" for j, column in enumerate(COLUMNS)}
+            at += len(COLUMNS)
+            uids: list[str | None] = [None] * BLOCK_ROWS
+            for number in numbers:
+                for slot, uid in raw[at].items():
+                    local = number * ROWS_PER_MAP + int(slot)
+                    if block * BLOCK_ROWS <= local < (block + 1) * BLOCK_ROWS:
+                        uids[local - block * BLOCK_ROWS] = uid.decode()
+                at += 1
+            out[(shard, block)] = BlockData(columns, uids)
+        return out
+
+    def set_centroids(self, centroids: np.ndarray) -> None:
+        """Keep the (clusters, D) float32 centroids of a re-clustering (``cluster`` strategy)."""
+        self.client.hset(self.keys.info, "centroids", np.asarray(centroids, np.float32).tobytes())
+
+    def centroids_raw(self) -> bytes | None:
+        """The kept centroids as stored (``None`` before the first clustering): a reader caches the
+        array decoded from them and decodes again only when these bytes change."""
+        raw = self.client.hget(self.keys.info, "centroids")
+        return None if raw is None else as_bytes(raw)
 
     def writes(self) -> tuple[int, ...]:
         """Per shard, how many writes have moved a block's generation: unchanged, nothing to re-read."""
@@ -392,4 +447,4 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """[first, last) index ranges of ``rows`` that are consecutive and inside one block."""
     breaks = np.flatnonzero((np.diff(rows) != 1) | (rows[1:] // BLOCK_ROWS != rows[:-1] // BLOCK_ROWS)) + 1
     edges = [0, *breaks.tolist(), len(rows)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..redis_client import RedisClient
 from .schema import KeySpace
 
 SCAN_BATCH = 1000
@@ -30,7 +31,7 @@ class IndexVersion:
     """Instances indexed now, over every shard."""
 
 
-def index_versions(client, prefix: str = "cbir") -> list[IndexVersion]:
+def index_versions(client: RedisClient, prefix: str = "cbir") -> list[IndexVersion]:
     """Every model version with an index in Redis (its ``info`` hash), sorted by name."""
     found = []
     for key in client.scan_iter(match=f"{prefix}:{{*}}:info", count=SCAN_BATCH):
@@ -42,7 +43,7 @@ def index_versions(client, prefix: str = "cbir") -> list[IndexVersion]:
     return sorted(found, key=lambda v: v.version)
 
 
-def describe_version(client, version: str, prefix: str = "cbir") -> IndexVersion:
+def describe_version(client: RedisClient, version: str, prefix: str = "cbir") -> IndexVersion:
     """A version's shard count (as its ``info`` records it) and live instance count; 0 when absent."""
     raw = client.hget(KeySpace(version, prefix).info, "schema")
     shards = int(json.loads(raw).get("shards", 1)) if raw else 1
@@ -50,7 +51,7 @@ def describe_version(client, version: str, prefix: str = "cbir") -> IndexVersion
     return IndexVersion(version, shards, sum(int(c or 0) for c in counts))
 
 
-def drop_version(client, version: str, current: str, prefix: str = "cbir") -> int:
+def drop_version(client: RedisClient, version: str, current: str, prefix: str = "cbir") -> int:
     """Delete every key of ``version``'s index; returns how many. Refused (:class:`IndexStillNeeded`)
     for the current version, and while the current index holds fewer instances than this one."""
     if version == current:

@@ -284,7 +284,7 @@ def backfill(
                 summary.instances += len(listed)
                 if not known_total:
                     bar.total = (bar.total or 0) + len(listed)
-                for instance, is_indexed in zip(listed, store.indexed([i.sop for i in listed])):
+                for instance, is_indexed in zip(listed, store.indexed([i.sop for i in listed]), strict=True):
                     if is_indexed:
                         summary.already_indexed += 1
                     elif instance.sop in rejected_before:
@@ -369,9 +369,9 @@ def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, moda
     """(StudyInstanceUID, NumberOfStudyRelatedInstances or None) of every matching study."""
     filters = {"StudyDate": date_range} if date_range else {}
     studies: dict[str, int | None] = {}
-    for modality in modalities or [None]:
+    for modality in modalities or [None]:  # type: ignore[list-item]  # None: every modality
         query = {**filters, **({"ModalitiesInStudy": modality} if modality else {})}
-        for page in _pages(lambda limit, offset: client.search_for_studies(
+        for page in _pages(lambda limit, offset, query=query: client.search_for_studies(
                 limit=limit, offset=offset, fields=["NumberOfStudyRelatedInstances"], search_filters=query or None),
                 url, "the study search", summary):  # fmt: skip
             for study in page:
@@ -425,7 +425,7 @@ def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int, 
         return None
     except requests.RequestException as exc:
         raise BackfillError(_describe(exc, url, "a retrieval"), summary) from None
-    except Exception as exc:  # the answer is not a DICOM file: the instance cannot be used
+    except Exception as exc:  # noqa: BLE001 - the answer is not a DICOM file: the instance cannot be used
         return Rejection(RejectionReason.NOT_DICOM, f"WADO-RS answer unreadable ({type(exc).__name__})")
     pixel_bytes = len(ds.get("PixelData") or b"")
     if pixel_bytes > max_file_bytes:
@@ -435,7 +435,7 @@ def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int, 
         warnings.simplefilter("ignore")
         try:
             return decode_dataset(ds, max_frames=frames, max_pixels_per_frame=max_pixels_per_frame)
-        except Exception as exc:  # a decoder bug must not end the walk
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the walk
             return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"decoding failed ({type(exc).__name__})")
 
 

@@ -42,7 +42,8 @@ class ChangeCursor:
 
     def __init__(self, get_json: Callable[[str], Any], client: redis.Redis, enqueue: Callable[[str, str], Any],
                  pending: Callable[[], int], series_on_stable_study: bool = False,
-                 key: str = "cbir:orthanc-changes-seq", log: Callable[[str], None] = print, remember: int = 100_000):  # fmt: skip
+                 key: str = "cbir:orthanc-changes-seq", log: Callable[[str], None] = print,
+                 remember: int = 100_000):  # fmt: skip
         """``get_json(path)`` asks Orthanc's REST API; ``enqueue(orthanc_id, action)`` adds an entry (the
         enqueue buffer's); ``pending()`` counts entries that have not reached Redis yet."""
         self.get_json = get_json
@@ -131,7 +132,7 @@ class ChangeCursor:
                 if replayed:
                     self.log(f"cbir: {replayed} change(s) from before Orthanc's restart enqueued again")
                 break
-            except Exception as exc:  # Redis down, Orthanc's API not up yet: the thread must go on
+            except Exception as exc:  # noqa: BLE001 - Redis down, Orthanc's API not up yet: the thread must go on
                 self.log(f"cbir: cannot replay Orthanc's change log yet ({type(exc).__name__}); trying again")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -18,7 +18,8 @@ class OrthancClient:
         self._authorization = "Basic " + b64encode(f"{username}:{password}".encode()).decode() if username else None
 
     def request(self, method: str, path: str, body: bytes | None = None, *, content_type: str | None = None,
-                headers: dict[str, str] | None = None, timeout_s: float | None = None) -> tuple[int, bytes, str]:  # fmt: skip
+                headers: dict[str, str] | None = None,
+                timeout_s: float | None = None) -> tuple[int, bytes, str]:  # fmt: skip
         """One request: (status, body, content type). 4xx/5xx do not raise; an unreachable server does (OSError)."""
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
         if self._authorization:

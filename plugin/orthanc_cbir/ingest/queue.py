@@ -7,6 +7,10 @@ once). Entries a dead worker left pending are claimed by another after
 ``claim_idle_ms`` (``XAUTOCLAIM``). Instances that cannot be indexed are kept in
 the rejected hash with their reason, so an operator can see them.
 
+This module owns every queue key: the stream, the rejected and dead-letter hashes, the
+Orthanc id -> SOPInstanceUID map, and the request / reply keys of what someone waits for
+(:class:`WorkerRequests`). Nothing else touches them.
+
 The queue carries Orthanc ids, not vectors, so it does not depend on the model
 version.
 
@@ -19,10 +23,14 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+from ..redis_client import text
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -118,10 +126,10 @@ class IngestQueue:
         self.claim_idle_ms = claim_idle_ms
 
     @classmethod
-    def for_settings(cls, client: redis.Redis, settings: Settings, **options: int) -> IngestQueue:
+    def for_settings(cls, client: redis.Redis, settings: Settings, claim_idle_ms: int = 60_000) -> IngestQueue:
         """The queue of this deployment: the stream ``settings.ingest_stream`` (and its own
         consumer group: a Redis consumer group belongs to one stream)."""
-        return cls(client, keys=QueueKeys(stream_name=settings.ingest_stream), **options)
+        return cls(client, keys=QueueKeys(stream_name=settings.ingest_stream), claim_idle_ms=claim_idle_ms)
 
     def bind(self, kind: str) -> None:
         """Claim the stream for workers of ``kind`` (the first caller sets it); raises
@@ -129,9 +137,9 @@ class IngestQueue:
         Orthanc worker cannot read a spool, nor a standalone server fetch from Orthanc."""
         self.client.set(self.keys.stream_kind, kind, nx=True)
         bound = self.client.get(self.keys.stream_kind)
-        if bound is not None and bound.decode() != kind:
+        if bound is not None and text(bound) != kind:
             raise StreamKindError(
-                f"the ingest stream {self.keys.stream!r} belongs to {bound.decode()} workers, not {kind} workers: "
+                f"the ingest stream {self.keys.stream!r} belongs to {text(bound)} workers, not {kind} workers: "
                 "give each deployment on this Redis its own stream (CBIR_INGEST_STREAM), or delete the key "
                 f"{self.keys.stream_kind!r} if this stream's deployment was replaced")
 
@@ -145,24 +153,26 @@ class IngestQueue:
 
     def enqueue(self, orthanc_id: str, action: str = STORE) -> str:
         """Add one entry; returns its stream id. The only thing Orthanc's callbacks do."""
-        return self.client.xadd(self.keys.stream, {"action": action, "orthanc_id": orthanc_id}).decode()
+        return text(self.client.xadd(self.keys.stream, {"action": action, "orthanc_id": orthanc_id}))
 
     def read(self, consumer: str, count: int = 32, block_ms: int = 1000) -> list[IngestEvent]:
         """Up to ``count`` entries for ``consumer``: first any left idle by another worker, then new ones."""
         self.ensure_group()
-        _, claimed, _ = self.client.xautoclaim(self.keys.stream, self.group, consumer, self.claim_idle_ms,
-                                               start_id="0-0", count=count)  # fmt: skip
+        autoclaimed: Any = self.client.xautoclaim(self.keys.stream, self.group, consumer, self.claim_idle_ms,
+                                                  start_id="0-0", count=count)  # fmt: skip
+        claimed: list[tuple[bytes, dict[bytes, bytes]]] = autoclaimed[1]
         events = [self._event(entry_id, fields, deliveries=2) for entry_id, fields in claimed if fields]
         if len(events) < count:
-            answer = self.client.xreadgroup(self.group, consumer, {self.keys.stream: ">"},
-                                            count=count - len(events), block=None if events else block_ms)  # fmt: skip
+            block = None if events else block_ms
+            answer: Any = self.client.xreadgroup(self.group, consumer, {self.keys.stream: ">"},
+                                                 count=count - len(events), block=block)  # fmt: skip
             for _, entries in answer or []:
                 events.extend(self._event(entry_id, fields) for entry_id, fields in entries)
         return events
 
     @staticmethod
-    def _event(entry_id: bytes, fields: dict, deliveries: int = 1) -> IngestEvent:
-        return IngestEvent(entry_id.decode(), fields[b"action"].decode(), fields[b"orthanc_id"].decode(), deliveries)
+    def _event(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> IngestEvent:
+        return IngestEvent(text(entry_id), text(fields[b"action"]), text(fields[b"orthanc_id"]), deliveries)
 
     def ack(self, events: list[IngestEvent]) -> None:
         """Done with these entries: acknowledge and delete them (the stream keeps only open work)."""
@@ -184,11 +194,11 @@ class IngestQueue:
              "at": time.time()}))  # fmt: skip
 
     def dead_letters(self) -> dict[str, dict]:
-        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.dead_letters).items()}
+        return {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.dead_letters).items()}
 
     def rejected(self) -> dict[str, dict]:
         """What could not be indexed: the files (bad input) and the dead letters (``action`` set)."""
-        rejected = {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+        rejected = {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
         return {**self.dead_letters(), **rejected}
 
     def counts(self) -> dict[str, int]:
@@ -199,3 +209,141 @@ class IngestQueue:
         return {"queued": int(self.client.xlen(self.keys.stream)), "pending": int(pending),
                 "rejected": int(self.client.hlen(self.keys.rejected)),
                 "dead_letters": int(self.client.hlen(self.keys.dead_letters))}  # fmt: skip
+
+    # -- the Orthanc id -> SOPInstanceUID map (what was indexed, for deletions) ------------------
+
+    def remember_indexed(self, uids_by_orthanc_id: Mapping[str, str]) -> None:
+        """Record which SOPInstanceUID each indexed Orthanc instance holds."""
+        if uids_by_orthanc_id:
+            mapping: dict[Any, Any] = dict(uids_by_orthanc_id)  # redis-py's Mapping is invariant in its key type
+            self.client.hset(self.keys.orthanc_ids, mapping=mapping)
+
+    def indexed_uids(self, orthanc_ids: Sequence[str]) -> list[str | None]:
+        """The SOPInstanceUID indexed for each Orthanc instance (``None``: not indexed); one read."""
+        if not orthanc_ids:
+            return []
+        return [text(uid) if uid else None for uid in self.client.hmget(self.keys.orthanc_ids, list(orthanc_ids))]
+
+    def indexed_map(self, page: int = 1000) -> Iterator[tuple[str, str]]:
+        """Every (Orthanc id, SOPInstanceUID) indexed, read ``page`` at a time (``HSCAN``)."""
+        for orthanc_id, uid in self.client.hscan_iter(self.keys.orthanc_ids, count=page):
+            yield text(orthanc_id), text(uid)
+
+    def forget(self, orthanc_id: str) -> str | None:
+        """An Orthanc instance was deleted: drop what the queue knows of it (its rejection, its dead
+        letter, its map entry); returns the SOPInstanceUID it was indexed as, if it was."""
+        uid = self.client.hget(self.keys.orthanc_ids, orthanc_id)
+        self.client.hdel(self.keys.rejected, orthanc_id)
+        self.client.hdel(self.keys.dead_letters, orthanc_id)
+        if uid is None:
+            return None
+        self.client.hdel(self.keys.orthanc_ids, orthanc_id)
+        return text(uid)
+
+
+@dataclass(frozen=True)
+class Job:
+    """An asynchronous "Similar cases" request as :meth:`WorkerRequests.job` finds it."""
+
+    job_id: str
+    instance: str
+    created: float
+    result: dict[str, Any] | None
+    """The worker's reply (``error`` set when it failed); ``None`` while it has none."""
+    queued: bool
+    """No worker has taken it yet."""
+
+
+class WorkerRequests:
+    """The request / reply protocol beside the stream, for what someone waits for (``query``,
+    ``similar-series``): the asker leaves the body under its own key (the stream holds small
+    entries only), enqueues the request id and waits on a reply list; the worker takes the body
+    (once: ``GETDEL``) and pushes its JSON reply, kept a minute. A body nobody took expires.
+
+    ``replies`` is the connection the asker blocks on (``BLPOP``): give it a socket timeout
+    longer than the longest wait, and every other command a short one, so that a hung Redis
+    costs a route its short timeout, not the wait's."""
+
+    REPLY_TTL_S = 60
+    """How long a worker's reply waits to be read."""
+
+    def __init__(self, queue: IngestQueue, replies: redis.Redis | None = None):
+        self.queue = queue
+        self.client = queue.client
+        self.keys = queue.keys
+        self._replies = replies or queue.client
+
+    # -- the asker's side -----------------------------------------------------------------------
+
+    def ask(self, action: str, body: bytes, wait_s: float) -> dict[str, Any] | None:
+        """Leave ``body``, enqueue ``action`` and wait for the worker's JSON reply; ``None`` when no
+        worker answered in ``wait_s`` (the body is withdrawn: a worker that comes later finds nothing)."""
+        request = uuid.uuid4().hex
+        self.client.set(self.keys.query_body(request), body, ex=int(wait_s * 2))
+        self.queue.enqueue(request, action)
+        reply = self._replies.blpop([self.keys.query_reply(request)], timeout=wait_s)
+        if reply is None:
+            self.client.delete(self.keys.query_body(request))
+            return None
+        return json.loads(reply[1])
+
+    def submit(self, action: str, body: bytes, instance: str, *, queue_s: int, keep_s: int, limit: int) -> str | None:
+        """Enqueue a request nobody waits for: its job id, or ``None`` when ``limit`` jobs wait for a
+        worker already (a job leaves the count once a worker takes it). The job is known ``keep_s``;
+        a body no worker took within ``queue_s`` expires."""
+        jobs: list[bytes] = self.client.zrange(self._jobs, 0, -1)  # type: ignore[assignment]  # without scores
+        waiting = [text(job) for job in jobs]
+        if waiting:
+            pipe = self.client.pipeline(transaction=False)
+            for job in waiting:
+                pipe.exists(self.keys.query_body(job))
+            taken = [job for job, queued in zip(waiting, pipe.execute(), strict=True) if not queued]
+            if taken:
+                self.client.zrem(self._jobs, *taken)
+            waiting = [job for job in waiting if job not in taken]
+        if len(waiting) >= limit:
+            return None
+        job, now = uuid.uuid4().hex, time.time()
+        self.client.set(self._job(job), json.dumps({"instance": instance, "created": now}), ex=keep_s)
+        self.client.set(self.keys.query_body(job), body, ex=queue_s)
+        self.client.zadd(self._jobs, {job: now})
+        self.queue.enqueue(job, action)
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        """What became of a submitted job (``None``: unknown, or no longer kept). A reply is copied
+        onto the job when first seen (the worker keeps it a minute only)."""
+        raw = self.client.get(self._job(job_id))
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if "result" not in record:
+            reply = self.client.lindex(self.keys.query_reply(job_id), 0)
+            if reply is not None:
+                record["result"] = json.loads(reply)
+                self.client.set(self._job(job_id), json.dumps(record), keepttl=True)
+                self.client.zrem(self._jobs, job_id)
+        queued = "result" not in record and bool(self.client.exists(self.keys.query_body(job_id)))
+        return Job(job_id, record["instance"], record["created"], record.get("result"), queued)
+
+    @property
+    def _jobs(self) -> str:
+        """Sorted set of the jobs not yet seen taken (score: when submitted)."""
+        return f"{self.keys.prefix}:jobs"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.keys.prefix}:job:{job_id}"
+
+    # -- the worker's side ----------------------------------------------------------------------
+
+    def take(self, request: str) -> bytes | None:
+        """A request's body, once (``None``: the asker gave up, or another worker took it)."""
+        body = self.client.getdel(self.keys.query_body(request))
+        return body.encode() if isinstance(body, str) else body
+
+    def reply(self, request: str, reply: Mapping[str, Any]) -> None:
+        """Push the answer where the asker waits (kept :data:`REPLY_TTL_S`)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(self.keys.query_reply(request), json.dumps(reply))
+        pipe.expire(self.keys.query_reply(request), self.REPLY_TTL_S)
+        pipe.execute()

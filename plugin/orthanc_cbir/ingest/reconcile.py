@@ -50,7 +50,8 @@ def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, pro
         skipped += len(page) - len(candidates)
         known = [oid for oid in candidates if oid in indexed_uid]
         # indexed once, but maybe under another model version
-        present = {oid for oid, indexed in zip(known, store.indexed([indexed_uid[oid] for oid in known])) if indexed}
+        flags = store.indexed([indexed_uid[oid] for oid in known])  # one per instance of known
+        present = {oid for oid, indexed in zip(known, flags, strict=True) if indexed}
         already += len(present)
         for oid in candidates:
             if oid not in present:

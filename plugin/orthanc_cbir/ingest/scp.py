@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -35,7 +36,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time, invisible to mypy
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ..dicom import looks_like_uid
@@ -67,6 +70,7 @@ class StoreSCP:
         self.spool = spool
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None  # every storage context names its SOP class
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.ae.require_calling_aet = list(allowed_calling_aets)
@@ -75,7 +79,7 @@ class StoreSCP:
 
     def start(self, host: str, port: int) -> StoreSCP:
         """Listen on ``host:port`` in background threads; returns at once."""
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, host, self.port)
         return self
@@ -93,14 +97,15 @@ class StoreSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         """Spool, then answer: Success only once the file and its queue entry are durable."""
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+        request = cast(C_STORE, event.request)  # an EVT_C_STORE event carries a C-STORE request
+        uid = str(request.AffectedSOPInstanceUID or "")
         refused = _identity_problem(Path(event.dataset_path), uid)
         if refused is not None:  # the reason names no UID nor any value: they may identify a patient
             log.warning("C-STORE from %s refused (0x%04X): %s", event.assoc.requestor.ae_title, *refused)
             return refused[0]
         try:
             self.spool.accept_copy(Path(event.dataset_path), uid)
-        except Exception as exc:  # the SCU keeps the instance and may send it again
+        except Exception as exc:  # noqa: BLE001 - the SCU keeps the instance and may send it again
             log.error("C-STORE from %s not spooled: %s: %s", event.assoc.requestor.ae_title, type(exc).__name__, exc)
             return OUT_OF_RESOURCES
         return SUCCESS
@@ -112,7 +117,7 @@ def _identity_problem(path: Path, affected_uid: str) -> tuple[int, str] | None:
         return CANNOT_UNDERSTAND, "the request's AffectedSOPInstanceUID is not a valid UID"
     try:
         header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on what is not DICOM
         return CANNOT_UNDERSTAND, f"the dataset cannot be read ({type(exc).__name__})"
     dataset_uid = str(header.get("SOPInstanceUID") or "")
     if not _valid_uid(dataset_uid):

@@ -3,8 +3,8 @@
 The worker runs this, for ``POST /cbir/instances/{id}/similar/series`` and, when
 ``similar_series_on_stable_study`` is on, for each study Orthanc calls stable. The
 hits are those ``GET /cbir/instances/{id}/similar`` answers with the same
-parameters (the same :class:`~orthanc_cbir.api.similar.SimilarityService`); the
-objects are built by :mod:`orthanc_cbir.dicom.similar_cases`.
+parameters (the same similarity core, :class:`~orthanc_cbir.search.service.SimilaritySearch`);
+the objects are built by :mod:`orthanc_cbir.dicom.similar_cases`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ..dicom import (
     decode_dataset,
     looks_like_uid,
     read_dataset,
+    similar_cases,
 )
-from ..dicom import similar_cases
 from ..dicom.similar_cases import (
     SERIES_DESCRIPTION,
     SimilarCase,
@@ -35,22 +35,21 @@ from ..dicom.similar_cases import (
     made_here,
     secondary_capture_series,
 )
+from ..errors import BadParameters, NotFound
+from ..index import IndexInfo, IndexStore
+from ..redis_client import text
+from ..search.service import SEARCH_PARAMETERS, SimilaritySearch
+from ..search.strategies import Hit
 from .orthanc_client import OrthancClient
-from .queue import QueueKeys
+from .queue import IngestQueue, QueueKeys
 
 log = logging.getLogger(__name__)
 
 
-class SimilarSeriesError(Exception):
-    """The series cannot be made; ``status`` is the HTTP status a client gets."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 NOT_SERIES_PARAMETERS = ("format", "includefield")
 """Parameters of ``GET .../similar`` that choose how hits are listed: a series is stored, not listed."""
+IGNORED_PARAMETERS = ("fuzzymatching",)
+"""QIDO-RS parameters a similarity route accepts and ignores."""
 
 PARTIAL_STALE_S = 600.0
 """A series still marked as being written after this long was left by a worker that died."""
@@ -59,12 +58,14 @@ PARTIAL_STALE_S = 600.0
 class SimilarSeriesMaker:
     """Searches, fetches the hits' pixels from Orthanc, builds the objects and stores them."""
 
-    def __init__(self, settings: Settings, orthanc: OrthancClient, client: redis.Redis, keys: QueueKeys = QueueKeys()):
+    def __init__(self, settings: Settings, orthanc: OrthancClient, client: redis.Redis, keys: QueueKeys | None = None):
+        keys = keys or QueueKeys()
         self.settings = settings
         self.orthanc = orthanc
         self.client = client
         self.keys = keys
-        self._service: Any = None  # the searcher's snapshot is loaded on the first series, not at worker start
+        self.queue = IngestQueue(client, keys=keys)
+        self._core: SimilaritySearch | None = None  # the snapshot is loaded on the first series, not at worker start
 
     def for_instance(self, instance: str, parameters: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Make the series for one stored instance (an Orthanc id or a SOPInstanceUID).
@@ -74,28 +75,32 @@ class SimilarSeriesMaker:
         ``{"query": ..., "series": {...}, "kos": {...} | None, "hits": n}``.
 
         Raises:
-            SimilarSeriesError: the instance is unknown or not indexed (404), a parameter is wrong (400).
+            BadParameters: a parameter is wrong.
+            NotFound: the instance is unknown (:class:`~orthanc_cbir.errors.NotIndexed`: not indexed),
+                or the search found nothing.
         """
         refused = sorted(set(parameters or {}) & set(NOT_SERIES_PARAMETERS))
         if refused:
-            raise SimilarSeriesError(400, f"{', '.join(refused)}: not a parameter of a similar cases series "
-                                          "(it is stored in the study, not listed)")  # fmt: skip
+            raise BadParameters(f"{', '.join(refused)}: not a parameter of a similar cases series "
+                                "(it is stored in the study, not listed)")  # fmt: skip
+        asked = {**dict(urllib.parse.parse_qsl(self.settings.similar_series_parameters)), **(parameters or {}),
+                 "level": "instance"}  # fmt: skip
+        for name in (*NOT_SERIES_PARAMETERS, *IGNORED_PARAMETERS):  # the setting may name how hits are listed
+            asked.pop(name, None)
+        if set(asked) - set(SEARCH_PARAMETERS):
+            raise BadParameters(f"unknown parameter: the parameters are {', '.join(SEARCH_PARAMETERS)}")
+        core = self._similarity()
+        page = core.page_for(asked, default_level="instance", default_strategy=self.settings.default_strategy,
+                             max_results=self.settings.max_results)  # fmt: skip
         orthanc_id = self.orthanc.lookup(instance) if looks_like_uid(instance) else instance
         data = self.orthanc.instance_file(orthanc_id) if orthanc_id else None
         if data is None:
-            raise SimilarSeriesError(404, f"Orthanc has no instance {instance}")
+            raise NotFound(f"Orthanc has no instance {instance}")
         query = read_dataset(data)
-        asked = {**dict(urllib.parse.parse_qsl(self.settings.similar_series_parameters)), **(parameters or {}),
-                 "level": "instance"}  # fmt: skip
-        for name in NOT_SERIES_PARAMETERS:  # the answer read below is the JSON one, whatever the setting says
-            asked.pop(name, None)
-        answer = self._similarity().similar("instances", str(query.SOPInstanceUID), asked)
-        body = json.loads(answer.body)
-        if answer.status != 200:
-            raise SimilarSeriesError(answer.status, body["error"])
-        cases = [self._case(query, hit) for hit in body["hits"]]
+        answer = core.similar_to_stored("instance", str(query.SOPInstanceUID), page)
+        cases = [self._case(query, hit, answer.result.strategy) for hit in answer.hits]
         if not cases:
-            raise SimilarSeriesError(404, "the search found no similar instance with these parameters")
+            raise NotFound("the search found no similar instance with these parameters")
         images = secondary_capture_series(query, cases)
         kos = key_object_selection(query, cases)
         self._remove_partial_series()
@@ -113,11 +118,12 @@ class SimilarSeriesMaker:
                       "StudyInstanceUID": str(query.StudyInstanceUID)},
             "series": {"SeriesInstanceUID": str(images[0].SeriesInstanceUID), "orthanc": stored[0]["ParentSeries"],
                        "instances": len(images), "SeriesDescription": SERIES_DESCRIPTION},
-            "kos": None, "hits": len(cases), "strategy": body["strategy"],
+            "kos": None, "hits": len(cases), "strategy": answer.result.strategy,
         }  # fmt: skip
         if kos is not None and answer_kos is not None:
             made["kos"] = {"SeriesInstanceUID": str(kos.SeriesInstanceUID), "SOPInstanceUID": str(kos.SOPInstanceUID),
-                           "orthanc": answer_kos["ID"], "references": sum(c.reference is not None for c in cases)}  # fmt: skip
+                           "orthanc": answer_kos["ID"],
+                           "references": sum(c.reference is not None for c in cases)}  # fmt: skip
         log.info("similar cases series for instance %s: %d image(s), key objects %s", orthanc_id, len(images),
                  "yes" if kos is not None else "none")  # fmt: skip
         return made
@@ -134,7 +140,7 @@ class SimilarSeriesMaker:
         for series in series_list:
             instances = sorted(self.orthanc.get_json(f"/series/{series['ID']}/instances"), key=_instance_order)
             ids = [instance["ID"] for instance in instances]
-            indexed = [i for i, uid in zip(ids, self.client.hmget(self.keys.orthanc_ids, ids) if ids else []) if uid]
+            indexed = [i for i, uid in zip(ids, self.queue.indexed_uids(ids), strict=True) if uid]
             if len(indexed) > len(best):
                 best = indexed
         if not best:
@@ -166,7 +172,7 @@ class SimilarSeriesMaker:
             if not mark.get("failed") and time.time() - float(mark.get("at", 0)) < PARTIAL_STALE_S:
                 continue  # another worker may be writing it now
             removed = 0
-            for uid in filter(None, (series_uid.decode(), mark.get("kos"))):
+            for uid in filter(None, (text(series_uid), mark.get("kos"))):
                 orthanc_id = self.orthanc.lookup(uid, "Series")
                 if orthanc_id is not None:
                     status, _, _ = self.orthanc.request("DELETE", f"/series/{orthanc_id}")
@@ -176,18 +182,15 @@ class SimilarSeriesMaker:
             self.client.hdel(self._partial_key, series_uid)
             log.info("a half-written similar cases series deleted (%d series)", removed)
 
-    def _similarity(self) -> Any:
-        if self._service is None:
-            from ..api.similar import (
-                SimilarityService,  # api imports ingest: import on use, not at load
-            )
+    def _similarity(self) -> SimilaritySearch:
+        if self._core is None:
+            info = IndexInfo.for_model(self.settings.model)
+            self._core = SimilaritySearch(IndexStore(self.client, info, shards=self.settings.index_shards))
+        return self._core
 
-            self._service = SimilarityService(self.settings)
-        return self._service
-
-    def _case(self, query: Dataset, hit: Mapping[str, Any]) -> SimilarCase:
+    def _case(self, query: Dataset, hit: Hit, strategy: str) -> SimilarCase:
         """A hit with its pixels, or with the reason they are not shown."""
-        hit_id = (hit.get("orthanc") or {}).get("instance")
+        hit_id = hit.entry.orthanc.get("instance") if hit.entry is not None else None
         data = self.orthanc.instance_file(hit_id) if hit_id else None
         header = read_dataset(data) if data is not None else None
         same_patient = header is not None and similar_cases.same_patient(query, header)
@@ -204,8 +207,10 @@ class SimilarSeriesMaker:
             else:
                 pixels = decoded.images[0].pixels
         in_study = header is not None and header.get("StudyInstanceUID") == query.StudyInstanceUID
-        return SimilarCase(rank=int(hit["rank"]), distance=float(hit["distance"]), strategy=str(hit["strategy"]),
-                           modality=hit.get("Modality"), body_part=hit.get("BodyPartExamined"),
+        meta = hit.entry.metadata if hit.entry is not None else None
+        return SimilarCase(rank=hit.rank, distance=hit.distance, strategy=strategy,
+                           modality=meta.modality if meta else None,
+                           body_part=meta.body_part_examined if meta else None,
                            same_patient=same_patient, pixels=pixels, withheld=withheld,
                            reference=header if in_study and same_patient else None)  # fmt: skip
 

@@ -23,11 +23,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import Settings
 from ..dicom import Rejection, decode_instance, looks_like_uid
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
 from ..dicom.similar_cases import reject_own_output
+from ..errors import CbirError, Unavailable, UpstreamFailed, WorkerFailed
 from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
@@ -45,17 +47,17 @@ from .queue import (
     STORE_FILE,
     IngestEvent,
     IngestQueue,
-    QueueKeys,
+    WorkerRequests,
 )
-from .similar_series import SimilarSeriesError, SimilarSeriesMaker
+from .similar_series import SimilarSeriesMaker
 from .spool import Spool
 
 log = logging.getLogger(__name__)
 
-UNREACHABLE = (*REDIS_UNREACHABLE, OSError)
+UNREACHABLE: tuple[type[BaseException], ...] = (*REDIS_UNREACHABLE, OSError)
 """What Redis or Orthanc down (or restarting) raises in a worker: it waits and goes on."""
 
-NOT_AN_ENTRY_FAULT = (*UNREACHABLE, IndexLayoutError)
+NOT_AN_ENTRY_FAULT: tuple[type[BaseException], ...] = (*UNREACHABLE, IndexLayoutError)
 """Raised while handling an entry but not the entry's fault: never a dead letter."""
 
 HELD_PIXELS = 16 * 2**20
@@ -88,6 +90,7 @@ class Worker:
         with ``series_on_stable_study``, makes the series of each stable study; ``spool`` holds the
         files of ``store-file`` entries (a standalone server's receivers)."""
         self.queue = queue
+        self.requests = WorkerRequests(queue)
         self.orthanc = orthanc
         self.store = store
         self.embedder = embedder
@@ -177,12 +180,13 @@ class Worker:
                 self._index(embedded, outcome)
             except NOT_AN_ENTRY_FAULT:
                 raise
-            except Exception:  # one instance the index cannot take must not cost the others theirs
+            except Exception:  # noqa: BLE001 - one instance the index cannot take must not cost the others theirs
                 for item in embedded:
-                    self._guarded(item[0], lambda e, item=item: self._index([item], outcome))
+                    self._guarded(item[0], lambda e, item=item: self._index([item], outcome))  # type: ignore[misc]
+        spool = self.spool
         for event in events:  # indexed or rejected (its reason recorded): the spool's copy is done
-            if event.action == STORE_FILE and self.spool is not None:
-                self._guarded(event, lambda e: self.spool.path(e.orthanc_id).unlink(missing_ok=True))
+            if event.action == STORE_FILE and spool is not None:
+                self._guarded(event, lambda e: spool.path(e.orthanc_id).unlink(missing_ok=True))
         for event in events:  # after the batch's instances are in the index: a stable study may be among them
             if event.action == SIMILAR_SERIES:
                 outcome.series += self._guarded(event, lambda e: self._make_series(e.orthanc_id)) or 0
@@ -206,7 +210,7 @@ class Worker:
         if isinstance(result, Rejection):
             uid = result.metadata.sop_instance_uid if result.metadata else None
             self._reject(event, result.reason.value, result.detail, uid)
-        elif not looks_like_uid(result.metadata.sop_instance_uid or "") or len(result.metadata.sop_instance_uid) > 64:
+        elif not looks_like_uid(uid := result.metadata.sop_instance_uid or "") or len(uid) > 64:
             # the index is keyed by it: without a valid one the file cannot be an entry
             self._reject(event, "no SOPInstanceUID", "the file has no valid SOPInstanceUID", None)
         else:
@@ -227,12 +231,12 @@ class Worker:
             return
         try:
             records = embed_instances(self.embedder, [item[1] for item in decoded], [item[2] for item in decoded])
-            embedded.extend(zip([item[0] for item in decoded], records))
+            embedded.extend(zip([item[0] for item in decoded], records, strict=True))
         except NOT_AN_ENTRY_FAULT:
             raise
-        except Exception:  # one instance the model cannot take must not cost the others theirs
+        except Exception:  # noqa: BLE001 - one instance the model cannot take must not cost the others theirs
             for event, instance, ids in decoded:
-                self._guarded(event, lambda e, instance=instance, ids=ids: embedded.append(
+                self._guarded(event, lambda e, instance=instance, ids=ids: embedded.append(  # type: ignore[misc]
                     (e, embed_instances(self.embedder, [instance], [ids])[0])))  # fmt: skip
         decoded.clear()
 
@@ -242,9 +246,9 @@ class Worker:
         added = self.store.add(records)
         outcome.indexed += added.added
         outcome.duplicates += added.duplicates
-        stored = {r.orthanc["instance"]: r.metadata.sop_instance_uid for r in records if r.orthanc.get("instance")}
-        if stored:
-            self.store.client.hset(self.queue.keys.orthanc_ids, mapping=stored)
+        stored = {r.orthanc["instance"]: uid for r in records
+                  if r.orthanc.get("instance") and (uid := r.metadata.sop_instance_uid)}  # fmt: skip
+        self.queue.remember_indexed(stored)
 
     def _guarded(self, event: IngestEvent, handle: Callable[[IngestEvent], int | None]) -> int | None:
         """``handle(event)``; an exception that is not Redis or Orthanc being away makes the
@@ -253,7 +257,7 @@ class Worker:
             return handle(event)
         except NOT_AN_ENTRY_FAULT:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a fault on one entry makes it a dead letter, not a dead worker
             self._dead_letter(event, exc)
             return None
 
@@ -267,15 +271,17 @@ class Worker:
         if event.action == STORE_FILE and self.spool is not None:  # not enqueued again at the next start
             self.spool.set_aside(event.orthanc_id)
         if event.action in INTERACTIVE:
-            self._reply(event.orthanc_id, {"error": f"the worker failed on this request ({detail}); "
-                                                    "it is kept in the dead-letter list", "status": 500})  # fmt: skip
+            self.requests.reply(event.orthanc_id, {"error": f"the worker failed on this request ({detail}); "
+                                                            "it is kept in the dead-letter list",
+                                                   "kind": WorkerFailed.__name__})  # fmt: skip
 
     def _embed_query(self, request: str) -> None:
         """Embed an uploaded query file and push the result (or the reason it cannot be used)."""
-        data = self.store.client.getdel(self.queue.keys.query_body(request))
+        data = self.requests.take(request)
         if data is None:  # the route gave up waiting and its body expired
             return
         result = decode_bytes(data, f"query-{request}", max_frames=self.frames_per_instance, **self.limits)
+        reply: dict[str, Any]
         if isinstance(result, Rejection):
             reply = {"error": str(result)}
         else:
@@ -285,8 +291,9 @@ class Worker:
                      "code": record.code.tobytes().hex(),
                      "probabilities": {h: p.astype(float).tolist() for h, p in record.probabilities.items()},
                      "patient_key": meta.patient_key, "study_instance_uid": meta.study_instance_uid,
-                     "sop_instance_uid": meta.sop_instance_uid, "series_instance_uid": meta.series_instance_uid}  # fmt: skip
-        self._reply(request, reply)
+                     "sop_instance_uid": meta.sop_instance_uid,
+                     "series_instance_uid": meta.series_instance_uid}  # fmt: skip
+        self.requests.reply(request, reply)
 
     def _read(self, event: IngestEvent) -> bytes | Path | None:
         """The file of a ``store`` (from Orthanc) or ``store-file`` (from the spool) entry;
@@ -300,45 +307,33 @@ class Worker:
 
     def _make_series(self, request: str) -> int:
         """Answer a ``similar-series`` request; 1 if a series was stored."""
-        body = self.store.client.getdel(self.queue.keys.query_body(request))
+        body = self.requests.take(request)
         if body is None:  # the route gave up waiting
             return 0
         asked = json.loads(body)
         try:
             if self.series_maker is None:
-                raise SimilarSeriesError(503, "this worker makes no similar cases series")
+                raise Unavailable("this worker makes no similar cases series")
             reply = self.series_maker.for_instance(asked["instance"], asked["parameters"])
-        except SimilarSeriesError as exc:
-            reply = {"error": str(exc), "status": exc.status}
+        except CbirError as exc:  # the route answers with the error's kind (api.similar.ERROR_STATUS)
+            reply = {"error": str(exc), "kind": type(exc).__name__}
         except (ValueError, OSError) as exc:  # Orthanc refused or failed: the client reads why, the worker goes on
             log.warning("similar cases series for %s failed: %s", asked["instance"], exc)
-            reply = {"error": f"the series could not be made: {exc}", "status": 502}
-        self._reply(request, reply)
+            reply = {"error": f"the series could not be made: {exc}", "kind": UpstreamFailed.__name__}
+        self.requests.reply(request, reply)
         return int("error" not in reply)
 
     def _stable_study(self, study: str) -> int:
         """Make the series of a stable study; 1 if one was stored. Orthanc unreachable raises
         (the entry stays pending); anything else is logged and the study is left as it is."""
+        if self.series_maker is None:
+            return 0
         try:
             return int(self.series_maker.for_stable_study(study) is not None)
-        except (SimilarSeriesError, ValueError) as exc:
+        except (CbirError, ValueError) as exc:
             log.warning("stable study %s: no similar cases series: %s", study, exc)
             return 0
 
-    def _reply(self, request: str, reply: dict) -> None:
-        """Push the answer of an interactive request where its route waits (kept a minute)."""
-        keys = self.queue.keys
-        pipe = self.store.client.pipeline(transaction=True)
-        pipe.rpush(keys.query_reply(request), json.dumps(reply))
-        pipe.expire(keys.query_reply(request), 60)
-        pipe.execute()
-
     def _remove(self, orthanc_id: str) -> int:
-        keys: QueueKeys = self.queue.keys
-        uid = self.store.client.hget(keys.orthanc_ids, orthanc_id)
-        self.store.client.hdel(keys.rejected, orthanc_id)
-        self.store.client.hdel(keys.dead_letters, orthanc_id)
-        if uid is None:
-            return 0
-        self.store.client.hdel(keys.orthanc_ids, orthanc_id)
-        return int(self.store.remove(uid.decode()))
+        uid = self.queue.forget(orthanc_id)
+        return int(uid is not None and self.store.remove(uid))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,8 @@ class CodeLayout:
         return [{"name": s.name, "start": s.start, "length": s.length} for s in self.sub_codes]
 
     @classmethod
-    def from_json(cls, items: list[dict[str, object]]) -> CodeLayout:
-        layout = cls(tuple(SubCode(str(i["name"]), int(i["start"]), int(i["length"])) for i in items))  # type: ignore[arg-type]
+    def from_json(cls, items: list[dict[str, Any]]) -> CodeLayout:
+        layout = cls(tuple(SubCode(str(i["name"]), int(i["start"]), int(i["length"])) for i in items))
         expected = 0
         for sub in layout.sub_codes:
             if sub.start != expected or sub.length <= 0:

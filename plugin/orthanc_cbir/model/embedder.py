@@ -26,7 +26,6 @@ from ..config import DEFAULT_MODEL
 from .codes import CodeLayout, pack_codes
 from .preprocess import to_model_input
 
-
 INPUT_NAME = "image"
 FEATURES = "features"
 CODE_LOGITS = "code_logits"
@@ -159,7 +158,8 @@ class Embedder:
         names = [FEATURES, CODE_LOGITS] + [CLASS_LOGITS_PREFIX + head for head in heads]
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for start in range(0, len(images), self.batch_size):
-            for part, value in zip(parts, self.session.run(names, {INPUT_NAME: images[start : start + self.batch_size]})):
+            batch = images[start : start + self.batch_size]
+            for part, value in zip(parts, self.session.run(names, {INPUT_NAME: batch}), strict=True):
                 part.append(value)
         if not len(images):
             empty = {head: np.zeros((0, len(self.card.labels[head])), np.float32) for head in heads}
@@ -169,13 +169,15 @@ class Embedder:
         return Embeddings(
             features=features.astype(np.float32),
             codes=pack_codes(code_logits),
-            probabilities={head: _softmax(value) for head, value in zip(heads, logits)},
+            probabilities={head: _softmax(value) for head, value in zip(heads, logits, strict=True)},
         )
 
     def embed_pixels(self, images: Sequence[np.ndarray]) -> Embeddings:
         """Embed normalised grey images of any size (see :mod:`orthanc_cbir.dicom`)."""
         size = self.card.input_size
-        return self.embed(np.stack([to_model_input(p, size) for p in images]) if len(images) else np.zeros((0, size, size)))
+        return self.embed(
+            np.stack([to_model_input(p, size) for p in images]) if len(images) else np.zeros((0, size, size))
+        )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

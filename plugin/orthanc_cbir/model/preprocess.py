@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -40,7 +39,7 @@ def to_model_input(pixels: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return np.clip(pixels, 0.0, 1.0)
 
 
-def read_picture(source: Union[str, os.PathLike, bytes]) -> np.ndarray:
+def read_picture(source: str | os.PathLike | bytes) -> np.ndarray:
     """A PNG/JPEG (any mode) as a 2-D grey float32 image in 0..1 (ITU-R 601 luma for colour).
 
     Raises:

@@ -58,6 +58,6 @@ def recluster(store: IndexStore, neighbours: int = 10, resolution: float = 1.0, 
         centroid = features[members].mean(axis=0)
         centroids[number] = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
     store.set_attribute(rows, "cluster", labels)
-    store.client.hset(store.keys.info, "centroids", centroids.tobytes())
+    store.set_centroids(centroids)
     return ClusterSummary(len(rows), len(communities), round(modularity(graph, communities, weight="weight"), 4),
                           len(communities[0]), round(time.monotonic() - started, 1))  # fmt: skip

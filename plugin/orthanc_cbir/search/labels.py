@@ -38,9 +38,9 @@ MODALITY_LABELS: dict[str, str] = {
 REGION_LABELS: dict[str, str] = {
     **dict.fromkeys(("CHEST", "LUNG", "LUNGS", "THORAX", "HEART", "RIB", "RIBS", "STERNUM", "MEDIASTINUM",
                      "CHEST_LUNG", "THORAXCHEST"), "chest"),  # fmt: skip
-    **dict.fromkeys(("ABDOMEN", "PELVIS", "ABDOMENPELVIS", "ABDOMEN_PELVIS", "ABDOMEN PELVIS", "ABDOMEN-PELVIS", "LIVER", "KIDNEY",
-                     "KIDNEYS", "PANCREAS", "SPLEEN", "STOMACH", "GALLBLADDER", "COLON", "BOWEL", "BLADDER",
-                     "PROSTATE", "ADRENAL", "UTERUS", "OVARY", "RECTUM"), "abdomen"),  # fmt: skip
+    **dict.fromkeys(("ABDOMEN", "PELVIS", "ABDOMENPELVIS", "ABDOMEN_PELVIS", "ABDOMEN PELVIS", "ABDOMEN-PELVIS",
+                     "LIVER", "KIDNEY", "KIDNEYS", "PANCREAS", "SPLEEN", "STOMACH", "GALLBLADDER", "COLON", "BOWEL",
+                     "BLADDER", "PROSTATE", "ADRENAL", "UTERUS", "OVARY", "RECTUM"), "abdomen"),  # fmt: skip
     **dict.fromkeys(("HEAD", "BRAIN", "SKULL", "BRAIN_HEAD", "HEAD_BRAIN", "FACE", "ORBIT", "SELLA", "IAC",
                      "TEMPORALBONE", "SINUS", "SINUSES"), "head"),  # fmt: skip
     "BREAST": "breast",
@@ -83,7 +83,9 @@ class LabelMap:
         names = self.labels.get(head, ())
         return names.index(name) if name in names else None
 
-    def query_class(self, head: str, value: str | None, probabilities: Mapping[str, np.ndarray]) -> tuple[int | None, str]:
+    def query_class(
+        self, head: str, value: str | None, probabilities: Mapping[str, np.ndarray]
+    ) -> tuple[int | None, str]:
         """A query's class for ``head`` and its source: the file's value, else the argmax of the
         model's probabilities, else ``(None, "model")`` (no such head)."""
         number = self.file_class(head, value)
@@ -129,7 +131,7 @@ def upload_header(body: bytes) -> tuple[str | None, str | None]:
         ds = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True, force=True,
                              specific_tags=["Modality", "BodyPartExamined"])  # fmt: skip
         modality, body_part = (str(ds.get(k) or "").strip() or None for k in ("Modality", "BodyPartExamined"))
-    except Exception:  # a header pydicom cannot read says nothing
+    except Exception:  # noqa: BLE001 - a header pydicom cannot read says nothing
         return None, None
     return modality, (body_part.upper() if body_part else None)
 

@@ -38,6 +38,7 @@ answers are feature distances (0 = identical, 2 = opposite) except for
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..index.hamming import CodeTables
-from ..index.schema import NO_CLUSTER
+from ..index.schema import NO_CLUSTER, StoredEntry
 from ..index.snapshot import IndexSnapshot
 from ..index.store import IndexStore
 from ..model.codes import hamming_distances, weighted_hamming_distances
@@ -90,6 +91,8 @@ class Query:
     code: np.ndarray
     probabilities: Mapping[str, np.ndarray] = field(default_factory=dict)
     context: QueryContext = QueryContext()
+    row: int | None = None
+    """The query's own row when it is a stored instance (``exclude_self`` needs no read then)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class SearchOptions:
     """At the instance level with records: one hit per picture, its copies listed in the hit's
     record (``copies``). Bulk evaluation (``with_records=False``) ranks every row as stored."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.level not in LEVELS:
@@ -152,17 +155,28 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class Copy:
+    """The same picture as a hit, stored under another SOPInstanceUID."""
+
+    entry: StoredEntry
+    distance: float
+    """Its distance to the query."""
+
+
+@dataclass(frozen=True)
 class Hit:
     rank: int
     sop_instance_uid: str
     distance: float
-    record: dict
-    """What the index stores about the instance (metadata, probabilities, Orthanc ids), with
-    ``labels`` (per label head: ``{"value", "source": "file" | "model"}``, what ``class`` and
-    ``multilateral`` take the instance to be) and ``copies`` (the same picture stored under other
-    SOPInstanceUIDs: UIDs, Orthanc ids, distance to the query, best first) added by the search."""
+    entry: StoredEntry | None
+    """What the index stores about the instance (``None`` when the search was asked for no records)."""
     instances: int = 1
     """For series / study answers: how many of its instances were among the ranked ones."""
+    labels: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    """Per label head, ``{"value", "source": "file" | "model"}``: what ``class`` and ``multilateral``
+    take the instance to be."""
+    copies: list[Copy] = field(default_factory=list)
+    """The same picture stored under other SOPInstanceUIDs, best first (instance answers)."""
 
 
 @dataclass(frozen=True)
@@ -197,12 +211,15 @@ class Searcher:
         self.labels = LabelMap(store.info.labels)
         self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
 
-    def search(self, query: Query, options: SearchOptions = SearchOptions()) -> SearchResult:
+    def search(self, query: Query, options: SearchOptions = SearchOptions(), refresh: bool = True) -> SearchResult:
+        """Rank the index for ``query``; ``refresh=False`` when the caller refreshed the snapshot
+        for this query already (:class:`.service.SimilaritySearch`: one read of the writes, not two)."""
         started = time.perf_counter()
-        self.snapshot.refresh()
+        if refresh:
+            self.snapshot.refresh()
         mask = options.filters.mask(self.snapshot.attributes, query.context)
         if options.filters.exclude_self and query.context.sop_instance_uid:
-            row = self.store.row(query.context.sop_instance_uid)
+            row = query.row if query.row is not None else self.store.row(query.context.sop_instance_uid)
             if row is not None and row < len(mask):
                 mask[row] = False
         ranker = _RANKERS[options.strategy]
@@ -225,11 +242,11 @@ class Searcher:
 
     # -- the strategies ---------------------------------------------------------------------
 
-    def _exact(self, query, options, mask, depth) -> Ranking:
+    def _exact(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         rows = np.flatnonzero(mask)
         return _nearest(self.snapshot, query.features, rows, depth)
 
-    def _hamming(self, query, options, mask, depth) -> Ranking:
+    def _hamming(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         allowed = int(np.count_nonzero(mask))
         pool_size = options.pool(allowed)
         if allowed <= pool_size:  # the filters leave fewer instances than the pool: rank them all
@@ -242,7 +259,8 @@ class Searcher:
             probe = tables.probe(query.code, pool_size * PROBED_PER_CANDIDATE)
             rows, codes = probe.rows, probe.codes
             if len(late):
-                rows, codes = np.concatenate([rows, late]), np.concatenate([codes, np.take(self.snapshot.codes, late, axis=0)])
+                late_codes = np.take(self.snapshot.codes, late, axis=0)
+                rows, codes = np.concatenate([rows, late]), np.concatenate([codes, late_codes])
             allowed_rows = np.take(mask, rows)
             if not allowed_rows.all():  # np.compress: boolean indexing of 2-D rows is seven times slower
                 rows, codes = rows[allowed_rows], np.compress(allowed_rows, codes, axis=0)
@@ -260,7 +278,8 @@ class Searcher:
         else:
             rows = np.flatnonzero(mask)
             # every row allowed (no filter): scan the cached codes in place instead of gathering a copy
-            codes = self.snapshot.codes if len(rows) == len(self.snapshot.codes) else np.take(self.snapshot.codes, rows, axis=0)
+            every_row = len(rows) == len(self.snapshot.codes)
+            codes = self.snapshot.codes if every_row else np.take(self.snapshot.codes, rows, axis=0)
             pool, examined = rows[_smallest(hamming_distances(query.code, codes), pool_size)], len(rows)
         ranking = _nearest(self.snapshot, query.features, pool, depth)
         return Ranking(ranking.rows, ranking.distances, ranking.candidates, examined=examined)
@@ -291,10 +310,11 @@ class Searcher:
     def _late(self, live: np.ndarray) -> np.ndarray:
         """Live rows the tables do not hold: below their end but not live at the build
         (a row is allocated before it is written), or past their end."""
+        end = self._tables.rows if self._tables is not None else 0
         below = self._unindexed[live[self._unindexed]]
-        return np.concatenate([below, self._tables.rows + np.flatnonzero(live[self._tables.rows :])])
+        return np.concatenate([below, end + np.flatnonzero(live[end:])])
 
-    def _class(self, query, options, mask, depth) -> Ranking:
+    def _class(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         for head in CLASS_HEADS:
             wanted, _ = self._query_class(query, head)
             if wanted is not None:
@@ -317,7 +337,7 @@ class Searcher:
             self._classes[head] = cached
         return cached[1]
 
-    def _cluster(self, query, options, mask, depth) -> Ranking:
+    def _cluster(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         centroids = self.centroids()
         cluster = self.snapshot.attributes["cluster"]
         if len(centroids):
@@ -325,7 +345,7 @@ class Searcher:
             mask = mask & (np.isin(cluster, nearest) | (cluster == NO_CLUSTER))
         return self._exact(query, options, mask, depth)
 
-    def _multilateral(self, query, options, mask, depth) -> Ranking:
+    def _multilateral(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         rows = np.flatnonzero(mask)
         layout = self.store.info.layout
         weights = layout.bit_weights(options.weights)
@@ -348,7 +368,8 @@ class Searcher:
             distances += np.where(differs & from_file, np.float32(apart), np.float32(0))
             model_only = np.flatnonzero(~from_file)
             if len(model_only):  # neither file says: the model's bits, as before
-                distances[model_only] += weighted_hamming_distances(query.code, np.take(codes, model_only, axis=0), bits)
+                model_codes = np.take(codes, model_only, axis=0)
+                distances[model_only] += weighted_hamming_distances(query.code, model_codes, bits)
         pool = rows[_smallest(distances, max(options.pool(len(rows)), depth))]
         pool_distances = distances[np.searchsorted(rows, pool)]
         features = _feature_distances(self.snapshot, query.features, pool)
@@ -359,21 +380,28 @@ class Searcher:
         """What indexed rows ask with (refresh the snapshot first). One instance: its stored
         vector, code, class probabilities and context. Several (a series, a study): the
         normalised mean of their features, with the code, probabilities and context of the
-        instance nearest that mean (a code cannot be averaged)."""
+        instance nearest that mean (a code cannot be averaged). One read: that instance's entry."""
         features = self.snapshot.vectors(rows)  # dequantized: normalised again below
         vector = features.mean(axis=0)
         vector /= max(float(np.linalg.norm(vector)), 1e-12)
         nearest = int(rows[0]) if len(rows) == 1 else int(rows[int(np.argmax(features @ vector))])
-        record = self.store.describe(self.store.sop_uids([nearest]))[0] or {}
-        meta = record.get("metadata", {})
-        probabilities = {head: np.asarray(p, np.float32) for head, p in record.get("probabilities", {}).items()}
-        context = QueryContext(meta.get("patient_key"), meta.get("study_instance_uid"), meta.get("sop_instance_uid"),
-                               meta.get("series_instance_uid"), meta.get("modality"), meta.get("body_part_examined"))  # fmt: skip
-        return Query(vector, self.snapshot.codes[nearest], probabilities, context)
+        uid = self.snapshot.sop_uids([nearest])[0]
+        entry = self.store.describe([uid])[0] if uid else None
+        query = self.query_of(entry) if entry is not None else Query(vector, self.snapshot.codes[nearest])
+        return dataclasses.replace(query, features=vector, row=nearest if len(rows) == 1 else None)
+
+    def query_of(self, entry: StoredEntry) -> Query:
+        """The query of one stored instance from its entry (read already) and the snapshot's columns."""
+        meta = entry.metadata
+        context = QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid,
+                               meta.series_instance_uid, meta.modality, meta.body_part_examined)  # fmt: skip
+        vector = self.snapshot.vectors([entry.row])[0]
+        vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        return Query(vector, self.snapshot.codes[entry.row], entry.probabilities, context, row=entry.row)
 
     def centroids(self) -> np.ndarray:
         """(clusters, D) float32 centroids of the last re-clustering (empty before)."""
-        raw = self.store.client.hget(self.store.keys.info, "centroids")
+        raw = self.store.centroids_raw()
         if raw != self._centroids[0]:
             centroids = np.frombuffer(raw or b"", np.float32).reshape(-1, self.store.info.feature_dim)
             self._centroids = (raw, centroids)
@@ -391,42 +419,49 @@ class Searcher:
             best = first[order][: options.k]
             rows, distances, counts = rows[best], distances[best], counts[order][: options.k]
         rows, distances, counts = rows[: options.k], distances[: options.k], counts[: options.k]
-        uids = self.store.sop_uids(rows)
+        uids = self.snapshot.sop_uids(rows)
         known = [u for u in uids if u]
-        by_uid = dict(zip(known, self.store.describe(known))) if options.with_records else {u: {} for u in known}
-        hits = []
-        for row_uid, distance, count in zip(uids, distances, counts):
-            if row_uid is None or by_uid.get(row_uid) is None:  # removed since the snapshot was taken
+        entries = dict(zip(known, self.store.describe(known), strict=True)) if options.with_records else {}
+        hits: list[Hit] = []
+        for row_uid, distance, count in zip(uids, distances, counts, strict=True):
+            entry = entries.get(row_uid) if row_uid else None
+            if row_uid is None or (options.with_records and entry is None):  # removed since the snapshot was taken
                 continue
-            record = by_uid[row_uid]
-            if options.with_records:
-                record["labels"] = self.labels.describe(record.get("metadata", {}), record.get("probabilities", {}))
-                record["copies"] = []
-            hits.append(Hit(len(hits) + 1, row_uid, round(float(distance), 6), record, int(count)))
+            labels = self._labels(entry) if entry is not None else {}
+            hits.append(Hit(len(hits) + 1, row_uid, round(float(distance), 6), entry, int(count), labels))
         return hits
 
-    def _collapse(self, ranking: Ranking, k: int) -> tuple[list[int], dict[int, list[int]], dict[int, dict | None]]:
+    def _labels(self, entry: StoredEntry) -> dict[str, dict[str, str | None]]:
+        said = {"modality": entry.metadata.modality, "body_part_examined": entry.metadata.body_part_examined}
+        return self.labels.describe(said, {head: p.tolist() for head, p in entry.probabilities.items()})
+
+    def _collapse(self, ranking: Ranking, k: int
+                  ) -> tuple[list[int], dict[int, list[int]], dict[int, StoredEntry | None]]:  # fmt: skip
         """One picture, one hit: walk the ranking best first; a row is a copy of an earlier
         picture (a lead) when their stored features are within :data:`COPY_DISTANCE` and their
-        records agree (:func:`same_picture`), else it is a new picture. Returns the first ``k``
-        leads (indices into the ranking), each lead's copies, and the records read (by index;
-        ``None`` for a row removed since the snapshot)."""
+        entries agree (:func:`same_picture`), else it is a new picture. Returns the first ``k``
+        leads (indices into the ranking), each lead's copies, and the entries read (by index;
+        ``None`` for a row removed since the snapshot), all in one read."""
         rows = ranking.rows
         vectors = self.snapshot.vectors(rows)
         floor = 1.0 - COPY_DISTANCE**2 / 2  # |a - b| <= d  <=>  a.b >= 1 - d^2 / 2 for unit vectors
-        near: dict[int, np.ndarray] = {}  # index -> earlier indices within COPY_DISTANCE
+        near: dict[int, list[int]] = {}  # index -> earlier indices within COPY_DISTANCE
         for start in range(0, len(rows), 512):
             # einsum, not BLAS: a few hundred rows, where OpenBLAS's threads cost more than the products
             block = np.einsum("id,jd->ij", vectors[start : start + 512], vectors[: start + 512])
-            for i, j in zip(*np.nonzero(block >= floor)):
+            for i, j in zip(*np.nonzero(block >= floor), strict=True):
                 if j < start + i:
-                    near.setdefault(start + int(i), []).append(int(j))  # type: ignore[union-attr]
-        records = self._records(rows, sorted({i for i in near} | {j for js in near.values() for j in js}))
+                    near.setdefault(start + int(i), []).append(int(j))
+        # every index that is a copy is in ``near``, so the k-th lead lies within k + len(near)
+        # indices: read those and the near rows once, instead of reading the leads after the walk
+        wanted = set(range(min(len(rows), k + len(near)))) | set(near) | {j for js in near.values() for j in js}
+        records = self._entries(rows, sorted(wanted))
         leads: list[int] = []
         copies: dict[int, list[int]] = {}
         lead_of: dict[int, int] = {}
         for i in range(len(rows)):
-            lead = next((j for j in near.get(i, ()) if lead_of.get(j) == j and same_picture(records[j], records[i])), None)
+            leads_near = (j for j in near.get(i, ()) if lead_of.get(j) == j)
+            lead = next((j for j in leads_near if same_picture(records[j], records[i])), None)
             if lead is not None:
                 lead_of[i] = lead
                 copies[lead].append(i)
@@ -434,8 +469,6 @@ class Searcher:
                 lead_of[i] = i
                 leads.append(i)
                 copies[i] = []
-        missing = [i for i in leads if i not in records]
-        records.update(self._records(rows, missing))
         # a lead removed since the snapshot is no picture: its first copy still standing takes its place
         for n, lead in enumerate(leads):
             if records.get(lead) is None:
@@ -444,52 +477,43 @@ class Searcher:
                     leads[n], copies[standing[0]] = standing[0], standing[1:]
         return leads, copies, records
 
-    def _records(self, rows: np.ndarray, indices: list[int]) -> dict[int, dict | None]:
-        """The stored records of ``rows[indices]``, by index (``None``: removed since the snapshot)."""
+    def _entries(self, rows: np.ndarray, indices: list[int]) -> dict[int, StoredEntry | None]:
+        """The stored entries of ``rows[indices]``, by index (``None``: removed since the snapshot)."""
         if not indices:
             return {}
-        uids = self.store.sop_uids(rows[indices])
+        uids = self.snapshot.sop_uids(rows[indices])
         known = [u for u in uids if u]
-        by_uid = dict(zip(known, self.store.describe(known)))
-        return {i: (by_uid.get(u) if u else None) for i, u in zip(indices, uids)}
+        by_uid = dict(zip(known, self.store.describe(known), strict=True))
+        return {i: (by_uid.get(u) if u else None) for i, u in zip(indices, uids, strict=True)}
 
     def _collapsed_hits(self, ranking: Ranking, leads: list[int], copies: dict[int, list[int]],
-                        records: dict[int, dict | None]) -> list[Hit]:  # fmt: skip
-        hits = []
+                        records: dict[int, StoredEntry | None]) -> list[Hit]:  # fmt: skip
+        hits: list[Hit] = []
         for lead in leads:
-            record = records.get(lead)
-            if record is None:  # removed since the snapshot was taken
+            entry = records.get(lead)
+            if entry is None:  # removed since the snapshot was taken
                 continue
-            record["labels"] = self.labels.describe(record.get("metadata", {}), record.get("probabilities", {}))
-            record["copies"] = [copy_json(records[c], float(ranking.distances[c])) for c in copies.get(lead, ())
-                                if records.get(c) is not None]  # fmt: skip
-            meta = record.get("metadata", {})
-            hits.append(Hit(len(hits) + 1, meta.get("sop_instance_uid"), round(float(ranking.distances[lead]), 6), record))
+            listed = [Copy(copy, round(float(ranking.distances[c]), 6)) for c in copies.get(lead, ())
+                      if (copy := records.get(c)) is not None]  # fmt: skip
+            hits.append(Hit(len(hits) + 1, entry.sop_instance_uid, round(float(ranking.distances[lead]), 6), entry,
+                            labels=self._labels(entry), copies=listed))  # fmt: skip
         return hits
 
 
-def same_picture(a: dict | None, b: dict | None) -> bool:
-    """Whether two stored records (:meth:`IndexStore.describe`) whose features are within
-    :data:`COPY_DISTANCE` may be one picture: Rows, Columns and Modality equal and
-    ImagePositionPatient within 0.01 mm, each where both records say (a PNG says none of them)."""
+def same_picture(a: StoredEntry | None, b: StoredEntry | None) -> bool:
+    """Whether two stored entries whose features are within :data:`COPY_DISTANCE` may be one
+    picture: Rows, Columns and Modality equal and ImagePositionPatient within 0.01 mm, each
+    where both entries say (a PNG says none of them)."""
     if a is None or b is None:
         return False
-    ma, mb = a.get("metadata", {}), b.get("metadata", {})
+    ma, mb = a.metadata, b.metadata
     for name in ("rows", "columns", "modality"):
-        if ma.get(name) is not None and mb.get(name) is not None and ma[name] != mb[name]:
+        if getattr(ma, name) is not None and getattr(mb, name) is not None and getattr(ma, name) != getattr(mb, name):
             return False
-    pa, pb = ma.get("image_position_patient"), mb.get("image_position_patient")
-    if pa is not None and pb is not None and (len(pa) != len(pb) or max(abs(x - y) for x, y in zip(pa, pb)) > 0.01):
-        return False
-    return True
-
-
-def copy_json(record: dict, distance: float) -> dict:
-    """A copy as a hit lists it: its UIDs, Orthanc ids and distance to the query."""
-    meta = record.get("metadata", {})
-    return {"SOPInstanceUID": meta.get("sop_instance_uid"), "SeriesInstanceUID": meta.get("series_instance_uid"),
-            "StudyInstanceUID": meta.get("study_instance_uid"), "orthanc": record.get("orthanc", {}),
-            "distance": round(distance, 6)}  # fmt: skip
+    pa, pb = ma.image_position_patient, mb.image_position_patient
+    if pa is None or pb is None:
+        return True
+    return len(pa) == len(pb) and max(abs(x - y) for x, y in zip(pa, pb, strict=True)) <= 0.01
 
 
 _RANKERS = {

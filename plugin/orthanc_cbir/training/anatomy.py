@@ -114,7 +114,8 @@ def read_organamnist(npz: Path, split: str) -> ImageSet:
     n = len(images)
     labels = label_arrays(n, modality=LABELS["modality"].index("CT"))
     image_set = ImageSet(images, labels, np.full(n, -1, dtype=np.int64), np.arange(n, dtype=np.int64),
-                         [f"organamnist/{split}/{i}" for i in range(n)], fine_class=ORGAN_FINE_OFFSET + organs)  # fmt: skip
+                         [f"organamnist/{split}/{i}" for i in range(n)],
+                         fine_class=ORGAN_FINE_OFFSET + organs)  # fmt: skip
     image_set.aux["organ"] = organs
     return image_set
 
@@ -180,7 +181,9 @@ def anatomy_volumes(anatomy_root: Path, shared_series: Path) -> list[VolumeSourc
     root, series = Path(anatomy_root), Path(shared_series)
     return [
         VolumeSource(root / "lidc0314", "CT", "chest", "LIDC-IDRI-0314"),
-        VolumeSource(series / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl", "CT", "chest", "Lung_Dx-A0001"),
+        VolumeSource(
+            series / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl", "CT", "chest", "Lung_Dx-A0001"
+        ),
         VolumeSource(root / "ts_ct" / "example_ct.nii.gz", "CT", "abdomen", "TotalSegmentator"),
         VolumeSource(root / "ts_ct" / "example_ct_dicom", "CT", "abdomen", "TotalSegmentator"),
         VolumeSource(series / "qin_prostate_adc_mr_20sl", "MR", None, "QIN-Prostate"),
@@ -229,7 +232,7 @@ def _nifti_volume(path: Path) -> Volume:
     zooms = [float(v) for v in image.header.get_zooms()[:3]]
     # A DICOM axial image has rows front to back and columns from the patient's right to left.
     axial = np.transpose(hu[::-1, ::-1, :], (2, 1, 0))
-    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING)
+    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING, strict=True)
     grey = np.interp(axial, knots_hu, knots_grey).astype(np.float32)
     z = image.affine[2, 3] + zooms[2] * np.arange(hu.shape[2])
     return Volume(grey, z, zooms[1], zooms[0])
@@ -238,5 +241,7 @@ def _nifti_volume(path: Path) -> Volume:
 def _resample(picture: np.ndarray, row_mm: float, column_mm: float) -> np.ndarray:
     """A reformat with square pixels (rows stretched to the columns' spacing)."""
     rows = max(1, int(round(picture.shape[0] * row_mm / column_mm)))
-    resized = Image.fromarray(picture.astype(np.float32), mode="F").resize((picture.shape[1], rows), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(picture.astype(np.float32), mode="F").resize(
+        (picture.shape[1], rows), Image.Resampling.BILINEAR
+    )
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)

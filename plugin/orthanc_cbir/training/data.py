@@ -16,10 +16,14 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..model.preprocess import INPUT_SIZE, read_picture, to_model_input
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 LABELS: dict[str, tuple[str, ...]] = {
     "modality": ("CT", "MR", "XR"),
@@ -230,7 +234,7 @@ class DecodedSlice:
     name: str
     pixels: np.ndarray
     """The pixel step's model picture."""
-    header: object
+    header: Dataset
     """The pydicom header (no pixel data)."""
 
 
@@ -294,10 +298,11 @@ def drop_duplicates(queries: np.ndarray, image_set: ImageSet) -> np.ndarray:
 
 
 def _save_cache(path: Path, image_set: ImageSet) -> None:
+    # mypy matches the **label_... arrays against savez's allow_pickle: bool as well as its **kwds: ArrayLike
     np.savez(
         path, images=image_set.images, group=image_set.group, position=image_set.position,
         names=np.array(image_set.names), fine_class=image_set.fine_class,
-        **{f"label_{head}": values for head, values in image_set.labels.items()},
+        **{f"label_{head}": values for head, values in image_set.labels.items()},  # type: ignore[arg-type]
     )  # fmt: skip
 
 

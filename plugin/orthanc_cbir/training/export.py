@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..dicom.pixels import CT_MODEL_MAPPING
 from ..model.codes import CodeLayout
 from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, card_path, file_sha256
 from ..model.preprocess import INPUT_SIZE
-from .data import LABELS
-from .net import RetrievalNet
-from ..dicom.pixels import CT_MODEL_MAPPING
 from .anatomy import SOURCES, extra_sources
+from .data import LABELS
 from .landmarks import LUNG_SPAN_MM
+from .net import RetrievalNet
 from .spectrum import SpectralDescriptor
 from .train import TrainConfig, build_spectral, exported_features, load_trained
 
@@ -44,6 +44,10 @@ def feature_dim(config: TrainConfig) -> int:
 class ExportedModel(nn.Module):
     """The network, the spectral descriptor and the ITQ appearance code, with the
     output names of the contract."""
+
+    # the buffers __init__ registers (nn.Module's __getattr__ is typed Tensor | Module)
+    itq_mean: torch.Tensor
+    itq_projection: torch.Tensor
 
     def __init__(self, net: RetrievalNet, spectral: SpectralDescriptor, config: TrainConfig,
                  itq_mean: np.ndarray, itq_projection: np.ndarray):  # fmt: skip
@@ -146,7 +150,7 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             + (" --anatomy ANATOMY_ROOT" if config.anatomy_root else ""),
             **({"refit": summary["refit"]} if "refit" in summary else {}),
         },
-        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "validation": None,
     }
     path = card_path(onnx_path)

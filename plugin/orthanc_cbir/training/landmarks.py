@@ -53,7 +53,8 @@ class LungLandmarks:
 
 def lung_landmarks(grey: np.ndarray, z_mm: np.ndarray, row_mm: float, column_mm: float) -> LungLandmarks:
     """The lung apex and base of a CT volume in the model's grey scale, [z, row, column], z ascending."""
-    air_grey = float(np.interp(AIR_HU, *zip(*CT_MODEL_MAPPING)))
+    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING, strict=True)
+    air_grey = float(np.interp(AIR_HU, knots_hu, knots_grey))
     air = grey < air_grey
     bodies = np.stack([_body(~slice_air) for slice_air in air])
     components, count = ndimage.label(air & bodies)

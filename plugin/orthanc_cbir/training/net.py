@@ -34,7 +34,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(outputs)
         self.shortcut = nn.Sequential()
         if stride != 1 or inputs != outputs:
-            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -55,13 +57,16 @@ class RetrievalNet(nn.Module):
     ):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+            nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
         stages, inputs = [], widths[0]
-        for i, (width, count) in enumerate(zip(widths, blocks)):
+        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(inputs, width, stride), *[BasicBlock(width, width, 1) for _ in range(count - 1)]))
+            repeats = [BasicBlock(width, width, 1) for _ in range(count - 1)]
+            stages.append(nn.Sequential(BasicBlock(inputs, width, stride), *repeats))
             inputs = width
         self.stages = nn.Sequential(*stages)
         self.embedding = nn.Sequential(nn.Linear(inputs, 512), nn.ReLU(inplace=True), nn.Linear(512, embedding_dim))

@@ -33,6 +33,15 @@ class SpectralDescriptor(nn.Module):
     and the window follow from ``size`` and ``frequencies``.
     """
 
+    # the buffers __init__ registers (nn.Module's __getattr__ is typed Tensor | Module)
+    row_cos: torch.Tensor
+    row_sin: torch.Tensor
+    column_cos: torch.Tensor
+    column_sin: torch.Tensor
+    window: torch.Tensor
+    mean: torch.Tensor
+    projection: torch.Tensor
+
     def __init__(self, size: int, frequencies: int, dims: int):
         super().__init__()
         self.size, self.frequencies, self.dims = size, frequencies, dims

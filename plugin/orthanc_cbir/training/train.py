@@ -32,6 +32,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -156,7 +157,8 @@ def load_data(config: TrainConfig) -> TrainingData:
         train = ImageSet.concatenate([train] + [pneumonia] * config.pneumonia_repeat)
         pneumonia_validation = read_pneumonia(Path(config.pneumonia), "val")
     if config.organamnist:
-        train = ImageSet.concatenate([train] + [read_organamnist(Path(config.organamnist), "train")] * config.organ_repeat)
+        organs = read_organamnist(Path(config.organamnist), "train")
+        train = ImageSet.concatenate([train] + [organs] * config.organ_repeat)
     if config.anatomy_root and config.shared_series:
         sources = anatomy_volumes(Path(config.anatomy_root), Path(config.shared_series))
         volumes = read_volumes([v for v in sources if v.patient not in config.held_out_patients and v.path.exists()])
@@ -181,7 +183,7 @@ def neighbour_index(image_set: ImageSet) -> np.ndarray:
     """For each image, a neighbouring slice of the same volume (or -1)."""
     order = np.lexsort((image_set.position, image_set.group))
     neighbours = np.full(len(image_set), -1, dtype=np.int64)
-    for previous, current in zip(order[:-1], order[1:]):
+    for previous, current in zip(order[:-1], order[1:], strict=True):
         same_stack = image_set.group[current] >= 0 and image_set.group[current] == image_set.group[previous]
         if same_stack and 0 < image_set.position[current] - image_set.position[previous] <= 2:
             neighbours[current] = previous
@@ -251,7 +253,9 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
 
     head_sizes = {head: len(names) for head, names in LABELS.items()}
     net = build_net(config)
-    centres = {head: hash_centres(size, config.sub_code_bits, seed=i) for i, (head, size) in enumerate(head_sizes.items())}
+    centres = {
+        head: hash_centres(size, config.sub_code_bits, seed=i) for i, (head, size) in enumerate(head_sizes.items())
+    }
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=1e-4)
@@ -318,7 +322,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
                     losses["level_anchor"] = config.level_anchor_weight * F.smooth_l1_loss(
                         level_out[anchored], target_mm[anchored] / 100.0
                     )
-            loss = sum(losses.values())
+            loss = cast(torch.Tensor, sum(losses.values()))  # losses is never empty
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -383,8 +387,8 @@ def load_trained(checkpoint: Path) -> tuple[RetrievalNet, TrainConfig, dict]:
     """The trained network (eval mode), its configuration and everything else the checkpoint holds."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     # JSON made the configuration's tuples lists
-    config_fields = {name: tuple(value) if isinstance(value, list) else value
-                     for name, value in saved["summary"]["config"].items()}  # fmt: skip
+    config_fields: dict[str, Any] = {name: tuple(value) if isinstance(value, list) else value
+                                     for name, value in saved["summary"]["config"].items()}  # fmt: skip
     config = TrainConfig(**config_fields)
     net = build_net(config)
     net.load_state_dict(saved["state_dict"])

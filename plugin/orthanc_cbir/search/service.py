@@ -1,0 +1,175 @@
+"""The similarity core: what every adapter asks when it asks "what is similar to this?".
+
+>>> core = SimilaritySearch(store)                                            # doctest: +SKIP
+>>> answer = core.similar_to_stored("instance", sop_instance_uid, options)    # doctest: +SKIP
+>>> [hit.sop_instance_uid for hit in answer.hits]                             # doctest: +SKIP
+
+It resolves a query from a stored instance, series or study (or takes one an adapter
+built from an upload), searches, and returns typed hits. It knows nothing of HTTP:
+the routes (:mod:`orthanc_cbir.api.similar`) turn parameters into
+:class:`~.strategies.SearchOptions` with :func:`search_options` and hits into JSON, DICOM
+JSON and statuses; the "Similar cases" maker (:mod:`orthanc_cbir.ingest.similar_series`)
+calls it directly.
+
+A stored-instance query costs three Redis round trips when the index has not changed
+since the last one: the snapshot's write counters, the query's own entry, and the hits'
+entries (the snapshot knows each row's SOPInstanceUID).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dicom.metadata import looks_like_uid
+from ..errors import BadParameters, NotIndexed
+from ..index.schema import uid_hash
+from ..index.store import IndexStore
+from .filters import Filters, parse_weights
+from .strategies import LEVELS, STRATEGIES, Hit, Query, Searcher, SearchOptions, SearchResult
+
+FILTER_PARAMETERS = ("modality", "body_part", "sex", "age", "date", "exclude")
+SEARCH_PARAMETERS = ("k", "limit", "strategy", "level", "offset", "weights", *FILTER_PARAMETERS)
+"""The parameters :func:`search_options` reads (``limit`` is QIDO-RS's name for ``k``)."""
+MAX_OFFSET_END = 1000
+"""``offset + k`` at most: a page deeper than this is not a similar case any more."""
+
+_FILTER_GRAMMAR = {
+    "modality": "comma-separated modalities (CT,MR)", "body_part": "comma-separated body parts (CHEST)",
+    "sex": "comma-separated M, F or O", "age": "MIN-MAX in years (40-70, 40-, -70)",
+    "date": "YYYY-MM-DD..YYYY-MM-DD (either end may be left out)",
+    "exclude": "comma-separated same-patient, same-study, same-series",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Page:
+    """What to search and which part of the ranking to answer with."""
+
+    options: SearchOptions
+    """The search; its ``k`` is ``offset`` + the hits wanted."""
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A search's outcome as every adapter shows it."""
+
+    result: SearchResult
+    hits: list[Hit]
+    """The page asked for (``result.hits`` less the first ``offset``)."""
+    query_uid: str | None
+    """The DICOM UID of the query (instance, series or study), where known."""
+
+
+def search_options(parameters: Mapping[str, str], *, default_level: str, default_strategy: str, max_results: int,
+                   sub_codes: tuple[str, ...], check_weights: Callable[[Mapping[str, float] | None], object],
+                   ) -> Page:  # fmt: skip
+    """The search a caller's parameters (strings, as in a query string) ask for; ``check_weights``
+    raises ``ValueError`` for weights the model's code has no sub-code for. Raises
+    :class:`~orthanc_cbir.errors.BadParameters` with a fixed message (none repeats the input).
+    Parameters outside :data:`SEARCH_PARAMETERS` are the caller's to check."""
+    try:
+        k, offset = int(parameters.get("limit", parameters.get("k", 10))), int(parameters.get("offset", 0))
+    except ValueError:
+        raise BadParameters("k and offset must be whole numbers") from None
+    if not 1 <= k <= max_results or not 0 <= offset <= MAX_OFFSET_END - k:
+        raise BadParameters(f"k must be 1..{max_results} and offset 0..{MAX_OFFSET_END - k}")
+    strategy, level = parameters.get("strategy", default_strategy), parameters.get("level", default_level)
+    if strategy not in STRATEGIES:
+        raise BadParameters(f"strategy is one of {', '.join(STRATEGIES)}")
+    if level not in LEVELS:
+        raise BadParameters(f"level is one of {', '.join(LEVELS)}")
+    clauses = []
+    for name in FILTER_PARAMETERS:
+        if name in parameters:
+            try:
+                Filters.parse([f"{name}={parameters[name]}"])
+            except ValueError:
+                raise BadParameters(f"{name} is {_FILTER_GRAMMAR[name]}") from None
+            clauses.append(f"{name}={parameters[name]}")
+    try:
+        weights = parse_weights(parameters.get("weights"))
+        check_weights(weights)
+    except ValueError:
+        raise BadParameters(f"weights is SUB=WEIGHT,... with SUB one of {', '.join(sub_codes)} "
+                            "and WEIGHT a number >= 0") from None  # fmt: skip
+    try:
+        options = SearchOptions(strategy, k=k + offset, filters=Filters.parse(clauses), level=level, weights=weights)
+    except ValueError as exc:  # the checks above cover the caller's part: what is left is ours
+        raise BadParameters(f"these parameters cannot be searched ({type(exc).__name__})") from None
+    return Page(options, offset)
+
+
+class SimilaritySearch:
+    """Searches one index version for stored or uploaded queries; safe to share between threads
+    (one query at a time touches the searcher's snapshot). It never runs the model: a stored
+    resource is searched with its stored vector."""
+
+    def __init__(self, store: IndexStore, resolve_uid: Callable[[str, str], str | None] | None = None):
+        """``resolve_uid(level, identifier)`` turns another identifier (an Orthanc id) into the
+        DICOM UID of that level; without it only DICOM UIDs are accepted."""
+        self.store = store
+        self.searcher = Searcher(store)
+        self.resolve_uid = resolve_uid
+        self._lock = threading.Lock()
+
+    def page_for(self, parameters: Mapping[str, str], *, default_level: str, default_strategy: str,
+                 max_results: int) -> Page:  # fmt: skip
+        """:func:`search_options` for this index's model (its sub-codes name the weights)."""
+        layout = self.store.info.layout
+        return search_options(parameters, default_level=default_level, default_strategy=default_strategy,
+                              max_results=max_results, sub_codes=tuple(sub.name for sub in layout.sub_codes),
+                              check_weights=layout.bit_weights)  # fmt: skip
+
+    def similar_to_stored(self, level: str, identifier: str, page: Page) -> Answer:
+        """What is similar to a stored instance, series or study (``identifier``: its DICOM UID,
+        or what ``resolve_uid`` knows). A series (study) never answers with itself.
+
+        Raises:
+            NotIndexed: nothing with this identifier is indexed at this level.
+        """
+        if level not in LEVELS:
+            raise BadParameters(f"level is one of {', '.join(LEVELS)}")
+        options = page.options
+        if level != "instance":
+            filters = options.filters
+            if level == "series":
+                filters = dataclasses.replace(filters, exclude_same_series=True)
+            else:
+                filters = dataclasses.replace(filters, exclude_same_study=True)
+            options = dataclasses.replace(options, filters=filters)
+        with self._lock:
+            uid, query = self._stored_query(level, identifier)
+            result = self.searcher.search(query, options, refresh=False)  # refreshed for the query just now
+        return Answer(result, result.hits[page.offset :], uid)
+
+    def similar_to(self, query: Query, page: Page) -> Answer:
+        """What is similar to a query built elsewhere (an upload a worker embedded)."""
+        with self._lock:
+            result = self.searcher.search(query, page.options)
+        return Answer(result, result.hits[page.offset :], query.context.sop_instance_uid)
+
+    def _stored_query(self, level: str, identifier: str) -> tuple[str, Query]:
+        uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
+                                                              if self.resolve_uid else None)  # fmt: skip
+        if uid is None:
+            raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed")
+        snapshot = self.searcher.snapshot
+        snapshot.refresh()
+        if level == "instance":
+            entry = self.store.describe([uid])[0]  # the query's own entry, read once
+            if entry is None or entry.row >= snapshot.rows or not snapshot.live[entry.row]:
+                raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed "
+                                 "(not stored, not yet indexed, or rejected)")  # fmt: skip
+            return uid, self.searcher.query_of(entry)
+        column = snapshot.attributes["series" if level == "series" else "study"]
+        rows = np.flatnonzero((column == uid_hash(uid)) & snapshot.live)
+        if not len(rows):
+            raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed "
+                             "(not stored, not yet indexed, or rejected)")  # fmt: skip
+        return uid, self.searcher.stored_query(rows)
