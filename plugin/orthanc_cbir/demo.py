@@ -47,7 +47,7 @@ _SHARED_PICKS = (
 _PYDICOM_PICKS = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "rtplan.dcm")
 
 
-class Stopped(Exception):
+class _Stopped(Exception):
     """The demo got SIGTERM or SIGHUP: unwinding stops what it started."""
 
     def __init__(self, signum: int):
@@ -61,7 +61,7 @@ def _stop_on(signum: int, frame: FrameType | None) -> None:
     # signals are ignored so that they cannot interrupt the stopping itself.
     for other in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(other, signal.SIG_IGN)
-    raise Stopped(signum)
+    raise _Stopped(signum)
 
 
 def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
@@ -73,7 +73,7 @@ def run_demo(state_dir: Path, data_dir: Path | None = None) -> int:
     signal.signal(signal.SIGHUP, _stop_on)
     try:
         return _run_demo(state_dir, data_dir)
-    except Stopped as stopped:
+    except _Stopped as stopped:
         print(f"demo: stopped by {stopped}; everything it started is stopped.", flush=True)
         return 128 + stopped.signum
     finally:

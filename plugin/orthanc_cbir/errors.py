@@ -3,7 +3,7 @@
 Bad input is a value, not an exception (:class:`orthanc_cbir.dicom.Rejection`); these
 are what a caller must handle. None carries an HTTP status: an adapter (the Orthanc
 plugin, the standalone server, the CLI) decides what each one means to its client,
-with :func:`orthanc_cbir.api.routes.status_of` for the HTTP ones.
+with :func:`orthanc_cbir.api.similar.status_of` for the HTTP ones.
 
 >>> try:
 ...     raise NotIndexed("no instance with this identifier is indexed")
@@ -13,6 +13,11 @@ with :func:`orthanc_cbir.api.routes.status_of` for the HTTP ones.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only: errors imports nothing of ours at run time
+    from .ingest.backfill import BackfillSummary
 
 
 class CbirError(Exception):
@@ -50,3 +55,45 @@ class UpstreamFailed(CbirError):
 class WorkerFailed(CbirError):
     """A worker failed on a request (a fault of this service, not of the request): the entry is
     kept as a dead letter for the operator."""
+
+
+# -- what the parts raise --------------------------------------------------------------------
+
+
+class ServiceError(CbirError, RuntimeError):
+    """A service did not start; the message ends with the tail of its log."""
+
+
+class ModelContractError(CbirError, ValueError):
+    """The ONNX file and its model card disagree, or the card breaks the contract."""
+
+
+class InflationRefused(CbirError, ValueError):
+    """A Deflated dataset that would inflate past its bound (a zlib bomb): "too large"."""
+
+
+class StreamKindError(CbirError, RuntimeError):
+    """The stream belongs to workers of the other kind (another deployment on this Redis)."""
+
+
+class OhifError(CbirError, RuntimeError):
+    """The OHIF viewer could not be fetched, or is not the pinned one."""
+
+
+class IndexStillNeeded(CbirError, RuntimeError):
+    """The index asked to be dropped is the current one, or the current one is not complete yet."""
+
+
+class IndexLayoutError(CbirError, ValueError):
+    """The index in Redis was written with another layout or another shard count than this store's."""
+
+
+class BackfillError(CbirError, RuntimeError):
+    """The DICOMweb server cannot be used: unreachable, credentials refused, or failing.
+
+    The run stopped; what it indexed stays and the next run resumes. ``summary``
+    holds the counts up to that point."""
+
+    def __init__(self, message: str, summary: BackfillSummary | None = None):
+        super().__init__(message)
+        self.summary = summary

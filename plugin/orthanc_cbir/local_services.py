@@ -30,6 +30,7 @@ from typing import Any
 import redis
 import redis.cluster
 
+from .errors import ServiceError
 from .ingest.orthanc_client import OrthancClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,10 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
-
-
-class ServiceError(RuntimeError):
-    """A service did not start; the message ends with the tail of its log."""
 
 
 def free_port() -> int:

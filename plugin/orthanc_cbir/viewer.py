@@ -34,6 +34,8 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
+from .errors import OhifError
+
 log = logging.getLogger(__name__)
 
 OHIF_PACKAGE = "@ohif/app"
@@ -141,10 +143,6 @@ _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "applica
           ".map": "application/json", ".css": "text/css", ".svg": "image/svg+xml", ".woff2": "font/woff2"}  # fmt: skip
 # The headers OHIF's own dev server sends: cross-origin isolation lets it use SharedArrayBuffer.
 _ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
-
-
-class OhifError(RuntimeError):
-    """The OHIF viewer could not be fetched, or is not the pinned one."""
 
 
 def ohif_dist(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:

@@ -76,6 +76,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
+from ..errors import InflationRefused
 from .metadata import InstanceMetadata, extract_metadata
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
@@ -120,10 +121,6 @@ DEFLATE_PIXELS_PER_BYTE = 100
 """The same for a Deflated file's native pixels: deflate gives medical images 2-5:1 and at most
 about 1000:1 (a zlib bomb), so a Deflated file whose frame of more than 2048 x 2048 pixels would
 have 100 pixels a byte is refused as soon as its header has inflated."""
-
-
-class InflationRefused(ValueError):
-    """A Deflated dataset that would inflate past its bound (a zlib bomb): "too large"."""
 
 
 @dataclass(frozen=True)

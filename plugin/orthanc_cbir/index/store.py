@@ -32,6 +32,7 @@ import numpy as np
 import redis
 from redis.client import Pipeline
 
+from ..errors import IndexLayoutError
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
 from ..redis_client import RedisClient, as_bytes
@@ -57,10 +58,6 @@ FEATURE_DTYPE = np.dtype("i1")
 SCALE_DTYPE = np.dtype("<f4")
 _FIELDS: Mapping[str, tuple[Any, ...]] = ATTRIBUTES.fields or {}
 """Each attribute's (dtype, byte offset) in an attributes row (a structured dtype always has them)."""
-
-
-class IndexLayoutError(ValueError):
-    """The index in Redis was written with another layout or another shard count than this store's."""
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..errors import IndexStillNeeded
 from ..redis_client import RedisClient
 from .schema import KeySpace
 
 SCAN_BATCH = 1000
-
-
-class IndexStillNeeded(RuntimeError):
-    """The index asked to be dropped is the current one, or the current one is not complete yet."""
 
 
 @dataclass(frozen=True)

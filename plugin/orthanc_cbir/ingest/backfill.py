@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ..dicom import Rejection, RejectionReason, decode_dataset
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
 from ..dicom.similar_cases import reject_own_output
+from ..errors import BackfillError
 from ..index import IndexStore
 from ..index.records import embed_instances
 from .queue import IngestQueue
@@ -60,17 +61,6 @@ MAX_CONSECUTIVE_FAILURES = 10
 
 _STUDY_UID, _SERIES_UID, _SOP_UID, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
 _STUDY_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
-
-
-class BackfillError(RuntimeError):
-    """The DICOMweb server cannot be used: unreachable, credentials refused, or failing.
-
-    The run stopped; what it indexed stays and the next run resumes. ``summary``
-    holds the counts up to that point."""
-
-    def __init__(self, message: str, summary: BackfillSummary | None = None):
-        super().__init__(message)
-        self.summary = summary
 
 
 @dataclass

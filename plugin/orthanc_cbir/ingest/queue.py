@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..errors import StreamKindError
 from ..redis_client import text
 
 if TYPE_CHECKING:
@@ -52,10 +53,6 @@ ORTHANC_WORKERS = "orthanc"
 """A stream of Orthanc's instances (``store`` entries): its workers fetch from Orthanc."""
 SPOOL_WORKERS = "spool"
 """A stream of a standalone server (``store-file`` entries): its workers read its spool."""
-
-
-class StreamKindError(RuntimeError):
-    """The stream belongs to workers of the other kind (another deployment on this Redis)."""
 
 
 @dataclass(frozen=True)

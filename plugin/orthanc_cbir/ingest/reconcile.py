@@ -32,8 +32,7 @@ class ReconcileSummary:
 
 
 def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, progress: bool = True) -> ReconcileSummary:
-    client = store.client
-    indexed_uid = {k.decode(): v.decode() for k, v in client.hscan_iter(queue.keys.orthanc_ids, count=PAGE)}
+    indexed_uid = dict(queue.indexed_map(page=PAGE))
     rejected = set(queue.rejected())
     total = int(orthanc.get_json("/statistics").get("CountInstances", 0))
     seen: set[str] = set()

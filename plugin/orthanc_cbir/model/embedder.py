@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..config import DEFAULT_MODEL
+from ..errors import ModelContractError
 from .codes import CodeLayout, pack_codes
 from .preprocess import to_model_input
 
@@ -30,10 +31,6 @@ INPUT_NAME = "image"
 FEATURES = "features"
 CODE_LOGITS = "code_logits"
 CLASS_LOGITS_PREFIX = "class_logits_"
-
-
-class ModelContractError(ValueError):
-    """The ONNX file and its model card disagree, or the card breaks the contract."""
 
 
 @dataclass(frozen=True)
