@@ -377,33 +377,31 @@ def _run_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .dicom import Rejection
-    from .dicom.similar_cases import reject_own_output
     from .index import IndexInfo
-    from .index.records import decode_file, embed_instances
+    from .index.records import decode_file
+    from .ingest.pipeline import EmbeddingBatch, admit
 
     settings = load_settings(frames_per_instance=args.frames)
     embedder = _embedder()
     store = _store(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
     counts: Counter = Counter()
     rejected: Counter = Counter()
-    batch: list = []
+    batch: EmbeddingBatch[Path] = EmbeddingBatch(embedder, max_instances=args.batch)
 
     def flush() -> None:
-        if batch:
-            result = store.add(embed_instances(embedder, batch))
+        if len(batch):
+            result = store.add([record for _, record in batch.embed()])
             counts["indexed"] += result.added
             counts["duplicate"] += result.duplicates
-            batch.clear()
 
     files = list(_walk(args.paths))
     for path in tqdm(files, desc="index", unit="file", dynamic_ncols=True):
-        outcome = reject_own_output(decode_file(path, max_frames=settings.frames_per_instance,
-                                                **settings.decode_limits()))  # fmt: skip
+        outcome = admit(decode_file(path, max_frames=settings.frames_per_instance, **settings.decode_limits()))
         if isinstance(outcome, Rejection):
             rejected[outcome.reason.value] += 1
             continue
-        batch.append(outcome)
-        if len(batch) >= args.batch:
+        batch.add(path, outcome)
+        if batch.full:
             flush()
     flush()
     print(f"indexed {counts['indexed']}, skipped as duplicate {counts['duplicate']}, rejected {sum(rejected.values())}"

@@ -83,6 +83,18 @@ def test_index_refuses_the_services_own_similar_cases_images(redis_url, tmp_path
     assert "indexed 0, skipped as duplicate 0, rejected 1" in out and "rejected: orthanc-cbir output: 1" in out
 
 
+def test_index_rejects_an_instance_without_a_valid_sop_instance_uid_and_goes_on(redis_url, tmp_path, capsys):
+    # the worker rejected it; orthanc-cbir index (and backfill) indexed it under a key no DICOM client can name
+    bad = grey_image(np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
+    bad.SOPInstanceUID = "not-a-uid"
+    good = grey_image(np.arange(64 * 64, dtype=np.int16).reshape(64, 64)[::-1].copy())
+    (tmp_path / "bad.dcm").write_bytes(to_bytes(bad))
+    (tmp_path / "good.dcm").write_bytes(to_bytes(good))
+    assert main(["index", str(tmp_path), "--redis-url", redis_url]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 1, skipped as duplicate 0, rejected 1" in out and "rejected: no SOPInstanceUID: 1" in out
+
+
 def test_query_refuses_a_bad_filter_with_a_message(redis_url, tmp_path, capsys):
     assert main(["query", "--uid", "1.2.3", "--redis-url", redis_url, "--filter", "colour=red"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err

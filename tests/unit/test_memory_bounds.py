@@ -214,6 +214,7 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
     from unittest import mock
 
     from orthanc_cbir.dicom import NormalisedImage
+    from orthanc_cbir.ingest import pipeline
     from orthanc_cbir.ingest import worker as worker_module
     from orthanc_cbir.ingest.queue import STORE, IngestEvent
 
@@ -232,8 +233,8 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
         return [SimpleNamespace(metadata=i.metadata, orthanc=dict(o)) for i, o in zip(instances, ids, strict=True)]
 
     monkeypatch.setattr(worker_module, "decode_instance", decode)
-    monkeypatch.setattr(worker_module, "embed_instances", embed)
-    monkeypatch.setattr(worker_module, "reject_own_output", lambda outcome: outcome)
+    monkeypatch.setattr(pipeline, "embed_instances", embed)
+    monkeypatch.setattr(pipeline, "reject_own_output", lambda outcome: outcome)
     orthanc = SimpleNamespace(instance_file=lambda orthanc_id: orthanc_id,
                               parents=lambda orthanc_id: {"instance": orthanc_id})  # fmt: skip
     store = mock.MagicMock()

@@ -95,6 +95,8 @@ class RejectionReason(str, enum.Enum):  # noqa: UP042 - StrEnum would change str
     TOO_LARGE = "too large"
     OWN_OUTPUT = "orthanc-cbir output"
     """A "Similar cases" image this service made (:func:`~.similar_cases.reject_own_output`)."""
+    NO_UID = "no SOPInstanceUID"
+    """No valid SOPInstanceUID: the index is keyed by it."""
 
 
 DEFAULT_MAX_FILE_BYTES = 2 * 2**30

@@ -44,10 +44,9 @@ from tqdm import tqdm
 
 from ..dicom import Rejection, RejectionReason, decode_dataset
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
-from ..dicom.similar_cases import reject_own_output
 from ..errors import BackfillError
 from ..index import IndexStore
-from ..index.records import embed_instances
+from .pipeline import EmbeddingBatch, admit
 from .queue import IngestQueue
 
 log = logging.getLogger(__name__)
@@ -220,16 +219,15 @@ def backfill(
              date_range or "any date", ",".join(sorted(wanted)) if wanted else "all", store.info.version)  # fmt: skip
     known_total = sum(count or 0 for _, count in studies)
     bar = tqdm(total=known_total or None, desc="backfill", unit="instance", disable=not progress, dynamic_ncols=True)
-    batch: list[DecodedInstance] = []
+    batch: EmbeddingBatch[str] = EmbeddingBatch(embedder, max_instances=batch_size)
     completed: list[tuple[str, int | None]] = []  # studies walked: their instances are in ``batch`` or stored
     retrieved = consecutive_failures = 0
 
     def flush() -> None:
-        if batch:
-            added = store.add(embed_instances(embedder, batch))
+        if len(batch):
+            added = store.add([record for _, record in batch.embed()])
             summary.indexed += added.added
             summary.already_indexed += added.duplicates
-            batch.clear()
         for study_uid, count in completed:
             checkpoint.done(study_uid, count, wanted, done.get(study_uid))
         completed.clear()
@@ -251,10 +249,10 @@ def backfill(
                                     "(rerun to resume)", summary)  # fmt: skip
             return False
         consecutive_failures = 0
-        outcome = reject_own_output(outcome)
+        outcome = admit(outcome)
         if not isinstance(outcome, Rejection):
-            batch.append(outcome)
-            if len(batch) >= batch_size:
+            batch.add(instance.sop, outcome)
+            if batch.full:
                 flush()
             return True
         queue.reject(REJECTED_PREFIX + instance.sop, outcome.reason.value, outcome.detail, instance.sop)

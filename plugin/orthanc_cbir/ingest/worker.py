@@ -23,18 +23,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import Settings
-from ..dicom import Rejection, decode_instance, looks_like_uid
-from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance
-from ..dicom.similar_cases import reject_own_output
+from ..dicom import Rejection, decode_instance
+from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME
 from ..errors import CbirError, Unavailable, UpstreamFailed, WorkerFailed
 from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
 from .orthanc_client import OrthancClient
+from .pipeline import EmbeddingBatch, admit
 from .queue import (
     DELETE,
     INTERACTIVE,
@@ -60,10 +60,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (*REDIS_UNREACHABLE, OSError)
 NOT_AN_ENTRY_FAULT: tuple[type[BaseException], ...] = (*UNREACHABLE, IndexLayoutError)
 """Raised while handling an entry but not the entry's fault: never a dead letter."""
 
-HELD_PIXELS = 16 * 2**20
-"""Decoded pixels a worker holds before it embeds them (16 Mi: a batch of 32 512 x 512 instances
-is embedded in one pass); a larger instance is embedded alone, so a batch's peak memory is about
-one instance's decode (README, "Bad input")."""
+Handled = TypeVar("Handled")
 
 
 @dataclass
@@ -166,15 +163,15 @@ class Worker:
                 self._guarded(event, lambda e: self._embed_query(e.orthanc_id))
         # Decoded pictures are embedded (and let go) whenever they hold more than HELD_PIXELS: a
         # batch of large frames never holds more than one instance's pictures beside that.
-        decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]] = []
+        batch: EmbeddingBatch[IngestEvent] = EmbeddingBatch(self.embedder, max_instances=len(events))
         embedded: list[tuple[IngestEvent, IndexRecord]] = []
         for event in events:
             if event.action in INTERACTIVE or event.action == STABLE_STUDY:
                 continue
-            self._guarded(event, lambda e: self._take(e, outcome, decoded))
-            if sum(image.pixels.size for _, instance, _ in decoded for image in instance.images) > HELD_PIXELS:
-                self._embed(decoded, embedded)
-        self._embed(decoded, embedded)
+            self._guarded(event, lambda e: self._take(e, outcome, batch))
+            if batch.full:
+                embedded += self._embed(batch)
+        embedded += self._embed(batch)
         if embedded:
             try:
                 self._index(embedded, outcome)
@@ -194,10 +191,9 @@ class Worker:
                 outcome.series += self._guarded(event, lambda e: self._stable_study(e.orthanc_id)) or 0
         return outcome
 
-    def _take(self, event: IngestEvent, outcome: BatchOutcome,
-              decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]]) -> None:  # fmt: skip
+    def _take(self, event: IngestEvent, outcome: BatchOutcome, batch: EmbeddingBatch[IngestEvent]) -> None:
         """Remove, read and decode one ``delete``, ``store`` or ``store-file`` entry; what can be
-        indexed joins ``decoded``, what cannot is recorded as rejected."""
+        indexed joins ``batch``, what cannot is recorded as rejected."""
         if event.action == DELETE:
             outcome.removed += self._remove(event.orthanc_id)
             return
@@ -205,40 +201,23 @@ class Worker:
         if data is None:
             outcome.gone += 1
             return
-        # indexed, its own "Similar cases" images would answer every query with copies of hits
-        result = reject_own_output(decode_instance(data, max_frames=self.frames_per_instance, **self.limits))
+        result = admit(decode_instance(data, max_frames=self.frames_per_instance, **self.limits))
         if isinstance(result, Rejection):
             uid = result.metadata.sop_instance_uid if result.metadata else None
             self._reject(event, result.reason.value, result.detail, uid)
-        elif not looks_like_uid(uid := result.metadata.sop_instance_uid or "") or len(uid) > 64:
-            # the index is keyed by it: without a valid one the file cannot be an entry
-            self._reject(event, "no SOPInstanceUID", "the file has no valid SOPInstanceUID", None)
+            outcome.rejected += 1
         else:
-            decoded.append((event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {}))
-            return
-        outcome.rejected += 1
+            batch.add(event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {})
 
     def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
         self.queue.reject(event.orthanc_id, reason, detail, uid)
         if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
             self.spool.set_aside(event.orthanc_id)
 
-    def _embed(self, decoded: list[tuple[IngestEvent, DecodedInstance, dict[str, str]]],
-               embedded: list[tuple[IngestEvent, IndexRecord]]) -> None:  # fmt: skip
-        """Embed the decoded instances (one onnxruntime pass) into ``embedded`` and empty ``decoded``,
-        so that their pictures can be freed; an instance the model cannot take is a dead letter."""
-        if not decoded:
-            return
-        try:
-            records = embed_instances(self.embedder, [item[1] for item in decoded], [item[2] for item in decoded])
-            embedded.extend(zip([item[0] for item in decoded], records, strict=True))
-        except NOT_AN_ENTRY_FAULT:
-            raise
-        except Exception:  # noqa: BLE001 - one instance the model cannot take must not cost the others theirs
-            for event, instance, ids in decoded:
-                self._guarded(event, lambda e, instance=instance, ids=ids: embedded.append(  # type: ignore[misc]
-                    (e, embed_instances(self.embedder, [instance], [ids])[0])))  # fmt: skip
-        decoded.clear()
+    def _embed(self, batch: EmbeddingBatch[IngestEvent]) -> list[tuple[IngestEvent, IndexRecord]]:
+        """Embed the batch (one onnxruntime pass) and empty it, so that its pictures can be freed; if
+        that pass fails, each instance alone: one the model cannot take is a dead letter."""
+        return batch.embed(lambda event, make: self._guarded(event, lambda e: make()), NOT_AN_ENTRY_FAULT)
 
     def _index(self, items: list[tuple[IngestEvent, IndexRecord]], outcome: BatchOutcome) -> None:
         """Add embedded instances to the index."""
@@ -250,7 +229,7 @@ class Worker:
                   if r.orthanc.get("instance") and (uid := r.metadata.sop_instance_uid)}  # fmt: skip
         self.queue.remember_indexed(stored)
 
-    def _guarded(self, event: IngestEvent, handle: Callable[[IngestEvent], int | None]) -> int | None:
+    def _guarded(self, event: IngestEvent, handle: Callable[[IngestEvent], Handled]) -> Handled | None:
         """``handle(event)``; an exception that is not Redis or Orthanc being away makes the
         entry a dead letter instead of ending the worker (``None`` then)."""
         try:
