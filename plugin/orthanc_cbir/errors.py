@@ -14,10 +14,7 @@ with :func:`orthanc_cbir.api.similar.status_of` for the HTTP ones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for the annotation only: errors imports nothing of ours at run time
-    from .ingest.backfill import BackfillSummary
+from typing import Protocol
 
 
 class CbirError(Exception):
@@ -88,12 +85,22 @@ class IndexLayoutError(CbirError, ValueError):
     """The index in Redis was written with another layout or another shard count than this store's."""
 
 
+class Progress(Protocol):
+    """What a long run had done when it stopped (:class:`~orthanc_cbir.ingest.backfill.BackfillSummary`)."""
+
+    studies: int
+
+    def line(self) -> str:
+        """One line for an operator."""
+        ...
+
+
 class BackfillError(CbirError, RuntimeError):
     """The DICOMweb server cannot be used: unreachable, credentials refused, or failing.
 
     The run stopped; what it indexed stays and the next run resumes. ``summary``
     holds the counts up to that point."""
 
-    def __init__(self, message: str, summary: BackfillSummary | None = None):
+    def __init__(self, message: str, summary: Progress | None = None):
         super().__init__(message)
         self.summary = summary

@@ -11,11 +11,10 @@ to resolve its ids). Routes:
   ``GET /cbir/{instances|series|studies}/{uid}/similar/{studies|series|instances}``;
 - ``POST /cbir/query``: a DICOM file, PNG or JPEG as the body, parameters in the query string
   or as ``X-Cbir-*`` headers (as in Orthanc);
-- ``POST /dicom-web/studies[/{study}]``: STOW-RS (PS3.18 10.5). Each part is written to a file in
-  the spool directory as it arrives (a request is never held whole in memory), its elements before
-  the pixel data read with pydicom (a Deflated part inflated only that far, 16 MiB at most), and
-  handed to :meth:`.Spool.accept_file` (synced and enqueued) before the answer names it in the
-  ReferencedSOPSequence; a worker indexes it later (``GET /cbir/status``: ``spooled``).
+- ``POST /dicom-web/studies[/{study}]``: STOW-RS (PS3.18 10.5): this module streams the body and
+  answers; :mod:`orthanc_cbir.ingest.stow` writes each part to a file in the spool as it arrives
+  and hands it to the spool before the answer names it; a worker indexes it later
+  (``GET /cbir/status``: ``spooled``).
 
 Every error is JSON ``{"error": message, "status": code}`` (unknown routes, 405, validation
 errors as 400, 500 without a trace, which goes to the log). With ``http_token`` every request
@@ -38,14 +37,11 @@ import inspect
 import ipaddress
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 import uvicorn
@@ -65,12 +61,11 @@ from starlette.responses import Response as HttpResponse
 from .. import __version__
 from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings
-from ..dicom import looks_like_uid
 from ..dicom.metadata import use_patient_key_secret
-from ..dicom.pixels import read_header
 from ..index import IndexInfo
 from ..ingest.orthanc_client import OrthancClient
 from ..ingest.spool import Spool
+from ..ingest.stow import PartFiles, spool_parts
 from ..redis_client import client_for
 from ..search import LEVELS as SEARCH_LEVELS
 from ..search import STRATEGIES
@@ -85,9 +80,6 @@ from .similar import (
 )
 from .thumbnail import thumbnail
 
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks  # a TypedDict defined for type checkers only
-
 log = logging.getLogger(__name__)
 
 MAX_STOW_BYTES = 2 * 2**30
@@ -96,12 +88,6 @@ DRAIN_BYTES = 32 * 2**20
 """After a 413, up to this much of the rest of the body is read and dropped, so that the client
 reads the answer rather than a reset connection; past it the connection is closed."""
 
-# Failure Reason (0008,1197) codes of a STOW-RS answer (the C-STORE statuses, PS3.4 Annex B)
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-"""An instance of another study sent to ``POST /dicom-web/studies/{study}``."""
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 
 DICOM_JSON = "application/dicom+json"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)+$"
@@ -613,43 +599,6 @@ async def _refuse(stream: AsyncIterator[bytes], limit: int, what: str, remaining
 # -- STOW-RS ------------------------------------------------------------------------------------
 
 
-class _PartFiles:
-    """Multipart parser callbacks that write each part to its own file in the spool directory
-    (``.part-*``: what :meth:`.Spool.recover` removes if the server dies mid-request)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.files: list[Path] = []
-        self.ended = False
-        self._handle: Any = None
-
-    def callbacks(self) -> "MultipartCallbacks":
-        return {"on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._close,
-                "on_end": self._end}  # fmt: skip
-
-    def _begin(self) -> None:
-        self._close()
-        self._handle = tempfile.NamedTemporaryFile(dir=self.directory, prefix=".part-", delete=False)
-        self.files.append(Path(self._handle.name))
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        self._handle.write(data[start:end])
-
-    def _close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def _end(self) -> None:
-        self.ended = True
-
-    def discard(self) -> None:
-        """Remove every part file not handed to the spool."""
-        self._close()
-        for path in self.files:
-            path.unlink(missing_ok=True)
-
-
 async def _stow(request: Request, spool: Spool, study: str | None, limit: int) -> HttpResponse:
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     part_type = options.get(b"type", b"application/dicom").decode("latin-1").strip('"').lower()
@@ -663,7 +612,7 @@ async def _stow(request: Request, spool: Spool, study: str | None, limit: int) -
     declared = _declared_length(request)
     if declared is not None and declared > limit:
         return await _refuse(stream, limit, what, declared)
-    parts = _PartFiles(spool.directory)
+    parts = PartFiles(spool.directory)
     try:
         try:
             parser = MultipartParser(boundary, parts.callbacks())
@@ -685,7 +634,7 @@ async def _stow(request: Request, spool: Spool, study: str | None, limit: int) -
             return _error(400, "the multipart body ends before its closing boundary")
         if not parts.files:
             return _error(400, "the multipart body holds no part")
-        referenced, failed = await run_in_threadpool(_spool_parts, spool, parts.files, study)
+        referenced, failed = await run_in_threadpool(spool_parts, spool, parts.files, study)
     finally:
         parts.discard()
     answer = Dataset()
@@ -695,56 +644,6 @@ async def _stow(request: Request, spool: Spool, study: str | None, limit: int) -
         answer.FailedSOPSequence = failed
     status = 200 if not failed else 202 if referenced else 409
     return _DicomJsonResponse(json.dumps(answer.to_json_dict()), status)
-
-
-def _spool_parts(spool: Spool, files: list[Path], study: str | None) -> tuple[list[Dataset], list[Dataset]]:
-    """Read each part file with pydicom and hand it to the spool: (referenced, failed) items."""
-    referenced: list[Dataset] = []
-    failed: list[Dataset] = []
-    for number, path in enumerate(files, 1):
-        sop_class = uid = ""
-        try:
-            ds = read_header(path)  # a Deflated part inflated only up to its pixel data, 16 MiB at most
-            meta = getattr(ds, "file_meta", None)
-            sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-            uid = str(ds.get("SOPInstanceUID") or "")
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on what is not DICOM
-            log.warning("STOW-RS part %d is not a DICOM file: %s: %s", number, type(exc).__name__, exc)
-            failed.append(_sop_item("", "", CANNOT_UNDERSTAND))
-            continue
-        if not looks_like_uid(uid):
-            log.warning("STOW-RS part %d has no valid SOPInstanceUID (%r)", number, uid)
-            failed.append(_sop_item(sop_class, uid if len(uid) <= 64 else "", CANNOT_UNDERSTAND))
-            continue
-        if study is not None and str(ds.get("StudyInstanceUID", "")) != study:
-            log.warning("STOW-RS part %d (%s) belongs to study %s, not %s", number, uid,
-                        ds.get("StudyInstanceUID"), study)  # fmt: skip
-            failed.append(_sop_item(sop_class, uid, DOES_NOT_MATCH))
-            continue
-        try:
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
-            spool.accept_file(path, uid)
-        except (OSError, redis.RedisError) as exc:  # a full disk, or the queue down: the client may send again
-            log.error("STOW-RS could not spool %s: %s: %s", uid, type(exc).__name__, exc)
-            Path(spool.directory / spool.name_for(uid)).unlink(missing_ok=True)
-            failed.append(_sop_item(sop_class, uid, OUT_OF_RESOURCES))
-            continue
-        except Exception:
-            log.exception("STOW-RS could not spool %s", uid)
-            failed.append(_sop_item(sop_class, uid, PROCESSING_FAILURE))
-            continue
-        referenced.append(_sop_item(sop_class, uid))
-    return referenced, failed
-
-
-def _sop_item(sop_class: str, uid: str, failure: int | None = None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = uid
-    if failure is not None:
-        item.FailureReason = failure
-    return item
 
 
 # -- the OpenAPI document -----------------------------------------------------------------------
