@@ -414,7 +414,7 @@ def _run_index(args: argparse.Namespace) -> int:
 def _run_query(args: argparse.Namespace) -> int:
     import json
 
-    from .api.similar import hit_json
+    from .answers.hits import hit_json
     from .dicom import Rejection
     from .errors import NotIndexed
     from .index import IndexInfo
@@ -471,13 +471,15 @@ def _run_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from .answers.similar_series import SimilarSeriesMaker
     from .ingest.worker import Worker
 
     settings = load_settings(redis_url=args.redis_url, orthanc_url=args.orthanc_url)
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
-    worker = Worker.from_settings(settings, _redis(settings.redis_url))
+    client = _redis(settings.redis_url)
+    worker = Worker.from_settings(settings, client, SimilarSeriesMaker.factory(settings, client))
     worker.run(stop)
     print(f"worker stopped: {dict(worker.totals)}")
     return 0

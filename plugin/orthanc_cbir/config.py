@@ -108,7 +108,7 @@ class Settings:
     """Draw another patient's image in "Similar cases" (never its identifiers) even when its file
     does not say ``BurnedInAnnotation`` NO; off (default), only a file that says NO is drawn, any
     other is a grey panel that says why. A file that says YES never is
-    (:func:`orthanc_cbir.dicom.similar_cases.withheld_reason`)."""
+    (:func:`orthanc_cbir.answers.similar_cases.withheld_reason`)."""
 
     ohif_url: str = ""
     """The OHIF viewer the results page links each hit's study to (empty: the page's own origin,

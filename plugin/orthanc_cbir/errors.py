@@ -45,6 +45,14 @@ class Unavailable(CbirError):
     "Similar cases" series."""
 
 
+class TooLarge(CbirError):
+    """What a caller sent or named is larger than this service takes."""
+
+
+class Undrawable(CbirError):
+    """A stored file the pixel step cannot draw."""
+
+
 class UpstreamFailed(CbirError):
     """Orthanc refused or failed a request made on the caller's behalf (storing a series)."""
 

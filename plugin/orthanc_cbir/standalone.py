@@ -25,6 +25,7 @@ from pathlib import Path
 
 import redis
 
+from .answers.similar_series import SimilarSeriesMaker
 from .config import Settings
 from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
 from .ingest.scp import StoreSCP
@@ -60,7 +61,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
-    threads = [threading.Thread(target=Worker.from_settings(settings, client).run, args=(stop,),
+    series_maker = SimilarSeriesMaker.factory(settings, client)  # for the Orthanc of CBIR_ORTHANC_URL, if any
+    threads = [threading.Thread(target=Worker.from_settings(settings, client, series_maker).run, args=(stop,),
                                 name=f"worker-{n}", daemon=True) for n in range(workers)]  # fmt: skip
     for thread in threads:
         thread.start()

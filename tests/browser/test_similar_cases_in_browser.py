@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from orthanc_cbir.dicom.similar_cases import SERIES_DESCRIPTION
+from orthanc_cbir.dicom.own_output import SERIES_DESCRIPTION
 from orthanc_cbir.model.embedder import Embedder
 from tests.browser.ohif import PHANTOM_DESCRIPTION, assert_clean, open_study, phantom_series, save_screenshot, store
 from tests.integration.pushing import synthetic_series, wait_until

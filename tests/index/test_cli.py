@@ -8,8 +8,8 @@ import json
 import numpy as np
 from PIL import Image
 
+from orthanc_cbir.answers.similar_cases import SimilarCase, secondary_capture_series
 from orthanc_cbir.cli import main
-from orthanc_cbir.dicom.similar_cases import SimilarCase, secondary_capture_series
 from tests.dicom_factory import grey_image, structured_report, to_bytes
 
 

@@ -243,7 +243,7 @@ def test_bulk_evaluation_and_group_levels_rank_every_row(store):
 
 
 def test_hit_json_shows_labels_and_copies(store):
-    from orthanc_cbir.api.similar import hit_json
+    from orthanc_cbir.answers.hits import hit_json
 
     rng = np.random.default_rng(9)
     picture = rng.normal(size=DIM)

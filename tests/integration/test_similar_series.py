@@ -18,17 +18,11 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from orthanc_cbir.dicom.similar_cases import (
-    CAPTION_HEIGHT,
-    IMAGE_SIZE,
-    MANUFACTURER,
-    SERIES_DESCRIPTION,
-    SimilarCase,
-    render_case,
-)
+from orthanc_cbir.answers.similar_cases import CAPTION_HEIGHT, IMAGE_SIZE, SimilarCase, render_case
+from orthanc_cbir.answers.similar_series import SimilarSeriesMaker
+from orthanc_cbir.dicom.own_output import MANUFACTURER, SERIES_DESCRIPTION
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
-from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
 from orthanc_cbir.local_services import OrthancServer, RedisServer
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until

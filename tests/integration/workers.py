@@ -8,11 +8,11 @@ import threading
 
 import redis
 
+from orthanc_cbir.answers.similar_series import SimilarSeriesMaker
 from orthanc_cbir.config import Settings, load_settings
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
-from orthanc_cbir.ingest.similar_series import SimilarSeriesMaker
 from orthanc_cbir.ingest.spool import Spool
 from orthanc_cbir.ingest.worker import Worker
 from orthanc_cbir.model.embedder import Embedder

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from orthanc_cbir.dicom import extract_metadata
-from orthanc_cbir.dicom.similar_cases import (
+from orthanc_cbir.answers.similar_cases import (
     CAPTION_HEIGHT,
     IMAGE_SIZE,
     SimilarCase,
-    is_own_output,
     key_object_selection,
     render_case,
     secondary_capture_series,
 )
+from orthanc_cbir.dicom import extract_metadata
+from orthanc_cbir.dicom.own_output import is_own_output
 from tests import dicom_factory as factory
 
 GRADIENT = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (50, 1))
@@ -66,7 +66,7 @@ def identified(**attributes):
 
 
 def test_the_same_patient_has_the_same_id_issuer_birth_date_and_name():
-    from orthanc_cbir.dicom.similar_cases import same_patient
+    from orthanc_cbir.answers.similar_cases import same_patient
 
     query = identified(IssuerOfPatientID="SITE-A")
     assert same_patient(query, identified(IssuerOfPatientID="SITE-A"))
@@ -83,7 +83,7 @@ def test_the_same_patient_has_the_same_id_issuer_birth_date_and_name():
 
 
 def test_another_patients_pixels_only_when_the_file_declares_no_burned_in_text():
-    from orthanc_cbir.dicom.similar_cases import withheld_reason
+    from orthanc_cbir.answers.similar_cases import withheld_reason
 
     query = identified()
     other = {"PatientName": "Other^Person", "PatientID": "OTHER-1"}

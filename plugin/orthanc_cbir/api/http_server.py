@@ -59,6 +59,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response as HttpResponse
 
 from .. import __version__
+from ..answers.thumbnail import thumbnail
 from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings
 from ..dicom.metadata import use_patient_key_secret
@@ -78,7 +79,6 @@ from .similar import (
     parse_query,
     request_parameters,
 )
-from .thumbnail import thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,8 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         """``orthanc_id`` is a hit's ``orthanc.instance``; a hit without one has no thumbnail."""
         orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
         try:
-            answer = thumbnail(
-                orthanc_id, lambda oid: _orthanc_file_size(orthanc, oid), orthanc.instance_file, settings
-            )
+            answer = routes.thumbnail_answer(lambda: thumbnail(
+                orthanc_id, lambda oid: _orthanc_file_size(orthanc, oid), orthanc.instance_file, settings))
         except OSError:
             return _error(502, "the Orthanc of the CBIR_ORTHANC_URL setting did not answer")
         return _http(answer)

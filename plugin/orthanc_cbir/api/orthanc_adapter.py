@@ -13,6 +13,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ..answers.results_page import CONTENT_TYPE as results_page_type
+from ..answers.results_page import results_page
+from ..answers.thumbnail import thumbnail
 from ..audit import ANONYMOUS, AuditLog, basic_user
 from ..config import Settings, load_settings
 from ..dicom import looks_like_uid
@@ -22,9 +25,7 @@ from ..ingest.enqueue_buffer import EnqueueBuffer
 from ..ingest.queue import DELETE, STABLE_STUDY, STORE, IngestQueue
 from ..redis_client import client_for
 from . import routes
-from .results_page import results_page
 from .similar import LEVELS, SimilarityService, orthanc_query_string, parse_query, request_parameters
-from .thumbnail import thumbnail
 
 
 def settings_from_orthanc(orthanc: Any) -> Settings:
@@ -57,11 +58,14 @@ def register(orthanc: Any, settings: Settings) -> None:
     _get(orthanc, "/cbir/audit", lambda request: routes.audit_trail(audit, _parameters(request), _user(request),
                                                                     settings.audit_readers))  # fmt: skip
     _get(orthanc, "/cbir/ui/instances/([^/]+)",
-         lambda request: results_page(settings, request["groups"][0], _instance_id(orthanc, request["groups"][0])))
+         lambda request: routes.Response(200, results_page(settings, request["groups"][0],
+                                                           _instance_id(orthanc, request["groups"][0])),
+                                         results_page_type))  # fmt: skip
     # a hit's thumbnail from the pixel step (Orthanc 1.10's /preview cannot decode JPEG 2000)
     _get(orthanc, "/cbir/instances/([^/]+)/thumbnail",
-         lambda request: thumbnail(request["groups"][0], lambda oid: _file_size(orthanc, oid),
-                                   lambda oid: _instance_file(orthanc, oid), settings))  # fmt: skip
+         lambda request: routes.thumbnail_answer(lambda: thumbnail(
+             request["groups"][0], lambda oid: _file_size(orthanc, oid), lambda oid: _instance_file(orthanc, oid),
+             settings)))  # fmt: skip
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request),
                                               user=_user(request)))  # fmt: skip

@@ -8,7 +8,7 @@ never raise for a client's mistake: they answer 4xx with a JSON message.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,31 @@ import redis
 from .. import __version__
 from ..audit import MAX_READ, AuditLog, is_valid_entry_id
 from ..config import Settings
+from ..errors import (
+    BadParameters,
+    Busy,
+    CbirError,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    Undrawable,
+    UpstreamFailed,
+    WorkerFailed,  # fmt: skip
+)
 from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
 from ..redis_client import UNREACHABLE, client_for, connect
+
+ERROR_STATUS: dict[type[CbirError], int] = {
+    BadParameters: 400, NotFound: 404, TooLarge: 413, Undrawable: 422, Busy: 429, WorkerFailed: 500,
+    UpstreamFailed: 502, Unavailable: 503,
+}  # fmt: skip
+"""The HTTP status of each error the core and the answers raise (a subclass takes its base's)."""
+
+
+def status_for(error: type[CbirError]) -> int:
+    """The status of an error class (:data:`ERROR_STATUS`; 500 for one it does not name)."""
+    return next((status for kind, status in ERROR_STATUS.items() if issubclass(error, kind)), 500)
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,19 @@ class Response:
     @classmethod
     def error(cls, status: int, message: str) -> Response:
         return cls.json({"error": message, "status": status}, status=status)
+
+    @classmethod
+    def of_error(cls, error: CbirError) -> Response:
+        """The answer to an error the core or an answer raised: its status, its (fixed-text) message."""
+        return cls.error(status_for(type(error)), str(error))
+
+
+def thumbnail_answer(draw: Callable[[], bytes]) -> Response:
+    """``GET /cbir/instances/{id}/thumbnail`` (:func:`orthanc_cbir.answers.thumbnail.thumbnail`) as an answer."""
+    try:
+        return Response(200, draw(), content_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    except CbirError as exc:
+        return Response.of_error(exc)
 
 
 def status(settings: Settings) -> Response:

@@ -30,19 +30,18 @@ from typing import Any
 import numpy as np
 
 from .. import errors
+from ..answers.dicom_json import hit_dataset, included_fields
+from ..answers.hits import hit_json
 from ..audit import AuditLog
 from ..config import Settings
-from ..errors import BadParameters, Busy, NotFound, NotIndexed, Unavailable, UpstreamFailed, WorkerFailed
+from ..errors import BadParameters, Busy, NotIndexed
 from ..index import IndexInfo, IndexStore
-from ..index.schema import StoredEntry
 from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue, WorkerRequests
 from ..redis_client import UNREACHABLE, client_for
 from ..search import Query, QueryContext
 from ..search.labels import upload_header
 from ..search.service import SEARCH_PARAMETERS, Answer, Page, SimilaritySearch
-from ..search.strategies import Hit
-from .dicom_json import hit_dataset, included_fields
-from .routes import Response
+from .routes import Response, status_for
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
 PARAMETERS = (*SEARCH_PARAMETERS, "format", "includefield", "fuzzymatching")
@@ -330,12 +329,6 @@ def _format(parameters: Mapping[str, str]) -> str:
     return "dicom+json" if asked == "dicom json" else asked
 
 
-ERROR_STATUS: dict[type[errors.CbirError], int] = {
-    BadParameters: 400, NotFound: 404, Busy: 429, WorkerFailed: 500, UpstreamFailed: 502, Unavailable: 503,
-}  # fmt: skip
-"""The HTTP status of each error a worker's reply names (a subclass takes its base's)."""
-
-
 def status_of(reply: Mapping[str, Any]) -> int:
     """The status of a worker's error reply: by the error's kind (:mod:`orthanc_cbir.errors`), 400 when unknown.
 
@@ -343,38 +336,9 @@ def status_of(reply: Mapping[str, Any]) -> int:
     (404, 400)
     """
     kind = getattr(errors, str(reply.get("kind")), None)
-    if isinstance(kind, type) and issubclass(kind, errors.CbirError):
-        return next((status for error, status in ERROR_STATUS.items() if issubclass(kind, error)), 400)
-    return 400
+    return status_for(kind) if isinstance(kind, type) and issubclass(kind, errors.CbirError) else 400
 
 
 def _busy() -> Response:
     answer = Response.error(429, "too many requests wait for a worker now; try again in a few seconds")
     return dataclasses.replace(answer, headers={**answer.headers, "Retry-After": "5"})
-
-
-def hit_json(hit: Hit, strategy: str) -> dict[str, Any]:
-    """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail)."""
-    entry = hit.entry
-    meta = entry.metadata if entry is not None else None
-    orthanc = entry.orthanc if entry is not None else {}
-    return {
-        "rank": hit.rank, "distance": hit.distance, "strategy": strategy, "instances": hit.instances,
-        "StudyInstanceUID": meta and meta.study_instance_uid, "SeriesInstanceUID": meta and meta.series_instance_uid,
-        "SOPInstanceUID": meta.sop_instance_uid if meta else hit.sop_instance_uid, "orthanc": orthanc,
-        "Modality": meta and meta.modality, "BodyPartExamined": meta and meta.body_part_examined,
-        "StudyDate": meta.study_date.isoformat() if meta and meta.study_date else None,
-        "StudyDescription": meta and meta.study_description,
-        "SeriesDescription": meta and meta.series_description, "PatientSex": meta and meta.patient_sex,
-        "PatientAgeYears": meta and meta.patient_age_years,
-        "labels": hit.labels if entry is not None else None,
-        "copies": [copy_json(copy.entry, copy.distance) for copy in hit.copies],
-        "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,
-    }  # fmt: skip
-
-
-def copy_json(entry: StoredEntry, distance: float) -> dict[str, Any]:
-    """A copy as a hit lists it: its UIDs, Orthanc ids and distance to the query."""
-    meta = entry.metadata
-    return {"SOPInstanceUID": meta.sop_instance_uid, "SeriesInstanceUID": meta.series_instance_uid,
-            "StudyInstanceUID": meta.study_instance_uid, "orthanc": entry.orthanc, "distance": distance}  # fmt: skip

@@ -1,9 +1,8 @@
-"""DICOM in: decoded, normalised grey images and one metadata record per instance;
-DICOM out: the "Similar cases" objects.
+"""DICOM in: decoded, normalised grey images and one metadata record per instance.
 
 :func:`decode_instance` is the entry point; see :mod:`.pixels` for the grey value
-pipeline, :mod:`.metadata` for the record and :mod:`.similar_cases` for what goes
-back into a study.
+pipeline, :mod:`.metadata` for the record and :mod:`.own_output` for how this service's
+own "Similar cases" objects (:mod:`orthanc_cbir.answers`) are told apart.
 """
 
 from .metadata import InstanceMetadata, extract_metadata, looks_like_uid, parse_age, parse_da

@@ -17,8 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
+from ..redis_client import RedisClient
 from .queue import DELETE, STABLE_STUDY, STORE
 
 PAGE = 1000
@@ -40,7 +39,7 @@ def action_of(change: dict[str, Any], series_on_stable_study: bool) -> str | Non
 class ChangeCursor:
     """The change-log position below which every relevant change is in the stream."""
 
-    def __init__(self, get_json: Callable[[str], Any], client: redis.Redis, enqueue: Callable[[str, str], Any],
+    def __init__(self, get_json: Callable[[str], Any], client: RedisClient, enqueue: Callable[[str, str], Any],
                  pending: Callable[[], int], series_on_stable_study: bool = False,
                  key: str = "cbir:orthanc-changes-seq", log: Callable[[str], None] = print,
                  remember: int = 100_000):  # fmt: skip

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..dicom import DecodedInstance, Rejection, RejectionReason, looks_like_uid
-from ..dicom.similar_cases import reject_own_output
+from ..dicom.own_output import reject_own_output
 from ..index.records import embed_instances
 from ..index.schema import IndexRecord
 from ..model.embedder import Embedder

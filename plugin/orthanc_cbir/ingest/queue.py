@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..errors import StreamKindError
-from ..redis_client import text
+from ..redis_client import RedisClient, text
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -115,7 +115,7 @@ class QueueKeys:
 class IngestQueue:
     """The stream, its consumer group and the rejected list."""
 
-    def __init__(self, client: redis.Redis, group: str = "cbir-workers", keys: QueueKeys = QueueKeys(),
+    def __init__(self, client: RedisClient, group: str = "cbir-workers", keys: QueueKeys = QueueKeys(),
                  claim_idle_ms: int = 60_000):  # fmt: skip
         self.client = client
         self.group = group
@@ -123,7 +123,7 @@ class IngestQueue:
         self.claim_idle_ms = claim_idle_ms
 
     @classmethod
-    def for_settings(cls, client: redis.Redis, settings: Settings, claim_idle_ms: int = 60_000) -> IngestQueue:
+    def for_settings(cls, client: RedisClient, settings: Settings, claim_idle_ms: int = 60_000) -> IngestQueue:
         """The queue of this deployment: the stream ``settings.ingest_stream`` (and its own
         consumer group: a Redis consumer group belongs to one stream)."""
         return cls(client, keys=QueueKeys(stream_name=settings.ingest_stream), claim_idle_ms=claim_idle_ms)
@@ -264,7 +264,7 @@ class WorkerRequests:
     REPLY_TTL_S = 60
     """How long a worker's reply waits to be read."""
 
-    def __init__(self, queue: IngestQueue, replies: redis.Redis | None = None):
+    def __init__(self, queue: IngestQueue, replies: RedisClient | None = None):
         self.queue = queue
         self.client = queue.client
         self.keys = queue.keys

@@ -20,10 +20,10 @@ import socket
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..dicom import Rejection, decode_instance
@@ -33,6 +33,7 @@ from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
 from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
+from ..redis_client import RedisClient
 from .orthanc_client import OrthancClient
 from .pipeline import EmbeddingBatch, admit
 from .queue import (
@@ -47,9 +48,9 @@ from .queue import (
     STORE_FILE,
     IngestEvent,
     IngestQueue,
+    QueueKeys,
     WorkerRequests,
 )
-from .similar_series import SimilarSeriesMaker
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,19 @@ NOT_AN_ENTRY_FAULT: tuple[type[BaseException], ...] = (*UNREACHABLE, IndexLayout
 """Raised while handling an entry but not the entry's fault: never a dead letter."""
 
 Handled = TypeVar("Handled")
+
+
+class SeriesMaker(Protocol):
+    """What makes "Similar cases" series (:class:`orthanc_cbir.answers.similar_series.SimilarSeriesMaker`):
+    given to the worker by whoever starts it, so that the ingest room never imports the answers."""
+
+    def for_instance(self, instance: str, parameters: Mapping[str, str] | None = None) -> dict[str, Any]: ...
+
+    def for_stable_study(self, study: str) -> dict[str, Any] | None: ...
+
+
+SeriesMakerFactory = Callable[[OrthancClient, QueueKeys], SeriesMaker]
+"""Builds the series maker of a worker from its Orthanc client and queue keys."""
 
 
 @dataclass
@@ -80,7 +94,7 @@ class Worker:
 
     def __init__(self, queue: IngestQueue, orthanc: OrthancClient, store: IndexStore, embedder: Embedder,
                  frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None,
-                 series_maker: SimilarSeriesMaker | None = None, series_on_stable_study: bool = False,
+                 series_maker: SeriesMaker | None = None, series_on_stable_study: bool = False,
                  spool: Spool | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                  max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME):  # fmt: skip
         """``series_maker`` answers ``similar-series`` requests (without it they get an error) and,
@@ -101,7 +115,10 @@ class Worker:
         self.totals: Counter = Counter()
 
     @classmethod
-    def from_settings(cls, settings: Settings, client) -> Worker:
+    def from_settings(cls, settings: Settings, client: RedisClient,
+                      series_maker: SeriesMakerFactory | None = None) -> Worker:  # fmt: skip
+        """The worker the settings describe; ``series_maker`` builds what answers ``similar-series``
+        requests (:meth:`orthanc_cbir.answers.similar_series.SimilarSeriesMaker.factory`)."""
         embedder = Embedder.from_settings(settings)
         orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, settings.orthanc_password)
         queue = IngestQueue.for_settings(client, settings, claim_idle_ms=int(settings.claim_after_s * 1000))
@@ -109,7 +126,7 @@ class Worker:
             queue, orthanc, IndexStore(client, IndexInfo.from_card(embedder.card), shards=settings.index_shards),
             embedder,
             settings.frames_per_instance, settings.worker_batch_size,
-            series_maker=SimilarSeriesMaker(settings, orthanc, client, queue.keys),
+            series_maker=series_maker(orthanc, queue.keys) if series_maker is not None else None,
             series_on_stable_study=settings.similar_series_on_stable_study,
             spool=Spool(Path(settings.spool_dir), queue) if Path(settings.spool_dir).is_dir() else None,
             max_file_bytes=settings.max_file_bytes, max_pixels_per_frame=settings.max_pixels_per_frame,

@@ -8,7 +8,7 @@ It resolves a query from a stored instance, series or study (or takes one an ada
 built from an upload), searches, and returns typed hits. It knows nothing of HTTP:
 the routes (:mod:`orthanc_cbir.api.similar`) turn parameters into
 :class:`~.strategies.SearchOptions` with :func:`search_options` and hits into JSON, DICOM
-JSON and statuses; the "Similar cases" maker (:mod:`orthanc_cbir.ingest.similar_series`)
+JSON and statuses; the "Similar cases" maker (:mod:`orthanc_cbir.answers.similar_series`)
 calls it directly.
 
 A stored-instance query costs three Redis round trips when the index has not changed

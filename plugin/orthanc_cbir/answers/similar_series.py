@@ -4,7 +4,7 @@ The worker runs this, for ``POST /cbir/instances/{id}/similar/series`` and, when
 ``similar_series_on_stable_study`` is on, for each study Orthanc calls stable. The
 hits are those ``GET /cbir/instances/{id}/similar`` answers with the same
 parameters (the same similarity core, :class:`~orthanc_cbir.search.service.SimilaritySearch`);
-the objects are built by :mod:`orthanc_cbir.dicom.similar_cases`.
+the objects are built by :mod:`.similar_cases`.
 """
 
 from __future__ import annotations
@@ -14,34 +14,24 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
 from pydicom.dataset import Dataset
 
 from ..config import Settings
-from ..dicom import (
-    Rejection,
-    decode_dataset,
-    looks_like_uid,
-    read_dataset,
-    similar_cases,
-)
-from ..dicom.similar_cases import (
-    SERIES_DESCRIPTION,
-    SimilarCase,
-    key_object_selection,
-    made_here,
-    secondary_capture_series,
-)
+from ..dicom import Rejection, decode_dataset, looks_like_uid, read_dataset
+from ..dicom.own_output import SERIES_DESCRIPTION, made_here
 from ..errors import BadParameters, NotFound
 from ..index import IndexInfo, IndexStore
-from ..redis_client import text
+from ..ingest.orthanc_client import OrthancClient
+from ..ingest.queue import IngestQueue, QueueKeys
+from ..redis_client import RedisClient, text
 from ..search.service import SEARCH_PARAMETERS, SimilaritySearch
 from ..search.strategies import Hit
-from .orthanc_client import OrthancClient
-from .queue import IngestQueue, QueueKeys
+from . import similar_cases
+from .similar_cases import SimilarCase, key_object_selection, secondary_capture_series
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +48,7 @@ PARTIAL_STALE_S = 600.0
 class SimilarSeriesMaker:
     """Searches, fetches the hits' pixels from Orthanc, builds the objects and stores them."""
 
-    def __init__(self, settings: Settings, orthanc: OrthancClient, client: redis.Redis, keys: QueueKeys | None = None):
+    def __init__(self, settings: Settings, orthanc: OrthancClient, client: RedisClient, keys: QueueKeys | None = None):
         keys = keys or QueueKeys()
         self.settings = settings
         self.orthanc = orthanc
@@ -66,6 +56,12 @@ class SimilarSeriesMaker:
         self.keys = keys
         self.queue = IngestQueue(client, keys=keys)
         self._core: SimilaritySearch | None = None  # the snapshot is loaded on the first series, not at worker start
+
+    @classmethod
+    def factory(cls, settings: Settings, client: RedisClient
+                ) -> Callable[[OrthancClient, QueueKeys], SimilarSeriesMaker]:  # fmt: skip
+        """What :meth:`orthanc_cbir.ingest.worker.Worker.from_settings` builds a worker's maker with."""
+        return lambda orthanc, keys: cls(settings, orthanc, client, keys)
 
     def for_instance(self, instance: str, parameters: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Make the series for one stored instance (an Orthanc id or a SOPInstanceUID).

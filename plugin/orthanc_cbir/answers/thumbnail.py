@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..config import Settings
 from ..dicom import DecodedInstance, decode_instance
-from .routes import Response
+from ..errors import BadParameters, NotFound, TooLarge, Undrawable
 
 THUMBNAIL_SIZE = 256
 """Longer side of a thumbnail, in pixels (a smaller picture is not enlarged)."""
@@ -39,31 +39,35 @@ def max_file_bytes(settings: Settings) -> int:
 
 
 def thumbnail(identifier: str, file_size: Callable[[str], int | None], read: Callable[[str], bytes | None],
-              settings: Settings, size: int = THUMBNAIL_SIZE) -> Response:  # fmt: skip
-    """The thumbnail of the Orthanc instance ``identifier``.
+              settings: Settings, size: int = THUMBNAIL_SIZE) -> bytes:  # fmt: skip
+    """The thumbnail (a PNG) of the Orthanc instance ``identifier``.
 
     ``file_size(id)`` is the stored file's size as Orthanc reports it (``None``: no such
-    instance); ``read(id)`` the file (``None``: gone). Answers 200 ``image/png``, 400 for an id
-    that is not an Orthanc id, 404, 413 for a file over :func:`max_file_bytes`, 422 for a file
-    the pixel step cannot draw. Messages are fixed text."""
+    instance); ``read(id)`` the file (``None``: gone). Messages are fixed text.
+
+    Raises:
+        BadParameters: ``identifier`` is not an Orthanc id.
+        NotFound: Orthanc has no such instance.
+        TooLarge: the file is over :func:`max_file_bytes`.
+        Undrawable: the pixel step cannot draw the file.
+    """
     if not ORTHANC_ID.fullmatch(identifier):
-        return Response.error(400, "a thumbnail is asked by Orthanc instance id (the hit's orthanc.instance)")
+        raise BadParameters("a thumbnail is asked by Orthanc instance id (the hit's orthanc.instance)")
     declared = file_size(identifier)
     if declared is None:
-        return Response.error(404, "Orthanc has no such instance")
+        raise NotFound("Orthanc has no such instance")
     limit = max_file_bytes(settings)
     if declared > limit:
-        return Response.error(413, f"the file is larger than the {limit} bytes a thumbnail is drawn from")
+        raise TooLarge(f"the file is larger than the {limit} bytes a thumbnail is drawn from")
     data = read(identifier)
     if data is None:
-        return Response.error(404, "Orthanc has no such instance")
+        raise NotFound("Orthanc has no such instance")
     decoded = decode_instance(data, max_frames=1, max_file_bytes=limit,
                               max_pixels_per_frame=settings.max_pixels_per_frame)  # fmt: skip
     del data
     if not isinstance(decoded, DecodedInstance):
-        return Response.error(422, f"the image cannot be drawn ({decoded.reason.value})")
-    return Response(200, png(decoded.images[0].pixels, size), content_type="image/png",
-                    headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+        raise Undrawable(f"the image cannot be drawn ({decoded.reason.value})")
+    return png(decoded.images[0].pixels, size)
 
 
 def png(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:

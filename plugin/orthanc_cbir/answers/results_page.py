@@ -14,13 +14,15 @@ import json
 from importlib import resources
 
 from ..config import Settings
-from .routes import Response
 
 _TEMPLATE = "results.html"
 _SLOT = "__PAGE_DATA__"
 
 
-def results_page(settings: Settings, identifier: str, orthanc_id: str | None) -> Response:
+CONTENT_TYPE = "text/html; charset=utf-8"
+
+
+def results_page(settings: Settings, identifier: str, orthanc_id: str | None) -> bytes:
     """The page for the instance ``identifier`` (an Orthanc id or a SOPInstanceUID); ``orthanc_id``
     is its Orthanc id when Orthanc holds it (the query's thumbnail), else ``None``."""
     data = {"id": identifier, "orthancId": orthanc_id, "label": f"instance {identifier}",
@@ -28,4 +30,4 @@ def results_page(settings: Settings, identifier: str, orthanc_id: str | None) ->
     # inside <script>, "</" would end the element: JSON's \u003c spelling keeps the data inert
     payload = json.dumps(data).replace("<", "\\u003c")
     page = resources.files(__package__).joinpath("static", _TEMPLATE).read_text(encoding="utf-8")
-    return Response(200, page.replace(_SLOT, payload).encode(), "text/html; charset=utf-8")
+    return page.replace(_SLOT, payload).encode()

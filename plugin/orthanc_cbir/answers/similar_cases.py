@@ -13,8 +13,8 @@ no one else's):
   that belong to the query's own study. A KOS cannot reference another
   patient's study, so there is none when no hit is in the query's study.
 
-Both are made by ``orthanc-cbir`` (:data:`MANUFACTURER`): the worker never
-indexes its own output (:func:`is_own_output`).
+Both are made by ``orthanc-cbir`` (:data:`~orthanc_cbir.dicom.own_output.MANUFACTURER`): no
+path indexes them (:func:`~orthanc_cbir.dicom.own_output.reject_own_output`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from .. import __version__
-from .metadata import InstanceMetadata
-from .pixels import DecodedInstance, Rejection, RejectionReason
+from ..dicom.own_output import KOS_DESCRIPTION, MANUFACTURER, SERIES_DESCRIPTION
 
 # highdicom quotes a one-component PatientName ("SMITH") in a UserWarning, and in a log record
 # when it refuses one: either would write the query patient's name to the worker's log. Neither
@@ -52,9 +51,6 @@ class _NoPersonNames(logging.Filter):
 for _name in [name for name in logging.root.manager.loggerDict if name.startswith("highdicom")] + ["highdicom"]:
     logging.getLogger(_name).addFilter(_NoPersonNames())
 
-MANUFACTURER = "orthanc-cbir"
-SERIES_DESCRIPTION = "Similar cases"
-KOS_DESCRIPTION = "Similar cases (key objects)"
 SECONDARY_CAPTURE_SERIES_NUMBER = 9901
 KOS_SERIES_NUMBER = 9902
 """High series numbers: viewers sort series by number, so the answer sits after the images."""
@@ -122,24 +118,6 @@ def _plain(value: object) -> str:
 def _person_name(value: object) -> str:
     alphabetic = _plain(value).split("=")[0]
     return "^".join(part.strip() for part in alphabetic.split("^")).rstrip("^").upper()
-
-
-def is_own_output(metadata: InstanceMetadata) -> bool:
-    """Whether an instance is one this module made (never indexed: it would answer queries with copies)."""
-    return made_here(metadata.manufacturer, metadata.series_description)
-
-
-def reject_own_output(outcome: DecodedInstance | Rejection) -> DecodedInstance | Rejection:
-    """The pixel step's outcome, or a rejection when it is one of this module's images: every path
-    that indexes (worker, backfill, ``orthanc-cbir index``) passes its outcomes through this."""
-    if isinstance(outcome, DecodedInstance) and is_own_output(outcome.metadata):
-        return Rejection(RejectionReason.OWN_OUTPUT, "a Similar cases image made by this service", outcome.metadata)
-    return outcome
-
-
-def made_here(manufacturer: str | None, series_description: str | None) -> bool:
-    """Whether a series with this Manufacturer and SeriesDescription is one this module made."""
-    return manufacturer == MANUFACTURER and series_description in (SERIES_DESCRIPTION, KOS_DESCRIPTION)
 
 
 def render_case(case: SimilarCase) -> np.ndarray:

@@ -1,0 +1,35 @@
+"""A hit as the JSON answers show it (the HTTP routes, ``orthanc-cbir query --json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..index.schema import StoredEntry
+from ..search.strategies import Hit
+
+
+def hit_json(hit: Hit, strategy: str) -> dict[str, Any]:
+    """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail)."""
+    entry = hit.entry
+    meta = entry.metadata if entry is not None else None
+    orthanc = entry.orthanc if entry is not None else {}
+    return {
+        "rank": hit.rank, "distance": hit.distance, "strategy": strategy, "instances": hit.instances,
+        "StudyInstanceUID": meta and meta.study_instance_uid, "SeriesInstanceUID": meta and meta.series_instance_uid,
+        "SOPInstanceUID": meta.sop_instance_uid if meta else hit.sop_instance_uid, "orthanc": orthanc,
+        "Modality": meta and meta.modality, "BodyPartExamined": meta and meta.body_part_examined,
+        "StudyDate": meta.study_date.isoformat() if meta and meta.study_date else None,
+        "StudyDescription": meta and meta.study_description,
+        "SeriesDescription": meta and meta.series_description, "PatientSex": meta and meta.patient_sex,
+        "PatientAgeYears": meta and meta.patient_age_years,
+        "labels": hit.labels if entry is not None else None,
+        "copies": [copy_json(copy.entry, copy.distance) for copy in hit.copies],
+        "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,
+    }  # fmt: skip
+
+
+def copy_json(entry: StoredEntry, distance: float) -> dict[str, Any]:
+    """A copy as a hit lists it: its UIDs, Orthanc ids and distance to the query."""
+    meta = entry.metadata
+    return {"SOPInstanceUID": meta.sop_instance_uid, "SeriesInstanceUID": meta.series_instance_uid,
+            "StudyInstanceUID": meta.study_instance_uid, "orthanc": entry.orthanc, "distance": distance}  # fmt: skip
