@@ -20,8 +20,7 @@ from orthanc_cbir.ingest.queue import DELETE, STORE, IngestQueue
 from orthanc_cbir.local_services import RedisCluster
 from orthanc_cbir.redis_client import client_for, connect
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
-
-from .conftest import make_info, make_records
+from tests.records_factory import make_info, make_records
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,7 @@ from orthanc_cbir.search import Query, QueryContext, Searcher, SearchOptions
 from orthanc_cbir.search.labels import LabelMap, file_label, upload_header
 from orthanc_cbir.search.strategies import COPY_DISTANCE
 from tests.dicom_factory import grey_image, to_bytes
-
-from .conftest import BASE, DIM, LABELS
+from tests.records_factory import BASE, DIM, LABELS
 
 NEMA = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom" / "single" / "nema_wg04"
 MODALITY = {name: i for i, name in enumerate(LABELS["modality"])}

@@ -8,8 +8,7 @@ import numpy as np
 from orthanc_cbir.index.hamming import CodeTables, MultiIndex
 from orthanc_cbir.model.codes import hamming_distances
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions, strategies
-
-from .conftest import make_records
+from tests.records_factory import make_records
 
 INDEX = MultiIndex.for_span(0, 32, bits=8)  # 4 substrings of 8 bits
 

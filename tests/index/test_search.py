@@ -12,8 +12,7 @@ from orthanc_cbir.index.schema import quantize
 from orthanc_cbir.model.codes import hamming_distances, weighted_hamming_distances
 from orthanc_cbir.search import STRATEGIES, Filters, Query, QueryContext, Searcher, SearchOptions
 from orthanc_cbir.search.clustering import recluster
-
-from .conftest import LAYOUT, make_records
+from tests.records_factory import LAYOUT, make_records
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from orthanc_cbir.errors import BadParameters, NotIndexed
 from orthanc_cbir.index import IndexStore
 from orthanc_cbir.search import Searcher, SearchOptions
 from orthanc_cbir.search.service import Page, SimilaritySearch
-
-from .conftest import make_records
+from tests.records_factory import make_records
 
 
 class CountingConnection(redis.Connection):

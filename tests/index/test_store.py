@@ -14,8 +14,7 @@ from orthanc_cbir.index.schema import LAYOUT, decode_entry, encode_entry, quanti
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
-
-from .conftest import DIM, make_info, make_records
+from tests.records_factory import DIM, make_info, make_records
 
 
 def test_adding_an_instance_twice_indexes_it_once(store):

@@ -8,8 +8,7 @@ import pytest
 from orthanc_cbir.cli import main
 from orthanc_cbir.index import IndexStore
 from orthanc_cbir.index.versions import IndexStillNeeded, drop_version, index_versions
-
-from .conftest import make_info, make_records
+from tests.records_factory import make_info, make_records
 
 OLD, NEW = "cbir-old@111111111111", "cbir-new@222222222222"
 

@@ -18,11 +18,13 @@ block), so that an answer reads its hits' entries in one round trip.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .schema import ATTRIBUTES, BLOCK_ROWS
-from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexStore
+from .schema import ATTRIBUTES, BLOCK_ROWS, quantize
+from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore
 
 CHUNK_ROWS = 65536
 """Rows whose int8 features one step of :meth:`IndexSnapshot.similarities` converts at a time."""
@@ -41,14 +43,21 @@ class IndexSnapshot:
     The arrays are views of buffers that grow geometrically, so a new block costs a
     copy of the index only now and then."""
 
-    def __init__(self, store: IndexStore):
+    def __init__(self, store: IndexStore | None, info: IndexInfo | None = None):
+        """``store``: the index this copies. ``None`` (with ``info``) for a snapshot built from
+        arrays (:meth:`from_arrays`), which :meth:`refresh` leaves as it is."""
+        if info is None:
+            if store is None:
+                raise ValueError("a snapshot without a store needs the index's info")
+            info = store.info
         self.store = store
+        self.info = info
         self.rows = 0
         self.generation = 0
         """Counts the refreshes that changed anything: what a cache of derived columns is keyed on."""
         self._seen: dict[tuple[int, int], int] = {}
         self._writes: tuple[int, ...] | None = None
-        info = store.info
+        info = self.info
         self._capacity = 0
         names: tuple[str, ...] = ATTRIBUTES.names or ()
         self._buffers: dict[str, np.ndarray] = {
@@ -70,6 +79,8 @@ class IndexSnapshot:
 
     def refresh(self) -> int:
         """Bring the copy up to date; returns the number of blocks re-read."""
+        if self.store is None:  # built from arrays: nothing to read
+            return 0
         writes = self.store.writes()  # before the generations: a write between the two is seen next time
         if writes == self._writes:
             return 0
@@ -80,7 +91,7 @@ class IndexSnapshot:
             return 0
         shards = self.store.shards
         self._grow((max(block for _, block in current) + 1) * BLOCK_ROWS * shards)
-        dim = self.store.info.feature_dim
+        dim = self.info.feature_dim
         for start in range(0, len(stale), READ_BLOCKS):
             for (shard, block), data in self.store.read_blocks(stale[start : start + READ_BLOCKS]).items():
                 columns = data.columns
@@ -97,6 +108,26 @@ class IndexSnapshot:
         self._writes = writes
         self.generation += 1
         return len(stale)
+
+    @classmethod
+    def from_arrays(cls, info: IndexInfo, features: np.ndarray, codes: np.ndarray, attributes: np.ndarray,
+                    uids: Sequence[str | None] | None = None) -> IndexSnapshot:  # fmt: skip
+        """A snapshot of rows given as arrays, without Redis: ``features`` (n, D) float, ``codes``
+        (n, B/8) uint8, ``attributes`` (n,) of :data:`~.schema.ATTRIBUTES` (``IndexRecord.attributes``),
+        ``uids`` the rows' SOPInstanceUIDs. The strategies rank it as they rank an index (tests, benchmarks)."""
+        rows = len(features)
+        snapshot = cls(None, info)
+        snapshot._grow(rows)
+        everything = slice(0, rows)
+        quantized, scales = quantize(np.asarray(features, np.float32))
+        snapshot._place("quantized", everything, quantized)
+        snapshot._place("scales", everything, scales)
+        snapshot._place("codes", everything, np.asarray(codes, np.uint8))
+        for name in ATTRIBUTES.names or ():
+            snapshot._place(f"attribute:{name}", everything, attributes[name])
+        snapshot._place("uids", everything, snapshot._uid_column(list(uids) if uids is not None else [None] * rows))
+        snapshot.generation = 1
+        return snapshot
 
     def _place(self, buffer: str, where: slice, values: np.ndarray) -> None:
         # a block may be shorter than BLOCK_ROWS rows: the rest of its rows are zero

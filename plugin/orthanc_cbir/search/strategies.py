@@ -201,14 +201,22 @@ class SearchResult:
 class Searcher:
     """Runs queries against one index version, on a snapshot refreshed before each query."""
 
-    def __init__(self, store: IndexStore):
+    def __init__(self, store: IndexStore | None, snapshot: IndexSnapshot | None = None):
+        """``store``: the index searched, its snapshot refreshed before each query. ``None`` with an
+        array-built ``snapshot`` (:meth:`~orthanc_cbir.index.IndexSnapshot.from_arrays`): the
+        strategies without Redis, which rank rows only (``SearchOptions(with_records=False)``)."""
+        if snapshot is None:
+            if store is None:
+                raise ValueError("a searcher needs an index store or a snapshot")
+            snapshot = IndexSnapshot(store)
         self.store = store
-        self.snapshot = IndexSnapshot(store)
-        self._centroids: tuple[bytes | None, np.ndarray] = (None, np.zeros((0, store.info.feature_dim), np.float32))
+        self.snapshot = snapshot
+        self.info = snapshot.info
+        self._centroids: tuple[bytes | None, np.ndarray] = (None, np.zeros((0, self.info.feature_dim), np.float32))
         self._tables: CodeTables | None = None
         self._unindexed = np.zeros(0, np.int64)  # rows below the tables' end that were not live when they were built
         self._scratch = np.zeros(0, np.int32)
-        self.labels = LabelMap(store.info.labels)
+        self.labels = LabelMap(self.info.labels)
         self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
 
     def search(self, query: Query, options: SearchOptions = SearchOptions(), refresh: bool = True) -> SearchResult:
@@ -219,7 +227,7 @@ class Searcher:
             self.snapshot.refresh()
         mask = options.filters.mask(self.snapshot.attributes, query.context)
         if options.filters.exclude_self and query.context.sop_instance_uid:
-            row = query.row if query.row is not None else self.store.row(query.context.sop_instance_uid)
+            row = query.row if query.row is not None else self._store().row(query.context.sop_instance_uid)
             if row is not None and row < len(mask):
                 mask[row] = False
         ranker = _RANKERS[options.strategy]
@@ -303,7 +311,7 @@ class Searcher:
             if len(late) <= max(REBUILD_ROWS, self._tables.rows // 32):
                 return self._tables, late
         indexed = np.flatnonzero(live)
-        self._tables = CodeTables(self.store.info.multi_index, self.snapshot.codes, indexed)
+        self._tables = CodeTables(self.info.multi_index, self.snapshot.codes, indexed)
         self._unindexed = np.flatnonzero(~live)
         return self._tables, np.zeros(0, np.int64)
 
@@ -347,7 +355,7 @@ class Searcher:
 
     def _multilateral(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         rows = np.flatnonzero(mask)
-        layout = self.store.info.layout
+        layout = self.info.layout
         weights = layout.bit_weights(options.weights)
         codes = np.take(self.snapshot.codes, rows, axis=0)
         by_label = []  # class sub-codes: by label where a file says, by bits where only the model does
@@ -386,7 +394,7 @@ class Searcher:
         vector /= max(float(np.linalg.norm(vector)), 1e-12)
         nearest = int(rows[0]) if len(rows) == 1 else int(rows[int(np.argmax(features @ vector))])
         uid = self.snapshot.sop_uids([nearest])[0]
-        entry = self.store.describe([uid])[0] if uid else None
+        entry = self._store().describe([uid])[0] if uid else None
         query = self.query_of(entry) if entry is not None else Query(vector, self.snapshot.codes[nearest])
         return dataclasses.replace(query, features=vector, row=nearest if len(rows) == 1 else None)
 
@@ -399,11 +407,18 @@ class Searcher:
         vector /= max(float(np.linalg.norm(vector)), 1e-12)
         return Query(vector, self.snapshot.codes[entry.row], entry.probabilities, context, row=entry.row)
 
+    def _store(self) -> IndexStore:
+        """The index store, for what only Redis holds (entries, rows by UID)."""
+        if self.store is None:
+            raise ValueError("this searcher ranks an array-built snapshot: ask it for rows only "
+                             "(SearchOptions(with_records=False)) and give queries their row")  # fmt: skip
+        return self.store
+
     def centroids(self) -> np.ndarray:
         """(clusters, D) float32 centroids of the last re-clustering (empty before)."""
-        raw = self.store.centroids_raw()
+        raw = self.store.centroids_raw() if self.store is not None else None
         if raw != self._centroids[0]:
-            centroids = np.frombuffer(raw or b"", np.float32).reshape(-1, self.store.info.feature_dim)
+            centroids = np.frombuffer(raw or b"", np.float32).reshape(-1, self.info.feature_dim)
             self._centroids = (raw, centroids)
         return self._centroids[1]
 
@@ -421,7 +436,7 @@ class Searcher:
         rows, distances, counts = rows[: options.k], distances[: options.k], counts[: options.k]
         uids = self.snapshot.sop_uids(rows)
         known = [u for u in uids if u]
-        entries = dict(zip(known, self.store.describe(known), strict=True)) if options.with_records else {}
+        entries = dict(zip(known, self._store().describe(known), strict=True)) if options.with_records else {}
         hits: list[Hit] = []
         for row_uid, distance, count in zip(uids, distances, counts, strict=True):
             entry = entries.get(row_uid) if row_uid else None
@@ -483,7 +498,7 @@ class Searcher:
             return {}
         uids = self.snapshot.sop_uids(rows[indices])
         known = [u for u in uids if u]
-        by_uid = dict(zip(known, self.store.describe(known), strict=True))
+        by_uid = dict(zip(known, self._store().describe(known), strict=True))
         return {i: (by_uid.get(u) if u else None) for i, u in zip(indices, uids, strict=True)}
 
     def _collapsed_hits(self, ranking: Ranking, leads: list[int], copies: dict[int, list[int]],
