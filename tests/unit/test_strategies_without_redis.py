@@ -32,7 +32,8 @@ def stored(records, searcher: Searcher, i: int) -> Query:
     meta = records[i].metadata
     context = QueryContext(meta.patient_key, meta.study_instance_uid, meta.sop_instance_uid,
                            meta.series_instance_uid, meta.modality, meta.body_part_examined)  # fmt: skip
-    return Query(searcher.snapshot.vectors([i])[0], searcher.snapshot.codes[i], records[i].probabilities, context, row=i)
+    snapshot = searcher.snapshot
+    return Query(snapshot.vectors([i])[0], snapshot.codes[i], records[i].probabilities, context, row=i)
 
 
 def nearest(searcher: Searcher, query: Query, allowed: np.ndarray, k: int) -> list[int]:
