@@ -10,7 +10,6 @@ the objects are built by :mod:`.similar_cases`.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 import urllib.parse
@@ -26,8 +25,8 @@ from ..dicom.own_output import SERIES_DESCRIPTION, made_here
 from ..errors import BadParameters, NotFound
 from ..index import IndexInfo, IndexStore
 from ..ingest.orthanc_client import OrthancClient
-from ..ingest.queue import IngestQueue, QueueKeys
-from ..redis_client import RedisClient, text
+from ..ingest.queue import IngestQueue, Marks, QueueKeys
+from ..redis_client import RedisClient
 from ..search.service import SEARCH_PARAMETERS, SimilaritySearch
 from ..search.strategies import Hit
 from . import similar_cases
@@ -55,6 +54,7 @@ class SimilarSeriesMaker:
         self.client = client
         self.keys = keys
         self.queue = IngestQueue(client, keys=keys)
+        self.marks = Marks(client)
         self._core: SimilaritySearch | None = None  # the snapshot is loaded on the first series, not at worker start
 
     @classmethod
@@ -108,7 +108,7 @@ class SimilarSeriesMaker:
         except BaseException:  # Orthanc went away mid-series: the next series deletes what was stored
             self._mark_partial(partial, str(kos.SeriesInstanceUID) if kos is not None else None, failed=True)
             raise
-        self.client.hdel(self._partial_key, partial)
+        self.marks.remove_entry(self._partial_key, partial)
         made: dict[str, Any] = {
             "query": {"orthanc": orthanc_id, "SOPInstanceUID": str(query.SOPInstanceUID),
                       "StudyInstanceUID": str(query.StudyInstanceUID)},
@@ -153,8 +153,8 @@ class SimilarSeriesMaker:
 
     def _mark_partial(self, series_uid: str, kos_series_uid: str | None, failed: bool = False) -> None:
         try:
-            self.client.hset(self._partial_key, series_uid,
-                             json.dumps({"kos": kos_series_uid, "at": time.time(), "failed": failed}))  # fmt: skip
+            self.marks.set_entry(self._partial_key, series_uid,
+                                 {"kos": kos_series_uid, "at": time.time(), "failed": failed})  # fmt: skip
         except redis.RedisError:
             if not failed:  # not marked: not begun
                 raise
@@ -163,19 +163,18 @@ class SimilarSeriesMaker:
     def _remove_partial_series(self) -> None:
         """Delete from Orthanc the series a failed (or dead, after ``PARTIAL_STALE_S``) attempt left
         half-written, so that a retry leaves one complete series, not a complete one and a part."""
-        for series_uid, value in self.client.hgetall(self._partial_key).items():
-            mark = json.loads(value)
+        for series_uid, mark in self.marks.entries(self._partial_key).items():
             if not mark.get("failed") and time.time() - float(mark.get("at", 0)) < PARTIAL_STALE_S:
                 continue  # another worker may be writing it now
             removed = 0
-            for uid in filter(None, (text(series_uid), mark.get("kos"))):
+            for uid in filter(None, (series_uid, mark.get("kos"))):
                 orthanc_id = self.orthanc.lookup(uid, "Series")
                 if orthanc_id is not None:
                     status, _, _ = self.orthanc.request("DELETE", f"/series/{orthanc_id}")
                     if status not in (200, 404):
                         raise OSError(f"DELETE /series/{orthanc_id}: HTTP {status}")
                     removed += 1
-            self.client.hdel(self._partial_key, series_uid)
+            self.marks.remove_entry(self._partial_key, series_uid)
             log.info("a half-written similar cases series deleted (%d series)", removed)
 
     def _similarity(self) -> SimilaritySearch:

@@ -26,7 +26,6 @@ never patient names or IDs.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -47,7 +46,7 @@ from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME,
 from ..errors import BackfillError
 from ..index import IndexStore
 from .pipeline import EmbeddingBatch, admit
-from .queue import IngestQueue
+from .queue import IngestQueue, Marks
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ def backfill(
     date_range = study_date_range(since)
     wanted = {m.strip().upper() for m in modalities or () if m.strip()} or None
     summary = BackfillSummary(model=store.info.version)
-    checkpoint = _Checkpoint(store.client, checkpoint_key(client.base_url, store, queue))
+    checkpoint = _Checkpoint(Marks(queue.client), checkpoint_key(client.base_url, store, queue))
     if restart:
         checkpoint.clear()
     done = checkpoint.load()
@@ -314,15 +313,15 @@ class _Listed:
 class _Checkpoint:
     """The studies a run over this server walked completely (see :func:`checkpoint_key`)."""
 
-    def __init__(self, client, key: str):
-        self.client = client
+    def __init__(self, marks: Marks, key: str):
+        self.marks = marks
         self.key = key
 
     def load(self) -> dict[str, dict]:
-        return {k.decode(): json.loads(v) for k, v in self.client.hscan_iter(self.key, count=1000)}
+        return self.marks.entries(self.key)
 
     def clear(self) -> None:
-        self.client.delete(self.key)
+        self.marks.clear(self.key)
 
     @staticmethod
     def covers(entry: dict | None, count: int | None, wanted: set[str] | None) -> bool:
@@ -338,7 +337,7 @@ class _Checkpoint:
         if modalities is not None and before and before.get("instances") == count:  # add to what was walked
             modalities = None if before.get("modalities") is None else modalities | set(before["modalities"])
         walked = None if modalities is None else sorted(modalities)
-        self.client.hset(self.key, study, json.dumps({"instances": count, "modalities": walked, "at": time.time()}))
+        self.marks.set_entry(self.key, study, {"instances": count, "modalities": walked, "at": time.time()})
 
 
 def _rejected_uids(queue: IngestQueue) -> set[str]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..redis_client import RedisClient
-from .queue import DELETE, STABLE_STUDY, STORE
+from .queue import DELETE, STABLE_STUDY, STORE, Marks
 
 PAGE = 1000
 ADVANCE_EVERY_S = 5.0
@@ -46,7 +46,7 @@ class ChangeCursor:
         """``get_json(path)`` asks Orthanc's REST API; ``enqueue(orthanc_id, action)`` adds an entry (the
         enqueue buffer's); ``pending()`` counts entries that have not reached Redis yet."""
         self.get_json = get_json
-        self.client = client
+        self.marks = Marks(client)
         self.enqueue = enqueue
         self.pending = pending
         self.series_on_stable_study = series_on_stable_study
@@ -85,8 +85,8 @@ class ChangeCursor:
         """Enqueue every relevant change after the stored cursor; returns how many. The first run
         only records where the log is (what was stored before the plugin is `reconcile`'s job)."""
         last = int(self.get_json("/changes?last").get("Last", 0))
-        stored = self.client.get(self.key)
-        cursor = int(stored) if stored is not None else last
+        stored = self.marks.number(self.key)
+        cursor = stored if stored is not None else last
         if cursor > last:  # another Orthanc database (its log starts again at 1)
             cursor = 0
         replayed = 0
@@ -105,8 +105,7 @@ class ChangeCursor:
 
     def advance(self) -> int:
         """Move the stored cursor past the changes known to be in the stream; returns the new cursor."""
-        stored = self.client.get(self.key)
-        cursor = int(stored) if stored is not None else 0
+        cursor = self.marks.number(self.key) or 0
         with self._lock:
             handled = set(self._handled_set)
         if self.pending():  # handled, but some may still wait in the enqueue buffer
@@ -121,7 +120,7 @@ class ChangeCursor:
         return cursor
 
     def _save(self, cursor: int) -> None:
-        self.client.set(self.key, cursor)
+        self.marks.set_number(self.key, cursor)
 
     def _run(self) -> None:
         backoff = 0.5

@@ -8,8 +8,10 @@ once). Entries a dead worker left pending are claimed by another after
 the rejected hash with their reason, so an operator can see them.
 
 This module owns every queue key: the stream, the rejected and dead-letter hashes, the
-Orthanc id -> SOPInstanceUID map, and the request / reply keys of what someone waits for
-(:class:`WorkerRequests`). Nothing else touches them.
+Orthanc id -> SOPInstanceUID map, the request / reply keys of what someone waits for
+(:class:`WorkerRequests`) and the marks of long-running work (:class:`Marks`). With the index
+(:mod:`orthanc_cbir.index`) and the audit trail (:mod:`orthanc_cbir.audit`), it is the only
+code that sends Redis commands.
 
 The queue carries Orthanc ids, not vectors, so it does not depend on the model
 version.
@@ -344,3 +346,34 @@ class WorkerRequests:
         pipe.rpush(self.keys.query_reply(request), json.dumps(reply))
         pipe.expire(self.keys.query_reply(request), self.REPLY_TTL_S)
         pipe.execute()
+
+
+class Marks:
+    """Where long-running work stands, kept beside the queue so that a restart resumes it: the
+    Orthanc change-log cursor (:mod:`.change_log`), the studies a backfill walked completely
+    (:mod:`.backfill`), and the "Similar cases" series being written
+    (:mod:`orthanc_cbir.answers.similar_series`). Each caller names its own key."""
+
+    def __init__(self, client: RedisClient):
+        self.client = client
+
+    def number(self, key: str) -> int | None:
+        """A stored number (``None``: never stored)."""
+        value = self.client.get(key)
+        return None if value is None else int(value)
+
+    def set_number(self, key: str, value: int) -> None:
+        self.client.set(key, value)
+
+    def entries(self, key: str) -> dict[str, dict[str, Any]]:
+        """Every entry of a marks hash: name -> JSON object (read ``PAGE`` at a time)."""
+        return {text(name): json.loads(value) for name, value in self.client.hscan_iter(key, count=1000)}
+
+    def set_entry(self, key: str, name: str, value: Mapping[str, Any]) -> None:
+        self.client.hset(key, name, json.dumps(value))
+
+    def remove_entry(self, key: str, name: str) -> None:
+        self.client.hdel(key, name)
+
+    def clear(self, key: str) -> None:
+        self.client.delete(key)
