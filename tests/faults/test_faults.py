@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from orthanc_cbir.ingest.queue import ORTHANC
 from orthanc_cbir.local_services import WorkerProcess
 from tests import dicom_factory as factory
 from tests.faults.conftest import Stack
@@ -41,11 +42,11 @@ def assert_each_instance_once(stack: Stack, expected: int) -> None:
     """Indexed or rejected-with-reason, exactly once, for every instance Orthanc stores."""
     stored = set(orthanc_instances(stack))
     indexed = {key.decode() for key in stack.client.hkeys(stack.queue.keys.orthanc_ids)}
-    rejected = stack.queue.rejected()
+    rejected = stack.queue.rejected_from(ORTHANC)
     assert len(stored) == expected
     assert len(stored) == stack.store.count() + len(rejected), "a duplicate or a missing record"
-    assert indexed.isdisjoint(rejected) and indexed | set(rejected) == stored
-    assert all(entry["reason"] for entry in rejected.values())
+    assert indexed.isdisjoint(rejected) and indexed | rejected == stored
+    assert all(entry["reason"] for entry in stack.queue.rejected().values())
 
 
 def push_in_thread(stack: Stack, paths) -> tuple[threading.Thread, list[int]]:

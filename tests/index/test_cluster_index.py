@@ -16,7 +16,7 @@ from orthanc_cbir.api.routes import redis_health
 from orthanc_cbir.config import load_settings
 from orthanc_cbir.index import IndexSnapshot, IndexStore
 from orthanc_cbir.index.schema import key_slot, shard_of
-from orthanc_cbir.ingest.queue import DELETE, STORE, IngestQueue
+from orthanc_cbir.ingest.queue import DELETE, ORTHANC, STORE, IngestQueue
 from orthanc_cbir.local_services import RedisCluster
 from orthanc_cbir.redis_client import client_for, connect
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
@@ -121,8 +121,8 @@ def test_the_ingest_queue_works_on_the_cluster(cluster_client):
     assert [e.entry_id for e in events] == ids and events[-1].action == DELETE
     assert queue.counts().items() >= {"queued": 6, "pending": 6, "rejected": 0}.items()
     queue.ack(events[:4])
-    queue.reject("orthanc-4", "unsupported", "no pixels", "1.2.3")
-    assert queue.rejected()["orthanc-4"]["sop_instance_uid"] == "1.2.3"
+    queue.reject(ORTHANC, "orthanc-4", "unsupported", "no pixels", "1.2.3")
+    assert queue.rejected()["1.2.3"]["source_id"] == "orthanc-4"  # keyed by SOPInstanceUID, the source a field
     threading.Event().wait(0.1)
     claimed = queue.read("worker-b", count=10, block_ms=100)  # left idle by worker-a: claimed
     assert [e.entry_id for e in claimed] == ids[4:] and all(e.deliveries == 2 for e in claimed)

@@ -125,8 +125,9 @@ def test_backfill_indexes_every_image_and_rejects_the_report(orthanc, archive, t
     assert (summary.studies, summary.instances, summary.indexed, summary.rejected) == (3, images + 1, images, 1)
     assert summary.complete and target.store.count() == images
     assert all(target.store.contains(uid) for uid in archive.images)
-    rejected = target.queue.rejected()[f"dicomweb:{archive.report}"]
-    assert rejected["reason"] == "not an image" and rejected["sop_instance_uid"] == archive.report
+    rejected = target.queue.rejected()[archive.report]  # keyed by SOPInstanceUID, the source a field
+    assert rejected["reason"] == "not an image"
+    assert (rejected["source"], rejected["source_id"]) == ("dicomweb", archive.report)
     described = target.store.describe([archive.studies["mr2025"][0]])[0].metadata
     assert described.study_instance_uid == archive.study_uids["mr2025"] and described.modality == "MR"
     assert factory.PATIENT_NAME.split("^")[0] not in caplog.text and factory.PATIENT_ID not in caplog.text

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from orthanc_cbir.ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue, WorkerRequests
+from orthanc_cbir.ingest.queue import DICOMWEB, ORTHANC, QUERY, SIMILAR_SERIES, SPOOL, IngestQueue, WorkerRequests
 from orthanc_cbir.local_services import RedisServer
 
 
@@ -77,11 +77,26 @@ def test_a_job_goes_from_queued_to_done_and_the_bound_counts_only_untaken_jobs(q
     assert requests.job("0" * 32) is None
 
 
+def test_rejections_are_keyed_by_sop_instance_uid_with_their_source_and_a_deletion_finds_its_own(queue):
+    queue.reject(ORTHANC, "orthanc-a", "not an image", "an SR", "1.2.3.4")
+    queue.reject(SPOOL, "1.2.3.5.dcm", "truncated", "ends inside an element", "1.2.3.5")
+    queue.reject(DICOMWEB, "1.2.3.6", "too large", "over the limit", "1.2.3.6")
+    queue.reject(ORTHANC, "orthanc-b", "not DICOM", "no preamble")  # no SOPInstanceUID to key it by
+    rejected = queue.rejected()
+    assert set(rejected) == {"1.2.3.4", "1.2.3.5", "1.2.3.6", "orthanc:orthanc-b"}
+    assert {key: entry["source"] for key, entry in rejected.items()} == {
+        "1.2.3.4": ORTHANC, "1.2.3.5": SPOOL, "1.2.3.6": DICOMWEB, "orthanc:orthanc-b": ORTHANC}  # fmt: skip
+    assert queue.rejected_from(ORTHANC) == {"orthanc-a", "orthanc-b"}
+    queue.forget("orthanc-a")
+    queue.forget("orthanc-b")
+    assert set(queue.rejected()) == {"1.2.3.5", "1.2.3.6"}
+
+
 def test_the_orthanc_id_map_remembers_what_was_indexed_and_forgets_a_deleted_instance(queue):
     queue.remember_indexed({"orthanc-a": "1.2.3", "orthanc-b": "1.2.4"})
-    queue.reject("orthanc-a", "not an image", "detail")
+    queue.reject(ORTHANC, "orthanc-a", "not an image", "detail")
     assert queue.indexed_uids(["orthanc-a", "orthanc-c", "orthanc-b"]) == ["1.2.3", None, "1.2.4"]
     assert dict(queue.indexed_map(page=1)) == {"orthanc-a": "1.2.3", "orthanc-b": "1.2.4"}
     assert queue.forget("orthanc-a") == "1.2.3"
-    assert queue.forget("orthanc-a") is None and "orthanc-a" not in queue.rejected()
+    assert queue.forget("orthanc-a") is None and queue.rejected_from(ORTHANC) == set()
     assert queue.indexed_uids(["orthanc-a"]) == [None]

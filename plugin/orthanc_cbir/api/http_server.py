@@ -678,7 +678,11 @@ _SCHEMAS: dict[str, Any] = {
         "rejected": {"type": "integer"}, "spooled": {"type": "integer", "description": "received, not yet indexed"}}},
     "Rejected": {"type": "object", "required": ["rejected"], "properties": {"rejected": {"type": "array", "items": {
         "type": "object", "required": ["orthanc_id", "reason"],
-        "properties": {"orthanc_id": {"type": "string", "description": "the spool file (or Orthanc id)"},
+        "properties": {"orthanc_id": {"type": "string",
+                                      "description": "the source's id: the Orthanc id, the spool file, the "
+                                                     "SOPInstanceUID in a DICOMweb archive"},
+                       "source": {"type": "string", "enum": ["orthanc", "spool", "dicomweb"]},
+                       "source_id": {"type": "string"},
                        "reason": {"type": "string"}, "detail": {"type": "string"},
                        "sop_instance_uid": _NULLABLE_STRING, "at": {"type": "number"}}}}}},
     "Hit": {"type": "object", "required": ["rank", "distance", "strategy", "instances"], "properties": {

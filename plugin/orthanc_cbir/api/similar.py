@@ -262,7 +262,9 @@ class SimilarityService:
     def rejected(self) -> Response:
         """``GET /cbir/rejected``: instances that could not be indexed, with the reason."""
         entries = self.queue.rejected()
-        return Response.json({"rejected": [{"orthanc_id": key, **value} for key, value in sorted(entries.items())]})
+        # orthanc_id: the source's own id (the Orthanc id, the spool file; a dead letter's entry id)
+        return Response.json({"rejected": [{"orthanc_id": value.get("source_id", key), **value}
+                                           for key, value in sorted(entries.items())]})  # fmt: skip
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -46,14 +46,12 @@ from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME,
 from ..errors import BackfillError
 from ..index import IndexStore
 from .pipeline import EmbeddingBatch, admit
-from .queue import IngestQueue, Marks
+from .queue import DICOMWEB, IngestQueue, Marks
 
 log = logging.getLogger(__name__)
 
 PAGE = 100
 """QIDO-RS results asked for per request (studies, and instances of a study)."""
-REJECTED_PREFIX = "dicomweb:"
-"""Rejected-hash keys of this module: ``dicomweb:<SOPInstanceUID>``."""
 MAX_CONSECUTIVE_FAILURES = 10
 """Retrievals failing in a row (HTTP 5xx) before the run stops: the server is in trouble."""
 
@@ -254,7 +252,7 @@ def backfill(
             if batch.full:
                 flush()
             return True
-        queue.reject(REJECTED_PREFIX + instance.sop, outcome.reason.value, outcome.detail, instance.sop)
+        queue.reject(DICOMWEB, instance.sop, outcome.reason.value, outcome.detail, instance.sop)
         rejected_before.add(instance.sop)
         summary.rejected += 1
         return True
@@ -341,13 +339,14 @@ class _Checkpoint:
 
 
 def _rejected_uids(queue: IngestQueue) -> set[str]:
-    """SOPInstanceUIDs rejected before, by a backfill (``dicomweb:`` keys) or by a worker."""
+    """SOPInstanceUIDs rejected before, by a backfill or by a worker (entries are keyed by them; older
+    backfill entries were ``dicomweb:<SOPInstanceUID>``)."""
     uids = set()
     for key, entry in queue.rejected().items():
-        if key.startswith(REJECTED_PREFIX):
-            uids.add(key[len(REJECTED_PREFIX):])
-        elif entry.get("sop_instance_uid"):
+        if entry.get("sop_instance_uid"):
             uids.add(entry["sop_instance_uid"])
+        elif key.startswith(f"{DICOMWEB}:"):
+            uids.add(key[len(DICOMWEB) + 1 :])
     return uids
 
 

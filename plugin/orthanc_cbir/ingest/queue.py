@@ -51,6 +51,9 @@ STABLE_STUDY = "stable-study"
 INTERACTIVE = (QUERY, SIMILAR_SERIES)
 """Actions someone waits for: the request's body and reply sit beside the stream."""
 
+ORTHANC, SPOOL, DICOMWEB = "orthanc", "spool", "dicomweb"
+"""Where a rejected instance came from (:meth:`IngestQueue.reject`)."""
+
 ORTHANC_WORKERS = "orthanc"
 """A stream of Orthanc's instances (``store`` entries): its workers fetch from Orthanc."""
 SPOOL_WORKERS = "spool"
@@ -97,8 +100,14 @@ class QueueKeys:
 
     @property
     def rejected(self) -> str:
-        """Hash Orthanc id -> JSON {reason, detail, sop_instance_uid, at}."""
+        """Hash SOPInstanceUID (``<source>:<source id>`` when none could be read) -> JSON {reason,
+        detail, sop_instance_uid, source, source_id, at} (:meth:`IngestQueue.reject`)."""
         return f"{self.prefix}:rejected"
+
+    @property
+    def rejected_sources(self) -> str:
+        """Hash ``<source>:<source id>`` -> the rejected hash's key: a deleted Orthanc instance finds its entry."""
+        return f"{self.prefix}:rejected-sources"
 
     def query_body(self, request: str) -> str:
         """The body of an interactive request (kept apart: the stream holds small entries only)."""
@@ -182,9 +191,16 @@ class IngestQueue:
             pipe.xdel(self.keys.stream, *ids)
             pipe.execute()
 
-    def reject(self, orthanc_id: str, reason: str, detail: str, sop_instance_uid: str | None = None) -> None:
-        self.client.hset(self.keys.rejected, orthanc_id, json.dumps(
-            {"reason": reason, "detail": detail, "sop_instance_uid": sop_instance_uid, "at": time.time()}))  # fmt: skip
+    def reject(self, source: str, source_id: str, reason: str, detail: str,
+               sop_instance_uid: str | None = None) -> None:  # fmt: skip
+        """Record why an instance cannot be indexed: one entry per SOPInstanceUID, whichever way it came
+        in (``source``: :data:`ORTHANC`, :data:`SPOOL` or :data:`DICOMWEB`; ``source_id``: the Orthanc id,
+        the spool file, the SOPInstanceUID in the DICOMweb archive)."""
+        key = sop_instance_uid or f"{source}:{source_id}"
+        self.client.hset(self.keys.rejected, key, json.dumps(
+            {"reason": reason, "detail": detail, "sop_instance_uid": sop_instance_uid, "source": source,
+             "source_id": source_id, "at": time.time()}))  # fmt: skip
+        self.client.hset(self.keys.rejected_sources, f"{source}:{source_id}", key)
 
     def dead_letter(self, event: IngestEvent, reason: str, detail: str) -> None:
         """Keep an entry a worker failed on, with the reason, for the operator (it is not retried)."""
@@ -196,9 +212,23 @@ class IngestQueue:
         return {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.dead_letters).items()}
 
     def rejected(self) -> dict[str, dict]:
-        """What could not be indexed: the files (bad input) and the dead letters (``action`` set)."""
+        """What could not be indexed, by key: the files (bad input; :meth:`reject`) and the dead letters
+        (``action`` set)."""
         rejected = {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
         return {**self.dead_letters(), **rejected}
+
+    def rejected_from(self, source: str) -> set[str]:
+        """The source ids of ``source`` whose instance was rejected (entries written before sources
+        were recorded were keyed by their Orthanc id)."""
+        ids = set()
+        for key, entry in self.rejected().items():
+            if "action" in entry:  # a dead letter
+                continue
+            if entry.get("source") == source:
+                ids.add(entry["source_id"])
+            elif "source" not in entry and source == ORTHANC:
+                ids.add(key)
+        return ids
 
     def counts(self) -> dict[str, int]:
         """``queued`` (entries not yet handed out or not yet acknowledged), ``pending``
@@ -232,7 +262,9 @@ class IngestQueue:
         """An Orthanc instance was deleted: drop what the queue knows of it (its rejection, its dead
         letter, its map entry); returns the SOPInstanceUID it was indexed as, if it was."""
         uid = self.client.hget(self.keys.orthanc_ids, orthanc_id)
-        self.client.hdel(self.keys.rejected, orthanc_id)
+        rejected = self.client.hget(self.keys.rejected_sources, f"{ORTHANC}:{orthanc_id}")
+        self.client.hdel(self.keys.rejected, text(rejected) if rejected is not None else orthanc_id)
+        self.client.hdel(self.keys.rejected_sources, f"{ORTHANC}:{orthanc_id}")
         self.client.hdel(self.keys.dead_letters, orthanc_id)
         if uid is None:
             return None

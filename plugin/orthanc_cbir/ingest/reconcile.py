@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..index import IndexStore
 from .orthanc_client import OrthancClient
-from .queue import DELETE, STORE, IngestQueue
+from .queue import DELETE, ORTHANC, STORE, IngestQueue
 
 PAGE = 1000
 
@@ -33,7 +33,7 @@ class ReconcileSummary:
 
 def reconcile(orthanc: OrthancClient, queue: IngestQueue, store: IndexStore, progress: bool = True) -> ReconcileSummary:
     indexed_uid = dict(queue.indexed_map(page=PAGE))
-    rejected = set(queue.rejected())
+    rejected = queue.rejected_from(ORTHANC)
     total = int(orthanc.get_json("/statistics").get("CountInstances", 0))
     seen: set[str] = set()
     already = enqueued = skipped = 0

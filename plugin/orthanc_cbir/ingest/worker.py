@@ -39,9 +39,11 @@ from .pipeline import EmbeddingBatch, admit
 from .queue import (
     DELETE,
     INTERACTIVE,
+    ORTHANC,
     ORTHANC_WORKERS,
     QUERY,
     SIMILAR_SERIES,
+    SPOOL,
     SPOOL_WORKERS,
     STABLE_STUDY,
     STORE,
@@ -227,7 +229,7 @@ class Worker:
             batch.add(event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {})
 
     def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
-        self.queue.reject(event.orthanc_id, reason, detail, uid)
+        self.queue.reject(SPOOL if event.action == STORE_FILE else ORTHANC, event.orthanc_id, reason, detail, uid)
         if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
             self.spool.set_aside(event.orthanc_id)
 
