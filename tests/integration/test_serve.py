@@ -154,7 +154,8 @@ def test_poison_files_left_in_the_spool_do_not_stall_the_server(redis_server, tm
         assert sorted(p.name for p in (server.spool_dir / "rejected").iterdir()) == [".1.2.840.99.1.dcm",
                                                                                        "1.2.840.99.2.dcm"]  # fmt: skip
         rejected = IngestQueue(redis.Redis.from_url(redis_server.url)).rejected()
-        assert rejected["1.2.840.99.2.dcm"]["reason"] == "no SOPInstanceUID"
+        no_uid = rejected["spool:1.2.840.99.2.dcm"]  # no SOPInstanceUID to key it by: its source and file
+        assert no_uid["reason"] == "no SOPInstanceUID" and no_uid["source_id"] == "1.2.840.99.2.dcm"
     finally:
         server.stop()
 

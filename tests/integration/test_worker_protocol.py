@@ -7,24 +7,14 @@ import threading
 import time
 
 import pytest
-import redis
 
 from orthanc_cbir.ingest.queue import DICOMWEB, ORTHANC, QUERY, SIMILAR_SERIES, SPOOL, IngestQueue, WorkerRequests
-from orthanc_cbir.local_services import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 @pytest.fixture
-def queue(redis_url):
-    client = redis.Redis.from_url(redis_url)
+def queue(client):  # the integration tests' redis-server (tests/integration/conftest.py), emptied for each test
     client.flushdb()
-    yield IngestQueue(client)
-    client.close()
+    return IngestQueue(client)
 
 
 def serve_one(queue: IngestQueue, answer) -> threading.Thread:
