@@ -47,7 +47,7 @@ from scp import copies_of_series  # noqa: E402  (benchmarks/, the script's own f
 from orthanc_cbir.config import DEFAULT_MODEL  # noqa: E402
 from orthanc_cbir.index import IndexInfo, IndexStore  # noqa: E402
 from orthanc_cbir.ingest.queue import STORE, IngestQueue  # noqa: E402
-from orthanc_cbir.local_services import OrthancServer, RedisServer, WorkerProcess  # noqa: E402
+from orthanc_cbir.local_services import OrthancServer, RedisServer, WorkerProcess, dcmtk_environment  # noqa: E402
 from orthanc_cbir.model.embedder import Embedder  # noqa: E402
 
 SERIES = (
@@ -60,7 +60,8 @@ BATCH_LINE = re.compile(r"batch of (\d+):")
 def push(files: list[Path], orthanc: OrthancServer) -> None:
     """Send the files to Orthanc with storescu, in one association, as a PACS would."""
     subprocess.run(["storescu", "-aet", "BENCH_PACS", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
-                    *map(str, files)], check=True, capture_output=True, timeout=TIMEOUT_S)  # fmt: skip
+                    *map(str, files)], check=True, capture_output=True, timeout=TIMEOUT_S,
+                   env=dcmtk_environment())  # fmt: skip
 
 
 def wait_for(condition, what: str, timeout_s: float = TIMEOUT_S, poll_s: float = 0.02) -> float:

@@ -39,6 +39,7 @@ from orthanc_cbir.local_services import (  # noqa: E402
     RedisServer,
     StandaloneServer,
     WorkerProcess,
+    dcmtk_environment,
 )
 
 SERIES = (
@@ -73,7 +74,7 @@ def copy_series(files: list[Path], out: Path) -> tuple[list[Path], list[str]]:
 
 def storescu(files: list[Path], port: int, aet: str) -> None:
     subprocess.run(["storescu", "-aet", "LOAD_PACS", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
+                   check=True, capture_output=True, timeout=600, env=dcmtk_environment())  # fmt: skip
 
 
 class Target:

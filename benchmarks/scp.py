@@ -34,6 +34,7 @@ from orthanc_cbir.local_services import (  # noqa: E402
     RedisServer,
     StandaloneServer,
     WorkerProcess,
+    dcmtk_environment,
 )
 
 SERIES = (
@@ -60,7 +61,7 @@ def timed_push(files: list[Path], port: int, aet: str, indexed: Callable[[], int
     """(seconds storescu took, seconds from its start until ``indexed()`` reaches the file count)."""
     started = time.monotonic()
     subprocess.run(["storescu", "-aet", "BENCH_PACS", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
+                   check=True, capture_output=True, timeout=600, env=dcmtk_environment())  # fmt: skip
     pushed = time.monotonic()
     while indexed() < len(files):
         if time.monotonic() - pushed > 600:

@@ -27,7 +27,15 @@ from types import FrameType
 from typing import TypeVar
 
 from .dicom import Rejection, decode_instance
-from .local_services import REPO_ROOT, OrthancServer, RedisServer, ServiceError, ViewerServer, WorkerProcess
+from .local_services import (
+    REPO_ROOT,
+    OrthancServer,
+    RedisServer,
+    ServiceError,
+    ViewerServer,
+    WorkerProcess,
+    dcmtk_environment,
+)
 from .preview import PreviewEntry, render_sheet
 
 SHARED_DICOM = REPO_ROOT.parent / "shared" / "data" / "dicom"
@@ -215,7 +223,8 @@ def push_with_dcmtk(files: list[Path], orthanc: OrthancServer) -> None:
     """C-STORE files to Orthanc as a PACS would, with DCMTK's dcmsend (it proposes
     each file's own transfer syntax, compressed ones included)."""
     command = ["dcmsend", "-aet", "CBIR_DEMO", "-aec", orthanc.aet, "--no-halt", "127.0.0.1", str(orthanc.dicom_port)]
-    done = subprocess.run(command + [str(f) for f in files], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command + [str(f) for f in files], capture_output=True, text=True, timeout=600,
+                          env=dcmtk_environment())  # fmt: skip
     if done.returncode not in (0, 22):  # 22: some files were not DICOM or refused (SR of unknown class...)
         raise RuntimeError(f"dcmsend failed ({done.returncode}): {done.stderr[-2000:]}")
 

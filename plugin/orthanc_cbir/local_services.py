@@ -47,6 +47,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+NO_DELAY = {"TCP_NODELAY": "1"}
+"""The environment DCMTK (``storescu``, ``storescp``) and Orthanc, which uses DCMTK for DICOM,
+need to send each PDU at once: without it Nagle's algorithm holds back the last packet of every
+message and a push runs about 30 times slower (issue 19: storescu to storescp 22 against 718 files/s).
+Every Orthanc started here, and every DCMTK tool the tests and benchmarks run, gets it."""
+
+
+def dcmtk_environment() -> dict[str, str]:
+    """This process's environment with :data:`NO_DELAY`: for ``subprocess.run(["storescu", ...], env=...)``."""
+    return {**os.environ, **NO_DELAY}
+
+
 class _Process:
     """A child process with its log in the state directory."""
 
@@ -374,7 +386,7 @@ class OrthancServer(_Process):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.state_dir / "orthanc.json"
         config_path.write_text(json.dumps(self.configuration(), indent=2))
-        self._spawn([ORTHANC_BINARY, str(config_path)])
+        self._spawn([ORTHANC_BINARY, str(config_path)], NO_DELAY)
         self._wait_until(lambda: self._answers("/system"), timeout_s)
         return self
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from orthanc_cbir.ingest.queue import ORTHANC
-from orthanc_cbir.local_services import WorkerProcess
+from orthanc_cbir.local_services import WorkerProcess, dcmtk_environment
 from tests import dicom_factory as factory
 from tests.faults.conftest import Stack
 from tests.integration.pushing import storescu, synthetic_series, wait_until
@@ -56,7 +56,7 @@ def push_in_thread(stack: Stack, paths) -> tuple[threading.Thread, list[int]]:
     def push() -> None:
         done = subprocess.run(["storescu", "-aet", "TEST_PACS", "-aec", stack.orthanc.aet, "127.0.0.1",
                                str(stack.orthanc.dicom_port), *map(str, paths)],
-                              capture_output=True, timeout=120)  # fmt: skip
+                              capture_output=True, timeout=120, env=dcmtk_environment())  # fmt: skip
         status.append(done.returncode)
 
     thread = threading.Thread(target=push, daemon=True)

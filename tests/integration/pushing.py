@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from orthanc_cbir.local_services import dcmtk_environment
 from tests import dicom_factory as factory
 
 
 def storescu(orthanc, paths) -> None:
     done = subprocess.run(["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
-                           *map(str, paths)], capture_output=True, text=True, timeout=120)  # fmt: skip
+                           *map(str, paths)], capture_output=True, text=True, timeout=120,
+                          env=dcmtk_environment())  # fmt: skip
     assert done.returncode == 0, done.stderr
 
 

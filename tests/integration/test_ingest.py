@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
-from orthanc_cbir.local_services import WorkerProcess, cbir_environment
+from orthanc_cbir.local_services import WorkerProcess, cbir_environment, dcmtk_environment
 from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
 from tests import dicom_factory as factory
 from tests.integration.pushing import storescu, synthetic_series, wait_until
@@ -109,7 +109,7 @@ def test_killing_a_worker_mid_push_loses_nothing(orthanc, worker, store, client,
     try:
         paths = synthetic_series(tmp_path / "kill", slices=60, size=256)
         push = subprocess.Popen(["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1",
-                                 str(orthanc.dicom_port), *map(str, paths)])  # fmt: skip
+                                 str(orthanc.dicom_port), *map(str, paths)], env=dcmtk_environment())  # fmt: skip
         wait_until(lambda: queue.counts()["pending"] > 0 or victim.process.poll() is not None, 60,
                    "the worker process to take entries", every_s=0.002)  # fmt: skip
         assert victim.process.poll() is None, victim.log_tail()

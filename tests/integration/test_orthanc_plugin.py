@@ -20,7 +20,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from orthanc_cbir import __version__
 from orthanc_cbir.dicom import DecodedInstance, decode_instance
-from orthanc_cbir.local_services import OrthancServer, free_port
+from orthanc_cbir.local_services import OrthancServer, dcmtk_environment, free_port
 from tests import dicom_factory as factory
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_storescu_push_is_stored_and_reads_back_to_the_same_pixels(orthanc, tmp_
         ds.save_as(paths[-1], enforce_file_format=True)
     done = subprocess.run(
         ["storescu", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=dcmtk_environment(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     for ds in datasets:
@@ -93,7 +93,7 @@ def test_dcmsend_push_keeps_a_compressed_syntax_and_decodes(orthanc, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     done = subprocess.run(
         ["dcmsend", "-aet", "TEST_PACS", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=dcmtk_environment(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     instance = orthanc_id(orthanc, ds.SOPInstanceUID)

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.scp import StoreSCP
 from orthanc_cbir.ingest.spool import Spool
-from orthanc_cbir.local_services import free_port
+from orthanc_cbir.local_services import dcmtk_environment, free_port
 from tests import dicom_factory as factory
 from tests.integration.pushing import sop_instance_uids, synthetic_series, wait_until
 from tests.integration.workers import start_spool_worker
@@ -47,7 +47,8 @@ def worker(client, store, spool, embedder):
 
 def storescu(scp, paths, calling: str = "TEST_PACS") -> subprocess.CompletedProcess:
     return subprocess.run(["storescu", "-aet", calling, "-aec", "CBIR_SCP", "127.0.0.1", str(scp.port),
-                           *map(str, paths)], capture_output=True, text=True, timeout=120)  # fmt: skip
+                           *map(str, paths)], capture_output=True, text=True, timeout=120,
+                          env=dcmtk_environment())  # fmt: skip
 
 
 def test_storescu_pushes_are_indexed_and_leave_the_spool(scp, worker, store, spool, tmp_path):
