@@ -26,6 +26,8 @@ from redis.exceptions import RedisClusterException
 from .config import Settings
 
 UNREACHABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, RedisClusterException)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException)
+"""Everything a Redis command may raise, a cluster's own failures included (they are no ``RedisError``)."""
 """What a Redis server or Redis Cluster that is down, restarting or too slow raises."""
 
 

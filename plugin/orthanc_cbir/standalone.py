@@ -23,23 +23,18 @@ import sys
 import threading
 from pathlib import Path
 
-import redis
-
 from .answers.similar_series import SimilarSeriesMaker
 from .config import Settings
 from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
 from .ingest.scp import StoreSCP
 from .ingest.spool import Spool
 from .ingest.worker import Worker
-from .redis_client import UNREACHABLE, client_for
+from .redis_client import REDIS_ERRORS, client_for
 
 log = logging.getLogger(__name__)
 
 REQUEUE_EVERY_S = 5.0
 """How often files received while Redis was away are enqueued again."""
-
-_REDIS_AWAY: tuple[type[BaseException], ...] = (redis.RedisError, *UNREACHABLE)
-"""What a requeue raises while Redis is still away (or refusing writes)."""
 
 
 def serve(settings: Settings, workers: int = 1) -> int:
@@ -76,7 +71,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
     while not stop.wait(REQUEUE_EVERY_S):  # until SIGTERM / SIGINT
         try:
             requeued = spool.requeue()
-        except _REDIS_AWAY:  # Redis still away (or refusing writes): next time
+        except REDIS_ERRORS:  # Redis still away (or refusing writes): next time
             continue
         if requeued:
             log.info("%d instance(s) received while Redis was away enqueued", requeued)

@@ -197,3 +197,25 @@ def test_a_cluster_gone_after_its_client_connected_counts_as_redis_unreachable(t
     settings = dataclasses.replace(load_settings(), redis_url=short_lived.url, redis_cluster=True)
     answer = SimilarityService(settings).similar("instances", "1.2.3.4", {})
     assert answer.status == 503 and "unreachable" in json.loads(answer.body)["error"]
+
+
+def test_status_answers_200_with_redis_not_ok_when_one_shard_of_the_cluster_is_down(tmp_path):
+    """A monitor reads what is wrong from GET /cbir/status (README, OpenAPI): with one master of three
+    gone, the health check reached a surviving node and the counts raised on the dead shard, so the
+    route answered 503 (issue 21, item 5)."""
+    from orthanc_cbir.api.routes import status
+    from orthanc_cbir.index import IndexInfo
+
+    with RedisCluster(tmp_path / "one-down", masters=3) as cluster:
+        settings = dataclasses.replace(load_settings(), redis_url=cluster.url, redis_cluster=True, index_shards=3)
+        info = IndexInfo.for_model(settings.model)
+        client = connect(cluster.url, cluster=True, socket_timeout=2)
+        IndexStore(client, info, shards=3).add(make_records(12, dim=info.feature_dim))
+        healthy = json.loads(status(settings).body)
+        assert healthy["redis"]["ok"] is True and healthy["indexed"] == 12
+        cluster._nodes[1].stop()  # one master and its slots gone, no replica
+        answer = status(settings)
+        body = json.loads(answer.body)
+        assert answer.status == 200 and body["redis"]["ok"] is False, body
+        assert body["redis"]["error"] and "indexed" not in body
+        client.close()

@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from .. import __version__
 from ..audit import MAX_READ, AuditLog, is_valid_entry_id
 from ..config import Settings
@@ -26,11 +24,11 @@ from ..errors import (
     Unavailable,
     Undrawable,
     UpstreamFailed,
-    WorkerFailed,  # fmt: skip
+    WorkerFailed,
 )
 from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
-from ..redis_client import UNREACHABLE, client_for, connect
+from ..redis_client import REDIS_ERRORS, UNREACHABLE, client_for, connect
 
 ERROR_STATUS: dict[type[CbirError], int] = {
     BadParameters: 400, NotFound: 404, TooLarge: 413, Undrawable: 422, Busy: 429, WorkerFailed: 500,
@@ -89,12 +87,16 @@ def status(settings: Settings) -> Response:
     if health["ok"] and answer["model"]:
         client = client_for(settings, socket_timeout=2)
         try:
+            counts: dict[str, Any] = {}
             try:
-                answer["indexed"] = IndexStore(client, info, shards=settings.index_shards).count()
+                counts["indexed"] = IndexStore(client, info, shards=settings.index_shards).count()
             except IndexLayoutError as exc:  # what the operator must read here (the workers refuse it too)
-                answer["indexed"] = None
-                answer["index_error"] = str(exc)
-            answer.update(IngestQueue.for_settings(client, settings).counts())
+                counts["indexed"] = None
+                counts["index_error"] = str(exc)
+            counts.update(IngestQueue.for_settings(client, settings).counts())
+            answer.update(counts)
+        except REDIS_ERRORS as exc:  # a part of Redis (a cluster's shard) does not answer
+            answer["redis"] = {"ok": False, "error": f"{type(exc).__name__} while counting: {exc}"}
         finally:
             client.close()
     return Response.json(answer)
@@ -102,11 +104,14 @@ def status(settings: Settings) -> Response:
 
 def redis_health(url: str, cluster: bool = False) -> dict[str, Any]:
     """``{"ok": true, "version": ...}`` or ``{"ok": false, "error": ...}``; never raises."""
-    client = connect(url, cluster=cluster, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client = connect(url, cluster=cluster, socket_timeout=2, socket_connect_timeout=2)
+    except REDIS_ERRORS as exc:  # a cluster client connects when it is made
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     try:
         info = client.info("server")
         return {"ok": True, "version": info.get("redis_version")}
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:  # RedisClusterException is no RedisError
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         client.close()
