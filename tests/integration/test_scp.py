@@ -116,3 +116,19 @@ def test_a_file_left_in_the_spool_is_enqueued_again_at_start(client, store, spoo
     assert spool.recover() >= 1
     wait_until(lambda: store.row(uid) is not None, 30, "the orphan indexed")
     assert not (spool.directory / ".part-halfwritten").exists()
+
+
+def test_a_file_naming_another_sop_class_is_refused_and_the_association_goes_on(scp, worker, store, tmp_path):
+    """pydicom's explicit_VR-UN.dcm carries a SOP Class UID unlike the one dcmsend negotiated: pynetdicom
+    found no service for it and aborted the association, so the files after it were never sent while
+    dcmsend exited 0 (issue 21, item 8). Now that one C-STORE fails with 0xA900 and the rest arrive."""
+    from pydicom.data import get_testdata_file
+
+    paths = synthetic_series(tmp_path / "after-bad", slices=3, texture=6)
+    done = subprocess.run(["dcmsend", "-v", "-aet", "TEST_PACS", "-aec", "CBIR_SCP", "127.0.0.1", str(scp.port),
+                           get_testdata_file("explicit_VR-UN.dcm"), *map(str, paths)],
+                          capture_output=True, text=True, timeout=120, env=dcmtk_environment())  # fmt: skip
+    assert "Peer aborted" not in done.stderr + done.stdout, done.stderr
+    assert "with status SUCCESS  : 3" in done.stderr and "with status ERROR    : 1" in done.stderr, done.stderr
+    wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 60,
+               "the files after the bad one indexed")  # fmt: skip

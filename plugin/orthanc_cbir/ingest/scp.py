@@ -7,8 +7,11 @@ spool and put on the ingest stream (:meth:`Spool.accept_copy`), and only then an
 with Success. If that fails the SCU gets 0xA700 (out of resources) and keeps its copy
 to send again. A dataset that cannot become an index entry because of its identity (no valid
 SOPInstanceUID, or one other than the request's AffectedSOPInstanceUID) is refused with 0xC000
-(cannot understand): the SCU is told, and nothing that no worker could handle is spooled. Only calling AE titles in
-``scp_allowed_aets`` may associate when it is set.
+(cannot understand): the SCU is told, and nothing that no worker could handle is spooled. A
+C-STORE whose SOP Class is not the one its presentation context was accepted for (a file whose
+own SOP Class UID is garbage: DCMTK sends it as it is) is refused with 0xA900 (data set does not
+match SOP class) instead of pynetdicom aborting the association, which lost every file after it.
+Only calling AE titles in ``scp_allowed_aets`` may associate when it is set.
 
 Accepted: every storage SOP class, in the transfer syntaxes the pixel step decodes.
 """
@@ -16,6 +19,7 @@ Accepted: every storage SOP class, in the transfer syntaxes the pixel step decod
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import cast
 
@@ -56,7 +60,10 @@ plugins, GDCM, DCMTK for 12-bit JPEG), uncompressed first so an SCU that offers 
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+C_STORE_RQ = 0x0001
+"""CommandField (0000,0100) of a C-STORE request (PS3.7 E.1)."""
 
 # pynetdicom writes each received dataset to a temporary file instead of memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
@@ -76,10 +83,13 @@ class StoreSCP:
         self.ae.require_calling_aet = list(allowed_calling_aets)
         self.ae.maximum_associations = 16
         self._server: ThreadedAssociationServer | None = None
+        self._mismatched: set[tuple[int, int]] = set()  # (association, MessageID) of C-STOREs re-routed below
+        self._lock = threading.Lock()
 
     def start(self, host: str, port: int) -> StoreSCP:
         """Listen on ``host:port`` in background threads; returns at once."""
-        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                                            (evt.EVT_DIMSE_RECV, self._on_message)]  # fmt: skip
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, host, self.port)
         return self
@@ -95,9 +105,31 @@ class StoreSCP:
             self._server.shutdown()
             self._server = None
 
+    def _on_message(self, event: evt.Event) -> None:
+        """A C-STORE request naming another SOP Class than its presentation context's: pynetdicom finds
+        no service for it and aborts the association. Give it the context's SOP Class, so that the
+        storage service (:meth:`_on_store`) answers it, with a refusal."""
+        message = event.message
+        command = message.command_set
+        if command.get("CommandField") != C_STORE_RQ:
+            return
+        accepted = {cx.context_id: cx.abstract_syntax for cx in event.assoc.accepted_contexts}
+        negotiated = accepted.get(message.context_id)
+        if negotiated is not None and command.get("AffectedSOPClassUID") != negotiated:
+            command.AffectedSOPClassUID = negotiated
+            with self._lock:
+                self._mismatched.add((id(event.assoc), int(command.MessageID)))
+
     def _on_store(self, event: evt.Event) -> int:
         """Spool, then answer: Success only once the file and its queue entry are durable."""
         request = cast(C_STORE, event.request)  # an EVT_C_STORE event carries a C-STORE request
+        with self._lock:
+            mismatched = (id(event.assoc), int(request.MessageID or 0)) in self._mismatched
+            self._mismatched.discard((id(event.assoc), int(request.MessageID or 0)))
+        if mismatched:
+            log.warning("C-STORE from %s refused (0x%04X): its SOP Class is not its presentation context's",
+                        event.assoc.requestor.ae_title, DOES_NOT_MATCH_SOP_CLASS)  # fmt: skip
+            return DOES_NOT_MATCH_SOP_CLASS
         uid = str(request.AffectedSOPInstanceUID or "")
         refused = _identity_problem(Path(event.dataset_path), uid)
         if refused is not None:  # the reason names no UID nor any value: they may identify a patient
