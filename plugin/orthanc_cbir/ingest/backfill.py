@@ -26,12 +26,15 @@ never patient names or IDs.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 
 PAGE = 100
 """QIDO-RS results asked for per request (studies, and instances of a study)."""
+MAX_LISTED = 2_000_000
+"""Most entries one QIDO-RS search may list (the studies of the archive, or one study's instances):
+past it the server is taken to be looping and the run stops with a message."""
 MAX_CONSECUTIVE_FAILURES = 10
 """Retrievals failing in a row (HTTP 5xx) before the run stops: the server is in trouble."""
 
@@ -207,7 +213,10 @@ def backfill(
     done = checkpoint.load()
     rejected_before = _rejected_uids(queue)
     try:
-        studies = _list_studies(client, url, date_range, sorted(wanted) if wanted else None, summary)
+        studies = _list_studies(client, url, date_range, sorted(wanted) if wanted else None, summary, stop)
+    except _Interrupted:  # SIGINT / SIGTERM while listing: nothing was taken yet
+        summary.seconds = time.monotonic() - started
+        return summary
     except BackfillError:
         summary.seconds = time.monotonic() - started
         raise
@@ -264,7 +273,7 @@ def backfill(
                 bar.update(count or 0)
                 continue
             complete = True
-            for page in _instance_pages(client, url, study_uid, summary):
+            for page in _instance_pages(client, url, study_uid, summary, stop):
                 listed = [i for i in page if wanted is None or i.modality is None or i.modality in wanted]
                 summary.instances += len(listed)
                 if not known_total:
@@ -351,15 +360,14 @@ def _rejected_uids(queue: IngestQueue) -> set[str]:
 
 
 def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, modalities: list[str] | None,
-                  summary: BackfillSummary) -> list[tuple[str, int | None]]:  # fmt: skip
+                  summary: BackfillSummary, stop: threading.Event | None) -> list[tuple[str, int | None]]:  # fmt: skip
     """(StudyInstanceUID, NumberOfStudyRelatedInstances or None) of every matching study."""
     filters = {"StudyDate": date_range} if date_range else {}
     studies: dict[str, int | None] = {}
     for modality in modalities or [None]:  # type: ignore[list-item]  # None: every modality
         query = {**filters, **({"ModalitiesInStudy": modality} if modality else {})}
-        for page in _pages(lambda limit, offset, query=query: client.search_for_studies(
-                limit=limit, offset=offset, fields=["NumberOfStudyRelatedInstances"], search_filters=query or None),
-                url, "the study search", summary):  # fmt: skip
+        search = functools.partial(_search_studies, client, query)
+        for page in _pages(search, url, "the study search", summary, stop):
             for study in page:
                 uid = _value(study, _STUDY_UID)
                 if uid:
@@ -368,10 +376,16 @@ def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, moda
     return list(studies.items())
 
 
-def _instance_pages(client: DICOMwebClient, url: str, study: str, summary: BackfillSummary) -> Iterator[list[_Listed]]:
+def _search_studies(client: DICOMwebClient, query: dict[str, str], limit: int, offset: int) -> list[dict]:
+    return client.search_for_studies(limit=limit, offset=offset, fields=["NumberOfStudyRelatedInstances"],
+                                     search_filters=query or None)  # fmt: skip
+
+
+def _instance_pages(client: DICOMwebClient, url: str, study: str, summary: BackfillSummary,
+                    stop: threading.Event | None) -> Iterator[list[_Listed]]:  # fmt: skip
     for page in _pages(lambda limit, offset: client.search_for_instances(
             study_instance_uid=study, limit=limit, offset=offset, fields=["SeriesInstanceUID", "Modality"]),
-            url, f"the instance search of study {study}", summary):  # fmt: skip
+            url, f"the instance search of study {study}", summary, stop):  # fmt: skip
         listed = []
         for item in page:
             sop, series = _value(item, _SOP_UID), _value(item, _SERIES_UID)
@@ -381,19 +395,35 @@ def _instance_pages(client: DICOMwebClient, url: str, study: str, summary: Backf
         yield listed
 
 
-def _pages(search, url: str, what: str, summary: BackfillSummary) -> Iterable[list[dict]]:
+def _pages(search: Callable[[int, int], list[dict]], url: str, what: str, summary: BackfillSummary,
+           stop: threading.Event | None = None) -> Iterable[list[dict]]:  # fmt: skip
     """QIDO-RS results page by page until an empty page (a server may cap a page below
-    the ``limit`` asked, so a short page does not mean the end)."""
+    the ``limit`` asked, so a short page does not mean the end). Ends the run when ``stop`` is
+    set (:class:`_Interrupted`), and with :class:`BackfillError` when the server answers a page
+    it answered before (it ignores ``offset``: the walk would never end) or lists more than
+    :data:`MAX_LISTED` entries for one search."""
     offset = 0
+    seen: set[str] = set()
     while True:
+        if stop is not None and stop.is_set():
+            summary.interrupted = True
+            raise _Interrupted
         try:
             page = search(PAGE, offset)
         except requests.RequestException as exc:
             raise BackfillError(_describe(exc, url, what), summary) from None
         if not page:
             return
-        yield page
+        digest = hashlib.blake2b(json.dumps(page, sort_keys=True).encode(), digest_size=16).hexdigest()
+        if digest in seen:
+            raise BackfillError(f"{url} answered {what} at offset {offset} with a page it had sent before: it ignores "
+                                "the offset parameter, so the listing would never end; stopped", summary)
+        seen.add(digest)
         offset += len(page)
+        if offset > MAX_LISTED:
+            raise BackfillError(f"{url} listed more than {MAX_LISTED} entries for {what}; stopped (narrow the "
+                                "run with --since or --modality)", summary)  # fmt: skip
+        yield page
 
 
 def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int, summary: BackfillSummary,
