@@ -11,11 +11,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.backfill import BackfillError, backfill
 from orthanc_cbir.ingest.queue import IngestQueue
+from tests import dicom_factory as factory
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +28,20 @@ def study(n: int) -> dict:
             "00201208": {"vr": "IS", "Value": [1]}}  # fmt: skip
 
 
-def qido_server(answer: Callable[[int], list[dict]], delay_s: float = 0.0) -> Iterator[str]:
-    """A DICOMweb server whose study search answers ``answer(offset)`` (after ``delay_s``)."""
+def qido_server(answer: Callable[[int], list[dict]], delay_s: float = 0.0,
+                routes: Callable[[str, int], tuple[str, bytes] | None] | None = None) -> Iterator[str]:  # fmt: skip
+    """A DICOMweb server whose study search answers ``answer(offset)`` (after ``delay_s``); ``routes(path,
+    offset)`` may answer any request first, as (content type, body)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = urlsplit(self.path).path
             offset = int(parse_qs(urlsplit(self.path).query).get("offset", ["0"])[0])
             time.sleep(delay_s)
-            body = json.dumps(answer(offset)).encode()
+            routed = routes(path, offset) if routes is not None else None
+            content_type, body = routed or ("application/dicom+json", json.dumps(answer(offset)).encode())
             self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -78,3 +85,49 @@ def test_a_stop_while_listing_ends_the_run_as_interrupted(endless, client, store
     summary = backfill(DICOMwebClient(endless), store, IngestQueue(client), embedder, progress=False, stop=stop)
     assert summary.interrupted and time.monotonic() - started < 10
     assert summary.indexed == 0 and summary.instances == 0
+
+
+@pytest.fixture
+def not_json():
+    """The study search answers a body that is not JSON."""
+    yield from qido_server(lambda offset: [], routes=lambda path, offset: ("application/dicom+json", b"<html>oops"))
+
+
+def test_a_search_answered_with_something_else_than_json_says_so(not_json, client, store, embedder):
+    with pytest.raises(BackfillError, match="not JSON") as raised:
+        backfill(DICOMwebClient(not_json), store, IngestQueue(client), embedder, progress=False)
+    assert "cannot reach" not in str(raised.value)  # it was reported as a network failure
+
+
+@pytest.fixture
+def mislabelled(tmp_path):
+    """One study, one instance listed as LISTED, whose WADO-RS file holds another SOPInstanceUID."""
+    ds = factory.grey_image(np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
+    listed, study_uid, series_uid = "1.2.826.0.1.3680043.8.498.78.1", ds.StudyInstanceUID, ds.SeriesInstanceUID
+    boundary = "hostileboundary"
+    part = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + factory.to_bytes(ds) + \
+        f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+
+    def routes(path: str, offset: int) -> tuple[str, bytes] | None:
+        if path == "/studies":
+            return "application/dicom+json", json.dumps([] if offset else [{
+                "0020000D": {"vr": "UI", "Value": [study_uid]}, "00201208": {"vr": "IS", "Value": [1]}}]).encode()
+        if path == f"/studies/{study_uid}/instances":
+            return "application/dicom+json", json.dumps([] if offset else [{
+                "0020000E": {"vr": "UI", "Value": [series_uid]}, "00080018": {"vr": "UI", "Value": [listed]},
+                "00080060": {"vr": "CS", "Value": ["CT"]}}]).encode()
+        return f'multipart/related; type="application/dicom"; boundary={boundary}', part
+
+    yield from qido_server(lambda offset: [], routes=routes)
+
+
+def test_a_file_holding_another_sop_instance_uid_than_listed_is_named_and_its_study_not_done(
+        mislabelled, client, embedder):  # fmt: skip
+    client.flushdb()
+    store = IndexStore(client, IndexInfo.from_card(embedder.card))
+    summary = backfill(DICOMwebClient(mislabelled), store, IngestQueue(client), embedder, progress=False)
+    # it was counted "already indexed" (or indexed under the other UID) and the study checkpointed as done
+    assert (summary.mismatched, summary.indexed, summary.already_indexed) == (1, 0, 0)
+    assert not summary.complete and "another SOPInstanceUID" in summary.line()
+    again = backfill(DICOMwebClient(mislabelled), store, IngestQueue(client), embedder, progress=False)
+    assert again.studies_done_earlier == 0 and again.mismatched == 1  # walked again, not skipped

@@ -88,6 +88,9 @@ class BackfillSummary:
     failed: int = 0
     """Instances whose retrieval failed (gone, or an HTTP error on that instance): not
     recorded, so the next run tries them again."""
+    mismatched: int = 0
+    """Instances whose retrieved file holds another SOPInstanceUID than the search listed: not
+    indexed, and their study is not marked done (the archive's listing and its files disagree)."""
     interrupted: bool = False
     """The run stopped early (``stop`` set or ``max_instances`` reached); rerun to finish."""
     seconds: float = 0.0
@@ -95,7 +98,7 @@ class BackfillSummary:
     @property
     def complete(self) -> bool:
         """Every listed instance ended indexed or rejected."""
-        return not self.interrupted and not self.failed
+        return not self.interrupted and not self.failed and not self.mismatched
 
     @property
     def instances_per_s(self) -> float:
@@ -108,7 +111,9 @@ class BackfillSummary:
                 f"rejected {self.rejected} (model {self.model})")  # fmt: skip
         extra = [f"{n} {what}" for n, what in ((self.rejected_earlier, "rejected earlier"),
                                                (self.studies_done_earlier, "studies done earlier (checkpoint)"),
-                                               (self.failed, "failed, retried next run")) if n]  # fmt: skip
+                                               (self.failed, "failed, retried next run"),
+                                               (self.mismatched, "another SOPInstanceUID in the file than "
+                                                                 "listed (not indexed)")) if n]  # fmt: skip
         if extra:
             text += "; skipped " + ", ".join(extra)
         text += f"; {self.seconds:.1f} s, {self.instances_per_s:.1f} instances/s"
@@ -255,6 +260,12 @@ def backfill(
                                     "(rerun to resume)", summary)  # fmt: skip
             return False
         consecutive_failures = 0
+        held = outcome.metadata.sop_instance_uid if outcome.metadata is not None else None
+        if held is not None and held != instance.sop:  # indexed under held, the listed one would stay missing
+            log.warning("study %s: the file retrieved for an instance holds another SOPInstanceUID; not indexed",
+                        instance.study)  # fmt: skip
+            summary.mismatched += 1
+            return False
         outcome = admit(outcome)
         if not isinstance(outcome, Rejection):
             batch.add(instance.sop, outcome)
@@ -465,6 +476,8 @@ def _describe(exc: requests.RequestException, url: str, what: str) -> str:
         return f"{url} answered HTTP {status} to {what}; stopped (rerun to resume)"
     if isinstance(exc, requests.Timeout):
         return f"{url} did not answer {what} in time; stopped (rerun to resume)"
+    if isinstance(exc, requests.JSONDecodeError):
+        return f"{url} answered {what} with a body that is not JSON (QIDO-RS answers DICOM JSON); stopped"
     return f"cannot reach the DICOMweb server {url} ({type(exc).__name__}); stopped (rerun to resume)"
 
 
