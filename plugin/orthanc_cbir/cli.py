@@ -551,7 +551,9 @@ def _run_backfill(args: argparse.Namespace) -> int:
     modalities = [m for m in (args.modality or "").split(",") if m.strip()] or None
     try:
         study_date_range(args.since)
-        client = DICOMwebClient(args.dicomweb, session=dicomweb_session(args.username, password, token))
+        session = dicomweb_session(args.username, password, token, deadline_s=settings.dicomweb_deadline_s,
+                                   max_bytes=settings.max_file_bytes)  # fmt: skip
+        client = DICOMwebClient(args.dicomweb, session=session)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -170,6 +170,11 @@ class Settings:
     """Largest ``POST /cbir/query`` body. Orthanc refuses a larger declared Content-Length (403)
     before it reads the body; the standalone server answers 413."""
 
+    dicomweb_deadline_s: float = 300.0
+    """``orthanc-cbir backfill``: the most one DICOMweb answer may take, start to end (the connection's
+    own timeout only bounds the wait between two bytes: a server dripping a byte a second was never
+    cut). Past it the run stops with a message; the next run resumes."""
+
     max_worker_waits: int = 4
     """Requests that wait for a worker at once in one server (``POST /cbir/query``, ``POST
     .../similar/series``); more are answered 429 at once, so that Orthanc keeps its HTTP threads

@@ -16,7 +16,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.ingest.backfill import BackfillError, backfill
+from orthanc_cbir.ingest.backfill import BackfillError, backfill, dicomweb_session
 from orthanc_cbir.ingest.queue import IngestQueue
 from tests import dicom_factory as factory
 
@@ -131,3 +131,97 @@ def test_a_file_holding_another_sop_instance_uid_than_listed_is_named_and_its_st
     assert not summary.complete and "another SOPInstanceUID" in summary.line()
     again = backfill(DICOMwebClient(mislabelled), store, IngestQueue(client), embedder, progress=False)
     assert again.studies_done_earlier == 0 and again.mismatched == 1  # walked again, not skipped
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dripping():
+    """The study search answers one byte every 0.2 s: the connection's timeout never fires."""
+
+    class Drip(_Quiet):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json.dumps([study(0)]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up
+                pass
+
+    yield from serve(Drip)
+
+
+def test_an_answer_dripping_past_the_deadline_stops_the_run_with_a_message(dripping, client, store, embedder):
+    session = dicomweb_session(deadline_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(BackfillError, match="did not answer the study search in time"):
+        backfill(DICOMwebClient(dripping, session=session), store, IngestQueue(client), embedder, progress=False)
+    # dicomweb-client tries a failed request 5 times with backoff (1, 2, 4, 8 s): about 25 s. Before, each
+    # try waited for the whole body, since the 20 s between two bytes never passed
+    assert time.monotonic() - started < 60
+
+
+@pytest.fixture
+def endless_file():
+    """One study, one instance, whose WADO-RS answer is an endless multipart stream (no length)."""
+    study_uid, series_uid, sop_uid = (f"1.2.826.0.1.3680043.8.498.79.{n}" for n in range(3))
+
+    class Endless(_Quiet):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path, offset = urlsplit(self.path).path, int(parse_qs(urlsplit(self.path).query).get("offset", ["0"])[0])
+            if path in ("/studies", f"/studies/{study_uid}/instances"):
+                listed = [] if offset else [{"0020000D": {"vr": "UI", "Value": [study_uid]},
+                                             "0020000E": {"vr": "UI", "Value": [series_uid]},
+                                             "00080018": {"vr": "UI", "Value": [sop_uid]}}]  # fmt: skip
+                body = json.dumps(listed).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            head, chunk = b"--b\r\nContent-Type: application/dicom\r\n\r\n", b"\0" * (1 << 20)
+            try:
+                self.wfile.write(b"%x\r\n" % len(head) + head + b"\r\n")
+                for _ in range(4096):  # 4 GiB if nobody stops reading
+                    self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            except OSError:  # the client gave up
+                pass
+
+    yield from serve(Endless)
+
+
+def test_an_endless_wado_answer_is_a_too_large_rejection_and_the_walk_goes_on(endless_file, client, embedder):
+    client.flushdb()
+    store, queue = IndexStore(client, IndexInfo.from_card(embedder.card)), IngestQueue(client)
+    session = dicomweb_session(deadline_s=60.0, max_bytes=8 * 2**20)
+    summary = backfill(DICOMwebClient(endless_file, session=session), store, queue, embedder, progress=False)
+    assert summary.rejected == 1 and summary.indexed == 0
+    (entry,) = queue.rejected().values()
+    assert entry["reason"] == "too large" and "passed 8388608 bytes" in entry["detail"]

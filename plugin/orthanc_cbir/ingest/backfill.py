@@ -40,6 +40,8 @@ from datetime import date
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.adapters
+import urllib3
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_auth
 from tqdm import tqdm
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 PAGE = 100
 """QIDO-RS results asked for per request (studies, and instances of a study)."""
+MAX_SEARCH_BYTES = 256 * 2**20
+"""Largest QIDO-RS answer read (a page of PAGE entries is a few hundred kB)."""
 MAX_LISTED = 2_000_000
 """Most entries one QIDO-RS search may list (the studies of the archive, or one study's instances):
 past it the server is taken to be looping and the run stops with a message."""
@@ -131,17 +135,86 @@ class BearerAuth(requests.auth.AuthBase):
         return request
 
 
-def dicomweb_session(username: str | None = None, password: str | None = None,
-                     token: str | None = None) -> requests.Session:  # fmt: skip
+TOO_LARGE_STATUS = 413
+"""The status :class:`BoundedAnswers` gives an answer over its size: dicomweb-client raises it at once
+(it retries an exception, or a 429 / 503, five times with backoff)."""
+
+
+class BoundedAnswers(requests.adapters.HTTPAdapter):
+    """Reads every answer of the DICOMweb server within ``deadline_s`` from the request's start
+    to the answer's last byte (:class:`requests.Timeout` past it) and within a size
+    (checked against Content-Length first, then as it arrives; past it the body is dropped and the
+    answer becomes a local :data:`TOO_LARGE_STATUS`, its reason saying the size):
+    ``max_bytes`` for an instance (a ``multipart/related`` WADO-RS answer), ``max_search_bytes``
+    for anything else (a QIDO-RS page). A dripping or endless answer neither hangs the run nor
+    fills the memory."""
+
+    def __init__(self, deadline_s: float, max_bytes: int, max_search_bytes: int = MAX_SEARCH_BYTES):
+        super().__init__()
+        self.deadline_s = deadline_s
+        self.max_bytes = max_bytes
+        self.max_search_bytes = max_search_bytes
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: float | tuple[float | None, float | None] | None = None, verify: bool | str = True,
+             cert: str | tuple[str, str] | None = None, proxies: dict[str, str] | None = None,
+             ) -> requests.Response:  # fmt: skip
+        started = time.monotonic()
+        response = super().send(request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+        try:
+            instance = response.headers.get("Content-Type", "").lower().startswith("multipart/related")
+            limit = self.max_bytes if instance else self.max_search_bytes
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > limit:
+                return _too_large(response, f"the answer declares {declared} bytes, more than {limit}")
+            body = bytearray()
+            while True:
+                # read1: what has arrived (up to 64 KiB), not a full block: a dripping answer
+                # meets the deadline check between every few bytes
+                chunk = response.raw.read1(1 << 16, decode_content=True)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > limit:
+                    return _too_large(response, f"the answer passed {limit} bytes")
+                if time.monotonic() - started > self.deadline_s:
+                    raise requests.Timeout(f"the answer took more than {self.deadline_s:.0f} s")
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:  # as requests reports them
+            response.close()
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        except BaseException:
+            response.close()
+            raise
+        response._content = bytes(body)  # read: what requests keeps for .content, .json(), iter_content()
+        response._content_consumed = True
+        return response
+
+
+def _too_large(response: requests.Response, reason: str) -> requests.Response:
+    response.close()  # the rest is never read
+    response.status_code, response.reason = TOO_LARGE_STATUS, reason
+    response._content, response._content_consumed = b"", True
+    return response
+
+
+def dicomweb_session(username: str | None = None, password: str | None = None, token: str | None = None, *,
+                     deadline_s: float = 300.0, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                     ) -> requests.Session:  # fmt: skip
     """A session for :class:`DICOMwebClient` (``session=``): HTTP basic with ``username`` /
-    ``password``, a bearer ``token``, or no authentication."""
+    ``password``, a bearer ``token``, or no authentication; every answer within ``deadline_s``
+    and ``max_bytes`` (:class:`BoundedAnswers`)."""
     if token and username:
         raise ValueError("give a username and password, or a token, not both")
     if token:
-        return create_session_from_auth(BearerAuth(token))
-    if username:
-        return create_session_from_auth(requests.auth.HTTPBasicAuth(username, password or ""))
-    return requests.Session()
+        session = create_session_from_auth(BearerAuth(token))
+    elif username:
+        session = create_session_from_auth(requests.auth.HTTPBasicAuth(username, password or ""))
+    else:
+        session = requests.Session()
+    bounded = BoundedAnswers(deadline_s, max_bytes)
+    session.mount("http://", bounded)
+    session.mount("https://", bounded)
+    return session
 
 
 def study_date_range(since: date | str | None) -> str | None:
@@ -446,6 +519,8 @@ def _retrieve(client: DICOMwebClient, url: str, instance: _Listed, frames: int, 
         ds = client.retrieve_instance(instance.study, instance.series, instance.sop)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
+        if status == TOO_LARGE_STATUS and exc.response is not None:  # this instance alone: the walk goes on
+            return Rejection(RejectionReason.TOO_LARGE, f"WADO-RS answer too large ({exc.response.reason})")
         if status in (401, 403):
             raise BackfillError(_describe(exc, url, "a retrieval"), summary) from None
         log.warning("instance %s: retrieval failed (HTTP %s); the next run retries it", instance.sop, status)
@@ -473,6 +548,8 @@ def _describe(exc: requests.RequestException, url: str, what: str) -> str:
         if status in (401, 403):
             return (f"{url} refused the credentials (HTTP {status}) on {what}: check --username/--password "
                     "or --token")  # fmt: skip
+        if status == TOO_LARGE_STATUS and exc.response is not None:
+            return f"{url} answered {what} with more than a run reads ({exc.response.reason}); stopped"
         return f"{url} answered HTTP {status} to {what}; stopped (rerun to resume)"
     if isinstance(exc, requests.Timeout):
         return f"{url} did not answer {what} in time; stopped (rerun to resume)"
