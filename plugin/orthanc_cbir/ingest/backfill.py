@@ -289,7 +289,7 @@ def backfill(
     if restart:
         checkpoint.clear()
     done = checkpoint.load()
-    rejected_before = _rejected_uids(queue)
+    rejected_before = queue.rejected_uids()
     try:
         studies = _list_studies(client, url, date_range, sorted(wanted) if wanted else None, summary, stop)
     except _Interrupted:  # SIGINT / SIGTERM while listing: nothing was taken yet
@@ -429,18 +429,6 @@ class _Checkpoint:
             modalities = None if before.get("modalities") is None else modalities | set(before["modalities"])
         walked = None if modalities is None else sorted(modalities)
         self.marks.set_entry(self.key, study, {"instances": count, "modalities": walked, "at": time.time()})
-
-
-def _rejected_uids(queue: IngestQueue) -> set[str]:
-    """SOPInstanceUIDs rejected before, by a backfill or by a worker (entries are keyed by them; older
-    backfill entries were ``dicomweb:<SOPInstanceUID>``)."""
-    uids = set()
-    for key, entry in queue.rejected().items():
-        if entry.get("sop_instance_uid"):
-            uids.add(entry["sop_instance_uid"])
-        elif key.startswith(f"{DICOMWEB}:"):
-            uids.add(key[len(DICOMWEB) + 1 :])
-    return uids
 
 
 def _list_studies(client: DICOMwebClient, url: str, date_range: str | None, modalities: list[str] | None,

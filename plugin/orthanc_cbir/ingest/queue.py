@@ -214,16 +214,27 @@ class IngestQueue:
     def rejected(self) -> dict[str, dict]:
         """What could not be indexed, by key: the files (bad input; :meth:`reject`) and the dead letters
         (``action`` set)."""
-        rejected = {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
-        return {**self.dead_letters(), **rejected}
+        return {**self.dead_letters(), **self._rejections()}
+
+    def _rejections(self) -> dict[str, dict]:
+        return {text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+
+    def rejected_uids(self) -> set[str]:
+        """The SOPInstanceUIDs rejected before, whichever way they came (entries of the old keying
+        written by a backfill were ``dicomweb:<SOPInstanceUID>``)."""
+        uids = set()
+        for key, entry in self._rejections().items():
+            if entry.get("sop_instance_uid"):
+                uids.add(entry["sop_instance_uid"])
+            elif key.startswith(f"{DICOMWEB}:"):
+                uids.add(key[len(DICOMWEB) + 1 :])
+        return uids
 
     def rejected_from(self, source: str) -> set[str]:
         """The source ids of ``source`` whose instance was rejected (entries written before sources
         were recorded were keyed by their Orthanc id)."""
         ids = set()
-        for key, entry in self.rejected().items():
-            if "action" in entry:  # a dead letter
-                continue
+        for key, entry in self._rejections().items():
             if entry.get("source") == source:
                 ids.add(entry["source_id"])
             elif "source" not in entry and source == ORTHANC:
@@ -398,7 +409,7 @@ class Marks:
         self.client.set(key, value)
 
     def entries(self, key: str) -> dict[str, dict[str, Any]]:
-        """Every entry of a marks hash: name -> JSON object (read ``PAGE`` at a time)."""
+        """Every entry of a marks hash: name -> JSON object (read 1,000 at a time)."""
         return {text(name): json.loads(value) for name, value in self.client.hscan_iter(key, count=1000)}
 
     def set_entry(self, key: str, name: str, value: Mapping[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ..dicom.metadata import looks_like_uid
 from ..errors import BadParameters, NotIndexed
 from ..index.schema import uid_hash
 from ..index.store import IndexStore
+from ..model.codes import CodeLayout
 from .filters import Filters, parse_weights
 from .strategies import LEVELS, STRATEGIES, Hit, Query, Searcher, SearchOptions, SearchResult
 
@@ -66,11 +67,10 @@ class Answer:
     """The DICOM UID of the query (instance, series or study), where known."""
 
 
-def search_options(parameters: Mapping[str, str], *, default_level: str, default_strategy: str, max_results: int,
-                   sub_codes: tuple[str, ...], check_weights: Callable[[Mapping[str, float] | None], object],
-                   ) -> Page:  # fmt: skip
-    """The search a caller's parameters (strings, as in a query string) ask for; ``check_weights``
-    raises ``ValueError`` for weights the model's code has no sub-code for. Raises
+def search_options(parameters: Mapping[str, str], layout: CodeLayout, *, default_level: str, default_strategy: str,
+                   max_results: int) -> Page:  # fmt: skip
+    """The search a caller's parameters (strings, as in a query string) ask for, for a model whose
+    code has ``layout`` (its sub-codes are what the weights may name). Raises
     :class:`~orthanc_cbir.errors.BadParameters` with a fixed message (none repeats the input).
     Parameters outside :data:`SEARCH_PARAMETERS` are the caller's to check."""
     try:
@@ -94,10 +94,10 @@ def search_options(parameters: Mapping[str, str], *, default_level: str, default
             clauses.append(f"{name}={parameters[name]}")
     try:
         weights = parse_weights(parameters.get("weights"))
-        check_weights(weights)
+        layout.bit_weights(weights)  # names a sub-code the model has
     except ValueError:
-        raise BadParameters(f"weights is SUB=WEIGHT,... with SUB one of {', '.join(sub_codes)} "
-                            "and WEIGHT a number >= 0") from None  # fmt: skip
+        sub_codes = ", ".join(sub.name for sub in layout.sub_codes)
+        raise BadParameters(f"weights is SUB=WEIGHT,... with SUB one of {sub_codes} and WEIGHT a number >= 0") from None
     try:
         options = SearchOptions(strategy, k=k + offset, filters=Filters.parse(clauses), level=level, weights=weights)
     except ValueError as exc:  # the checks above cover the caller's part: what is left is ours
@@ -121,10 +121,8 @@ class SimilaritySearch:
     def page_for(self, parameters: Mapping[str, str], *, default_level: str, default_strategy: str,
                  max_results: int) -> Page:  # fmt: skip
         """:func:`search_options` for this index's model (its sub-codes name the weights)."""
-        layout = self.store.info.layout
-        return search_options(parameters, default_level=default_level, default_strategy=default_strategy,
-                              max_results=max_results, sub_codes=tuple(sub.name for sub in layout.sub_codes),
-                              check_weights=layout.bit_weights)  # fmt: skip
+        return search_options(parameters, self.store.info.layout, default_level=default_level,
+                              default_strategy=default_strategy, max_results=max_results)  # fmt: skip
 
     def similar_to_stored(self, level: str, identifier: str, page: Page) -> Answer:
         """What is similar to a stored instance, series or study (``identifier``: its DICOM UID,
@@ -158,18 +156,21 @@ class SimilaritySearch:
         uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
                                                               if self.resolve_uid else None)  # fmt: skip
         if uid is None:
-            raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed")
+            raise _not_indexed(level)
         snapshot = self.searcher.snapshot
         snapshot.refresh()
         if level == "instance":
             entry = self.store.describe([uid])[0]  # the query's own entry, read once
             if entry is None or entry.row >= snapshot.rows or not snapshot.live[entry.row]:
-                raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed "
-                                 "(not stored, not yet indexed, or rejected)")  # fmt: skip
+                raise _not_indexed(level)
             return uid, self.searcher.query_of(entry)
         column = snapshot.attributes["series" if level == "series" else "study"]
         rows = np.flatnonzero((column == uid_hash(uid)) & snapshot.live)
         if not len(rows):
-            raise NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed "
-                             "(not stored, not yet indexed, or rejected)")  # fmt: skip
+            raise _not_indexed(level)
         return uid, self.searcher.stored_query(rows)
+
+
+def _not_indexed(level: str) -> NotIndexed:
+    return NotIndexed(f"not in the index: no {level} with this identifier is stored and indexed "
+                      "(not stored, not yet indexed, or rejected)")  # fmt: skip
