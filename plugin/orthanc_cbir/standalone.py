@@ -8,8 +8,9 @@ One process runs
 - ``workers`` worker threads that index what both receivers spool,
 
 and stops them all on SIGINT / SIGTERM. What was received and acknowledged but not yet
-indexed waits in ``spool_dir`` and is enqueued again at the next start; what was received
-while Redis did not answer is enqueued once it does. More ``orthanc-cbir worker`` processes
+indexed waits in ``spool_dir`` and is enqueued again at the next start; what was refused
+(0xA700, or a STOW-RS failure, while Redis did not answer) is not kept: the sender sends it
+again. More ``orthanc-cbir worker`` processes
 may share the work if they see the same spool directory (``CBIR_SPOOL_DIR``) and stream
 (``CBIR_INGEST_STREAM``). The stream is the server's own: one that Orthanc's workers read
 (another deployment on the same Redis) is refused at start.
@@ -29,13 +30,9 @@ from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
 from .ingest.scp import StoreSCP
 from .ingest.spool import Spool
 from .ingest.worker import Worker
-from .redis_client import REDIS_ERRORS, client_for
+from .redis_client import client_for
 
 log = logging.getLogger(__name__)
-
-REQUEUE_EVERY_S = 5.0
-"""How often files received while Redis was away are enqueued again."""
-
 
 def serve(settings: Settings, workers: int = 1) -> int:
     """Run the standalone server until interrupted; returns the exit status."""
@@ -68,13 +65,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
     print(f"orthanc-cbir serve: DICOM {settings.scp_aet}@{settings.scp_host}:{settings.scp_port if scp else '(off)'}, "
           f"HTTP http://{settings.http_host}:{settings.http_port} (OpenAPI at /docs), {workers} worker(s), "
           f"spool {spool.directory}", flush=True)  # fmt: skip
-    while not stop.wait(REQUEUE_EVERY_S):  # until SIGTERM / SIGINT
-        try:
-            requeued = spool.requeue()
-        except REDIS_ERRORS:  # Redis still away (or refusing writes): next time
-            continue
-        if requeued:
-            log.info("%d instance(s) received while Redis was away enqueued", requeued)
+    while not stop.wait(1.0):  # until SIGTERM / SIGINT (a timed wait: the handler runs between waits)
+        pass
     # receivers first, so nothing is acknowledged that no one indexes
     if scp is not None:
         scp.stop()

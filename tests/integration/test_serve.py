@@ -172,7 +172,10 @@ def test_a_failed_c_store_leaves_no_part_file(redis_server, tmp_path):
         assert list(server.spool_dir.glob(".part-*")) == []
 
 
-def test_files_refused_while_redis_is_down_are_indexed_once_it_is_back(tmp_path):
+def test_files_refused_while_redis_is_down_leave_nothing_behind_and_are_indexed_when_sent_again(tmp_path):
+    """The SCU was told 0xA700 (not kept): the server keeps nothing either, so the spool drains
+    to nothing and only what the SCU sends again is indexed (issue 21, item 6: the refused files
+    stayed in the spool and were indexed behind the sender's back)."""
     redis_server = RedisServer(tmp_path / "redis", persistent=True).start()
     store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(Embedder().card))
     paths = synthetic_series(tmp_path / "during", slices=3)
@@ -180,9 +183,13 @@ def test_files_refused_while_redis_is_down_are_indexed_once_it_is_back(tmp_path)
         with StandaloneServer(tmp_path / "serve", redis_url=redis_server.url) as server:
             redis_server.stop()
             statuses = [c_store_file(server.dicom_port, server.aet, path) for path in paths]
-            assert statuses == [0xA700] * 3  # refused: the SCU keeps its copies...
-            redis_server.start()  # ...but the server kept them too, and indexes them without a restart
+            assert statuses == [0xA700] * 3
+            assert sorted(p.name for p in server.spool_dir.iterdir()) == [], "a refused store left a file"
+            redis_server.start()
+            wait_until(lambda: status(server)["redis"]["ok"], 30, "the server reaching Redis again")
+            assert status(server)["spooled"] == 0
+            assert [c_store_file(server.dicom_port, server.aet, path) for path in paths] == [0] * 3  # sent again
             wait_until(lambda: all(store.row(uid) is not None for uid in sop_instance_uids(paths)), 90,
-                       "the files refused while Redis was down indexed")  # fmt: skip
+                       "the files sent again indexed")  # fmt: skip
     finally:
         redis_server.stop()

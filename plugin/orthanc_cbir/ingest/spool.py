@@ -7,10 +7,11 @@ bytes go to a temporary file, are flushed to disk (``fsync``), renamed to their 
 reads the file, indexes it, deletes it, then acknowledges the entry. So a crash loses
 nothing that was acknowledged: a file whose entry never reached the stream is enqueued
 again by :meth:`Spool.recover` when the server starts (indexing is idempotent, so a file
-enqueued twice is indexed once; the second entry finds the file gone), and one whose entry
-could not be added (Redis away) by :meth:`Spool.requeue` once Redis answers again. A failed
-write leaves no temporary file behind. A file that cannot be indexed is moved to
-``rejected/`` beside its reason in the rejected list.
+enqueued twice is indexed once; the second entry finds the file gone). A store that is
+refused (the entry could not be added: Redis away; or the write failed) leaves nothing behind:
+the sender was told it is not kept and sends it again, so nothing it did not see acknowledged
+is indexed later behind its back. A file that cannot be indexed is moved to ``rejected/``
+beside its reason in the rejected list.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -47,9 +47,6 @@ class Spool:
         self.directory = Path(directory)
         self.queue = queue
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._unqueued: set[str] = set()
-        """Files kept whose entry could not be added (Redis away): :meth:`requeue` adds them."""
-        self._lock = threading.Lock()
 
     def accept(self, data: bytes, sop_instance_uid: str) -> Accepted:
         """Keep one received instance (a DICOM Part 10 file) and enqueue it; returns once both are durable."""
@@ -67,13 +64,17 @@ class Spool:
         with open(path, "rb") as written:  # the bytes on disk before the name that makes them count
             os.fsync(written.fileno())
         name = self.name_for(sop_instance_uid)
-        os.replace(path, self.directory / name)
+        target = self.directory / name
+        # A copy acknowledged earlier (its entry on the stream, not yet indexed) must outlive a
+        # refused resend: that entry reads this name.
+        acknowledged_before = target.exists()
+        os.replace(path, target)
         _fsync_directory(self.directory)
         try:
             return Accepted(name, self.queue.enqueue(name, STORE_FILE))
-        except Exception:  # refused, but the file is durable: enqueued when Redis answers again
-            with self._lock:
-                self._unqueued.add(name)
+        except Exception:  # refused: nothing stays that the sender was told is not kept
+            if not acknowledged_before:
+                target.unlink(missing_ok=True)
             raise
 
     def _accept_stream(self, reader: BinaryIO, sop_instance_uid: str) -> Accepted:
@@ -85,19 +86,6 @@ class Spool:
             return self.accept_file(partial, sop_instance_uid)
         finally:  # a full disk (or any failure before the rename) leaves no half-written file
             partial.unlink(missing_ok=True)
-
-    def requeue(self) -> int:
-        """Enqueue the files whose entry could not be added when they arrived (a serve process
-        calls this every few seconds); returns how many. Raises what Redis raises if it is
-        still away (those files wait for the next call)."""
-        with self._lock:
-            names = sorted(self._unqueued)
-        for name in names:
-            if (self.directory / name).exists():
-                self.queue.enqueue(name, STORE_FILE)
-            with self._lock:
-                self._unqueued.discard(name)
-        return len(names)
 
     def path(self, name: str) -> Path:
         """The file of a ``store-file`` entry (names never leave the spool directory)."""

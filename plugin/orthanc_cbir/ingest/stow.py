@@ -105,7 +105,6 @@ def spool_parts(spool: Spool, files: list[Path], study: str | None) -> tuple[lis
             spool.accept_file(path, uid)
         except (OSError, redis.RedisError) as exc:  # a full disk, or the queue down: the client may send again
             log.error("STOW-RS could not spool %s: %s: %s", uid, type(exc).__name__, exc)
-            Path(spool.directory / spool.name_for(uid)).unlink(missing_ok=True)
             failed.append(_sop_item(sop_class, uid, OUT_OF_RESOURCES))
             continue
         except Exception:
