@@ -225,3 +225,36 @@ def test_an_endless_wado_answer_is_a_too_large_rejection_and_the_walk_goes_on(en
     assert summary.rejected == 1 and summary.indexed == 0
     (entry,) = queue.rejected().values()
     assert entry["reason"] == "too large" and "passed 8388608 bytes" in entry["detail"]
+
+
+@pytest.fixture
+def huge_search():
+    """The study search answers one JSON array of 64 MiB (no length), of entries without a
+    StudyInstanceUID: under a looser bound it is parsed whole (about ten times its size in memory)."""
+
+    class Huge(_Quiet):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            entry = b'{"00080020": {"vr": "DA", "Value": ["20240131"]}},'
+            block = entry * ((1 << 20) // len(entry))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for chunk in [b"["] + [block] * 64 + [b"{}]"]:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:  # the client stopped reading
+                pass
+
+    yield from serve(Huge)
+
+
+def test_a_search_page_past_its_bound_stops_the_run_unparsed(huge_search, client, store, embedder):
+    """A QIDO-RS page is read up to MAX_SEARCH_BYTES (16 MiB: a page of PAGE entries is a few hundred kB),
+    never parsed past it (issue 21, item 3: at 256 MiB a parsed page took 2.6 GiB)."""
+    with pytest.raises(BackfillError, match="answered the study search with more than a run reads"):
+        backfill(DICOMwebClient(huge_search, session=dicomweb_session(deadline_s=60.0)), store, IngestQueue(client),
+                 embedder, progress=False)  # fmt: skip

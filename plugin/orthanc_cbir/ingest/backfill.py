@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 
 PAGE = 100
 """QIDO-RS results asked for per request (studies, and instances of a study)."""
-MAX_SEARCH_BYTES = 256 * 2**20
-"""Largest QIDO-RS answer read (a page of PAGE entries is a few hundred kB)."""
+MAX_SEARCH_BYTES = 16 * 2**20
+"""Largest QIDO-RS answer read (a page of PAGE entries is a few hundred kB). Parsed, a page takes
+about ten times its size (Python objects): 256 MiB cost 2.6 GiB of RSS, 16 MiB costs about 170 MiB
+(``benchmarks/backfill_memory.py``)."""
 MAX_LISTED = 2_000_000
 """Most entries one QIDO-RS search may list (the studies of the archive, or one study's instances):
 past it the server is taken to be looping and the run stops with a message."""
