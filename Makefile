@@ -10,7 +10,9 @@ VENV := .venv
 # the default adds torch (training, and the tests that compare ONNX with torch) and the test tools.
 EXTRAS ?= test,train
 # chromium and chromium-driver: the browser tests (tests/browser) drive Debian's Chromium, never a downloaded one.
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server python3.11-venv chromium chromium-driver
+# docker-compose: the tests validate docker/compose.yaml with `docker-compose config` (no Docker engine needed).
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server python3.11-venv chromium chromium-driver \
+	docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages ohif viewer demo test clean

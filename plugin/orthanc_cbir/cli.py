@@ -349,13 +349,14 @@ def _run_viewer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redis(url: str | None, cluster: bool | None = None):
+def _redis(url: str | None, cluster: bool | None = None, password: str | None = None):
     """A client of ``url`` (default: the settings'); a cluster client when ``cluster`` or the
-    settings say so."""
+    settings say so; ``password`` (default: the settings' ``redis_password``) when the URL has none."""
     from .redis_client import connect
 
     settings = load_settings()
-    return connect(url or settings.redis_url, cluster=settings.redis_cluster if cluster is None else cluster)
+    return connect(url or settings.redis_url, cluster=settings.redis_cluster if cluster is None else cluster,
+                   password=settings.redis_password if password is None else password)  # fmt: skip
 
 
 def _store(client, info):
@@ -635,7 +636,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cbir-evaluate-") as scratch:
         server = None if args.redis_url else RedisServer(Path(scratch)).start()
         try:
-            client = _redis(args.redis_url) if server is None else _redis(server.url, cluster=False)
+            # the evaluation's own Redis has no password, whatever the settings give the real one
+            client = _redis(args.redis_url) if server is None else _redis(server.url, cluster=False, password="")
             summary, reports = evaluate(client, embedder, gallery, queries, strategies, k=args.k, copies=copies)
             write_report(args.report, summary, reports, gallery, queries, command)
             if args.pneumonia:

@@ -35,6 +35,11 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis that holds the index, the ingest stream and the rejected list."""
 
+    redis_password: str = ""
+    """Password of Redis (``requirepass``), used when ``redis_url`` carries none; prefer the
+    CBIR_REDIS_PASSWORD variable to writing it in a file. Unlike a password in the URL it needs no
+    quoting (``@``, ``/``, ``%``...). TLS: a ``rediss://`` URL."""
+
     redis_cluster: bool = False
     """``redis_url`` names a node of a Redis Cluster: the client finds the others and sends each
     key to the master that owns it (:mod:`orthanc_cbir.redis_client`)."""
@@ -128,7 +133,9 @@ class Settings:
     """Standalone server: the DICOM port (0 = no SCP)."""
 
     scp_allowed_aets: str = ""
-    """Standalone server: calling AE titles allowed to associate, comma-separated (empty: any)."""
+    """Standalone server: calling AE titles allowed to associate, comma-separated; ``*`` admits any.
+    Empty admits any too, but only while ``scp_host`` is a loopback address: off loopback the
+    server refuses to start without a list (or ``*``)."""
 
     http_host: str = "127.0.0.1"
     """Standalone server: the address its HTTP API listens on."""

@@ -50,17 +50,20 @@ def as_bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def connect(url: str, *, cluster: bool = False, **options: Any):
+def connect(url: str, *, cluster: bool = False, password: str = "", **options: Any):
     """A client of ``url`` (``redis://``, ``rediss://``); ``options`` go to ``from_url``
-    (``socket_timeout``...). With ``cluster``: a :class:`LazyCluster`."""
+    (``socket_timeout``...). ``password`` is sent when the URL carries none (redis-py lets the URL's
+    own win): a password given apart needs no URL quoting. With ``cluster``: a :class:`LazyCluster`."""
+    if password:
+        options["password"] = password
     if cluster:
         return LazyCluster(url, **options)
     return redis.Redis.from_url(url, **options)
 
 
 def client_for(settings: Settings, **options: Any):
-    """:func:`connect` to the Redis of ``settings`` (``redis_url``, ``redis_cluster``)."""
-    return connect(settings.redis_url, cluster=settings.redis_cluster, **options)
+    """:func:`connect` to the Redis of ``settings`` (``redis_url``, ``redis_password``, ``redis_cluster``)."""
+    return connect(settings.redis_url, cluster=settings.redis_cluster, password=settings.redis_password, **options)
 
 
 class LazyCluster:

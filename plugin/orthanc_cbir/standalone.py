@@ -27,29 +27,40 @@ from pathlib import Path
 from .answers.similar_series import SimilarSeriesMaker
 from .config import Settings
 from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
-from .ingest.scp import StoreSCP
+from .ingest.scp import StoreSCP, allowed_calling_aets
 from .ingest.spool import Spool
 from .ingest.worker import Worker
 from .redis_client import client_for
 
 log = logging.getLogger(__name__)
 
+
 def serve(settings: Settings, workers: int = 1) -> int:
     """Run the standalone server until interrupted; returns the exit status."""
-    from .api.http_server import HttpServerThread, create_app
+    from .api.http_server import HttpServerThread, create_app, is_loopback
 
-    client = client_for(settings)
+    allowed = allowed_calling_aets(settings.scp_allowed_aets)
+    if settings.scp_port and not allowed and not is_loopback(settings.scp_host):  # before Redis, before any port
+        print(f"orthanc-cbir serve: the DICOM SCP would accept any calling AE title on {settings.scp_host}: set "
+              "CBIR_SCP_ALLOWED_AETS to the AE titles that may send (comma-separated), or * to accept any, "
+              "or listen on 127.0.0.1", file=sys.stderr, flush=True)  # fmt: skip
+        return 2
+    client = client_for(settings)  # connects on its first command
     queue = IngestQueue.for_settings(client, settings)
+    spool = Spool(Path(settings.spool_dir), queue)
+    try:
+        app = create_app(settings, spool)  # refuses a non-loopback address without authentication
+    except ValueError as exc:
+        print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:  # before anything is received or taken: the stream must not be another deployment's
         queue.bind(SPOOL_WORKERS)
     except StreamKindError as exc:
         print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
         return 2
-    spool = Spool(Path(settings.spool_dir), queue)
     recovered = spool.recover()
     if recovered:
         log.info("%d received instance(s) waiting in %s enqueued again", recovered, spool.directory)
-    app = create_app(settings, spool)  # refuses a non-loopback address without authentication
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
@@ -58,7 +69,6 @@ def serve(settings: Settings, workers: int = 1) -> int:
                                 name=f"worker-{n}", daemon=True) for n in range(workers)]  # fmt: skip
     for thread in threads:
         thread.start()
-    allowed = tuple(aet.strip() for aet in settings.scp_allowed_aets.split(",") if aet.strip())
     scp = StoreSCP(spool, settings.scp_aet, allowed).start(settings.scp_host, settings.scp_port) \
         if settings.scp_port else None  # fmt: skip
     http = HttpServerThread(app, settings.http_host, settings.http_port).start()

@@ -76,7 +76,7 @@ def thumbnail_answer(draw: Callable[[], bytes]) -> Response:
 def status(settings: Settings) -> Response:
     """``GET /cbir/status``: version, model, Redis health and the counts indexed / queued /
     pending / rejected (HTTP 200 even when Redis is down, so that a monitor can read what is wrong)."""
-    health = redis_health(settings.redis_url, settings.redis_cluster)
+    health = redis_health(settings.redis_url, settings.redis_cluster, settings.redis_password)
     answer: dict[str, Any] = {"version": __version__, "redis": health}
     try:
         info = IndexInfo.for_model(settings.model)
@@ -102,10 +102,11 @@ def status(settings: Settings) -> Response:
     return Response.json(answer)
 
 
-def redis_health(url: str, cluster: bool = False) -> dict[str, Any]:
-    """``{"ok": true, "version": ...}`` or ``{"ok": false, "error": ...}``; never raises."""
+def redis_health(url: str, cluster: bool = False, password: str = "") -> dict[str, Any]:
+    """``{"ok": true, "version": ...}`` or ``{"ok": false, "error": ...}``; never raises. ``password``:
+    the ``redis_password`` setting (sent when the URL carries none)."""
     try:
-        client = connect(url, cluster=cluster, socket_timeout=2, socket_connect_timeout=2)
+        client = connect(url, cluster=cluster, password=password, socket_timeout=2, socket_connect_timeout=2)
     except REDIS_ERRORS as exc:  # a cluster client connects when it is made
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     try:

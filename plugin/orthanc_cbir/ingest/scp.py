@@ -11,7 +11,8 @@ SOPInstanceUID, or one other than the request's AffectedSOPInstanceUID) is refus
 C-STORE whose SOP Class is not the one its presentation context was accepted for (a file whose
 own SOP Class UID is garbage: DCMTK sends it as it is) is refused with 0xA900 (data set does not
 match SOP class) instead of pynetdicom aborting the association, which lost every file after it.
-Only calling AE titles in ``scp_allowed_aets`` may associate when it is set.
+Only calling AE titles in ``scp_allowed_aets`` may associate when it is set; ``*`` there admits
+any (``orthanc-cbir serve`` wants a list or ``*`` before it listens off loopback).
 
 Accepted: every storage SOP class, in the transfer syntaxes the pixel step decodes.
 """
@@ -65,6 +66,9 @@ CANNOT_UNDERSTAND = 0xC000
 C_STORE_RQ = 0x0001
 """CommandField (0000,0100) of a C-STORE request (PS3.7 E.1)."""
 
+ANY_CALLING_AET = "*"
+"""In an allowlist of calling AE titles: any may associate, said on purpose rather than by an empty list."""
+
 # pynetdicom writes each received dataset to a temporary file instead of memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
 
@@ -73,14 +77,16 @@ class StoreSCP:
     """A C-STORE / C-ECHO SCP that hands every instance to a :class:`Spool` before answering."""
 
     def __init__(self, spool: Spool, ae_title: str = "CBIR", allowed_calling_aets: tuple[str, ...] = ()):
-        """``allowed_calling_aets``: the calling AE titles that may associate (empty: any)."""
+        """``allowed_calling_aets``: the calling AE titles that may associate (empty, or holding
+        :data:`ANY_CALLING_AET`: any)."""
         self.spool = spool
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None  # every storage context names its SOP class
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
-        self.ae.require_calling_aet = list(allowed_calling_aets)
+        # pynetdicom admits any calling AE title when the list is empty; it would take "*" for a title
+        self.ae.require_calling_aet = [] if ANY_CALLING_AET in allowed_calling_aets else list(allowed_calling_aets)
         self.ae.maximum_associations = 16
         self._server: ThreadedAssociationServer | None = None
         self._mismatched: set[tuple[int, int]] = set()  # (association, MessageID) of C-STOREs re-routed below
@@ -141,6 +147,15 @@ class StoreSCP:
             log.error("C-STORE from %s not spooled: %s: %s", event.assoc.requestor.ae_title, type(exc).__name__, exc)
             return OUT_OF_RESOURCES
         return SUCCESS
+
+
+def allowed_calling_aets(text: str) -> tuple[str, ...]:
+    """The AE titles of a comma-separated list (``scp_allowed_aets``), blanks dropped.
+
+    >>> allowed_calling_aets(" PACS_A, ,MODALITY_2 "), allowed_calling_aets("*"), allowed_calling_aets("")
+    (('PACS_A', 'MODALITY_2'), ('*',), ())
+    """
+    return tuple(aet.strip() for aet in text.split(",") if aet.strip())
 
 
 def _identity_problem(path: Path, affected_uid: str) -> tuple[int, str] | None:
