@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import load_settings
 
-STRATEGY_NAMES = ("exact", "hamming", "class", "cluster", "multilateral")
+STRATEGY_NAMES = ("exact", "graph", "hamming", "class", "cluster", "multilateral")
 """The strategies of :mod:`orthanc_cbir.search.strategies` (kept here so --help needs no numpy)."""
 
 

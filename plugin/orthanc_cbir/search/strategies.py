@@ -2,6 +2,11 @@
 
 - ``exact``: Euclidean distance of the features over every instance that passes
   the filters. The reference the others are measured against.
+- ``graph``: the same distance as ``exact``, found through an HNSW graph of the features
+  (FAISS, :mod:`orthanc_cbir.index.graph`) and re-ranked with the snapshot's features:
+  approximate (recall@10 about 0.97), a fraction of a millisecond at a million instances.
+  Rows the graph does not hold yet are scanned beside it; filters that keep few rows
+  (:data:`~orthanc_cbir.index.graph.SCAN_BELOW`) scan the rows they keep.
 - ``hamming`` (seed 001, coarse-to-fine): the ``candidates`` instances nearest by
   Hamming distance of the whole code, re-ranked by feature distance. Who finds
   them depends on the index size (``SearchOptions.hamming_search``): below
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..index.graph import SCAN_BELOW, GraphIndex
 from ..index.hamming import CodeTables
 from ..index.schema import NO_CLUSTER, StoredEntry
 from ..index.snapshot import IndexSnapshot
@@ -53,7 +59,7 @@ from ..model.codes import hamming_distances, weighted_hamming_distances
 from .filters import Filters, QueryContext
 from .labels import FILE, LabelMap
 
-STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
+STRATEGIES = ("exact", "graph", "hamming", "class", "cluster", "multilateral")
 LEVELS = ("instance", "series", "study")
 MULTI_INDEX_MIN_ROWS = 200_000
 """From this many indexed instances on, ``hamming`` probes the multi-index tables
@@ -218,6 +224,7 @@ class Searcher:
         self._scratch = np.zeros(0, np.int32)
         self.labels = LabelMap(self.info.labels)
         self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
+        self._graph: GraphIndex | None = None
 
     def search(self, query: Query, options: SearchOptions = SearchOptions(), refresh: bool = True) -> SearchResult:
         """Rank the index for ``query``; ``refresh=False`` when the caller refreshed the snapshot
@@ -253,6 +260,23 @@ class Searcher:
     def _exact(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         rows = np.flatnonzero(mask)
         return _nearest(self.snapshot, query.features, rows, depth)
+
+    def _graph_ranking(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
+        graph = self.graph()
+        allowed = int(np.count_nonzero(mask))
+        if allowed <= depth or graph.allowed_share(allowed) < SCAN_BELOW:  # few rows: the scan is exact and quick
+            return self._exact(query, options, mask, depth)
+        found = graph.search(query.features, mask, depth)
+        pool = np.concatenate([found, graph.late(mask)])  # the rows the graph does not hold yet, scanned
+        return _nearest(self.snapshot, query.features, pool, depth)
+
+    def graph(self) -> GraphIndex:
+        """The HNSW graph of this searcher's snapshot, made on the first ``graph`` query (a process
+        never asked for one holds none) and told of each refresh."""
+        if self._graph is None:
+            self._graph = GraphIndex(self.snapshot)
+        self._graph.update()
+        return self._graph
 
     def _hamming(self, query: Query, options: SearchOptions, mask: np.ndarray, depth: int) -> Ranking:
         allowed = int(np.count_nonzero(mask))
@@ -533,6 +557,7 @@ def same_picture(a: StoredEntry | None, b: StoredEntry | None) -> bool:
 
 _RANKERS = {
     "exact": Searcher._exact,
+    "graph": Searcher._graph_ranking,
     "hamming": Searcher._hamming,
     "class": Searcher._class,
     "cluster": Searcher._cluster,

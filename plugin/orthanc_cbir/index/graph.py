@@ -1,0 +1,206 @@
+"""A graph index over a searcher's features: FAISS HNSW with 8-bit scalar-quantized vectors.
+
+Malkov & Yashunin's hierarchical navigable small-world graph, as FAISS implements it
+(``IndexHNSWSQ``): a query walks a few thousand vectors instead of scanning every row, so a
+million-row index answers in a fraction of a millisecond (recall@10 and latency beside the
+other strategies: ``benchmarks/query_scale.py``). It serves the ``graph`` strategy
+(:mod:`orthanc_cbir.search.strategies`), which re-ranks what it finds with the snapshot's own
+features, so its distances are those of every other strategy.
+
+Redis stays the durable truth and the only thing the workers write: each process that
+answers queries grows its graph from its own snapshot (:mod:`.snapshot`), so all of them hold
+the same rows. A query never waits for a build:
+
+- Live rows the graph does not hold yet (indexed since it last grew, or all of them while the
+  first build runs) are *late*: :meth:`GraphIndex.late` gives them to the query, which scans
+  them exactly beside the graph's answer, and a background thread adds them to the graph
+  :data:`ADD_CHUNK` rows at a time.
+- A removed instance stays a node of the graph (HNSW cannot drop one) but the query's
+  selector keeps it out of every answer. Once :data:`REBUILD_REMOVED` of the nodes are removed
+  rows, the thread builds a new graph beside the old one and swaps it in.
+- Filters reach the graph as a FAISS ``IDSelectorBitmap`` over its nodes, so a filtered query
+  still returns k hits. The caller scans instead when the filters keep few rows
+  (:data:`SCAN_BELOW`): a walk among nodes nearly all filtered out visits most of the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .snapshot import IndexSnapshot
+
+log = logging.getLogger(__name__)
+
+GRAPH_M = 32
+"""Neighbours per node (64 on the bottom layer): 256 bytes a node besides its 8-bit vector."""
+EF_CONSTRUCTION = 64
+"""Candidates kept while a node is linked in: ~2,500 nodes/s per core at 518 dimensions."""
+EF_SEARCH = 64
+"""Candidates kept while a query walks (at least the hits asked for): recall@10 ~0.97 at 10^6."""
+SCAN_BELOW = 0.02
+"""Filters that keep fewer than this share of the graph's nodes: the allowed rows are scanned."""
+ADD_CHUNK = 512
+"""Rows the builder links in per hold of the lock (a query waits at most that long: ~0.2 s)."""
+REBUILD_REMOVED = 0.2
+"""Share of the graph's nodes that are removed rows from which a new graph is built."""
+TRAIN_ROWS = 65_536
+"""Rows the 8-bit quantizer learns each dimension's range from."""
+
+
+class _Graph:
+    """One FAISS graph and the snapshot row of each of its nodes (node ids are FAISS's: 0, 1, ...)."""
+
+    def __init__(self, dim: int, training: np.ndarray):
+        # FAISS's stubs (SWIG) type its enum constants as int where the functions want the enum
+        quantizer_type: Any = faiss.ScalarQuantizer.QT_8bit
+        self.index = faiss.IndexHNSWSQ(dim, quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = EF_CONSTRUCTION
+        self.index.train(np.ascontiguousarray(training, np.float32))
+        self.rows = np.zeros(0, np.int64)
+
+    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(vectors, np.float32))
+        self.rows = np.concatenate([self.rows, rows.astype(np.int64)])
+
+
+class GraphIndex:
+    """The graph of one searcher's snapshot, grown and rebuilt by a background thread.
+
+    Call :meth:`update` after each refresh of the snapshot (the searcher does), then
+    :meth:`search` for the graph's part of an answer and :meth:`late` for the rows it does
+    not cover yet."""
+
+    def __init__(self, snapshot: IndexSnapshot):
+        self.snapshot = snapshot
+        self._graph: _Graph | None = None
+        self._covered = np.zeros(0, bool)
+        """Per snapshot row: a node of the current graph."""
+        self._lock = threading.Lock()  # FAISS's HNSW may not be searched while nodes are added
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._generation = -1
+        self.builds = 0
+        """Graphs built from scratch (the first one included)."""
+
+    def update(self) -> None:
+        """Note what the snapshot holds now: wake the builder when live rows are not nodes yet or
+        too many nodes were removed. Cheap when the snapshot did not change."""
+        if self.snapshot.generation == self._generation:
+            return
+        self._generation = self.snapshot.generation
+        if not self._work_waiting():
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="graph-builder", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait until the graph holds every live row of the snapshot as last updated, and no
+        rebuild is due (benchmarks time the warm-up with it; tests); whether it does."""
+        deadline = time.monotonic() + timeout_s
+        while self._work_waiting():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    @property
+    def nodes(self) -> int:
+        graph = self._graph
+        return len(graph.rows) if graph is not None else 0
+
+    def late(self, allowed: np.ndarray) -> np.ndarray:
+        """Rows among ``allowed`` (bool over the snapshot's rows) that are not nodes of the graph."""
+        covered = self._covered
+        if len(covered) < len(allowed):
+            covered = np.concatenate([covered, np.zeros(len(allowed) - len(covered), bool)])
+        return np.flatnonzero(allowed & ~covered[: len(allowed)])
+
+    def search(self, query: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
+        """Up to ``count`` rows among ``allowed`` that are nodes of the graph, nearest first by the
+        graph's 8-bit distance (``efSearch`` at least ``count``)."""
+        with self._lock:
+            graph = self._graph
+            if graph is None or not len(graph.rows):
+                return np.zeros(0, np.int64)
+            nodes = np.take(allowed, graph.rows, mode="clip") & (graph.rows < len(allowed))
+            bitmap = np.packbits(nodes, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(nodes), faiss.swig_ptr(bitmap))
+            # in FAISS since 1.7.3, missing from its stubs
+            parameters = faiss.SearchParametersHNSW(sel=selector, efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
+            _, found = graph.index.search(np.asarray(query, np.float32).reshape(1, -1), count, params=parameters)
+            found = found[0]
+            return graph.rows[found[found >= 0]]
+
+    def allowed_share(self, allowed_count: int) -> float:
+        """How much of the graph ``allowed_count`` rows are (1.0 without a graph)."""
+        return allowed_count / self.nodes if self.nodes else 1.0
+
+    # -- the builder -----------------------------------------------------------------------
+
+    def _work_waiting(self) -> bool:
+        live = self.snapshot.live
+        graph = self._graph
+        if graph is None:
+            return bool(live.any())
+        if self._removed_share(live) >= REBUILD_REMOVED:
+            return True
+        return len(self.late(live)) > 0
+
+    def _removed_share(self, live: np.ndarray) -> float:
+        graph = self._graph
+        if graph is None or not len(graph.rows):
+            return 0.0
+        alive = np.take(live, graph.rows, mode="clip") & (graph.rows < len(live))
+        return 1.0 - float(np.count_nonzero(alive)) / len(graph.rows)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self._build()
+            except Exception:  # a failed build leaves the old graph answering (and late rows scanned)
+                log.exception("graph index: building failed; queries scan the rows it lacks")
+
+    def _build(self) -> None:
+        """Build a graph when there is none or too much of it is removed rows, then link in the
+        live rows it lacks, :data:`ADD_CHUNK` at a time."""
+        live = self.snapshot.live
+        if self._graph is None or self._removed_share(live) >= REBUILD_REMOVED:
+            started = time.perf_counter()
+            rows = np.flatnonzero(live)
+            if not len(rows):
+                return
+            sample = self.snapshot.vectors(rows[:: max(1, len(rows) // TRAIN_ROWS)])
+            graph = _Graph(self.snapshot.info.feature_dim, sample)
+            covered = np.zeros(len(live), bool)
+            for start in range(0, len(rows), ADD_CHUNK * 16):  # a new graph: nobody searches it yet
+                chunk = rows[start : start + ADD_CHUNK * 16]
+                graph.add(chunk, self.snapshot.vectors(chunk))
+                covered[chunk] = True
+            with self._lock:
+                self._graph, self._covered = graph, covered
+            self.builds += 1
+            log.info("graph index: %d rows linked in %.1f s", len(rows), time.perf_counter() - started)
+        while True:
+            late = self.late(self.snapshot.live)
+            if not len(late):
+                return
+            chunk = late[:ADD_CHUNK]
+            vectors = self.snapshot.vectors(chunk)
+            with self._lock:
+                assert self._graph is not None
+                self._graph.add(chunk, vectors)
+                covered = self._covered
+                if len(covered) < len(self.snapshot.live):
+                    covered = np.concatenate([covered, np.zeros(len(self.snapshot.live) - len(covered), bool)])
+                covered[chunk] = True
+                self._covered = covered
