@@ -454,6 +454,11 @@ def run_strategies(size: int, real: Rows, neighbours: np.ndarray, queries: Rows,
         load = os.getloadavg()[0]
         measure(results, {name: through(options) for name, options in runs.items()}, index, queries, args.budget_s)
         filtered = [measure_filtered(searcher, query_objects, size, days, args.budget_s) for days in (37, 365)]
+        graph_alone = [np.count_nonzero(index.features[graph.search(queries.features[q], searcher.snapshot.live, K)]
+                                        @ queries.features[q] >= index.nearest[q, -1] - TIE) / K
+                       for q in range(len(queries))]  # fmt: skip
+        notes.append(f"graph after the timing: {graph.nodes:,} nodes, {graph.builds} build(s); the graph alone (its "
+                     f"8-bit distances, no re-rank, efSearch {EF_SEARCH}): recall@10 {np.mean(graph_alone):.3f}")
         notes.append(f"load average (1 min) while timing the strategies: {load:.1f} at the start, "
                      f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     return index, list(results.values()) + [r for pair in filtered for r in pair], notes
