@@ -166,6 +166,9 @@ class GraphIndex:
         return 1.0 - float(np.count_nonzero(alive)) / len(graph.rows)
 
     def _run(self) -> None:
+        # one OpenMP thread (a per-thread setting): a background build leaves the other cores to
+        # the queries and to ingest, and FAISS links a batch no better with more threads
+        faiss.omp_set_num_threads(1)
         while True:
             self._wake.wait()
             self._wake.clear()
