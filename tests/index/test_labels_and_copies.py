@@ -178,7 +178,7 @@ def test_six_copies_are_one_hit_with_five_copies_and_k_distinct_pictures(store):
     store.add(copies + others)
     searcher = Searcher(store)
     query = Query(picture + 0.05 * rng.normal(size=DIM) / np.sqrt(DIM), copies[0].code)
-    for strategy in ("exact", "hamming", "class", "cluster", "multilateral"):
+    for strategy in ("exact", "graph", "hamming", "class", "cluster", "multilateral"):
         result = searcher.search(query, SearchOptions(strategy, k=10, candidates=36))
         uids = result.sop_instance_uids
         assert len(uids) == 10 and len(set(uids)) == 10, strategy
