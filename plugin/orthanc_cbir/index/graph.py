@@ -65,11 +65,27 @@ class _Graph:
         self.index = faiss.IndexHNSWSQ(dim, quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = EF_CONSTRUCTION
         self.index.train(np.ascontiguousarray(training, np.float32))
-        self.rows = np.zeros(0, np.int64)
+        self._rows = np.zeros(ADD_CHUNK, np.int64)  # grows geometrically: a build adds ADD_CHUNK at a time
+        self._size = 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        """int64 (nodes,): the snapshot row of each node."""
+        return self._rows[: self._size]
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, np.float32))
-        self.rows = np.concatenate([self.rows, rows.astype(np.int64)])
+        if self._size + len(rows) > len(self._rows):
+            grown = np.zeros(max(2 * len(self._rows), self._size + len(rows)), np.int64)
+            grown[: self._size] = self.rows
+            self._rows = grown
+        self._rows[self._size : self._size + len(rows)] = rows
+        self._size += len(rows)
+
+    def nodes_in(self, mask: np.ndarray) -> np.ndarray:
+        """Per node: whether its row is set in ``mask`` (bool over snapshot rows; a row past its end is not)."""
+        rows = self.rows
+        return np.take(mask, rows, mode="clip") & (rows < len(mask))
 
 
 class GraphIndex:
@@ -121,10 +137,7 @@ class GraphIndex:
 
     def late(self, allowed: np.ndarray) -> np.ndarray:
         """Rows among ``allowed`` (bool over the snapshot's rows) that are not nodes of the graph."""
-        covered = self._covered
-        if len(covered) < len(allowed):
-            covered = np.concatenate([covered, np.zeros(len(allowed) - len(covered), bool)])
-        return np.flatnonzero(allowed & ~covered[: len(allowed)])
+        return np.flatnonzero(allowed & ~_padded(self._covered, len(allowed))[: len(allowed)])
 
     def search(self, query: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
         """Up to ``count`` rows among ``allowed`` that are nodes of the graph, nearest first by the
@@ -135,7 +148,7 @@ class GraphIndex:
                 return np.zeros(0, np.int64)
             # in FAISS since 1.7.3, missing from its stubs
             parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
-            nodes = np.take(allowed, graph.rows, mode="clip") & (graph.rows < len(allowed))
+            nodes = graph.nodes_in(allowed)
             if not nodes.all():  # a selector costs ~0.4 ms a query at 10^5 nodes: only when one is needed
                 bitmap = np.packbits(nodes, bitorder="little")
                 parameters.sel = faiss.IDSelectorBitmap(len(nodes), faiss.swig_ptr(bitmap))
@@ -162,8 +175,7 @@ class GraphIndex:
         graph = self._graph
         if graph is None or not len(graph.rows):
             return 0.0
-        alive = np.take(live, graph.rows, mode="clip") & (graph.rows < len(live))
-        return 1.0 - float(np.count_nonzero(alive)) / len(graph.rows)
+        return 1.0 - float(np.count_nonzero(graph.nodes_in(live))) / len(graph.rows)
 
     def _run(self) -> None:
         # one OpenMP thread (a per-thread setting): a background build leaves the other cores to
@@ -206,8 +218,13 @@ class GraphIndex:
             with self._lock:
                 assert self._graph is not None
                 self._graph.add(chunk, vectors)
-                covered = self._covered
-                if len(covered) < len(self.snapshot.live):
-                    covered = np.concatenate([covered, np.zeros(len(self.snapshot.live) - len(covered), bool)])
+                covered = _padded(self._covered, len(self.snapshot.live))
                 covered[chunk] = True
                 self._covered = covered
+
+
+def _padded(covered: np.ndarray, rows: int) -> np.ndarray:
+    """``covered`` extended with False to at least ``rows`` rows (the snapshot grew since)."""
+    if len(covered) >= rows:
+        return covered
+    return np.concatenate([covered, np.zeros(rows - len(covered), bool)])
