@@ -10,10 +10,9 @@ One process runs
 and stops them all on SIGINT / SIGTERM. What was received and acknowledged but not yet
 indexed waits in ``spool_dir`` and is enqueued again at the next start; what was refused
 (0xA700, or a STOW-RS failure, while Redis did not answer) is not kept: the sender sends it
-again. More ``orthanc-cbir worker`` processes
-may share the work if they see the same spool directory (``CBIR_SPOOL_DIR``) and stream
-(``CBIR_INGEST_STREAM``). The stream is the server's own: one that Orthanc's workers read
-(another deployment on the same Redis) is refused at start.
+again. More ``orthanc-cbir worker`` processes may share the work if they see the same spool
+directory (``CBIR_SPOOL_DIR``) and stream (``CBIR_INGEST_STREAM``). The stream is the server's
+own: one that Orthanc's workers read (another deployment on the same Redis) is refused at start.
 """
 
 from __future__ import annotations
