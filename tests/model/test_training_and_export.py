@@ -52,6 +52,18 @@ def test_card_describes_the_exported_file(exported):
     assert embedder.version.startswith("tiny@")
 
 
+def test_the_card_says_where_the_level_lies_and_the_product_reads_the_networks_level_back(tiny_checkpoint, exported):
+    model, config, _ = load_checkpoint(tiny_checkpoint[0])
+    level = Embedder(exported).card.level
+    assert level is not None and level.stop == 32 + 16 + 6 and level.weight == config.level_feature_weight
+    images = torch.rand(16, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        predicted_mm = 100.0 * model.net(images)["level"].numpy()
+    out = Embedder(exported).embed(images.numpy())
+    np.testing.assert_allclose(level.decode(out.features), predicted_mm, atol=0.05)
+    np.testing.assert_allclose(out.features[:, level.start :], level.encode(predicted_mm), atol=1e-5)
+
+
 def test_embedder_is_batch_size_invariant(exported):
     images = np.random.default_rng(5).random((10, 64, 64)).astype(np.float32)
     one, many = Embedder(exported, batch_size=1).embed(images), Embedder(exported, batch_size=32).embed(images)

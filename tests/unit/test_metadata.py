@@ -112,3 +112,26 @@ def test_every_process_takes_the_secret_from_the_setting_in_its_environment(key_
     use_patient_key_secret(None)
     built_in = patient_key("1234567")  # no secret: a built-in key, still not the bare hash
     assert built_in != hashlib.sha256(b"\x001234567").hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("orientation", "position"),
+    [([1, 0, 0, 0, 1, 0], -120.5),  # axial
+     ([1, 0, 0, 0, 0.94, -0.342], -120.5),  # a 20 degree gantry tilt: still one level
+     ([1, 0, 0, 0, 0, -1], None),  # coronal: every row at another level
+     ([0, 1, 0, 0, 0, -1], None),  # sagittal
+     ([0, 0, 0, 0, 0, 0], None)],  # no direction at all
+)
+def test_an_axial_slice_says_where_it_lies_along_the_body_and_no_other_image_does(orientation, position):
+    ds = factory.grey_image(np.zeros((4, 6), dtype=np.uint16), ImagePositionPatient=[-200, -180, -120.5],
+                            ImageOrientationPatient=orientation)  # fmt: skip
+    record = extract_metadata(ds)
+    assert record.image_orientation_patient == tuple(float(v) for v in orientation)
+    assert record.axial_position_mm == position
+
+
+def test_a_slice_without_its_orientation_or_position_has_no_position_along_the_body():
+    no_orientation = factory.grey_image(np.zeros((4, 6), dtype=np.uint16), ImagePositionPatient=[0, 0, 10])
+    no_position = factory.grey_image(np.zeros((4, 6), dtype=np.uint16), ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    assert extract_metadata(no_orientation).axial_position_mm is None
+    assert extract_metadata(no_position).axial_position_mm is None

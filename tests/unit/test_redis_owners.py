@@ -13,6 +13,7 @@ OWNERS = {
     "ingest/queue.py",  # the stream, rejected, dead letters, the Orthanc id map, request / reply, marks
     "index/store.py",  # one model version's index
     "index/versions.py",  # which model versions have an index
+    "index/series_levels.py",  # each series' level offsets
     "audit.py",  # the audit trail
     "evaluation/retrieval.py",  # its own throw-away index
 }

@@ -12,12 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, overload
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+AXIAL_TILT_DEGREES = 30.0
+"""A slice whose normal lies within this of the body axis is axial (gantry tilts are well under it)."""
 
 _AGE_UNIT_YEARS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 
@@ -50,12 +55,31 @@ class InstanceMetadata:
     patient_key: str | None
     """SHA-256 (16 hex digits) of issuer and PatientID: equal for the same patient,
     useless for finding out who the patient is."""
+    image_orientation_patient: tuple[float, float, float, float, float, float] | None = None
+    """Direction cosines of the rows and columns (last: entries written before it read ``None``)."""
+
+    @property
+    def axial_position_mm(self) -> float | None:
+        """Where an axial slice lies along the body axis (mm, growing towards the head: the patient
+        z of ImagePositionPatient); ``None`` unless both position and orientation say the slice is
+        within :data:`AXIAL_TILT_DEGREES` of axial (a coronal or sagittal image has no one level)."""
+        if self.image_position_patient is None or self.image_orientation_patient is None:
+            return None
+        row, column = np.array(self.image_orientation_patient[:3]), np.array(self.image_orientation_patient[3:])
+        normal = np.cross(row, column)
+        length = float(np.linalg.norm(normal))
+        if not np.isfinite(length) or length < 1e-6:
+            return None
+        if abs(normal[2]) / length < math.cos(math.radians(AXIAL_TILT_DEGREES)):
+            return None
+        position = float(self.image_position_patient[2])
+        return position if math.isfinite(position) else None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the date as ``YYYY-MM-DD``, tuples as lists)."""
         record = asdict(self)
         record["study_date"] = self.study_date.isoformat() if self.study_date else None
-        for name in ("pixel_spacing_mm", "image_position_patient"):
+        for name in ("pixel_spacing_mm", "image_position_patient", "image_orientation_patient"):
             if record[name] is not None:
                 record[name] = list(record[name])
         return record
@@ -66,7 +90,7 @@ class InstanceMetadata:
         values: dict[str, Any] = {name: record.get(name) for name in cls.__dataclass_fields__}
         values["study_date"] = dt.date.fromisoformat(values["study_date"]) if values["study_date"] else None
         values["number_of_frames"] = values["number_of_frames"] or 1
-        for name in ("pixel_spacing_mm", "image_position_patient"):
+        for name in ("pixel_spacing_mm", "image_position_patient", "image_orientation_patient"):
             if values[name] is not None:
                 values[name] = tuple(values[name])
         return cls(**values)
@@ -95,6 +119,7 @@ def extract_metadata(ds: Dataset) -> InstanceMetadata:
         slice_location=_float(ds, "SliceLocation"),
         image_position_patient=_floats(ds, "ImagePositionPatient", 3),
         patient_key=_patient_key(ds),
+        image_orientation_patient=_floats(ds, "ImageOrientationPatient", 6),
     )
 
 
@@ -230,6 +255,8 @@ def _float(ds: Dataset, keyword: str) -> float | None:
 def _floats(ds: Dataset, keyword: str, count: Literal[2]) -> tuple[float, float] | None: ...
 @overload
 def _floats(ds: Dataset, keyword: str, count: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _floats(ds: Dataset, keyword: str, count: Literal[6]) -> tuple[float, float, float, float, float, float] | None: ...
 def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
     value = _raw(ds, keyword)
     try:

@@ -21,6 +21,8 @@ into the model card. Everything here runs on held-out data only:
   aligning the two series on two landmarks annotated once per series (landmarks.json).
 - Plane and region across patients: axial slices and coronal / sagittal reformats of the
   real volumes; the top 5 hits from other patients share the query's plane and region.
+  In both, each volume's axial slices are at their series' level, as the index holds them
+  (:mod:`orthanc_cbir.model.level`); the real-series figure keeps each slice's own prediction.
 - Window invariance: real CT slices saved with a lung window, a soft-tissue window and no
   window give embeddings whose distance is below a tenth of the distance to the
   neighbouring slice.
@@ -228,23 +230,58 @@ def _landmark_pair(folder: Path, landmarks: dict) -> tuple[float, float]:
 
 def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     axial = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0, reformats=())
-    return axial.aux["level"].astype(np.float64), embedder.embed(axial.as_float()).features
+    positions = axial.aux["level"].astype(np.float64)
+    return positions, _as_indexed(embedder, embedder.embed(axial.as_float()).features, positions)
+
+
+def _as_indexed(embedder, features: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One series' axial slices as the index holds them: at the series' level (:mod:`..model.level`)."""
+    level = embedder.card.level
+    return features if level is None else level.refine_series(features, positions)
 
 
 def plane_region(
     embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS
 ) -> dict:
-    """Precision@k of same plane and same region among hits from other patients (queries: volumes
-    whose region has at least two patients; volumes without a region label left out), over all
-    queries and over those of ``held_out`` patients (never in training)."""
+    """Precision@k of same plane and same region among hits from other patients (queries: images
+    of a region at least two patients show; volumes without a region label left out), over all
+    queries and over those of ``held_out`` patients (never in training).
+
+    The region of an axial slice is its anatomy: chest at or above the volume's lung base, abdomen
+    below it (:data:`LANDMARKS`, ``lung_base``, annotated by eye), not the name of its study: a CT
+    called abdomen that begins at the heart shows the chest there. Coronal and sagittal images keep
+    the volume's region. ``by_volume_label`` gives the same measure with every image at its volume's
+    region, as it was measured before."""
+    import json
+
     # A volume without one region label (a pelvic MR, a neck-to-kidney CT) has no right answer here.
     sources = [source for source in sources if source.region is not None]
     images = ImageSet.concatenate([read_volume(source, group=i, reformats=VALIDATION_REFORMATS)
                                    for i, source in enumerate(sources)])  # fmt: skip
     features = embedder.embed(images.as_float()).features
-    region = np.array([sources[g].region for g in images.group])
-    plane = images.aux["plane"]
+    for group in np.unique(images.group):  # each volume's axial slices, one series each
+        axial = np.flatnonzero((images.group == group) & ~np.isnan(images.aux["level"]))
+        features[axial] = _as_indexed(embedder, features[axial], images.aux["level"][axial].astype(np.float64))
+    volume_region = np.array([sources[g].region for g in images.group])
+    bases = json.loads(LANDMARKS.read_text())["lung_base"]["volumes"]
+    slice_region = volume_region.copy()
+    for i, (group, z) in enumerate(zip(images.group, images.aux["level"], strict=True)):
+        base = bases.get(sources[group].path.name)
+        if np.isnan(z) or base is None or volume_region[i] not in ("chest", "abdomen"):
+            continue
+        slice_region[i] = "chest" if base == "below" or (base != "above" and z >= base) else "abdomen"
     patient = np.array([sources[g].patient for g in images.group])
+    return {
+        "images": int(len(images)), "k": k, "region": "axial slices: their anatomy (lung base, landmarks.json)",
+        **_plane_region_precision(features, images.aux["plane"], slice_region, patient, k, held_out),
+        "by_volume_label": _plane_region_precision(features, images.aux["plane"], volume_region, patient, k,
+                                                   held_out),
+        "volumes": [f"{s.patient}: {s.path.name} ({s.modality} {s.region or ''})".strip() for s in sources],
+    }  # fmt: skip
+
+
+def _plane_region_precision(features: np.ndarray, plane: np.ndarray, region: np.ndarray, patient: np.ndarray,
+                            k: int, held_out: tuple[str, ...]) -> dict:  # fmt: skip
     per_region = {r: len(set(patient[region == r])) for r in set(region)}
     queries = np.flatnonzero([per_region[r] >= 2 for r in region])
     distances = ((features[queries, None, :] - features[None, :, :]) ** 2).sum(axis=2)
@@ -260,14 +297,13 @@ def plane_region(
         if patient[q] in held_out:
             unseen[AUX_LABELS["plane"][plane[q]]].append(share)
     return {
-        "images": int(len(images)), "queries": int(len(queries)), "k": k,
+        "queries": int(len(queries)),
         "precision_at_5": round(float(np.mean(precision)), 4),
         "per_plane": {name: round(float(np.mean(v)), 4) for name, v in per_plane.items() if v},
         "held_out_patients": list(held_out),
         "held_out_precision_at_5": round(float(np.mean([x for v in unseen.values() for x in v])), 4)
         if any(unseen.values()) else None,
         "held_out_per_plane": {name: round(float(np.mean(v)), 4) for name, v in unseen.items() if v},
-        "volumes": [f"{s.patient}: {s.path.name} ({s.modality} {s.region or ''})".strip() for s in sources],
     }  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from redis.client import Pipeline
 from ..errors import IndexLayoutError
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
+from ..model.level import LevelEncoding
 from ..redis_client import RedisClient, as_bytes
 from .hamming import MultiIndex
 from .schema import (
@@ -52,6 +53,7 @@ from .schema import (
     quantize,
     shard_of,
 )
+from .series_levels import Placed, SeriesLevels
 
 FEATURE_DTYPE = np.dtype("i1")
 """Stored features: int8, with a float32 scale per row in the ``scales`` column."""
@@ -69,11 +71,15 @@ class IndexInfo:
     feature_dim: int
     layout: CodeLayout
     labels: dict[str, tuple[str, ...]]
+    level: LevelEncoding | None = None
+    """Where the features hold the anatomical level: axial slices are then indexed at their
+    series' level (:mod:`.series_levels`); ``None``: features are stored as given."""
 
     @classmethod
     def from_card(cls, card: ModelCard) -> IndexInfo:
         """From a :class:`~orthanc_cbir.model.embedder.ModelCard`."""
-        return cls(card.version, card.embedding_dim, card.code_layout, {h: tuple(n) for h, n in card.labels.items()})
+        return cls(card.version, card.embedding_dim, card.code_layout, {h: tuple(n) for h, n in card.labels.items()},
+                   card.level)  # fmt: skip
 
     @classmethod
     def for_model(cls, model_path: str | Path) -> IndexInfo:
@@ -133,6 +139,7 @@ class IndexStore:
         self._asked = shards
         self._shards: int | None = None  # known once the index in Redis says (nothing is asked before a use)
         self._shard_keys: list[KeySpace] = []
+        self.series_levels = None if info.level is None else SeriesLevels(client, self.keys, info.level)
 
     # -- shards and the recorded layout -----------------------------------------------------
 
@@ -199,17 +206,64 @@ class IndexStore:
         All or nothing per shard: an instance's key, its row and every column are written
         in one transaction, so a worker killed mid-batch leaves no instance that looks
         indexed but has no row. ``WATCH`` on the instances' keys makes two workers racing
-        on one instance add it once: the loser's transaction fails and it looks again."""
+        on one instance add it once: the loser's transaction fails and it looks again.
+
+        When the features hold a level (:attr:`IndexInfo.level`), axial slices are written at
+        their series' level, and the series' earlier rows that the batch moves are rewritten
+        (:mod:`.series_levels`)."""
         if not records:
             return AddResult(0, 0)
         self._check(records)
         self._write_info()
+        placed: list[Placed] = []
+        if self.series_levels is not None:
+            records, placed = self.series_levels.place(records)
         shards = self.shards
         by_shard: dict[int, list[IndexRecord]] = defaultdict(list)
         for record in records:
             by_shard[shard_of(record.key, shards)].append(record)
         added = sum(self._add_to_shard(shard, group) for shard, group in sorted(by_shard.items()))
+        if self.series_levels is not None and placed:
+            moves = self.series_levels.settle(placed)
+            rewritten = self._set_levels(moves)
+            self.series_levels.moved([m for m, done in zip(moves, rewritten, strict=True) if done],
+                                     [m for m, done in zip(moves, rewritten, strict=True) if not done])  # fmt: skip
         return AddResult(added=added, duplicates=len(records) - added)
+
+    def _set_levels(self, moves: Sequence[Placed]) -> list[bool]:
+        """Rewrite the level block of each moved slice's row (the other dims kept, the row
+        requantised); per move, whether its slice is indexed (a removed one is skipped)."""
+        level = self.info.level
+        if not moves or level is None:
+            return [False] * len(moves)
+        shards = self.shards
+        widths = {column: self.info.column_width(column) for column in ("features", "scales")}
+        look = self.client.pipeline(transaction=False)
+        for move in moves:
+            look.get(self._keys_of(move.sop_instance_uid, shards).instance(move.sop_instance_uid))
+        rows = [None if raw is None else entry_row(as_bytes(raw)) for raw in look.execute()]
+        found = [(self._keys_of(move.sop_instance_uid, shards), *divmod(row, BLOCK_ROWS), move.level_mm)
+                 for move, row in zip(moves, rows, strict=True) if row is not None]  # fmt: skip
+        if not found:
+            return [False] * len(moves)
+        read = self.client.pipeline(transaction=False)
+        for keys, block, slot, _ in found:
+            for column, width in widths.items():
+                read.getrange(keys.block(column, block), slot * width, (slot + 1) * width - 1)
+        raw = [as_bytes(value) for value in read.execute()]
+        stored = np.frombuffer(b"".join(raw[0::2]), FEATURE_DTYPE).reshape(len(found), -1).astype(np.float32)
+        stored *= np.frombuffer(b"".join(raw[1::2]), SCALE_DTYPE)[:, None]
+        quantized, scales = quantize(level.with_levels(stored, np.array([level_mm for *_, level_mm in found])))
+        write = self.client.pipeline(transaction=True)
+        for (keys, block, slot, _), row_features, scale in zip(found, quantized, scales.astype(SCALE_DTYPE),
+                                                               strict=True):  # fmt: skip
+            write.setrange(keys.block("features", block), slot * widths["features"], row_features.tobytes())
+            write.setrange(keys.block("scales", block), slot * widths["scales"], scale.tobytes())
+            write.hincrby(keys.generations, block, 1)
+        for writes in sorted({keys.writes for keys, *_ in found}):
+            write.incr(writes)
+        write.execute()
+        return [row is not None for row in rows]
 
     def _add_to_shard(self, shard: int, records: list[IndexRecord]) -> int:
         keys = self._shard_keys[shard]

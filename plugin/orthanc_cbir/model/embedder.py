@@ -25,6 +25,7 @@ import numpy as np
 from ..config import DEFAULT_MODEL
 from ..errors import ModelContractError
 from .codes import CodeLayout, pack_codes
+from .level import LevelEncoding
 from .preprocess import to_model_input
 
 INPUT_NAME = "image"
@@ -45,6 +46,8 @@ class ModelCard:
     labels: dict[str, tuple[str, ...]]
     raw: dict[str, Any]
     """The whole card as read (training data, licences, validation figures...)."""
+    level: LevelEncoding | None = None
+    """Where the features hold the anatomical level (``outputs.level``); ``None``: they do not."""
 
     @property
     def code_bits(self) -> int:
@@ -68,6 +71,7 @@ class ModelCard:
                 code_layout=CodeLayout.from_json(raw["code_layout"]),
                 labels={head: tuple(names) for head, names in raw["labels"].items()},
                 raw=raw,
+                level=LevelEncoding.from_card(raw["outputs"]),
             )
         except FileNotFoundError:
             raise ModelContractError(f"no model card at {path}: a model is only used with its card") from None

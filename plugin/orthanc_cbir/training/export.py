@@ -22,6 +22,7 @@ from torch import nn
 from ..dicom.pixels import CT_MODEL_MAPPING
 from ..model.codes import CodeLayout
 from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, card_path, file_sha256
+from ..model.level import LevelEncoding
 from ..model.preprocess import INPUT_SIZE
 from .anatomy import SOURCES, extra_sources
 from .data import LABELS
@@ -77,6 +78,12 @@ def load_checkpoint(checkpoint: Path) -> tuple[ExportedModel, TrainConfig, dict]
     return model, config, saved["summary"]
 
 
+def level_encoding(config: TrainConfig) -> LevelEncoding:
+    """Where :func:`~.spectrum.with_level` puts the level in the exported features."""
+    return LevelEncoding(config.embedding_dim + config.spectral_dims, tuple(config.level_periods_mm),
+                         config.level_feature_weight)  # fmt: skip
+
+
 def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
     """Write ``onnx_path`` and its card; returns the card's path."""
     model, config, summary = load_checkpoint(checkpoint)
@@ -109,7 +116,9 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
             f"({config.embedding_dim}) and the whitened log-spectrum ({config.spectral_dims}, |u|,|v| <= "
             f"{config.spectral_frequencies}), weights {1 - config.spectral_weight:g} / {config.spectral_weight:g}, "
             f"then the anatomical level on circles of periods {list(config.level_periods_mm)} mm "
-            f"({2 * len(config.level_periods_mm)} dims) at {config.level_feature_weight:g} of the squared distance",
+            f"({2 * len(config.level_periods_mm)} dims) at {config.level_feature_weight:g} of the squared distance; "
+            "an axial slice of a series is indexed at its series' level (orthanc_cbir.model.level)",
+            "level": level_encoding(config).to_card(),
             "code_logits": layout.bits,
             "code_note": "bit = logit > 0, packed MSB first; sub-codes per code_layout",
             **{CLASS_LOGITS_PREFIX + head: len(names) for head, names in LABELS.items()},
