@@ -4,12 +4,16 @@ a real redis-server, pictures written by the test."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
 
 from orthanc_cbir.answers.similar_cases import SimilarCase, secondary_capture_series
 from orthanc_cbir.cli import main
+from orthanc_cbir.index.records import decode_file
+from orthanc_cbir.index.series_levels import TOLERANCE_MM
 from orthanc_cbir.search import STRATEGIES
 from tests.dicom_factory import grey_image, structured_report, to_bytes
 
@@ -118,3 +122,32 @@ def test_evaluate_reports_every_strategy_as_one_json_line(redis_url, client, tmp
     assert summary["strategies"]["exact"]["recall@10_vs_exact"] == 1.0
     assert (report / "report.md").exists() and (report / "precision_recall.png").exists()
     assert not list(client.scan_iter(match="cbir-eval-*"))  # the private key space is gone
+
+
+REAL_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / (
+    "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl")
+
+
+def test_a_real_ct_series_indexed_in_batches_lands_at_one_level_per_series(redis_url, client, capsys):
+    """The shipped model reads this chest CT's levels at about 0.8 of their true distances;
+    the index holds its slices 5 mm apart, as they are, whatever batches they came in."""
+    from orthanc_cbir.index import IndexInfo, IndexStore
+    from orthanc_cbir.index.snapshot import IndexSnapshot
+    from orthanc_cbir.model.embedder import Embedder
+
+    files = sorted(REAL_CT.glob("*.dcm"))
+    for start in range(0, len(files), 16):  # four runs: later ones move the rows of earlier ones
+        assert main(["index", *map(str, files[start : start + 16]), "--redis-url", redis_url]) == 0
+    assert f"indexed {len(files) - 48}," in capsys.readouterr().out
+    embedder = Embedder()
+    store = IndexStore(client, IndexInfo.from_card(embedder.card))
+    level = embedder.card.level
+    assert level is not None and store.count() == len(files)
+    snapshot = IndexSnapshot(store)
+    snapshot.refresh()
+    positions = np.array([float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files])
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    levels = level.decode(snapshot.vectors(np.array([store.row(uid) for uid in uids])))
+    assert np.ptp(levels - positions) < 2 * TOLERANCE_MM + 1.0  # one offset: the series' own spacing
+    own = level.decode(embedder.embed_pixels([decode_file(f).images[0].model_pixels for f in files]).features)
+    assert np.polyfit(positions, own, 1)[0] < 0.9  # what the index corrects: the model alone compresses it

@@ -81,3 +81,25 @@ def test_the_landmarks_of_a_real_chest_ct_agree_with_those_annotated_by_eye():
     # two 5 mm slices: the eye looked at a lung window, the detector counts voxels
     assert found.apex_mm == pytest.approx(by_eye["lung_apex_mm"], abs=10.0)
     assert found.base_mm == pytest.approx(by_eye["lung_base_mm"], abs=10.0)
+
+
+def test_an_axial_slice_is_judged_by_its_anatomy_and_a_reformat_by_its_volume():
+    from orthanc_cbir.evaluation.model_report import anatomical_regions
+
+    volume = np.array(["abdomen", "abdomen", "chest", "chest", "abdomen", "chest", "abdomen"])
+    z = np.array([-430.0, -500.0, -660.0, -650.0, np.nan, -900.0, -700.0])
+    bases = [-460.0, -460.0, -659.0, -659.0, -460.0, "below", "above"]
+    # an "abdomen" CT's top slice shows the heart; a chest CT's last slice is liver; reformats keep theirs
+    assert anatomical_regions(volume, z, bases).tolist() == ["chest", "abdomen", "abdomen", "chest", "abdomen",
+                                                             "chest", "abdomen"]  # fmt: skip
+
+
+def test_every_volume_of_the_plane_and_region_measure_has_its_lung_base_annotated():
+    from orthanc_cbir.training.anatomy import anatomy_volumes
+
+    annotated = json.loads(LANDMARKS.read_text())["lung_base"]["volumes"]
+    # the volumes README says to bring (one of extra/SOURCES.json without a base keeps its volume's region)
+    measured = {source.path.name for source in anatomy_volumes(Path("anatomy"), Path("series"))
+                if source.region in ("chest", "abdomen")}  # fmt: skip
+    assert {"lidc0314", "example_ct.nii.gz", "example_ct_dicom"} <= measured <= set(annotated)
+    assert all(isinstance(v, float) or v in ("below", "above") for v in annotated.values())

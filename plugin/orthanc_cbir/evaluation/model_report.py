@@ -264,12 +264,8 @@ def plane_region(
         features[axial] = _as_indexed(embedder, features[axial], images.aux["level"][axial].astype(np.float64))
     volume_region = np.array([sources[g].region for g in images.group])
     bases = json.loads(LANDMARKS.read_text())["lung_base"]["volumes"]
-    slice_region = volume_region.copy()
-    for i, (group, z) in enumerate(zip(images.group, images.aux["level"], strict=True)):
-        base = bases.get(sources[group].path.name)
-        if np.isnan(z) or base is None or volume_region[i] not in ("chest", "abdomen"):
-            continue
-        slice_region[i] = "chest" if base == "below" or (base != "above" and z >= base) else "abdomen"
+    slice_region = anatomical_regions(volume_region, images.aux["level"],
+                                      [bases.get(sources[g].path.name) for g in images.group])  # fmt: skip
     patient = np.array([sources[g].patient for g in images.group])
     return {
         "images": int(len(images)), "k": k, "region": "axial slices: their anatomy (lung base, landmarks.json)",
@@ -278,6 +274,19 @@ def plane_region(
                                                    held_out),
         "volumes": [f"{s.patient}: {s.path.name} ({s.modality} {s.region or ''})".strip() for s in sources],
     }  # fmt: skip
+
+
+def anatomical_regions(volume_region: np.ndarray, z_mm: np.ndarray, lung_base: list[float | str | None]) -> np.ndarray:
+    """Each image's region: an axial slice (``z_mm`` known) of a chest or abdomen volume is chest at or
+    above its volume's ``lung_base`` (mm; ``"below"``: the volume ends inside the lungs, ``"above"``:
+    it shows none), abdomen below it; any other image (a reformat, a volume without a base) keeps
+    its volume's region."""
+    regions = np.array(volume_region, dtype=object)
+    for i, (z, base) in enumerate(zip(z_mm, lung_base, strict=True)):
+        if np.isnan(z) or base is None or regions[i] not in ("chest", "abdomen"):
+            continue
+        regions[i] = "chest" if base == "below" or (base != "above" and z >= float(base)) else "abdomen"
+    return regions
 
 
 def _plane_region_precision(features: np.ndarray, plane: np.ndarray, region: np.ndarray, patient: np.ndarray,

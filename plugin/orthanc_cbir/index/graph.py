@@ -18,6 +18,9 @@ the same rows. A query never waits for a build:
 - A removed instance stays a node of the graph (HNSW cannot drop one) but the query's
   selector keeps it out of every answer. Once :data:`REBUILD_REMOVED` of the nodes are removed
   rows, the thread builds a new graph beside the old one and swaps it in.
+- A row rewritten where it is (an axial slice whose series' level moved, :mod:`.series_levels`)
+  keeps its first vector as a node until the next rebuild. The answer's distances are the
+  snapshot's, so only which candidates the walk meets lags behind.
 - Filters reach the graph as a FAISS ``IDSelectorBitmap`` over its nodes, so a filtered query
   still returns k hits. The caller scans instead when the filters keep few rows
   (:data:`SCAN_BELOW`): a walk among nodes nearly all filtered out visits most of the graph.

@@ -103,6 +103,10 @@ class TrainConfig:
     """Times the (small) PneumoniaMNIST train set appears per epoch."""
     organ_repeat: int = 2
     """Times OrganAMNIST's train split appears per epoch."""
+    reformat_repeat: int = 8
+    """Extra times the real volumes' coronal and sagittal reformats appear per epoch: about 130
+    images among 130,000, a step of 256 would hold one every four steps, too rare for the
+    supervised term to group them by plane and region."""
     aux_weight: float = 0.5
     """Weight of the training-only heads' cross-entropy (plane, organ)."""
     level_loss_weight: float = 1.0
@@ -117,7 +121,7 @@ class TrainConfig:
     """Volumes per step for the level loss."""
     level_anchor_weight: float = 1.0
     """Weight of the level in the lung frame (volumes whose CT shows the lungs), beside its differences."""
-    organ_supervised_weight: float = 0.4
+    organ_supervised_weight: float = 1.0
     """Weight of a supervised-contrastive term among OrganAMNIST's crops alone: organs of unseen
     patients, not MedNIST's classes, need the tighter grouping (a global weight this high loosens
     the within-class order the Hamming pool relies on)."""
@@ -168,7 +172,8 @@ def load_data(config: TrainConfig) -> TrainingData:
         volumes = read_volumes([v for v in sources if v.patient not in config.held_out_patients and v.path.exists()])
         region = np.where(volumes.labels["region"] >= 0, volumes.labels["region"], 9)
         volumes.fine_class = 200 + 10 * region + volumes.aux["plane"]
-        train = ImageSet.concatenate([train, volumes])
+        reformats = volumes.subset(np.flatnonzero(volumes.aux["plane"] != AUX_LABELS["plane"].index("axial")))
+        train = ImageSet.concatenate([train, volumes] + [reformats] * config.reformat_repeat)
     if config.limit:
         rng = np.random.default_rng(config.seed)
         train = train.subset(np.sort(rng.choice(len(train), size=min(config.limit, len(train)), replace=False)))
