@@ -348,7 +348,10 @@ class IndexStore:
                         return False
                     row = entry_row(as_bytes(raw))
                     block, slot = divmod(row, BLOCK_ROWS)
+                    series = decode_entry(sop_instance_uid, as_bytes(raw)).metadata.series_instance_uid
                     pipe.multi()
+                    if self.series_levels is not None and series:
+                        self.series_levels.forget(pipe, series, sop_instance_uid)
                     live_offset = slot * ATTRIBUTES.itemsize + _FIELDS["live"][1]
                     pipe.setrange(keys.block("attributes", block), live_offset, b"\x00")
                     pipe.delete(name)
