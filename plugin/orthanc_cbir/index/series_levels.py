@@ -29,9 +29,11 @@ from ..model.level import LevelEncoding, series_offset
 from ..redis_client import RedisClient, as_bytes
 from .schema import IndexRecord, KeySpace
 
-TOLERANCE_MM = 2.0
-"""A row is rewritten once its series' offset has moved by more than this (a tenth of the 20 mm
-within which two slices count as one level)."""
+TOLERANCE_MM = 5.0
+"""A row is rewritten once its series' offset has moved by more than this (a quarter of the 20 mm
+within which two slices count as one level). A series sent from the head down in batches of 32,
+whose predicted levels run at 0.8 of the true distances, has each row rewritten 1.7 times over
+300 slices and 2.3 times over 1,000 (3.8 and 5.7 at 2 mm)."""
 ENTRY = np.dtype([("predicted", "<f4"), ("position", "<f4"), ("offset", "<f4")])
 """Per slice: the model's level, the slice's position (mm) and the offset its row holds."""
 
