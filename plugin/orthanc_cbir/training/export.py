@@ -136,7 +136,8 @@ def export(checkpoint: Path, onnx_path: Path, name: str | None = None) -> Path:
                      "organamnist": "train split (val and test, other patients, held out)"
                                     if config.organamnist else None,
                      "volumes": "real CT/MR volumes (axial slices with their level, coronal and sagittal "
-                                "reformats)" if config.anatomy_root else None},  # fmt: skip
+                                f"reformats, these {1 + config.reformat_repeat} times an epoch)"
+                                if config.anatomy_root else None},  # fmt: skip
             "credits": DATA_CREDITS,
             "held_out_patients": list(config.held_out_patients) if config.anatomy_root else [],
             "sources": {**SOURCES, **{entry["name"]: entry for entry in extra_sources(Path(config.anatomy_root))}}
