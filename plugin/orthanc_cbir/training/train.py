@@ -128,9 +128,9 @@ class TrainConfig:
     level_feature_weight: float = 0.5
     """Share of the level encoding in squared feature distances (see :func:`.spectrum.with_level`).
     Used after training only (the fits and the export). 0.5 once the index holds each axial slice at
-    its series' level (:mod:`orthanc_cbir.model.level`): at 0.3 the other half of the descriptor,
-    which knows the patient more than the level, still picked a slice 20 mm away in a fifth of the
-    cross-patient queries (0.86 / 0.81 against 0.97 / 0.93 both ways, validate-model)."""
+    its series' level (:mod:`orthanc_cbir.model.level`): on the previous network's checkpoint, at 0.3
+    the rest of the descriptor, which knows the patient better than the level, still picked a slice
+    over 20 mm away for 14 % and 19 % of the cross-patient queries, at 0.5 for 3 % and 7 %."""
     level_periods_mm: tuple[float, ...] = (3200.0, 800.0, 250.0)
     """Periods of the level circles: 20 mm apart stays closer than 50 mm apart over the whole body."""
     seed: int = 0
