@@ -219,3 +219,18 @@ def test_status_answers_200_with_redis_not_ok_when_one_shard_of_the_cluster_is_d
         assert answer.status == 200 and body["redis"]["ok"] is False, body
         assert body["redis"]["error"] and "indexed" not in body
         client.close()
+
+
+def test_series_levels_on_three_shards_of_a_cluster_move_and_forget_without_crossing_slots(cluster_client):
+    from tests.index.test_series_levels import LEVEL, POSITIONS, TOLERANCE_MM, biased, indexed_levels, series
+
+    store = IndexStore(cluster_client, dataclasses.replace(make_info(), level=LEVEL), shards=3)
+    predicted = biased()
+    records = series(predicted)
+    assert {shard_of(r.key, 3) for r in records} == {0, 1, 2}
+    for start in (30, 0, 20, 10):  # moves rows on every shard, one transaction per shard
+        store.add(records[start : start + 10])
+    assert store.remove(records[0].key)
+    assert store.series_levels is not None and cluster_client.hlen(store.series_levels.key("1.2.3.s1")) == 39
+    levels = indexed_levels(store, records[1:])
+    np.testing.assert_allclose(levels - POSITIONS[1:], np.median(predicted - POSITIONS), atol=TOLERANCE_MM + 0.5)

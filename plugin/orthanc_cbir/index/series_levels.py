@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from redis.client import Pipeline
 
 from ..model.level import LevelEncoding, series_offset
 from ..redis_client import RedisClient, as_bytes
@@ -124,10 +123,10 @@ class SeriesLevels:
             pipe.hdel(self.key(slice_.series), slice_.sop_instance_uid)
         pipe.execute()
 
-    def forget(self, pipe: Pipeline, series_instance_uid: str, sop_instance_uid: str) -> None:
-        """Queue, in the caller's transaction (the store's removal of the instance), the removal of
-        its slice from its series."""
-        pipe.hdel(self.key(series_instance_uid), sop_instance_uid)
+    def forget(self, series_instance_uid: str, sop_instance_uid: str) -> None:
+        """Take a removed instance's slice out of its series (an entry left by a process stopped in
+        between counts in its series' median until a rewrite finds its row gone)."""
+        self.client.hdel(self.key(series_instance_uid), sop_instance_uid)
 
     def _read(self, series: list[str]) -> dict[str, np.ndarray]:
         return {name: values for name, (_, values) in self._read_with_uids(series).items()}

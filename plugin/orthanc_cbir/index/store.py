@@ -254,15 +254,19 @@ class IndexStore:
         stored = np.frombuffer(b"".join(raw[0::2]), FEATURE_DTYPE).reshape(len(found), -1).astype(np.float32)
         stored *= np.frombuffer(b"".join(raw[1::2]), SCALE_DTYPE)[:, None]
         quantized, scales = quantize(level.with_levels(stored, np.array([level_mm for *_, level_mm in found])))
-        write = self.client.pipeline(transaction=True)
-        for (keys, block, slot, _), row_features, scale in zip(found, quantized, scales.astype(SCALE_DTYPE),
-                                                               strict=True):  # fmt: skip
-            write.setrange(keys.block("features", block), slot * widths["features"], row_features.tobytes())
-            write.setrange(keys.block("scales", block), slot * widths["scales"], scale.tobytes())
-            write.hincrby(keys.generations, block, 1)
-        for writes in sorted({keys.writes for keys, *_ in found}):
-            write.incr(writes)
-        write.execute()
+        by_shard: dict[str, list[int]] = defaultdict(list)  # one transaction per shard: one hash tag each
+        for n, (keys, *_) in enumerate(found):
+            by_shard[keys.base].append(n)
+        for members in by_shard.values():
+            write = self.client.pipeline(transaction=True)
+            for n in members:
+                keys, block, slot, _ = found[n]
+                write.setrange(keys.block("features", block), slot * widths["features"], quantized[n].tobytes())
+                write.setrange(keys.block("scales", block), slot * widths["scales"],
+                               scales[n].astype(SCALE_DTYPE).tobytes())  # fmt: skip
+                write.hincrby(keys.generations, block, 1)
+            write.incr(found[members[0]][0].writes)
+            write.execute()
         return [row is not None for row in rows]
 
     def _add_to_shard(self, shard: int, records: list[IndexRecord]) -> int:
@@ -350,8 +354,6 @@ class IndexStore:
                     block, slot = divmod(row, BLOCK_ROWS)
                     series = decode_entry(sop_instance_uid, as_bytes(raw)).metadata.series_instance_uid
                     pipe.multi()
-                    if self.series_levels is not None and series:
-                        self.series_levels.forget(pipe, series, sop_instance_uid)
                     live_offset = slot * ATTRIBUTES.itemsize + _FIELDS["live"][1]
                     pipe.setrange(keys.block("attributes", block), live_offset, b"\x00")
                     pipe.delete(name)
@@ -360,6 +362,9 @@ class IndexStore:
                     pipe.hincrby(keys.generations, block, 1)
                     pipe.incr(keys.writes)
                     pipe.execute()
+                    # after, not inside, the shard's transaction: the series' key has another hash tag
+                    if self.series_levels is not None and series:
+                        self.series_levels.forget(series, sop_instance_uid)
                     return True
                 except redis.WatchError:
                     continue
