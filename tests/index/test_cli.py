@@ -145,8 +145,9 @@ def test_a_real_ct_series_indexed_in_batches_lands_at_one_level_per_series(redis
     assert level is not None and store.count() == len(files)
     snapshot = IndexSnapshot(store)
     snapshot.refresh()
-    positions = np.array([float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files])
-    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    positions = np.array([float(header.ImagePositionPatient[2]) for header in headers])
+    uids = [str(header.SOPInstanceUID) for header in headers]
     levels = level.decode(snapshot.vectors(np.array([store.row(uid) for uid in uids])))
     assert np.ptp(levels - positions) < 2 * TOLERANCE_MM + 1.0  # one offset: the series' own spacing
     own = level.decode(embedder.embed_pixels([decode_file(f).images[0].model_pixels for f in files]).features)

@@ -352,7 +352,9 @@ class IndexStore:
                         return False
                     row = entry_row(as_bytes(raw))
                     block, slot = divmod(row, BLOCK_ROWS)
-                    series = decode_entry(sop_instance_uid, as_bytes(raw)).metadata.series_instance_uid
+                    series = None  # decoding the entry is needed only to find its series' levels
+                    if self.series_levels is not None:
+                        series = decode_entry(sop_instance_uid, as_bytes(raw)).metadata.series_instance_uid
                     pipe.multi()
                     live_offset = slot * ATTRIBUTES.itemsize + _FIELDS["live"][1]
                     pipe.setrange(keys.block("attributes", block), live_offset, b"\x00")
