@@ -55,3 +55,10 @@ def make_records(n: int, seed: int = 0, dim: int = DIM, prefix: str = "1.2.826.0
                          "pathology": np.eye(2, dtype=np.float32)[klass % 2]}  # fmt: skip
         records.append(IndexRecord(metadata, features, pack_codes(bits[None])[0], probabilities))
     return records
+
+
+def lung_profile(positions: np.ndarray, apex: float, base: float, widest_mm2: float = 25_000.0) -> np.ndarray:
+    """A series' aerated lung per slice (mm²): none outside apex..base, widest two thirds of the way down."""
+    widest = apex - 2 * (apex - base) / 3
+    share = np.where(positions >= widest, (apex - positions) / (apex - widest), (positions - base) / (widest - base))
+    return np.where((positions >= base) & (positions <= apex), 1_000.0 + widest_mm2 * share, 0.0)

@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     refit.add_argument("checkpoint", type=Path)
     refit.add_argument("--out", type=Path, default=Path("state/training"))
+    refit.add_argument("--level-periods", type=float, nargs="+", default=None, metavar="MM",
+                       help="periods of the level circles in the features (default: the checkpoint's)")
     refit.set_defaults(run=_run_refit)
 
     export = commands.add_parser(
@@ -679,7 +681,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_refit(args: argparse.Namespace) -> int:
     from .training.train import refit
 
-    refit(args.checkpoint, args.out)
+    refit(args.checkpoint, args.out, None if args.level_periods is None else tuple(args.level_periods))
     print(f"refitted: {args.out / 'checkpoint.pt'}")
     return 0
 

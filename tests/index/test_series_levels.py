@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.index import IndexStore
-from orthanc_cbir.index.series_levels import TOLERANCE_MM
+from orthanc_cbir.index.series_levels import ENTRY, TOLERANCE_MM
 from orthanc_cbir.index.snapshot import IndexSnapshot
 from orthanc_cbir.model.level import LevelEncoding
-from tests.records_factory import DIM, make_info, make_records
+from orthanc_cbir.model.lung_extent import LUNG_SPAN_MM
+from tests.records_factory import DIM, lung_profile, make_info, make_records
 
 LEVEL = LevelEncoding(start=DIM - 6, periods_mm=(3200.0, 800.0, 250.0), weight=0.5)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -25,18 +26,21 @@ def level_store(client):
     return IndexStore(client, dataclasses.replace(make_info(), level=LEVEL))
 
 
-def series(predicted_mm: np.ndarray, positions: np.ndarray = POSITIONS, orientation=AXIAL, name: str = "s1"):
-    """One series' records whose features say the model's ``predicted_mm`` levels."""
+def series(predicted_mm: np.ndarray, positions: np.ndarray = POSITIONS, orientation=AXIAL, name: str = "s1",
+           lung_mm2: np.ndarray | None = None):  # fmt: skip
+    """One series' records whose features say the model's ``predicted_mm`` levels (and whose slices
+    show ``lung_mm2`` of aerated lung, where given)."""
     records = make_records(len(positions), seed=len(name), prefix=f"1.2.826.0.1.3680043.8.498.{len(name)}")
+    lungs = [None] * len(positions) if lung_mm2 is None else [float(area) for area in lung_mm2]
     out = []
-    for record, position, level in zip(records, positions, predicted_mm, strict=True):
+    for record, position, level, lung in zip(records, positions, predicted_mm, lungs, strict=True):
         head = record.features[: LEVEL.start]
         head = head * np.sqrt(1 - LEVEL.weight) / np.linalg.norm(head)
         features = np.concatenate([head, LEVEL.encode(np.array([level]))[0]]).astype(np.float32)
         metadata = dataclasses.replace(record.metadata, series_instance_uid=f"1.2.3.{name}",
                                        image_position_patient=(-150.0, -150.0, float(position)),
                                        image_orientation_patient=orientation)  # fmt: skip
-        out.append(dataclasses.replace(record, metadata=metadata, features=features))
+        out.append(dataclasses.replace(record, metadata=metadata, features=features, lung_mm2=lung))
     return out
 
 
@@ -64,6 +68,31 @@ def test_every_slice_ends_at_its_series_level_whatever_order_its_batches_come_in
     np.testing.assert_allclose(levels - POSITIONS, offset, atol=TOLERANCE_MM + 0.5)
     rows = np.array([level_store.row(r.key) for r in records])
     np.testing.assert_allclose(LEVEL.decode(snapshot.vectors(rows)), levels, atol=0.5)
+
+
+def test_a_chest_that_shows_its_lung_apex_and_base_ends_in_the_lung_frame_whatever_the_model_reads(level_store):
+    positions = np.arange(-500.0, -95.0, 5.0)
+    lungs = lung_profile(positions, apex=-150.0, base=-370.0)
+    records = series(biased(positions) + 45.0, positions, lung_mm2=lungs)
+    for start in range(len(records) - 20, -1, -20):  # sent from the feet up: the base arrives first
+        level_store.add(records[start : start + 20])
+    level_store.add(records[: len(records) % 20])
+    frame = (positions + 150.0) * LUNG_SPAN_MM / 220.0
+    np.testing.assert_allclose(indexed_levels(level_store, records), frame, atol=TOLERANCE_MM + 0.5)
+
+
+def test_slices_indexed_before_the_lungs_were_measured_still_count_in_their_series(level_store, client):
+    """Entries of the version before the lung measure (12 bytes: predicted, position, offset) are read."""
+    records = series(biased())
+    level_store.add(records[:20])
+    key = level_store.series_levels.key("1.2.3.s1")
+    for uid, value in client.hgetall(key).items():  # what that version wrote for the same slices
+        entry = np.frombuffer(value, ENTRY)[0]
+        old = (entry["predicted"], entry["position"], entry["level"] - entry["position"])
+        client.hset(key, uid, np.array(old, "<f4").tobytes())
+    level_store.add(records[20:])
+    levels = indexed_levels(level_store, records)
+    np.testing.assert_allclose(levels - POSITIONS, np.median(biased() - POSITIONS), atol=TOLERANCE_MM + 0.5)
 
 
 def test_the_rest_of_a_slices_features_is_kept_when_its_level_moves(level_store):

@@ -13,6 +13,8 @@ from orthanc_cbir.training.export import export, load_checkpoint
 from orthanc_cbir.training.spectrum import SpectralDescriptor
 from orthanc_cbir.training.train import TrainConfig, refit
 
+LEVEL_DIMS = 2 * len(TrainConfig.level_periods_mm)
+
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
@@ -47,15 +49,15 @@ def test_card_describes_the_exported_file(exported):
     embedder = Embedder(exported)
     assert embedder.card.code_bits == 3 * 8 + 16 == sum(s["length"] for s in card["code_layout"])
     assert [s["name"] for s in card["code_layout"]] == ["modality", "region", "pathology", "appearance"]
-    # CNN embedding + spectral descriptor + three level circles
-    assert card["outputs"]["features"] == 32 + 16 + 6 and card["training"]["seed"] == 0
+    # CNN embedding + spectral descriptor + the level circles (cos and sin each)
+    assert card["outputs"]["features"] == 32 + 16 + LEVEL_DIMS and card["training"]["seed"] == 0
     assert embedder.version.startswith("tiny@")
 
 
 def test_the_card_says_where_the_level_lies_and_the_product_reads_the_networks_level_back(tiny_checkpoint, exported):
     model, config, _ = load_checkpoint(tiny_checkpoint[0])
     level = Embedder(exported).card.level
-    assert level is not None and level.stop == 32 + 16 + 6 and level.weight == config.level_feature_weight
+    assert level is not None and level.stop == 32 + 16 + LEVEL_DIMS and level.weight == config.level_feature_weight
     images = torch.rand(16, 1, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         predicted_mm = 100.0 * model.net(images)["level"].numpy()
@@ -119,6 +121,17 @@ def test_refit_reproduces_the_fits_of_the_training_run(tiny_checkpoint, tmp_path
     for name, value in trained["spectral"].items():
         torch.testing.assert_close(refitted["spectral"][name], value, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(refitted["itq_projection"], trained["itq_projection"], rtol=1e-4, atol=1e-5)
+
+
+def test_refit_with_other_level_periods_exports_them_and_leaves_the_network_as_trained(tiny_checkpoint, tmp_path):
+    checkpoint, _ = tiny_checkpoint
+    refit(checkpoint, tmp_path, level_periods_mm=(3200.0, 800.0, 100.0))
+    export(tmp_path / "checkpoint.pt", tmp_path / "refitted.onnx")
+    level = Embedder(tmp_path / "refitted.onnx").card.level
+    assert level is not None and level.periods_mm == (3200.0, 800.0, 100.0) and level.stop == 32 + 16 + 6
+    trained, refitted = (torch.load(path, weights_only=False) for path in (checkpoint, tmp_path / "checkpoint.pt"))
+    for name, value in trained["state_dict"].items():
+        torch.testing.assert_close(refitted["state_dict"][name], value)
 
 
 def test_the_level_loss_ignores_each_volume_offset_and_punishes_a_reversed_order():

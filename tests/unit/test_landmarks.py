@@ -11,8 +11,9 @@ import pytest
 
 from orthanc_cbir.dicom.pixels import CT_MODEL_MAPPING
 from orthanc_cbir.evaluation.model_report import LANDMARKS
+from orthanc_cbir.model.lung_extent import LUNG_SPAN_MM, LungLandmarks
 from orthanc_cbir.training.anatomy import load_volume
-from orthanc_cbir.training.landmarks import LUNG_SPAN_MM, LungLandmarks, anatomical_levels, lung_landmarks
+from orthanc_cbir.training.landmarks import lung_landmarks
 
 SLICE_MM, PIXEL_MM = 2.5, 3.0
 SHARED_CHEST = (
@@ -65,12 +66,12 @@ def test_a_volume_without_lungs_has_no_landmarks():
 
 def test_the_lung_frame_puts_the_apex_at_zero_and_the_base_one_span_below():
     z = np.array([-400.0, -300.0, -200.0, -100.0])
-    np.testing.assert_allclose(anatomical_levels(z, LungLandmarks(-100.0, -300.0)),
+    np.testing.assert_allclose(LungLandmarks(-100.0, -300.0).frame(z),
                                [-1.5 * LUNG_SPAN_MM, -LUNG_SPAN_MM, -0.5 * LUNG_SPAN_MM, 0.0])  # fmt: skip
-    np.testing.assert_allclose(anatomical_levels(z, LungLandmarks(-100.0, None)), z + 100.0)
-    np.testing.assert_allclose(anatomical_levels(z, LungLandmarks(None, -300.0)), z + 300.0 - LUNG_SPAN_MM)
-    assert anatomical_levels(z, LungLandmarks(None, None)) is None
-    assert anatomical_levels(z, LungLandmarks(-100.0, -150.0)) is None  # 50 mm: no adult lung
+    np.testing.assert_allclose(LungLandmarks(-100.0, None).frame(z), z + 100.0)
+    np.testing.assert_allclose(LungLandmarks(None, -300.0).frame(z), z + 300.0 - LUNG_SPAN_MM)
+    assert LungLandmarks(None, None).frame(z) is None
+    assert LungLandmarks(-100.0, -150.0).frame(z) is None  # 50 mm: no adult lung
 
 
 @pytest.mark.skipif(not SHARED_CHEST.is_dir(), reason="../shared data not present")

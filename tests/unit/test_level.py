@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.index.schema import quantize
-from orthanc_cbir.model.level import LevelEncoding, series_offset
+from orthanc_cbir.model.level import LevelEncoding, series_levels, series_offset
+from orthanc_cbir.model.lung_extent import LUNG_SPAN_MM
+from tests.records_factory import lung_profile
 
-LEVEL = LevelEncoding(start=10, periods_mm=(3200.0, 800.0, 250.0), weight=0.5)
+LEVEL = LevelEncoding(start=10, periods_mm=(3200.0, 800.0, 250.0, 160.0), weight=0.5)
 
 
 def features_at(levels_mm: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -40,9 +42,23 @@ def test_a_series_keeps_its_own_spacing_whatever_the_per_slice_bias():
     positions = np.arange(0.0, 250.0, 5.0)
     rng = np.random.default_rng(1)
     predicted = 0.8 * positions - 21.0 + rng.normal(0, 8, size=len(positions))
-    refined = LEVEL.decode(LEVEL.refine_series(features_at(predicted), positions))
+    no_lungs = np.full(len(positions), np.nan)
+    refined = LEVEL.decode(LEVEL.refine_series(features_at(predicted), positions, no_lungs))
     np.testing.assert_allclose(np.diff(refined), np.diff(positions), atol=1e-3)
     assert abs(refined[0] - (positions[0] + np.median(predicted - positions))) < 1e-3
+
+
+def test_a_series_showing_its_lung_apex_and_base_is_placed_in_the_lung_frame_whatever_the_model_reads():
+    positions = np.arange(-500.0, -100.0, 5.0)
+    predicted = 0.8 * positions + 60.0  # any bias: the anatomy overrules it
+    levels = series_levels(predicted, positions, lung_profile(positions, apex=-150.0, base=-370.0))
+    np.testing.assert_allclose(levels, (positions + 150.0) * LUNG_SPAN_MM / 220.0)
+
+
+def test_a_series_that_shows_no_lungs_keeps_its_spacing_at_the_models_offset():
+    positions = np.arange(-800.0, -600.0, 5.0)
+    predicted = positions - 400.0
+    np.testing.assert_allclose(series_levels(predicted, positions, np.zeros(len(positions))), positions - 400.0)
 
 
 def test_the_offset_is_a_median_one_misread_slice_does_not_move():

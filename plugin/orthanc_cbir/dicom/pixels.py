@@ -150,6 +150,9 @@ class NormalisedImage:
     """0-based frame number within the instance."""
     decisions: tuple[str, ...]
     """Each step taken, in order, in words (decoder, LUTs, window, inversion)."""
+    hounsfield: bool = False
+    """``model_pixels`` are CT Hounsfield units through :data:`CT_MODEL_MAPPING` (what the lung
+    measure of :mod:`orthanc_cbir.model.lung_extent` reads)."""
 
 
 @dataclass(frozen=True)
@@ -464,11 +467,12 @@ def _decode_dataset(ds: Dataset, max_frames: int, max_pixels_per_frame: int) -> 
                 return Rejection(second.reason, f"{failure.detail}; DCMTK: {second.detail}", metadata)
         decisions = [decoder_note or note]
         try:
-            pixels, model_pixels = _to_grey(pixel_source, raw, index, decoded_photometric, metadata, decisions)
+            pixels, model_pixels, hounsfield = _to_grey(pixel_source, raw, index, decoded_photometric, metadata,
+                                                        decisions)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a LUT or window that contradicts the pixel data
             return Rejection(RejectionReason.CORRUPT_PIXEL_DATA, f"frame {index}: {_first_line(exc)}", metadata)
         images.append(NormalisedImage(pixels=pixels, model_pixels=model_pixels, frame_index=index,
-                                      decisions=tuple(decisions)))  # fmt: skip
+                                      decisions=tuple(decisions), hounsfield=hounsfield))  # fmt: skip
     return DecodedInstance(metadata=metadata, number_of_frames=metadata.number_of_frames, images=tuple(images))
 
 
@@ -758,24 +762,25 @@ def _to_grey(
     photometric: str,
     metadata: InstanceMetadata,
     decisions: list[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Map one decoded frame to (display, model) float32 grey in 0..1, appending each decision."""
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Map one decoded frame to (display, model) float32 grey in 0..1, appending each decision, and
+    whether the model's picture is Hounsfield units through :data:`CT_MODEL_MAPPING`."""
     photometric = photometric.strip().upper()
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(raw, _native_order_luts(ds))
         bits = 8 if rgb.dtype == np.uint8 else 16
         decisions.append(f"palette colour -> {bits}-bit RGB -> BT.601 luma (display and model)")
         luma = _luma(rgb, bits)
-        return luma, luma
+        return luma, luma, False
     if photometric in _COLOUR or raw.ndim == 3:
         bits = int(ds.get("BitsStored", 8) or 8)
         if photometric.startswith("YBR"):
             decisions.append(f"{photometric}: luma from the Y channel (display and model)")
             luma = _clip01(raw[..., 0].astype(np.float32) / float(2**bits - 1))
-            return luma, luma
+            return luma, luma, False
         decisions.append(f"{photometric} -> BT.601 luma (display and model)")
         luma = _luma(raw, bits)
-        return luma, luma
+        return luma, luma, False
 
     view = _frame_view(ds, index)
     values, modality_note = _modality_lut(raw, view)
@@ -783,12 +788,13 @@ def _to_grey(
     display = _voi(values, view, metadata, decisions)
     model = _model_grey(values, view, metadata, decisions)
     inverse_shape = str(view.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if photometric == "MONOCHROME1" or inverse_shape:
+    inverted = photometric == "MONOCHROME1" or inverse_shape
+    if inverted:
         display, model = 1.0 - display, 1.0 - model
         decisions.append(
             "inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)"
         )
-    return _clip01(display), _clip01(model)
+    return _clip01(display), _clip01(model), _in_hounsfield_units(view, metadata) and not inverted
 
 
 _PALETTE_DATA = tuple(f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue"))

@@ -231,13 +231,14 @@ def _landmark_pair(folder: Path, landmarks: dict) -> tuple[float, float]:
 def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     axial = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0, reformats=())
     positions = axial.aux["level"].astype(np.float64)
-    return positions, _as_indexed(embedder, embedder.embed(axial.as_float()).features, positions)
+    return positions, _as_indexed(embedder, embedder.embed(axial.as_float()).features, positions,
+                                  axial.aux["lung_mm2"])  # fmt: skip
 
 
-def _as_indexed(embedder, features: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _as_indexed(embedder, features: np.ndarray, positions: np.ndarray, lung_mm2: np.ndarray) -> np.ndarray:
     """One series' axial slices as the index holds them: at the series' level (:mod:`..model.level`)."""
     level = embedder.card.level
-    return features if level is None else level.refine_series(features, positions)
+    return features if level is None else level.refine_series(features, positions, lung_mm2)
 
 
 def plane_region(
@@ -261,7 +262,8 @@ def plane_region(
     features = embedder.embed(images.as_float()).features
     for group in np.unique(images.group):  # each volume's axial slices, one series each
         axial = np.flatnonzero((images.group == group) & ~np.isnan(images.aux["level"]))
-        features[axial] = _as_indexed(embedder, features[axial], images.aux["level"][axial].astype(np.float64))
+        features[axial] = _as_indexed(embedder, features[axial], images.aux["level"][axial].astype(np.float64),
+                                      images.aux["lung_mm2"][axial])  # fmt: skip
     volume_region = np.array([sources[g].region for g in images.group])
     bases = json.loads(LANDMARKS.read_text())["lung_base"]["volumes"]
     slice_region = anatomical_regions(volume_region, images.aux["level"],

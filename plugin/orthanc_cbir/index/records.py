@@ -21,6 +21,7 @@ from ..dicom import Rejection, RejectionReason, decode_instance
 from ..dicom.metadata import InstanceMetadata
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME, DecodedInstance, NormalisedImage
 from ..model.embedder import Embedder, Embeddings
+from ..model.lung_extent import aerated_lung_mm2
 from ..model.preprocess import read_picture
 from .schema import IndexRecord
 
@@ -112,5 +113,16 @@ def embed_instances(
             instance.metadata, mean.astype(np.float32), embedded.codes[chosen],
             {head: p[chosen] for head, p in embedded.probabilities.items()},
             orthanc=dict(orthanc[n]) if orthanc else {}, frame=instance.images[chosen - span.start].frame_index,
+            lung_mm2=_lung_mm2(instance),
         ))  # fmt: skip
     return records
+
+
+def _lung_mm2(instance: DecodedInstance) -> float | None:
+    """The aerated lung of an axial CT slice in Hounsfield units with its pixel spacing (one frame)."""
+    metadata, image = instance.metadata, instance.images[0]
+    if (len(instance.images) != 1 or not image.hounsfield or metadata.pixel_spacing_mm is None
+            or metadata.axial_position_mm is None):  # fmt: skip
+        return None
+    row_mm, column_mm = metadata.pixel_spacing_mm
+    return aerated_lung_mm2(image.model_pixels, row_mm, column_mm)

@@ -210,6 +210,9 @@ class IndexRecord:
     """Orthanc ids where known: ``instance``, ``series``, ``study``, ``patient``."""
     frame: int = 0
     """The frame whose code and probabilities the record holds (0 for single-frame images)."""
+    lung_mm2: float | None = None
+    """An axial CT slice's aerated lung (:func:`~orthanc_cbir.model.lung_extent.aerated_lung_mm2`),
+    from which its series finds the lung landmarks (:mod:`.series_levels`); ``None`` for any other image."""
 
     @property
     def key(self) -> str:

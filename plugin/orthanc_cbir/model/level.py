@@ -8,13 +8,15 @@ One slice alone says its level to within a few centimetres, and the error is not
 noise but a bias per patient: on a chest CT training never saw, predictions run about
 0.8 times the true distances, shifted by 20 mm (README, "The model"). A series of parallel
 slices knows more: its slices lie exactly their positions' distances apart. So the level a
-slice is indexed with is its position along the body axis plus one offset per series, the
-median of the series' predicted levels less their positions (:func:`series_offset`, the
-line fit of body-part regression with its slope fixed at 1 mm per mm). Every slice of a
-series then shares the series' own spacing, and its place in the body comes from all of
-its slices at once. On the two held-out chest CTs of ``orthanc-cbir validate-model`` this
-moved the cross-patient level from 0.59 / 0.31 to 0.72 / 0.76 with the shipped network, and
-from 0.59 / 0.46 to 0.97 / 0.93 with the one before it (README, "The model").
+slice is indexed with comes from its position along the body axis and its whole series
+(:func:`series_levels`):
+- a CT series that shows the lung apex or the lung base is placed in the lung frame they
+  define (:mod:`.lung_extent`), the frame the network learnt its level in: the level is then
+  the patient's anatomy, not the network's reading of it;
+- any other series (an abdomen, a chest cut inside the lungs, an MR) is placed at its positions
+  plus one offset, the median of its predicted levels less their positions
+  (:func:`series_offset`, the line fit of body-part regression with its slope fixed at 1 mm
+  per mm), so that at least its slices share the series' own spacing.
 
 :mod:`orthanc_cbir.index.series_levels` applies this as slices are indexed; the evaluation
 applies the same functions to the volumes it measures.
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .lung_extent import series_landmarks
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,20 @@ class LevelEncoding:
         out[:, self.start : self.stop] = self.encode(level_mm)
         return out
 
-    def refine_series(self, features: np.ndarray, positions_mm: np.ndarray) -> np.ndarray:
-        """:meth:`with_levels` at ``positions + series_offset``: the (N, D) features of one series'
-        parallel slices at their positions along the body axis (mm, towards the head)."""
-        positions = np.asarray(positions_mm, np.float64)
-        return self.with_levels(features, positions + series_offset(self.decode(features), positions))
+    def refine_series(self, features: np.ndarray, positions_mm: np.ndarray, lung_mm2: np.ndarray) -> np.ndarray:
+        """:meth:`with_levels` at :func:`series_levels`: the (N, D) features of one series' parallel
+        slices at their positions along the body axis (mm, towards the head), with each slice's
+        :func:`~.lung_extent.aerated_lung_mm2` (NaN where not measured)."""
+        return self.with_levels(features, series_levels(self.decode(features), positions_mm, lung_mm2))
+
+
+def series_levels(predicted_mm: np.ndarray, positions_mm: np.ndarray, lung_mm2: np.ndarray) -> np.ndarray:
+    """The level of each slice of one series: its position in the lung frame where the series shows
+    a lung landmark (:func:`~.lung_extent.series_landmarks`), its position plus :func:`series_offset`
+    otherwise."""
+    positions = np.asarray(positions_mm, np.float64)
+    framed = series_landmarks(lung_mm2, positions).frame(positions)
+    return positions + series_offset(predicted_mm, positions) if framed is None else framed
 
 
 def series_offset(predicted_mm: np.ndarray, positions_mm: np.ndarray) -> float:

@@ -31,8 +31,9 @@ import numpy as np
 from PIL import Image
 
 from ..dicom.pixels import CT_MODEL_MAPPING
+from ..model.lung_extent import aerated_lung_mm2
 from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, label_arrays, to_uint8
-from .landmarks import anatomical_levels, lung_landmarks
+from .landmarks import lung_landmarks
 
 SOURCES: dict[str, dict[str, str]] = {
     "OrganAMNIST": {
@@ -133,20 +134,23 @@ def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] =
                 lung_frame: bool = False) -> ImageSet:  # fmt: skip
     """Every axial slice and the coronal and sagittal reformats of a volume, cut at the ``reformats``
     fractions of its depth and width (none: axial slices only). Axial slices carry their level: the
-    volume's own z in mm (aux ``level``) and, with ``lung_frame`` (training: finding the lungs takes
-    seconds a volume) for a CT showing the lungs, the same in the frame of :mod:`.landmarks` (aux
+    volume's own z in mm (aux ``level``), a CT's aerated lung as the index measures it (aux
+    ``lung_mm2``, :func:`~orthanc_cbir.model.lung_extent.aerated_lung_mm2`; NaN otherwise) and,
+    with ``lung_frame`` (training: finding the lungs in 3-D takes seconds a volume) for a CT
+    showing the lungs, the same in the frame of :mod:`.landmarks` (aux
     ``anatomical_level``, NaN otherwise)."""
     volume = load_volume(source.path)
     anatomical = None
     if lung_frame and source.modality == "CT":
-        anatomical = anatomical_levels(volume.z_mm, lung_landmarks(volume.grey, volume.z_mm, volume.row_mm,
-                                                                   volume.column_mm))  # fmt: skip
-    pictures, planes, levels, anatomical_mm, names = [], [], [], [], []
+        anatomical = lung_landmarks(volume.grey, volume.z_mm, volume.row_mm, volume.column_mm).frame(volume.z_mm)
+    pictures, planes, levels, anatomical_mm, lung_mm2, names = [], [], [], [], [], []
     for k in range(len(volume.z_mm)):
         pictures.append(volume.grey[k])
         planes.append("axial")
         levels.append(volume.z_mm[k])
         anatomical_mm.append(np.nan if anatomical is None else anatomical[k])
+        lung_mm2.append(aerated_lung_mm2(volume.grey[k], volume.row_mm, volume.column_mm)
+                        if source.modality == "CT" else np.nan)  # fmt: skip
         names.append(f"{source.path.name}/axial/{k}")
     if volume.z_mm[-1] - volume.z_mm[0] >= MIN_REFORMAT_MM:
         slice_mm = float(np.median(np.diff(volume.z_mm)))
@@ -161,6 +165,7 @@ def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] =
                 planes.append(plane)
                 levels.append(np.nan)
                 anatomical_mm.append(np.nan)
+                lung_mm2.append(np.nan)
                 names.append(f"{source.path.name}/{plane}/{fraction:g}")
     n = len(pictures)
     region = {} if source.region is None else {"region": LABELS["region"].index(source.region)}
@@ -173,6 +178,7 @@ def read_volume(source: VolumeSource, group: int, reformats: tuple[float, ...] =
     image_set.aux["plane"] = plane_index
     image_set.aux["level"] = np.array(levels, dtype=np.float32)
     image_set.aux["anatomical_level"] = np.array(anatomical_mm, dtype=np.float32)
+    image_set.aux["lung_mm2"] = np.array(lung_mm2, dtype=np.float32)
     return image_set
 
 

@@ -73,14 +73,15 @@ class ImageSet:
     """int64 (N,): the finest label known (MedNIST class, or pathology), for reports and metrics."""
     aux: dict[str, np.ndarray] = field(default_factory=dict)
     """Training-only targets per :data:`AUX_LABELS` name (int64, -1 unknown), ``level`` (float32 mm
-    along the body axis within its group, NaN unknown) and ``anatomical_level`` (the same in the
-    lung frame of :mod:`.landmarks`, NaN unknown); filled in for every row."""
+    along the body axis within its group, NaN unknown), ``anatomical_level`` (the same in the
+    lung frame of :mod:`.landmarks`, NaN unknown) and ``lung_mm2`` (an axial CT slice's aerated
+    lung, NaN unknown); filled in for every row."""
 
     def __post_init__(self) -> None:
         n = len(self.images)
         for name in AUX_LABELS:
             self.aux.setdefault(name, np.full(n, -1, dtype=np.int64))
-        for name in ("level", "anatomical_level"):
+        for name in ("level", "anatomical_level", "lung_mm2"):
             self.aux.setdefault(name, np.full(n, np.nan, dtype=np.float32))
 
     def __len__(self) -> int:

@@ -23,10 +23,10 @@ from ..dicom.pixels import CT_MODEL_MAPPING
 from ..model.codes import CodeLayout
 from ..model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, card_path, file_sha256
 from ..model.level import LevelEncoding
+from ..model.lung_extent import LUNG_SPAN_MM
 from ..model.preprocess import INPUT_SIZE
 from .anatomy import SOURCES, extra_sources
 from .data import LABELS
-from .landmarks import LUNG_SPAN_MM
 from .net import RetrievalNet
 from .spectrum import SpectralDescriptor
 from .train import TrainConfig, build_spectral, exported_features, load_trained
