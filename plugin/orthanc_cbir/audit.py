@@ -7,6 +7,11 @@ An entry holds the time, the user (Orthanc's authenticated user, or the name of 
 server's token or Basic user), the route, the query (its level and DICOM UID) and the hits'
 StudyInstanceUIDs in rank order: UIDs only, never a patient's name or ID (the index holds none).
 
+A reader's vote on a hit (``POST /cbir/votes``: thumbs up or down) is an entry of the same stream,
+route ``vote``, with the query's and the hit's SOPInstanceUIDs, the vote, the hit's rank and the
+strategy that ranked it (:meth:`AuditLog.record_vote`), so that ``orthanc-cbir evaluate --votes``
+can say how often a site's readers found the hits similar (:meth:`AuditLog.votes`).
+
 Nothing ever deletes an entry but the retention trim: each ``XADD`` drops entries older than
 ``audit_retention_days`` (``MINID``, exact: an approximate trim keeps old entries as long as
 newer ones share their stream node). ``GET /cbir/audit`` (both
@@ -19,7 +24,8 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 STREAM = "cbir:audit"
@@ -27,6 +33,26 @@ STREAM = "cbir:audit"
 MAX_READ = 1000
 """Most entries one ``GET /cbir/audit`` returns."""
 DAY_MS = 86_400_000
+VOTE_ROUTE = "vote"
+VOTES = ("up", "down")
+"""A vote says the hit is similar to the query (``up``) or not (``down``)."""
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One reader's vote on one hit, as the audit trail holds it."""
+
+    at: float
+    """Seconds since the epoch."""
+    user: str
+    query: str
+    """The query's SOPInstanceUID."""
+    hit: str
+    """The hit's SOPInstanceUID."""
+    vote: str
+    """``up`` or ``down``."""
+    rank: int | None
+    strategy: str | None
 
 
 class AuditLog:
@@ -42,6 +68,35 @@ class AuditLog:
         fields = {"at": f"{now_ms / 1000:.3f}", "user": user, "route": route, "level": level,
                   "query": query_uid or "", "hits": str(hits),
                   "studies": json.dumps(list(dict.fromkeys(s for s in studies if s)))}  # fmt: skip
+        self._append(now_ms, fields)
+
+    def record_vote(self, *, user: str, query_uid: str, hit_uid: str, vote: str, rank: int | None,
+                    strategy: str | None) -> None:  # fmt: skip
+        """Append one vote (:data:`VOTES`). Raises what Redis raises."""
+        if vote not in VOTES:
+            raise ValueError(f"a vote is one of {VOTES}, not {vote!r}")
+        now_ms = int(time.time() * 1000)
+        self._append(now_ms, {"at": f"{now_ms / 1000:.3f}", "user": user, "route": VOTE_ROUTE, "level": "instance",
+                              "query": query_uid, "hits": "1", "studies": "[]", "hit": hit_uid, "vote": vote,
+                              "rank": "" if rank is None else str(rank), "strategy": strategy or ""})  # fmt: skip
+
+    def votes(self, page: int = MAX_READ) -> Iterator[Vote]:
+        """Every vote the trail still holds, oldest first (read ``page`` entries at a time)."""
+        low = "-"
+        while True:
+            entries = self.client.xrange(self.key, min=low, max="+", count=page)
+            for _, fields in entries:
+                text = {_str(k): _str(v) for k, v in fields.items()}
+                if text.get("route") == VOTE_ROUTE and text.get("vote") in VOTES:
+                    rank = text.get("rank", "")
+                    yield Vote(float(text.get("at", 0)), text.get("user", ""), text.get("query", ""),
+                               text.get("hit", ""), text["vote"], int(rank) if rank.isdigit() else None,
+                               text.get("strategy") or None)  # fmt: skip
+            if len(entries) < page:
+                return
+            low = f"({_str(entries[-1][0])}"
+
+    def _append(self, now_ms: int, fields: dict[str, str]) -> None:
         if self.retention_days > 0:
             self.client.xadd(self.key, fields, minid=now_ms - int(self.retention_days * DAY_MS), approximate=False)
         else:
@@ -58,9 +113,14 @@ class AuditLog:
 
 def _entry(entry_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     text = {_str(k): _str(v) for k, v in fields.items()}
-    return {"id": _str(entry_id), "at": float(text.get("at", 0)), "user": text.get("user", ""),
-            "route": text.get("route", ""), "level": text.get("level", ""), "query": text.get("query") or None,
-            "hits": int(text.get("hits", 0)), "studies": json.loads(text.get("studies", "[]"))}  # fmt: skip
+    entry = {"id": _str(entry_id), "at": float(text.get("at", 0)), "user": text.get("user", ""),
+             "route": text.get("route", ""), "level": text.get("level", ""), "query": text.get("query") or None,
+             "hits": int(text.get("hits", 0)), "studies": json.loads(text.get("studies", "[]"))}  # fmt: skip
+    if entry["route"] == VOTE_ROUTE:
+        rank = text.get("rank", "")
+        entry.update(hit=text.get("hit"), vote=text.get("vote"), rank=int(rank) if rank.isdigit() else None,
+                     strategy=text.get("strategy") or None)  # fmt: skip
+    return entry
 
 
 def _str(value: bytes | str) -> str:

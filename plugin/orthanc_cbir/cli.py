@@ -266,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--queries", type=Path, help="ImageFolder tree of query images")
     evaluate.add_argument("--mednist", type=Path, help="instead of --gallery/--queries: MedNIST archive, "
                           "gallery = training blocks, queries = held-out blocks")  # fmt: skip
+    evaluate.add_argument("--votes", action="store_true",
+                          help="instead: precision from the readers' votes in the audit trail of the settings' Redis "
+                          "(or --redis-url), as JSON")  # fmt: skip
     evaluate.add_argument("--pneumonia", type=Path, help="also PneumoniaMNIST: gallery train, queries val")
     evaluate.add_argument("--strategy", default="all", help="a strategy name or 'all'")
     evaluate.add_argument("--k", type=int, default=10)
@@ -348,6 +351,22 @@ def _run_viewer(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _vote_report(redis_url: str | None) -> int:
+    import json
+
+    from .audit import AuditLog
+    from .evaluation.votes import vote_precision
+    from .redis_client import UNREACHABLE
+
+    try:
+        report = vote_precision(AuditLog(_redis(redis_url), load_settings().audit_retention_days).votes())
+    except UNREACHABLE as exc:
+        print(f"error: Redis is unreachable ({type(exc).__name__}): the votes cannot be read", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -610,6 +629,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .local_services import RedisServer
     from .training.data import MEDNIST_CLASSES, block_split, read_image_folder, read_mednist, read_pneumonia
 
+    if args.votes:
+        return _vote_report(args.redis_url)
     strategies = STRATEGY_NAMES if args.strategy == "all" else (args.strategy,)
     if any(s not in STRATEGY_NAMES for s in strategies):
         print(f"error: unknown strategy {args.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)} or all",

@@ -64,6 +64,33 @@ def test_the_results_page_shows_hits_and_follows_the_strategy(viewer, indexed, p
     assert_clean(page)
 
 
+def test_a_readers_votes_on_the_results_page_land_in_the_audit_trail_and_in_evaluate_votes(
+        orthanc, viewer, indexed, redis_server, page, capsys):  # fmt: skip
+    from orthanc_cbir.cli import main
+
+    page.goto(f"{viewer.url}/cbir/ui/instances/{indexed['query']}")
+    page.wait_for_selector("body[data-strategy='hamming']")
+    shown = hits_shown(page)
+    cards = page.locator("#hits li")
+    cards.nth(0).locator("button.up").click()
+    cards.nth(0).locator("button.up[aria-pressed='true']").wait_for()
+    cards.nth(1).locator("button.down").click()
+    cards.nth(1).locator("button.down[aria-pressed='true']").wait_for()
+    assert cards.nth(1).locator("button.up").get_attribute("aria-pressed") == "false"
+    assert "Voted not similar: hit #2" in page.locator("#status").inner_text()
+    save_screenshot(page, "results-page-votes.png")
+    votes = [e for e in orthanc.get_json("/cbir/audit?count=10")["entries"] if e["route"] == "vote"][::-1]
+    query_uid = orthanc.get_json(f"/instances/{indexed['query']}/simplified-tags")["SOPInstanceUID"]
+    assert [(e["user"], e["query"], e["hit"], e["vote"], e["rank"], e["strategy"]) for e in votes] == [
+        (orthanc.username, query_uid, shown[0][0], "up", 1, "hamming"),
+        (orthanc.username, query_uid, shown[1][0], "down", 2, "hamming")]  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", "--votes", "--redis-url", redis_server.url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["votes"] == 2 and report["precision"] == 0.5 and report["precision_at"]["1"] == 1.0
+    assert_clean(page)
+
+
 def test_ohif_lists_the_similar_cases_series_beside_the_query_and_draws_it(orthanc, viewer, indexed, page):
     status, body, _ = orthanc.request("POST", f"/cbir/instances/{indexed['query']}/similar/series", b"",
                                       headers={"X-Cbir-K": "4", "X-Cbir-Exclude": "same-series"},

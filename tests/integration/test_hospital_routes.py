@@ -212,6 +212,80 @@ def test_the_trail_drops_entries_past_the_retention(client):
     assert [e["user"] for e in kept.read()] == ["alice", "old"]
 
 
+# -- the readers' votes -------------------------------------------------------------------------
+
+
+def vote_on(url: str, vote: dict, **kwargs: Any) -> requests.Response:
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return requests.post(f"{url}/cbir/votes", data=json.dumps(vote), timeout=30, headers=headers, **kwargs)
+
+
+def test_votes_on_both_servers_land_in_the_audit_trail_and_in_evaluate_votes(orthanc, standalone, indexed,
+                                                                            redis_server, capsys):  # fmt: skip
+    from orthanc_cbir.cli import main
+
+    query = indexed["ct"][2]
+    answer = from_orthanc(orthanc, f"/cbir/instances/{query}/similar?k=3&strategy=exact").json()
+    assert answer["query"] == query  # what a viewer sends back with its vote
+    hits = [h["SOPInstanceUID"] for h in answer["hits"]]
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    made = [
+        vote_on(orthanc.url, {"query": query, "hit": hits[0], "vote": "up", "rank": 1, "strategy": "exact"},
+                auth=orthanc.auth),
+        vote_on(orthanc.url, {"query": query, "hit": hits[1], "vote": "up", "rank": 2, "strategy": "exact"},
+                auth=orthanc.auth),
+        vote_on(orthanc.url, {"query": query, "hit": hits[1], "vote": "down", "rank": 2, "strategy": "exact"},
+                auth=orthanc.auth),  # the reader changed their mind
+        vote_on(standalone.url, {"query": query, "hit": hits[2], "vote": "up", "rank": 3}, headers=bearer),
+    ]  # fmt: skip
+    assert [r.status_code for r in made] == [201] * 4, made[-1].text[:300]
+    assert made[0].json()["recorded"] == {"query": query, "hit": hits[0], "vote": "up", "rank": 1,
+                                          "strategy": "exact", "user": orthanc.username}  # fmt: skip
+    entries = audit_entries(orthanc)[:4][::-1]
+    assert [(e["route"], e["user"], e["query"], e["hit"], e["vote"], e["rank"]) for e in entries] == [
+        ("vote", orthanc.username, query, hits[0], "up", 1), ("vote", orthanc.username, query, hits[1], "up", 2),
+        ("vote", orthanc.username, query, hits[1], "down", 2), ("vote", TOKEN_NAME, query, hits[2], "up", 3)]
+    assert all(e["at"] > time.time() - 600 for e in entries)
+
+    capsys.readouterr()
+    assert main(["evaluate", "--votes", "--redis-url", redis_server.url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["votes"], report["users"], report["queries"]) == (3, 2, 1)
+    assert report["precision"] == 0.6667 and report["precision_at"]["1"] == 1.0
+    assert report["by_strategy"]["exact"] == {"votes": 2, "precision": 0.5}
+
+
+BAD_VOTES = [
+    (b"not json", 400, "JSON object"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "maybe"}).encode(), 400, "up or down"),
+    (json.dumps({"query": "PID-B-77", "hit": "1.2.4", "vote": "up"}).encode(), 400, "query must be"),
+    (json.dumps({"query": "1.2.3", "hit": "1." + "2" * 80, "vote": "up"}).encode(), 400, "hit must be"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "rank": 0}).encode(), 400, "rank"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "rank": True}).encode(), 400, "rank"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "strategy": "best"}).encode(), 400, "strategy"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "strategy": None}).encode(), 400, "strategy"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "note": "x"}).encode(), 400, "unknown field"),
+    (json.dumps({"query": "1.2.3", "hit": "1.2.4", "vote": "up", "strategy": "x" * 5000}).encode(), 413, "4096"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD_VOTES, ids=[f"bad-vote-{i}" for i in range(len(BAD_VOTES))])
+def test_a_bad_vote_is_refused_with_a_reason_and_nothing_is_recorded(orthanc, standalone, indexed, client, body,
+                                                                      status, words):  # fmt: skip
+    before = client.xlen(STREAM)
+    standalone_answer = requests.post(f"{standalone.url}/cbir/votes", data=body, timeout=30,
+                                      headers={"Authorization": f"Bearer {TOKEN}",
+                                               "Content-Type": "application/json"})  # fmt: skip
+    assert standalone_answer.status_code == status and words in standalone_answer.json()["error"]
+    orthanc_answer = requests.post(f"{orthanc.url}/cbir/votes", data=body, auth=orthanc.auth, timeout=30)
+    if status == 413:  # Orthanc's request filter refuses a body over the cap before reading it
+        assert orthanc_answer.status_code == 403
+    else:
+        assert orthanc_answer.status_code == status and words in orthanc_answer.json()["error"], orthanc_answer.text
+    assert client.xlen(STREAM) == before
+
+
 # -- requests waiting for a worker are bounded --------------------------------------------------
 
 

@@ -201,7 +201,7 @@ def test_every_route_needs_the_token(server, http, stored):
         concrete = path.replace("{uid}", uids.get(resource, "1.2.3")).replace("{study}", stored["study"])
         concrete = concrete.replace("{orthanc_id}", "0123abcd-0123abcd-0123abcd-0123abcd-0123abcd")
         requests_to_make += [(method.upper(), concrete) for method in operations]
-    assert len(requests_to_make) == 3 + 19
+    assert len(requests_to_make) == 3 + 20
     bad_credentials = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {TOKEN}x"},
                        {"Authorization": TOKEN}, {"Authorization": "Basic " + "Y2JpcjpzZWNyZXQ="}]  # fmt: skip
     for method, path in requests_to_make:
@@ -302,7 +302,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, stor
     """Every check but ``positive_data_acceptance`` (a body the worker cannot decode, a Feb 30 or
     an unknown UID are valid in the schema and rightly refused). STOW-RS is left out: schemathesis
     has no serializer for multipart/related (the tests above cover it). Real UIDs are offered as
-    the path's ``uid`` most of the time, so that the searches run."""
+    the path's ``uid`` most of the time, so that the searches run. One worker: Python 3.11's
+    ``ast.parse`` in two threads at once (hypothesis describing its strategies) can raise a spurious
+    ``SystemError: AST constructor recursion depth mismatch`` (CPython gh-106905)."""
     runner = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     if runner is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
@@ -318,8 +320,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, stor
          server.url + "/openapi.json", "--header", f"Authorization: Bearer {TOKEN}",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--exclude-path-regex", "^/dicom-web/|/thumbnail$",
-         "--max-examples", "10", "--workers", "2", "--seed", "20260101", "--request-timeout", "60"],
+         "--max-examples", "10", "--workers", "1", "--seed", "20260101", "--request-timeout", "60"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
-    assert "Tested: 16" in done.stdout, done.stdout[-3000:]
+    assert "Tested: 17" in done.stdout, done.stdout[-3000:]

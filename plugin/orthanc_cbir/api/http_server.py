@@ -60,7 +60,7 @@ from starlette.responses import Response as HttpResponse
 
 from .. import __version__
 from ..answers.thumbnail import thumbnail
-from ..audit import ANONYMOUS, AuditLog, basic_user
+from ..audit import ANONYMOUS, VOTES, AuditLog, basic_user
 from ..config import Settings
 from ..dicom.metadata import use_patient_key_secret
 from ..index import IndexInfo
@@ -91,6 +91,7 @@ reads the answer rather than a reset connection; past it the connection is close
 
 DICOM_JSON = "application/dicom+json"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)+$"
+_UID_SCHEMA = {"type": "string", "pattern": UID_PATTERN, "maxLength": 64}
 _REALM = "orthanc-cbir"
 
 
@@ -209,6 +210,26 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
         """Newest first; ``before`` (an entry's id) pages back. Whoever holds the token may read it."""
         parameters = parse_query(request.url.query)
         return _call(lambda: routes.audit_trail(services.audit(), parameters, _user(request, settings), ""))
+
+    @app.post("/cbir/votes", tags=["cbir"], operation_id="vote", status_code=201,
+              summary="A reader's thumbs up or down on one hit, recorded in the audit trail",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["query", "hit", "vote"], "additionalProperties": False,
+                  "properties": {"query": {**_UID_SCHEMA, "description": "the query's SOPInstanceUID"},
+                                 "hit": {**_UID_SCHEMA, "description": "the hit's SOPInstanceUID"},
+                                 "vote": {"type": "string", "enum": list(VOTES)},
+                                 "rank": {"type": "integer", "minimum": 1, "maximum": 1000},
+                                 "strategy": {"type": "string", "enum": list(STRATEGIES)}}}}}}},
+              responses={201: _json_content("Vote"), 400: _error_content("not a vote"),
+                         413: _error_content(f"the body is larger than {routes.MAX_VOTE_BYTES} bytes"),
+                         503: _error_content("Redis is unavailable")})  # fmt: skip
+    async def vote(request: Request) -> HttpResponse:
+        """``orthanc-cbir evaluate --votes`` reports the share of hits voted up."""
+        body = await _read_body(request, routes.MAX_VOTE_BYTES, "a vote")
+        if isinstance(body, HttpResponse):
+            return body
+        user = _user(request, settings)
+        return await run_in_threadpool(_call, lambda: routes.vote(services.audit(), body, user))
 
     @app.get("/cbir/instances/{orthanc_id}/thumbnail", tags=["cbir"], operation_id="thumbnail",
              summary="A hit's thumbnail (PNG), drawn by the pixel step from its file in the Orthanc of "
@@ -693,6 +714,7 @@ _SCHEMAS: dict[str, Any] = {
                                                "SeriesDescription", "PatientSex")},
         "PatientAgeYears": {"type": ["number", "null"]}}},
     "SimilarAnswer": {"type": "object", "required": ["strategy", "level", "hits"], "properties": {
+        "query": {**_NULLABLE_STRING, "description": "the query's DICOM UID (none for a file sent to /cbir/query)"},
         "strategy": {"type": "string"}, "level": {"type": "string"}, "model": {"type": "string"},
         "index_size": {"type": "integer"}, "candidate_fraction": {"type": "number"}, "elapsed_ms": {"type": "number"},
         "hits": {"type": "array", "items": _ref("Hit")}}},
@@ -703,7 +725,13 @@ _SCHEMAS: dict[str, Any] = {
             "user": {"type": "string"}, "route": {"type": "string"}, "level": {"type": "string"},
             "query": {**_NULLABLE_STRING, "description": "the query's DICOM UID"}, "hits": {"type": "integer"},
             "studies": {"type": "array", "items": {"type": "string"},
-                        "description": "the hits' StudyInstanceUIDs"}}}}}},
+                        "description": "the hits' StudyInstanceUIDs"},
+            "hit": {"type": "string", "description": "a vote's hit (route vote)"},
+            "vote": {"type": "string", "enum": ["up", "down"]}, "rank": {"type": ["integer", "null"]},
+            "strategy": _NULLABLE_STRING}}}}},
+    "Vote": {"type": "object", "required": ["recorded"], "properties": {"recorded": {"type": "object", "properties": {
+        "query": {"type": "string"}, "hit": {"type": "string"}, "vote": {"type": "string"},
+        "rank": {"type": ["integer", "null"]}, "strategy": _NULLABLE_STRING, "user": {"type": "string"}}}}},
     "DicomDataset": {"type": "object", "description": "DICOM JSON (PS3.18 F.2)", "additionalProperties": {
         "type": "object", "required": ["vr"], "properties": {"vr": {"type": "string"}, "Value": {"type": "array"}}}},
     "StoreAnswer": {"allOf": [_ref("DicomDataset")], "description": "ReferencedSOPSequence (00081199) and "

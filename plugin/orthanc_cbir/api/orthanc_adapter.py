@@ -42,7 +42,8 @@ def register(orthanc: Any, settings: Settings) -> None:
                           lambda: len(buffer), settings.similar_series_on_stable_study,
                           key=f"{queue.keys.prefix}:orthanc-changes-seq", log=orthanc.LogWarning)  # fmt: skip
     orthanc.RegisterOnChangeCallback(_on_change(orthanc, buffer, cursor, settings.similar_series_on_stable_study))
-    orthanc.RegisterIncomingHttpRequestFilter(_query_body_cap(orthanc, settings.max_query_bytes))
+    orthanc.RegisterIncomingHttpRequestFilter(_body_caps(orthanc, {"/cbir/query": settings.max_query_bytes,
+                                                                   "/cbir/votes": routes.MAX_VOTE_BYTES}))
     _get(orthanc, "/cbir/status", lambda request: routes.status(settings))
     service: list[SimilarityService] = []  # made on first use: Redis may come up after Orthanc
     audit = AuditLog(client_for(settings, socket_timeout=5, socket_connect_timeout=2), settings.audit_retention_days)
@@ -57,6 +58,8 @@ def register(orthanc: Any, settings: Settings) -> None:
     _get(orthanc, "/cbir/jobs/([^/]+)", lambda request: similarity().job(request["groups"][0]))
     _get(orthanc, "/cbir/audit", lambda request: routes.audit_trail(audit, _parameters(request), _user(request),
                                                                     settings.audit_readers))  # fmt: skip
+    _route(orthanc, "/cbir/votes", ("POST",),
+           lambda request: routes.vote(audit, request.get("body") or b"", _user(request)))
     _get(orthanc, "/cbir/ui/instances/([^/]+)",
          lambda request: routes.Response(200, results_page(settings, request["groups"][0],
                                                            _instance_id(orthanc, request["groups"][0])),
@@ -89,15 +92,16 @@ def register(orthanc: Any, settings: Settings) -> None:
                                                    user=_user(request)))  # fmt: skip
 
 
-def _query_body_cap(orthanc: Any, limit: int) -> Callable[..., bool]:
+def _body_caps(orthanc: Any, limits: dict[str, int]) -> Callable[..., bool]:
     """Orthanc reads a request's whole body before a route sees it; its incoming-request filter
-    runs before the body is read. This one refuses a ``POST /cbir/query`` that declares more
-    than ``limit`` bytes, or no length (chunked): Orthanc answers 403 without reading the body.
-    (Orthanc 1.12.11's ``MaximumRequestBodySizeMB`` caps every route, uploads included.)"""
+    runs before the body is read. This one refuses a ``POST`` to one of ``limits``' routes that
+    declares more than its limit in bytes, or no length (chunked): Orthanc answers 403 without
+    reading the body. (Orthanc 1.12.11's ``MaximumRequestBodySizeMB`` caps every route, uploads included.)"""
     post = orthanc.HttpMethod.POST
 
     def allowed(uri: str, **request: Any) -> bool:
-        if request.get("method") != post or uri.rstrip("/") != "/cbir/query":
+        limit = limits.get(uri.rstrip("/"))
+        if request.get("method") != post or limit is None:
             return True
         declared = str((request.get("headers") or {}).get("content-length", ""))
         return declared.isdigit() and int(declared) <= limit

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..audit import MAX_READ, AuditLog, is_valid_entry_id
+from ..audit import MAX_READ, VOTES, AuditLog, is_valid_entry_id
 from ..config import Settings
+from ..dicom.metadata import looks_like_uid
 from ..errors import (
     BadParameters,
     Busy,
@@ -29,6 +30,12 @@ from ..errors import (
 from ..index import IndexInfo, IndexLayoutError, IndexStore
 from ..ingest.queue import IngestQueue
 from ..redis_client import REDIS_ERRORS, UNREACHABLE, client_for, connect
+from ..search import STRATEGIES
+
+MAX_VOTE_BYTES = 4096
+"""The largest ``POST /cbir/votes`` body: a vote is a few UIDs and words."""
+MAX_UID_CHARS = 64
+"""A DICOM UID's longest (PS3.5 9.1)."""
 
 ERROR_STATUS: dict[type[CbirError], int] = {
     BadParameters: 400, NotFound: 404, TooLarge: 413, Undrawable: 422, Busy: 429, WorkerFailed: 500,
@@ -137,3 +144,37 @@ def audit_trail(audit: AuditLog, parameters: Mapping[str, str], user: str, reade
     except UNREACHABLE as exc:
         return Response.error(503, f"Redis is unreachable ({type(exc).__name__}): the audit trail cannot be read now")
     return Response.json({"entries": entries, "next": entries[-1]["id"] if len(entries) == int(count) else None})
+
+
+def vote(audit: AuditLog, body: bytes, user: str) -> Response:
+    """``POST /cbir/votes``: a reader's thumbs up or down on one hit, a JSON object ``{"query":
+    <SOPInstanceUID>, "hit": <SOPInstanceUID>, "vote": "up" | "down", "rank": <1..1000>, "strategy":
+    <name>}`` (rank and strategy may be left out, not null), recorded in the audit trail with who voted and when."""
+    if len(body) > MAX_VOTE_BYTES:
+        return Response.error(413, f"a vote is at most {MAX_VOTE_BYTES} bytes of JSON")
+    try:
+        asked = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return Response.error(400, 'a vote is a JSON object: {"query": uid, "hit": uid, "vote": "up" or "down"}')
+    if not isinstance(asked, dict):
+        return Response.error(400, 'a vote is a JSON object: {"query": uid, "hit": uid, "vote": "up" or "down"}')
+    unknown = set(asked) - {"query", "hit", "vote", "rank", "strategy"}
+    if unknown:
+        return Response.error(400, "unknown field: a vote has query, hit, vote, rank and strategy")
+    query, hit, choice = asked.get("query"), asked.get("hit"), asked.get("vote")
+    for name, uid in (("query", query), ("hit", hit)):
+        if not isinstance(uid, str) or len(uid) > MAX_UID_CHARS or not looks_like_uid(uid):
+            return Response.error(400, f"{name} must be a SOPInstanceUID (digits and dots, at most 64)")
+    if choice not in VOTES:
+        return Response.error(400, "vote must be up or down")
+    rank, strategy = asked.get("rank"), asked.get("strategy")
+    if "rank" in asked and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_READ):
+        return Response.error(400, f"rank must be a whole number 1..{MAX_READ}")
+    if "strategy" in asked and strategy not in STRATEGIES:
+        return Response.error(400, f"strategy must be one of {', '.join(STRATEGIES)}")
+    try:
+        audit.record_vote(user=user, query_uid=str(query), hit_uid=str(hit), vote=choice, rank=rank, strategy=strategy)
+    except UNREACHABLE as exc:
+        return Response.error(503, f"Redis is unreachable ({type(exc).__name__}): the vote was not recorded")
+    return Response.json({"recorded": {"query": query, "hit": hit, "vote": choice, "rank": rank,
+                                       "strategy": strategy, "user": user}}, status=201)  # fmt: skip

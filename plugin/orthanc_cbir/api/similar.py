@@ -317,6 +317,7 @@ class SimilarityService:
                                    h.entry.metadata.to_json() if h.entry else {}, extra) for h in hits]  # fmt: skip
             return Response(200, json.dumps(objects).encode(), "application/dicom+json")
         return Response.json({
+            "query": answer.query_uid,
             "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
             "elapsed_ms": round(result.elapsed_ms, 2),
