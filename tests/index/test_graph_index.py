@@ -10,7 +10,7 @@ import pytest
 
 from orthanc_cbir.index import IndexSnapshot
 from orthanc_cbir.index.graph import REBUILD_REMOVED, SCAN_BELOW
-from orthanc_cbir.search import Filters, Query, Searcher, SearchOptions
+from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
 from tests.records_factory import make_info, make_records
 
 ROWS = 20_000
@@ -45,6 +45,19 @@ def test_graph_finds_what_exact_finds(large):
         assert len(graph) == 10
         recalls.append(len(set(graph) & set(exact)) / 10)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+def test_a_stored_instance_never_finds_itself_and_still_gets_k_hits(large):
+    records, searcher = large
+    snapshot = searcher.snapshot
+    for row in range(3, ROWS, 1999):  # no filter: the graph's selector of the live rows, the query's row dropped after
+        context = QueryContext(sop_instance_uid=records[row].key)
+        query = Query(snapshot.vectors([row])[0], snapshot.codes[row], context=context, row=row)
+        for exclude_self in (True, False):
+            options = SearchOptions("graph", k=10, filters=Filters(exclude_self=exclude_self), with_records=False,
+                                    copies=False)  # fmt: skip
+            found = searcher.search(query, options, refresh=False).sop_instance_uids
+            assert len(found) == 10 and (records[row].key in found) != exclude_self
 
 
 @pytest.mark.parametrize("kept", [0.01, 0.05])

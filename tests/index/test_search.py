@@ -201,3 +201,41 @@ def test_multi_index_search_respects_filters(indexed):
     assert result.hits
     assert all(h.entry.metadata.modality == "XR" and h.entry.metadata.patient_sex == "M"
                for h in result.hits)  # fmt: skip
+
+
+def entry_reads(client) -> int:
+    """GETs the Redis server has run (an instance's entry is read with GET)."""
+    return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_an_answer_asked_again_reads_no_entry_and_a_removed_hit_still_goes(indexed, client):
+    store, records, searcher = indexed
+    query, options = as_query(records[0]), SearchOptions(strategy="exact", k=8, copies=False)
+    searcher.snapshot.refresh()
+    start = entry_reads(client)
+    first = searcher.search(query, options)
+    middle = entry_reads(client)
+    again = searcher.search(query, options)
+    # the second answer reads what every answer reads (the index's write counter), not its 8 hits' entries
+    assert (middle - start) - (entry_reads(client) - middle) == len(first.hits) == 8
+    assert [h.entry for h in again.hits] == [h.entry for h in first.hits]
+    gone = first.hits[1].sop_instance_uid
+    assert store.remove(gone)
+    after = searcher.search(query, options)
+    assert gone not in after.sop_instance_uids and len(after.hits) == 8
+
+
+def test_rows_that_hold_other_instances_after_a_reindex_answer_with_those_instances_entries(indexed, client):
+    store, records, searcher = indexed
+    options = SearchOptions(strategy="exact", k=10, copies=False)
+    first = searcher.search(as_query(records[0]), options)  # entries decoded and kept, by row
+    row = store.row(records[0].key)
+    client.flushdb()
+    for start in range(0, len(records), 100):  # the same rows now hold other instances
+        store.add(records[::-1][start : start + 100])
+    searcher.snapshot.refresh()
+    newcomer = next(r for r in records if r.key == searcher.snapshot.sop_uids([row])[0])
+    assert newcomer.key != first.hits[0].sop_instance_uid
+    answer = searcher.search(as_query(newcomer), options)
+    assert answer.sop_instance_uids[0] == newcomer.key  # found at the row whose old entry was kept
+    assert [h.entry.sop_instance_uid for h in answer.hits] == answer.sop_instance_uids

@@ -109,6 +109,8 @@ class GraphIndex:
         self._generation = -1
         self.builds = 0
         """Graphs built from scratch (the first one included)."""
+        self._live_selector: tuple[tuple[int, int, int] | None, np.ndarray | None] = (None, None)
+        self._late_live: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.zeros(0, np.int64))
 
     def update(self) -> None:
         """Note what the snapshot holds now: wake the builder when live rows are not nodes yet or
@@ -142,22 +144,37 @@ class GraphIndex:
         """Rows among ``allowed`` (bool over the snapshot's rows) that are not nodes of the graph."""
         return np.flatnonzero(allowed & ~_padded(self._covered, len(allowed))[: len(allowed)])
 
-    def search(self, query: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
-        """Up to ``count`` rows among ``allowed`` that are nodes of the graph, nearest first by the
-        graph's 8-bit distance (``efSearch`` :data:`EF_SEARCH`, or ``count`` if more)."""
+    def search(self, query: np.ndarray, allowed: np.ndarray | None, count: int) -> np.ndarray:
+        """Up to ``count`` rows among ``allowed`` (``None``: every live row) that are nodes of the
+        graph, nearest first by the graph's 8-bit distance (``efSearch`` :data:`EF_SEARCH`, or
+        ``count`` if more)."""
         with self._lock:
             graph = self._graph
             if graph is None or not len(graph.rows):
                 return np.zeros(0, np.int64)
             # in FAISS since 1.7.3, missing from its stubs
             parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
-            nodes = graph.nodes_in(allowed)
-            if not nodes.all():  # a selector costs ~0.4 ms a query at 10^5 nodes: only when one is needed
-                bitmap = np.packbits(nodes, bitorder="little")
-                parameters.sel = faiss.IDSelectorBitmap(len(nodes), faiss.swig_ptr(bitmap))
+            # a selector costs ~0.4 ms a query at 10^5 nodes: only when one is needed; the live rows' one
+            # is made once per refresh, not per query (finding the nodes of a mask reads every node)
+            bitmap = self._live_bitmap(graph) if allowed is None else _bitmap(graph.nodes_in(allowed))
+            if bitmap is not None:
+                parameters.sel = faiss.IDSelectorBitmap(len(graph.rows), faiss.swig_ptr(bitmap))
             _, found = graph.index.search(np.asarray(query, np.float32).reshape(1, -1), count, params=parameters)
             found = found[0]
             return graph.rows[found[found >= 0]]
+
+    def late_live(self) -> np.ndarray:
+        """:meth:`late` of every live row, computed once per refresh and graph growth."""
+        key = (self.snapshot.generation, self.builds, self.nodes)
+        if self._late_live[0] != key:
+            self._late_live = (key, self.late(self.snapshot.live))
+        return self._late_live[1]
+
+    def _live_bitmap(self, graph: _Graph) -> np.ndarray | None:
+        key = (self.snapshot.generation, self.builds, len(graph.rows))
+        if self._live_selector[0] != key:
+            self._live_selector = (key, _bitmap(graph.nodes_in(self.snapshot.live)))
+        return self._live_selector[1]
 
     def allowed_share(self, allowed_count: int) -> float:
         """How much of the graph ``allowed_count`` rows are (1.0 without a graph)."""
@@ -208,9 +225,9 @@ class GraphIndex:
                 chunk = rows[start : start + ADD_CHUNK]
                 graph.add(chunk, self.snapshot.vectors(chunk))
                 covered[chunk] = True
-            with self._lock:
+            with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
                 self._graph, self._covered = graph, covered
-            self.builds += 1
+                self.builds += 1
             log.info("graph index: %d rows linked in %.1f s", len(rows), time.perf_counter() - started)
         while True:
             late = self.late(self.snapshot.live)
@@ -224,6 +241,11 @@ class GraphIndex:
                 covered = _padded(self._covered, len(self.snapshot.live))
                 covered[chunk] = True
                 self._covered = covered
+
+
+def _bitmap(nodes: np.ndarray) -> np.ndarray | None:
+    """An ``IDSelectorBitmap``'s bits for the allowed ``nodes`` (``None``: all allowed, no selector)."""
+    return None if nodes.all() else np.packbits(nodes, bitorder="little")
 
 
 def _padded(covered: np.ndarray, rows: int) -> np.ndarray:

@@ -13,17 +13,21 @@ Features stay int8 (``quantized``, with a float32 ``scales`` per row): a float32
 copy of 10^7 rows would take 20 GB. :meth:`IndexSnapshot.similarities` computes
 dot products from them in chunks and :meth:`IndexSnapshot.vectors` dequantizes the
 rows it is given. The snapshot also knows each row's SOPInstanceUID (read with its
-block), so that an answer reads its hits' entries in one round trip.
+block), so that an answer reads its hits' entries in one round trip, and keeps the last
+:data:`ENTRY_CACHE` entries it decoded (:meth:`IndexSnapshot.entries`): an entry never changes
+while its instance stays indexed, and a reader paging through an answer, changing a filter or
+opening the same study again asks for the same hits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .schema import ATTRIBUTES, BLOCK_ROWS, quantize
+from .schema import ATTRIBUTES, BLOCK_ROWS, StoredEntry, quantize
 from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore
 
 CHUNK_ROWS = 65536
@@ -32,6 +36,8 @@ READ_BLOCKS = 8
 """Blocks read from Redis per round trip while refreshing (bounds the bytes in flight)."""
 UID_BYTES = 64
 """Width of the SOPInstanceUID column: a DICOM UID has at most 64 characters (a longer key widens it)."""
+ENTRY_CACHE = 8192
+"""Decoded entries kept (a few MB): the oldest half goes when it is full."""
 
 
 class IndexSnapshot:
@@ -56,6 +62,8 @@ class IndexSnapshot:
         self.generation = 0
         """Counts the refreshes that changed anything: what a cache of derived columns is keyed on."""
         self._seen: dict[tuple[int, int], int] = {}
+        self._entries: dict[int, StoredEntry] = {}
+        """Decoded entries by global row, oldest first."""
         self._writes: tuple[int, ...] | None = None
         info = self.info
         self._capacity = 0
@@ -155,6 +163,35 @@ class IndexSnapshot:
     def sop_uids(self, rows: ArrayLike) -> list[str | None]:
         """The SOPInstanceUID of each row as of the last refresh (``None``: a gap or a removed instance)."""
         return [uid.decode() if uid else None for uid in np.take(self._uids, np.asarray(rows, dtype=np.int64))]
+
+    def entries(self, rows: ArrayLike) -> list[StoredEntry | None]:
+        """The stored entry of each row (``None``: not an indexed instance as of the last refresh, or
+        removed since); the rows not decoded before are read in one round trip."""
+        rows = np.asarray(rows, dtype=np.int64)
+        uids = self.sop_uids(rows)
+        live = np.take(self.attributes["live"], rows) == 1
+        out: list[StoredEntry | None] = [None] * len(rows)
+        missing: list[int] = []
+        for i, (row, uid, indexed) in enumerate(zip(rows.tolist(), uids, live.tolist(), strict=True)):
+            if not uid or not indexed:
+                continue
+            cached = self._entries.get(row)
+            if cached is not None and cached.sop_instance_uid == uid:  # the row was not reused since
+                out[i] = cached
+            else:
+                missing.append(i)
+        if missing:
+            if self.store is None:
+                raise ValueError("a snapshot built from arrays has no stored entries")
+            read = self.store.describe([uids[i] or "" for i in missing])
+            for i, entry in zip(missing, read, strict=True):
+                out[i] = entry
+                if entry is not None and entry.row == rows[i]:
+                    self._entries[int(rows[i])] = entry
+            if len(self._entries) > ENTRY_CACHE:
+                for row in list(islice(self._entries, len(self._entries) - ENTRY_CACHE // 2)):
+                    self._entries.pop(row, None)
+        return out
 
     @property
     def live(self) -> np.ndarray:

@@ -267,8 +267,13 @@ class Searcher:
         allowed = int(np.count_nonzero(mask))
         if allowed <= depth or graph.allowed_share(allowed) < SCAN_BELOW:  # few rows: the scan is exact and quick
             return self._exact(query, options, mask, depth)
-        found = graph.search(query.features, mask, depth)
-        pool = np.concatenate([found, graph.late(mask)])  # the rows the graph does not hold yet, scanned
+        if options.filters.is_empty():  # the mask is the live rows less at most the query's own row:
+            found = graph.search(query.features, None, depth + 1)  # the graph's selector for them, made once
+            late = graph.late_live()
+            found, late = found[np.take(mask, found)], late[np.take(mask, late)]
+        else:
+            found, late = graph.search(query.features, mask, depth), graph.late(mask)
+        pool = np.concatenate([found, late])  # the rows the graph does not hold yet, scanned
         return _nearest(self.snapshot, query.features, pool, depth)
 
     def graph(self) -> GraphIndex:
@@ -460,11 +465,9 @@ class Searcher:
             rows, distances, counts = rows[best], distances[best], counts[order][: options.k]
         rows, distances, counts = rows[: options.k], distances[: options.k], counts[: options.k]
         uids = self.snapshot.sop_uids(rows)
-        known = [u for u in uids if u]
-        entries = dict(zip(known, self._store().describe(known), strict=True)) if options.with_records else {}
+        entries = self._stored_entries(rows) if options.with_records else [None] * len(rows)
         hits: list[Hit] = []
-        for row_uid, distance, count in zip(uids, distances, counts, strict=True):
-            entry = entries.get(row_uid) if row_uid else None
+        for row_uid, entry, distance, count in zip(uids, entries, distances, counts, strict=True):
             if row_uid is None or (options.with_records and entry is None):  # removed since the snapshot was taken
                 continue
             labels = self._labels(entry) if entry is not None else {}
@@ -521,10 +524,12 @@ class Searcher:
         """The stored entries of ``rows[indices]``, by index (``None``: removed since the snapshot)."""
         if not indices:
             return {}
-        uids = self.snapshot.sop_uids(rows[indices])
-        known = [u for u in uids if u]
-        by_uid = dict(zip(known, self._store().describe(known), strict=True))
-        return {i: (by_uid.get(u) if u else None) for i, u in zip(indices, uids, strict=True)}
+        return dict(zip(indices, self._stored_entries(rows[indices]), strict=True))
+
+    def _stored_entries(self, rows: np.ndarray) -> list[StoredEntry | None]:
+        """The entries of ``rows``, kept by the snapshot once read (only Redis holds them)."""
+        self._store()
+        return self.snapshot.entries(rows)
 
     def _collapsed_hits(self, ranking: Ranking, leads: list[int], copies: dict[int, list[int]],
                         records: dict[int, StoredEntry | None]) -> list[Hit]:  # fmt: skip
