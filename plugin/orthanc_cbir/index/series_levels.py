@@ -149,6 +149,8 @@ class SeriesLevels:
 
 def _entries(raw: list[bytes]) -> np.ndarray:
     """Stored entries as :data:`ENTRY` rows; one without the lung (12 bytes) reads as not measured."""
+    if all(len(value) == ENTRY.itemsize for value in raw):  # one copy for the whole series, as written now
+        return np.frombuffer(b"".join(raw), ENTRY)
     values = np.zeros(len(raw), ENTRY)
     for i, value in enumerate(raw):
         if len(value) == _ENTRY_WITHOUT_LUNG.itemsize:
