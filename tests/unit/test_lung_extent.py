@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orthanc_cbir.dicom.pixels import hounsfield_to_grey
 from orthanc_cbir.evaluation.model_report import LANDMARKS
 from orthanc_cbir.model.lung_extent import (
     BASE_BELOW_SHRUNK_MM,
     LungLandmarks,
     aerated_lung_mm2,
-    grey_of,
     series_landmarks,
 )
 from tests.records_factory import lung_profile
@@ -25,6 +25,10 @@ PIXEL_MM = 0.7
 SHARED_CHEST = (
     Path(__file__).parents[2] / ".." / "shared/data/dicom/series/lung_pet_ct_dx/Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
 )
+
+
+def grey_of(hounsfield: float) -> float:
+    return float(hounsfield_to_grey(hounsfield))
 
 
 def axial_slice(lung_radius_mm: float = 60.0, gas_radius_mm: float = 0.0) -> np.ndarray:

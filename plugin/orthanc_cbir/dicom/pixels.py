@@ -197,6 +197,14 @@ input (clipped outside). It keeps what a lung window shows (parenchyma -900..-40
 0.03-0.3) and what a soft-tissue window shows (fat -100 at 0.4, muscle, liver and vessels
 40-60 at 0.59-0.61, contrast 200 at 0.8) in one picture, and bone above; recorded in the
 model card."""
+
+
+def hounsfield_to_grey(hounsfield: np.ndarray | float) -> np.ndarray:
+    """CT values through :data:`CT_MODEL_MAPPING` (clipped outside its knots): the model's picture."""
+    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING, strict=True)
+    return np.asarray(np.interp(hounsfield, knots_hu, knots_grey))
+
+
 # ITU-R BT.601 luma weights, the Y of DICOM's YBR_FULL (PS3.3 C.7.6.3.1.2).
 _BT601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -834,9 +842,8 @@ def _model_grey(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, d
     """The model's picture: CT in Hounsfield units through :data:`CT_MODEL_MAPPING`, anything else
     through its own 0.5-99.5 percentile range; never the file's window."""
     if _in_hounsfield_units(view, metadata):
-        hu, grey = zip(*CT_MODEL_MAPPING, strict=True)
         decisions.append("model input: CT Hounsfield units through the fixed mapping (file window ignored)")
-        return np.interp(values, hu, grey)
+        return hounsfield_to_grey(values)
     low, high = _percentile_range(values)
     decisions.append("model input: 0.5-99.5 percentile range of the modality-LUT values (file window ignored)")
     return (values - low) / (high - low)

@@ -39,12 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..dicom.pixels import CT_MODEL_MAPPING
+from ..dicom.pixels import hounsfield_to_grey
 
 AIR_HU = -500.0
 """Aerated lung (-900..-500 HU) and air lie below this; soft tissue above."""
 GAS_HU = -950.0
 """Gas in the bowel and the stomach lies below this, aerated lung above it."""
+AIR_GREY, GAS_GREY = (float(hounsfield_to_grey(hu)) for hu in (AIR_HU, GAS_HU))
+"""The two in the model's grey scale, in which the slices are measured."""
 MIDLINE_MM = 20.0
 """Air within this distance of the body's left-right centre is windpipe, not lung."""
 MIN_SLICE_SHARE = 0.03
@@ -101,12 +103,6 @@ class LungLandmarks:
         return None
 
 
-def grey_of(hounsfield: float) -> float:
-    """Where a CT value lies in the model's grey scale (:data:`~orthanc_cbir.dicom.pixels.CT_MODEL_MAPPING`)."""
-    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING, strict=True)
-    return float(np.interp(hounsfield, knots_hu, knots_grey))
-
-
 def body_mask(tissue: np.ndarray) -> np.ndarray:
     """One slice's body with its holes (the lungs, the airways, gas) filled: the largest piece of
     tissue that does not enclose the whole picture. Air outside it (around the body, inside the
@@ -131,11 +127,11 @@ def aerated_lung_mm2(grey: np.ndarray, row_mm: float, column_mm: float) -> float
     """The aerated lung of one axial CT slice (the model's grey scale, rows x columns) in mm²."""
     step = max(1, -(-max(grey.shape) // MEASURED_SIDE))
     picture = np.asarray(grey)[::step, ::step]
-    air = picture < grey_of(AIR_HU)
+    air = picture < AIR_GREY
     body = body_mask(~air)
     if not body.any():
         return 0.0
-    lung = air & body & (picture > grey_of(GAS_HU))
+    lung = air & body & (picture > GAS_GREY)
     return float(lung[:, lateral_columns(body, column_mm * step)].sum() * row_mm * column_mm * step * step)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..dicom.pixels import CT_MODEL_MAPPING
+from ..dicom.pixels import hounsfield_to_grey
 from ..model.lung_extent import aerated_lung_mm2
 from .data import AUX_LABELS, LABELS, ImageSet, decoded_slices, label_arrays, to_uint8
 from .landmarks import lung_landmarks
@@ -239,8 +239,7 @@ def _nifti_volume(path: Path) -> Volume:
     zooms = [float(v) for v in image.header.get_zooms()[:3]]
     # A DICOM axial image has rows front to back and columns from the patient's right to left.
     axial = np.transpose(hu[::-1, ::-1, :], (2, 1, 0))
-    knots_hu, knots_grey = zip(*CT_MODEL_MAPPING, strict=True)
-    grey = np.interp(axial, knots_hu, knots_grey).astype(np.float32)
+    grey = hounsfield_to_grey(axial).astype(np.float32)
     z = image.affine[2, 3] + zooms[2] * np.arange(hu.shape[2])
     return Volume(grey, z, zooms[1], zooms[0])
 

@@ -16,8 +16,9 @@ filled; the air inside it is labelled in 3-D, and components of at least :data:`
 are the lungs (bowel gas and the stomach bubble are smaller and not connected to them). The
 trachea and the main bronchi lie on the body's midline; lung is counted only
 :data:`~orthanc_cbir.model.lung_extent.MIDLINE_MM` or more from it, so the apex is the lung's
-and not the windpipe's. A volume whose lungs reach its first or last slice (the volume ends inside the lungs) lacks that
-landmark; a volume with neither (an abdomen, a pelvis) keeps only its levels' differences.
+and not the windpipe's. A volume whose lungs reach its first or last slice (the volume ends
+inside the lungs) lacks that landmark; a volume with neither (an abdomen, a pelvis) keeps only
+its levels' differences.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..model.lung_extent import AIR_HU, MIN_SLICE_SHARE, LungLandmarks, body_mask, grey_of, lateral_columns
+from ..model.lung_extent import AIR_GREY, MIN_SLICE_SHARE, LungLandmarks, body_mask, lateral_columns
 
 MIN_LUNG_ML = 500.0
 """Smallest 3-D air component counted as lung: both lungs of an adult hold litres."""
@@ -33,7 +34,7 @@ MIN_LUNG_ML = 500.0
 
 def lung_landmarks(grey: np.ndarray, z_mm: np.ndarray, row_mm: float, column_mm: float) -> LungLandmarks:
     """The lung apex and base of a CT volume in the model's grey scale, [z, row, column], z ascending."""
-    air = grey < grey_of(AIR_HU)
+    air = grey < AIR_GREY
     bodies = np.stack([body_mask(~slice_air) for slice_air in air])
     components, count = ndimage.label(air & bodies)
     if count == 0:
