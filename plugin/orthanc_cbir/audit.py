@@ -85,13 +85,11 @@ class AuditLog:
         low = "-"
         while True:
             entries = self.client.xrange(self.key, min=low, max="+", count=page)
-            for _, fields in entries:
-                text = {_str(k): _str(v) for k, v in fields.items()}
-                if text.get("route") == VOTE_ROUTE and text.get("vote") in VOTES:
-                    rank = text.get("rank", "")
-                    yield Vote(float(text.get("at", 0)), text.get("user", ""), text.get("query", ""),
-                               text.get("hit", ""), text["vote"], int(rank) if rank.isdigit() else None,
-                               text.get("strategy") or None)  # fmt: skip
+            for entry_id, fields in entries:
+                entry = _entry(entry_id, fields)
+                if entry["route"] == VOTE_ROUTE and entry["vote"] in VOTES:
+                    yield Vote(entry["at"], entry["user"], entry["query"] or "", entry["hit"] or "", entry["vote"],
+                               entry["rank"], entry["strategy"])  # fmt: skip
             if len(entries) < page:
                 return
             low = f"({_str(entries[-1][0])}"

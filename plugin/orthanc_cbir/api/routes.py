@@ -155,7 +155,7 @@ def vote(audit: AuditLog, body: bytes, user: str) -> Response:
     try:
         asked = json.loads(body)
     except (UnicodeDecodeError, ValueError):
-        return Response.error(400, 'a vote is a JSON object: {"query": uid, "hit": uid, "vote": "up" or "down"}')
+        asked = None
     if not isinstance(asked, dict):
         return Response.error(400, 'a vote is a JSON object: {"query": uid, "hit": uid, "vote": "up" or "down"}')
     unknown = set(asked) - {"query", "hit", "vote", "rank", "strategy"}
