@@ -109,8 +109,8 @@ class GraphIndex:
         self._generation = -1
         self.builds = 0
         """Graphs built from scratch (the first one included)."""
-        self._live_selector: tuple[tuple[int, int, int] | None, np.ndarray | None] = (None, None)
-        self._late_live: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.zeros(0, np.int64))
+        self._live: tuple[tuple[int, int, int] | None, np.ndarray | None, np.ndarray] = (None, None, np.zeros(0))
+        """(snapshot generation, builds, nodes): the live rows' selector bits and late rows (:meth:`search_live`)."""
 
     def update(self) -> None:
         """Note what the snapshot holds now: wake the builder when live rows are not nodes yet or
@@ -144,37 +144,29 @@ class GraphIndex:
         """Rows among ``allowed`` (bool over the snapshot's rows) that are not nodes of the graph."""
         return np.flatnonzero(allowed & ~_padded(self._covered, len(allowed))[: len(allowed)])
 
-    def search(self, query: np.ndarray, allowed: np.ndarray | None, count: int) -> np.ndarray:
-        """Up to ``count`` rows among ``allowed`` (``None``: every live row) that are nodes of the
-        graph, nearest first by the graph's 8-bit distance (``efSearch`` :data:`EF_SEARCH`, or
-        ``count`` if more)."""
+    def search(self, query: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
+        """Up to ``count`` rows among ``allowed`` that are nodes of the graph, nearest first by the
+        graph's 8-bit distance (``efSearch`` :data:`EF_SEARCH`, or ``count`` if more)."""
         with self._lock:
             graph = self._graph
             if graph is None or not len(graph.rows):
                 return np.zeros(0, np.int64)
-            # in FAISS since 1.7.3, missing from its stubs
-            parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
-            # a selector costs ~0.4 ms a query at 10^5 nodes: only when one is needed; the live rows' one
-            # is made once per refresh, not per query (finding the nodes of a mask reads every node)
-            bitmap = self._live_bitmap(graph) if allowed is None else _bitmap(graph.nodes_in(allowed))
-            if bitmap is not None:
-                parameters.sel = faiss.IDSelectorBitmap(len(graph.rows), faiss.swig_ptr(bitmap))
-            _, found = graph.index.search(np.asarray(query, np.float32).reshape(1, -1), count, params=parameters)
-            found = found[0]
-            return graph.rows[found[found >= 0]]
+            return _walk(graph, query, count, _bitmap(graph.nodes_in(allowed)))
 
-    def late_live(self) -> np.ndarray:
-        """:meth:`late` of every live row, computed once per refresh and graph growth."""
-        key = (self.snapshot.generation, self.builds, self.nodes)
-        if self._late_live[0] != key:
-            self._late_live = (key, self.late(self.snapshot.live))
-        return self._late_live[1]
-
-    def _live_bitmap(self, graph: _Graph) -> np.ndarray | None:
-        key = (self.snapshot.generation, self.builds, len(graph.rows))
-        if self._live_selector[0] != key:
-            self._live_selector = (key, _bitmap(graph.nodes_in(self.snapshot.live)))
-        return self._live_selector[1]
+    def search_live(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` among every live row, and :meth:`late` of them. Finding the nodes of a
+        mask reads every node, so for the live rows it is done once per refresh and growth of the
+        graph, not per query."""
+        with self._lock:
+            graph = self._graph
+            if graph is None or not len(graph.rows):
+                return np.zeros(0, np.int64), self.late(self.snapshot.live)
+            key = (self.snapshot.generation, self.builds, len(graph.rows))
+            if self._live[0] != key:
+                live = self.snapshot.live  # a comparison over every row: only when the key moved
+                self._live = (key, _bitmap(graph.nodes_in(live)), self.late(live))
+            _, bitmap, late = self._live
+            return _walk(graph, query, count, bitmap), late
 
     def allowed_share(self, allowed_count: int) -> float:
         """How much of the graph ``allowed_count`` rows are (1.0 without a graph)."""
@@ -241,6 +233,17 @@ class GraphIndex:
                 covered = _padded(self._covered, len(self.snapshot.live))
                 covered[chunk] = True
                 self._covered = covered
+
+
+def _walk(graph: _Graph, query: np.ndarray, count: int, bitmap: np.ndarray | None) -> np.ndarray:
+    """The graph's search, among the nodes set in ``bitmap`` (``None``: all of them): a selector costs
+    ~0.4 ms a query at 10^5 nodes, so there is none when none is needed."""
+    # in FAISS since 1.7.3, missing from its stubs
+    parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
+    if bitmap is not None:
+        parameters.sel = faiss.IDSelectorBitmap(len(graph.rows), faiss.swig_ptr(bitmap))
+    _, found = graph.index.search(np.asarray(query, np.float32).reshape(1, -1), count, params=parameters)
+    return graph.rows[found[0][found[0] >= 0]]
 
 
 def _bitmap(nodes: np.ndarray) -> np.ndarray | None:

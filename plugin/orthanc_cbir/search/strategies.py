@@ -267,9 +267,8 @@ class Searcher:
         allowed = int(np.count_nonzero(mask))
         if allowed <= depth or graph.allowed_share(allowed) < SCAN_BELOW:  # few rows: the scan is exact and quick
             return self._exact(query, options, mask, depth)
-        if options.filters.is_empty():  # the mask is the live rows less at most the query's own row:
-            found = graph.search(query.features, None, depth + 1)  # the graph's selector for them, made once
-            late = graph.late_live()
+        if options.filters.is_empty():  # the mask is the live rows less at most the query's own row
+            found, late = graph.search_live(query.features, depth + 1)
             found, late = found[np.take(mask, found)], late[np.take(mask, late)]
         else:
             found, late = graph.search(query.features, mask, depth), graph.late(mask)
