@@ -1,7 +1,8 @@
 # orthanc-cbir: the two commands of the README, and what they stand on.
 #   make demo   install what is missing, run the pipeline end to end on loopback, stop
 #   make test   install what is missing, run ruff and mypy, then every test (unit, integration and browser)
-#   make ohif   fetch the pinned OHIF viewer into build/ohif (npm pack, sha512 checked); `make viewer` serves it
+#   make ohif   fetch the pinned OHIF viewer into build/ohif (npm pack, sha512 checked) and build this project's
+#               OHIF extension and mode (ohif_extension/, npm ci from its lock file); `make viewer` serves both
 
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3.11
@@ -55,4 +56,4 @@ test: install ohif
 	$(VENV)/bin/pytest -ra
 
 clean:
-	rm -rf $(VENV) state .pytest_cache build/ohif
+	rm -rf $(VENV) state .pytest_cache build/ohif ohif_extension/node_modules

@@ -88,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     viewer.add_argument("--orthanc-url", help="default: settings (CBIR_ORTHANC_URL)")
     viewer.add_argument("--cache-dir", type=Path, default=None, help="where OHIF is kept (default: build/ohif)")
     viewer.add_argument("--dist", type=Path, default=None, help="serve this OHIF dist folder instead (no fetch)")
-    viewer.add_argument("--fetch-only", action="store_true", help="fetch OHIF into --cache-dir if missing, then exit")
+    viewer.add_argument("--fetch-only", action="store_true",
+                        help="fetch OHIF and build this project's extension into --cache-dir if missing, then exit")
+    viewer.add_argument("--extension", type=Path, default=None,
+                        help="serve the built OHIF extension in this folder (default: build it into --cache-dir)")
+    viewer.add_argument("--no-extension", action="store_true", help="serve OHIF without this project's extension")
     viewer.add_argument("--demo", action="store_true",
                         help="loopback demo: let anonymous callers in with Orthanc's credentials (loopback only)")
     viewer.add_argument("--allowed-hosts", help="default: settings (CBIR_VIEWER_ALLOWED_HOSTS)")
@@ -330,24 +334,30 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_viewer(args: argparse.Namespace) -> int:
-    from .viewer import DEFAULT_CACHE_DIR, OhifError, ensure_ohif, serve
+    from .viewer import DEFAULT_CACHE_DIR, OhifError, ensure_extension, ensure_ohif, serve
 
+    cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
     try:
-        dist = args.dist or ensure_ohif(args.cache_dir or DEFAULT_CACHE_DIR)
+        dist = args.dist or ensure_ohif(cache_dir)
+        extension = None if args.no_extension else (args.extension or ensure_extension(cache_dir))
     except OhifError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.fetch_only:
-        print(f"OHIF viewer in {dist}")
+        print(f"OHIF viewer in {dist}" + (f", its orthanc-cbir extension in {extension}" if extension else ""))
         return 0
     if not (dist / "index.html").is_file():
         print(f"error: {dist} has no index.html: not an OHIF dist folder", file=sys.stderr)
+        return 2
+    if extension is not None and not (extension / "extension.js").is_file():
+        print(f"error: {extension} has no extension.js: run `make ohif`", file=sys.stderr)
         return 2
     settings = load_settings(orthanc_url=args.orthanc_url, viewer_allowed_hosts=args.allowed_hosts)
     allowed = [name.strip() for name in settings.viewer_allowed_hosts.split(",") if name.strip()]
     try:
         serve(dist, settings.orthanc_url, host=args.host, port=args.port, username=settings.orthanc_username,
-              password=settings.orthanc_password, demo=args.demo, allowed_hosts=allowed or None)  # fmt: skip
+              password=settings.orthanc_password, demo=args.demo, allowed_hosts=allowed or None,
+              extension=extension)  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -504,17 +504,21 @@ class ViewerServer(_Process):
     ``url`` + ``/viewer?StudyInstanceUIDs=UID`` opens a study. With ``demo`` (the default: the demo
     and the browser tests) the proxy adds Orthanc's credentials for anonymous callers; without it,
     callers send their own. ``environment``: more ``CBIR_*`` variables for the viewer process.
+    ``extension``: the built orthanc-cbir OHIF extension to serve (default ``build/ohif``'s, where
+    ``make ohif`` built it; else OHIF alone).
     """
 
     name = "viewer"
 
     def __init__(self, state_dir: Path, *, orthanc: OrthancServer, dist: Path | None = None, port: int | None = None,
-                 demo: bool = True, environment: dict[str, str] | None = None):  # fmt: skip
+                 demo: bool = True, environment: dict[str, str] | None = None,
+                 extension: Path | None = None):  # fmt: skip
         super().__init__(state_dir)
         self.orthanc = orthanc
         self.demo = demo
         self.environment = environment or {}
         self.dist = dist
+        self.extension = extension
         self.port = port or free_port()
 
     @property
@@ -522,15 +526,20 @@ class ViewerServer(_Process):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> ViewerServer:
-        from .viewer import ohif_dist
+        from .viewer import extension_dir, extension_present, ohif_dist
 
         dist = Path(self.dist or ohif_dist()).resolve()
         if not (dist / "index.html").is_file():
             raise ServiceError(f"no OHIF viewer in {dist}: run `make ohif` (orthanc-cbir viewer --fetch-only)")
+        if self.extension is not None:
+            extension = ["--extension", str(self.extension)]
+        else:  # the one `make ohif` built, where it is there
+            extension = ["--extension", str(extension_dir())] if extension_present() else ["--no-extension"]
         environment = {"CBIR_ORTHANC_URL": self.orthanc.url, "CBIR_ORTHANC_USERNAME": self.orthanc.username,
                        "CBIR_ORTHANC_PASSWORD": self.orthanc.password, **self.environment}  # fmt: skip
         self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "viewer", "--host", "127.0.0.1", "--port",
-                     str(self.port), "--dist", str(dist), *(["--demo"] if self.demo else [])], environment)  # fmt: skip
+                     str(self.port), "--dist", str(dist), *extension, *(["--demo"] if self.demo else [])],
+                    environment)  # fmt: skip
         self._wait_until(self._answers, timeout_s)
         return self
 

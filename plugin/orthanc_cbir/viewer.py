@@ -46,6 +46,12 @@ OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkyc
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "ohif"
 """Where :func:`ensure_ohif` keeps the viewer: ``build/ohif`` of the checkout (git-ignored)."""
 
+EXTENSION_SOURCE = Path(__file__).resolve().parents[2] / "ohif_extension"
+"""The sources of this project's OHIF extension and mode (``ohif_extension/`` of the checkout)."""
+EXTENSION_URL = "/orthanc-cbir-ohif"
+"""Where the viewer serves the built extension (``extension.js``) and mode (``mode.js``)."""
+EXTENSION_FILES = ("extension.js", "mode.js")
+
 ORTHANC_PREFIXES = frozenset(
     {
         "dicom-web", "wado", "cbir", "app", "ui", "patients", "studies", "series", "instances", "system",
@@ -244,9 +250,72 @@ def _extract_dist(tarball: Path, destination: Path) -> int:
     return count
 
 
-def app_config_js() -> str:
+def extension_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where :func:`ensure_extension` puts the built extension and mode (it may not exist yet)."""
+    return Path(cache_dir) / "orthanc-cbir-ohif"
+
+
+def _extension_sources_hash(source: Path) -> str:
+    """SHA-256 over the files the build reads: a change to any of them means a rebuild."""
+    digest = hashlib.sha256()
+    files = [source / "package.json", source / "package-lock.json", source / "build.mjs",
+             *sorted((source / "src").glob("*.js"))]  # fmt: skip
+    for file in files:
+        digest.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def extension_present(cache_dir: Path = DEFAULT_CACHE_DIR, source: Path = EXTENSION_SOURCE) -> bool:
+    """Whether the built extension in ``cache_dir`` is there and was built from ``source`` as it is now."""
+    built = extension_dir(cache_dir)
+    stamp = built / ".source-sha256"
+    return (
+        all((built / name).is_file() for name in EXTENSION_FILES)
+        and stamp.is_file()
+        and (not source.is_dir() or stamp.read_text().strip() == _extension_sources_hash(source))
+    )
+
+
+def ensure_extension(cache_dir: Path = DEFAULT_CACHE_DIR, *, source: Path = EXTENSION_SOURCE, npm: str = "npm",
+                     node: str = "node") -> Path:  # fmt: skip
+    """The folder of the built OHIF extension and mode, built from ``source`` when missing or stale.
+
+    ``npm ci --ignore-scripts`` installs the pinned build tools (``package-lock.json``: esbuild
+    and React, each checked against its integrity hash by npm), then ``node build.mjs`` bundles
+    the two ES modules into a scratch folder that replaces the old build in one rename.
+
+    Raises:
+        OhifError: the sources are missing, or npm or the build failed.
+    """
+    built = extension_dir(cache_dir)
+    if extension_present(cache_dir, source):
+        return built
+    if not (source / "package-lock.json").is_file():
+        raise OhifError(f"no OHIF extension sources in {source} (a checkout of orthanc-cbir has them)")
+    for tool in (npm, node):
+        if shutil.which(tool) is None:
+            raise OhifError(f"{tool!r} not found: install Node.js and npm to build the OHIF extension")
+    started = time.monotonic()
+    steps = [[npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"]]
+    built.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=built.parent) as scratch:
+        staging = Path(scratch) / "out"
+        steps.append([node, "build.mjs", str(staging)])
+        for step in steps:
+            done = subprocess.run(step, cwd=source, check=False, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise OhifError(f"{' '.join(step[:2])} in {source} failed ({done.returncode}): {done.stderr[-2000:]}")
+        (staging / ".source-sha256").write_text(_extension_sources_hash(source) + "\n")
+        shutil.rmtree(built, ignore_errors=True)
+        staging.rename(built)
+    log.info("built the OHIF extension into %s (%.1f s)", built, time.monotonic() - started)
+    return built
+
+
+def app_config_js(extension: bool = False) -> str:
     """The ``app-config.js`` served instead of the package's: one DICOMweb source, ``/dicom-web``
-    on this origin, with the options OHIF's own Orthanc configurations use."""
+    on this origin, with the options OHIF's own Orthanc configurations use; with ``extension``,
+    this project's extension and mode (``/orthanc-cbir-ohif/``), loaded by OHIF at run time."""
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
         "sourceName": "dicomweb",
@@ -270,8 +339,8 @@ def app_config_js() -> str:
     }
     config = {
         "routerBasename": "/",
-        "extensions": [],
-        "modes": [],
+        "extensions": [f"{EXTENSION_URL}/extension.js"] if extension else [],
+        "modes": [f"{EXTENSION_URL}/mode.js"] if extension else [],
         "customizationService": {},
         "showStudyList": True,
         "maxNumberOfWebWorkers": 3,
@@ -305,8 +374,10 @@ class ViewerHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], dist: Path, orthanc_url: str, username: str = "", password: str = "",
-                 *, demo: bool = False, allowed_hosts: list[str] | None = None):  # fmt: skip
+                 *, demo: bool = False, allowed_hosts: list[str] | None = None,
+                 extension: Path | None = None):  # fmt: skip
         self.dist = Path(dist).resolve()
+        self.extension = Path(extension).resolve() if extension else None
         target = urllib.parse.urlsplit(orthanc_url.rstrip("/"))
         if target.scheme not in ("http", "https") or not target.hostname:
             raise ValueError(f"not an http(s) URL: {orthanc_url!r}")
@@ -317,7 +388,7 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         self.authorization = (
             "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode() if demo and username else None
         )
-        self.app_config = app_config_js().encode()
+        self.app_config = app_config_js(extension=self.extension is not None).encode()
         super().__init__(address, _Handler)
         listening_port = self.server_address[1]
         entries = allowed_hosts or default_allowed_hosts(address[0], listening_port)
@@ -523,6 +594,12 @@ class _Handler(BaseHTTPRequestHandler):
         return urllib.parse.urlsplit(getattr(self, "path", "") or "").path[:200]
 
     def _static(self, segments: list[str]) -> None:
+        if f"/{segments[0]}" == EXTENSION_URL:
+            name = "/".join(segments[1:])
+            if self.server.extension is None or name not in EXTENSION_FILES:
+                raise _Refused(404, "not found")
+            self._send_file(self.server.extension / name)
+            return
         dist = self.server.dist
         relative = PurePosixPath(*[s for s in segments if s])
         target = dist.joinpath(*relative.parts).resolve() if relative.parts else dist
@@ -541,7 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(size))
-        if file.name == "index.html":
+        if file.name == "index.html" or file.parent == self.server.extension:  # rebuilt in place: always revalidated
             self.send_header("Cache-Control", "no-cache")
         for name, value in _ISOLATION.items():
             self.send_header(name, value)
@@ -627,7 +704,8 @@ def _copy(source: io.BufferedIOBase, connection: http.client.HTTPConnection, len
 
 
 def serve(dist: Path, orthanc_url: str, *, host: str = "127.0.0.1", port: int = 3000, username: str = "",
-          password: str = "", demo: bool = False, allowed_hosts: list[str] | None = None) -> None:  # fmt: skip
+          password: str = "", demo: bool = False, allowed_hosts: list[str] | None = None,
+          extension: Path | None = None) -> None:  # fmt: skip
     """Serve the viewer until the process is interrupted or terminated.
 
     Raises:
@@ -635,7 +713,7 @@ def serve(dist: Path, orthanc_url: str, *, host: str = "127.0.0.1", port: int = 
             credentials, behind which the viewer would authenticate no one.
     """
     server = ViewerHTTPServer((host, port), dist, orthanc_url, username, password, demo=demo,
-                              allowed_hosts=allowed_hosts)  # fmt: skip
+                              allowed_hosts=allowed_hosts, extension=extension)  # fmt: skip
     try:
         if not demo and server.orthanc_answers_anonymously():
             raise ValueError(f"Orthanc at {orthanc_url} answers without credentials: the viewer would let anyone "

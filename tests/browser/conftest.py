@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from orthanc_cbir.local_services import ORTHANC_BINARY, OrthancServer, RedisServer, ViewerServer
-from orthanc_cbir.viewer import ohif_dist, ohif_present
+from orthanc_cbir.viewer import extension_dir, extension_present, ohif_dist, ohif_present
 
 CHROMIUM = Path(os.environ.get("CBIR_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -37,6 +37,8 @@ def _missing() -> list[str]:
         missing.append(f"{CHROMIUM} (apt-get install chromium)")
     if not ohif_present():
         missing.append(f"the OHIF viewer in {ohif_dist().parent} (make ohif)")
+    if not extension_present():
+        missing.append(f"the orthanc-cbir OHIF extension built in {extension_dir()} (make ohif)")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

@@ -20,24 +20,30 @@ PHANTOM_DESCRIPTION = "CBIR BROWSER PHANTOM"
 DRAW_TIMEOUT_S = 90
 
 
-def phantom_series(slices: int = 8, size: int = 128) -> list[bytes]:
+def phantom_series(slices: int = 8, size: int = 128, **tags) -> list[bytes]:
     """A CT series (Part 10 files) of a 16-pixel checkerboard (+400 / -400 HU) with a bright
-    disc (+1000 HU) that grows slice by slice: geometry complete, so OHIF stacks it."""
+    disc (+1000 HU) that grows slice by slice (radius ``disc_radius(z, size)``): geometry
+    complete, so OHIF stacks it. ``tags`` (a patient's) are set on every file."""
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     yy, xx = np.mgrid[:size, :size]
     files = []
     for z in range(slices):
         stored = np.where((yy // 16 + xx // 16) % 2 == 0, 1024 + 400, 1024 - 400).astype(np.uint16)
-        stored[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 8 + 3 * z) ** 2] = 1024 + 1000
+        stored[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < disc_radius(z, size) ** 2] = 1024 + 1000
         ds = factory.grey_image(
             stored, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=1000,
             StudyInstanceUID=study, SeriesInstanceUID=series, FrameOfReferenceUID=frame_of_reference,
             SeriesNumber=7, InstanceNumber=z + 1, ImagePositionPatient=[-size / 2, -size / 2, 5.0 * z],
             ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[1, 1], SliceThickness=5,
-            SeriesDescription=PHANTOM_DESCRIPTION,
+            SeriesDescription=PHANTOM_DESCRIPTION, **tags,
         )  # fmt: skip
         files.append(factory.to_bytes(ds))
     return files
+
+
+def disc_radius(z: int, size: int = 128) -> float:
+    """The radius (pixels) of the phantom's disc on slice ``z``."""
+    return size / 8 + 3 * z
 
 
 def store(orthanc, files: list[bytes]) -> str:

@@ -345,3 +345,11 @@ def test_neighbouring_slices_of_real_series_are_never_copies(client):
     for uid in (records[0].key, records[len(records) // 2].key):
         hits = searcher.search(query_of(searcher, uid), SearchOptions("exact", k=20)).hits
         assert len(hits) == 20 and all(h.copies == [] for h in hits)
+
+
+def test_a_hit_says_whether_it_is_the_querys_patient_without_saying_who():
+    from orthanc_cbir.answers.hits import patient_relation
+
+    assert patient_relation("a1b2", "a1b2") == "this patient"
+    assert patient_relation("a1b2", "ffff") == "another patient"
+    assert patient_relation(None, "a1b2") is None and patient_relation("a1b2", None) is None

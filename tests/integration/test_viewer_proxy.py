@@ -42,11 +42,38 @@ def dist(tmp_path_factory):
     return folder
 
 
+EXTENSION_JS = b"export default { id: 'orthanc-cbir' };\n"
+
+
 @pytest.fixture(scope="module")
-def viewer(tmp_path_factory, orthanc, dist):
+def extension(tmp_path_factory):
+    """A stand-in for the built OHIF extension (``make ohif`` builds the real one)."""
+    folder = tmp_path_factory.mktemp("extension")
+    (folder / "extension.js").write_bytes(EXTENSION_JS)
+    (folder / "mode.js").write_text("export default { id: 'orthanc-cbir' };\n")
+    (folder / ".source-sha256").write_text("0\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory, orthanc, dist, extension):
     """The loopback demo mode: anonymous callers, Orthanc's credentials added by the viewer."""
-    with ViewerServer(tmp_path_factory.mktemp("viewer"), orthanc=orthanc, dist=dist, demo=True) as server:
+    with ViewerServer(tmp_path_factory.mktemp("viewer"), orthanc=orthanc, dist=dist, demo=True,
+                      extension=extension) as server:  # fmt: skip
         yield server
+
+
+def test_serves_the_orthanc_cbir_extension_and_lists_it_in_the_config(viewer):
+    config = requests.get(f"{viewer.url}/app-config.js", timeout=10).text
+    assert '"/orthanc-cbir-ohif/extension.js"' in config and '"/orthanc-cbir-ohif/mode.js"' in config
+    answer = requests.get(f"{viewer.url}/orthanc-cbir-ohif/extension.js", timeout=10)
+    assert answer.status_code == 200 and answer.content == EXTENSION_JS
+    assert answer.headers["Content-Type"] == "text/javascript" and answer.headers["Cache-Control"] == "no-cache"
+    assert answer.headers["Cross-Origin-Embedder-Policy"] == "require-corp"  # same origin: loadable under COEP
+    # nothing else of that folder (nor, through it, of the machine) is served
+    for path in ("/orthanc-cbir-ohif/.source-sha256", "/orthanc-cbir-ohif/", "/orthanc-cbir-ohif/..%2Findex.html",
+                 "/orthanc-cbir-ohif/other.js"):  # fmt: skip
+        assert requests.get(f"{viewer.url}{path}", timeout=10).status_code in (400, 404), path
 
 
 @pytest.fixture(scope="module")

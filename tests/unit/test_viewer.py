@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -15,7 +16,9 @@ from orthanc_cbir import viewer
 from orthanc_cbir.viewer import (
     OhifError,
     app_config_js,
+    ensure_extension,
     ensure_ohif,
+    extension_present,
     ohif_dist,
     ohif_present,
     passed_to_orthanc,
@@ -113,6 +116,15 @@ def test_app_config_has_one_same_origin_dicomweb_source():
     assert settings["imageRendering"] == settings["thumbnailRendering"] == "wadors"
 
 
+def test_app_config_lists_the_extension_and_mode_only_when_served():
+    def lists(text: str) -> tuple[list[str], list[str]]:
+        config = json.loads(re.search(r"window\.config = (\{.*\});", text, re.DOTALL).group(1))
+        return config["extensions"], config["modes"]
+
+    assert lists(app_config_js()) == ([], [])
+    assert lists(app_config_js(extension=True)) == (["/orthanc-cbir-ohif/extension.js"], ["/orthanc-cbir-ohif/mode.js"])
+
+
 def test_only_what_ohif_and_the_results_page_read_is_passed_to_orthanc():
     def passed(method: str, path: str) -> bool:
         return passed_to_orthanc(method, path.split("/")[1:])
@@ -144,3 +156,26 @@ def test_default_allowed_hosts_are_loopback_with_the_port():
 )  # fmt: skip
 def test_host_header_parsing(value, parsed):
     assert viewer._split_host(value) == parsed
+
+
+@pytest.mark.skipif(not (shutil.which("npm") and shutil.which("node")), reason="npm and node build the extension")
+def test_the_extension_is_built_once_from_its_sources_and_again_when_they_change(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(viewer.EXTENSION_SOURCE, source, ignore=shutil.ignore_patterns("node_modules"))
+    built = ensure_extension(tmp_path / "cache", source=source)
+    assert sorted(p.name for p in built.iterdir()) == [".source-sha256", "extension.js", "mode.js"]
+    assert "orthanc-cbir.panelModule.similar" in (built / "mode.js").read_text()
+    assert extension_present(tmp_path / "cache", source)
+    stamp = (built / ".source-sha256").stat().st_mtime_ns
+    assert ensure_extension(tmp_path / "cache", source=source) == built
+    assert (built / ".source-sha256").stat().st_mtime_ns == stamp, "built again with nothing changed"
+    with open(source / "src" / "mode.js", "a") as mode:
+        mode.write("\n// changed\n")
+    assert not extension_present(tmp_path / "cache", source)
+    ensure_extension(tmp_path / "cache", source=source)
+    assert extension_present(tmp_path / "cache", source)
+
+
+def test_building_the_extension_without_its_sources_is_a_clear_error(tmp_path):
+    with pytest.raises(OhifError, match="no OHIF extension sources"):
+        ensure_extension(tmp_path / "cache", source=tmp_path / "nothing-here")

@@ -8,8 +8,17 @@ from ..index.schema import StoredEntry
 from ..search.strategies import Hit
 
 
-def hit_json(hit: Hit, strategy: str) -> dict[str, Any]:
-    """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail)."""
+def patient_relation(query_patient_key: str | None, hit_patient_key: str | None) -> str | None:
+    """``"this patient"`` or ``"another patient"`` (the query's), from the one-way patient keys;
+    ``None`` when either is unknown. A reader sees whose image a hit is, never who."""
+    if not query_patient_key or not hit_patient_key:
+        return None
+    return "this patient" if query_patient_key == hit_patient_key else "another patient"
+
+
+def hit_json(hit: Hit, strategy: str, query_patient_key: str | None = None) -> dict[str, Any]:
+    """One hit as the HTTP answer shows it (DESIGN: UIDs, Orthanc ids, distance, key metadata, thumbnail,
+    and whether it is the query's patient)."""
     entry = hit.entry
     meta = entry.metadata if entry is not None else None
     orthanc = entry.orthanc if entry is not None else {}
@@ -22,6 +31,7 @@ def hit_json(hit: Hit, strategy: str) -> dict[str, Any]:
         "StudyDescription": meta and meta.study_description,
         "SeriesDescription": meta and meta.series_description, "PatientSex": meta and meta.patient_sex,
         "PatientAgeYears": meta and meta.patient_age_years,
+        "patient": patient_relation(query_patient_key, meta.patient_key if meta else None),
         "labels": hit.labels if entry is not None else None,
         "copies": [copy_json(copy.entry, copy.distance) for copy in hit.copies],
         "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,

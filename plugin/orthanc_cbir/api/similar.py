@@ -321,7 +321,7 @@ class SimilarityService:
             "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
             "index_size": result.index_size, "candidate_fraction": round(result.candidate_fraction, 6),
             "elapsed_ms": round(result.elapsed_ms, 2),
-            "hits": [hit_json(h, result.strategy) for h in hits],
+            "hits": [hit_json(h, result.strategy, answer.query_patient_key) for h in hits],
         })  # fmt: skip
 
 

@@ -65,6 +65,8 @@ class Answer:
     """The page asked for (``result.hits`` less the first ``offset``)."""
     query_uid: str | None
     """The DICOM UID of the query (instance, series or study), where known."""
+    query_patient_key: str | None = None
+    """The query's one-way patient key (:attr:`QueryContext.patient_key`): which hits are the same patient's."""
 
 
 def search_options(parameters: Mapping[str, str], layout: CodeLayout, *, default_level: str, default_strategy: str,
@@ -144,13 +146,13 @@ class SimilaritySearch:
         with self._lock:
             uid, query = self._stored_query(level, identifier)
             result = self.searcher.search(query, options, refresh=False)  # refreshed for the query just now
-        return Answer(result, result.hits[page.offset :], uid)
+        return Answer(result, result.hits[page.offset :], uid, query.context.patient_key)
 
     def similar_to(self, query: Query, page: Page) -> Answer:
         """What is similar to a query built elsewhere (an upload a worker embedded)."""
         with self._lock:
             result = self.searcher.search(query, page.options)
-        return Answer(result, result.hits[page.offset :], query.context.sop_instance_uid)
+        return Answer(result, result.hits[page.offset :], query.context.sop_instance_uid, query.context.patient_key)
 
     def _stored_query(self, level: str, identifier: str) -> tuple[str, Query]:
         uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)
