@@ -418,7 +418,7 @@ def _run_index(args: argparse.Namespace) -> int:
     store = _store(_redis(args.redis_url), IndexInfo.from_card(embedder.card))
     counts: Counter = Counter()
     rejected: Counter = Counter()
-    batch: EmbeddingBatch[Path] = EmbeddingBatch(embedder, max_instances=args.batch)
+    batch: EmbeddingBatch[Path] = EmbeddingBatch(embedder, max_instances=args.batch, regions=settings.regions)
 
     def flush() -> None:
         if len(batch):

@@ -69,6 +69,11 @@ class Settings:
     embed_batch_size: int = 32
     """Images per onnxruntime call."""
 
+    regions: bool = False
+    """Also index regions of each single-frame CT and MR image (:mod:`orthanc_cbir.model.regions`):
+    what "Similar regions" in OHIF searches. It costs about 63 KB of Redis per image (122 patches
+    of 516 bytes) and 244 more model inputs per image; ``benchmarks/regions.py`` measures both."""
+
     default_strategy: str = "hamming"
     """Strategy of a similarity query that names none (exact, hamming, class, cluster, multilateral)."""
 

@@ -34,6 +34,7 @@ def hit_json(hit: Hit, strategy: str, query_patient_key: str | None = None) -> d
         "patient": patient_relation(query_patient_key, meta.patient_key if meta else None),
         "labels": hit.labels if entry is not None else None,
         "copies": [copy_json(copy.entry, copy.distance) for copy in hit.copies],
+        **({"region": {"box": list(hit.region)}} if hit.region is not None else {}),
         "thumbnail": f"/cbir/instances/{orthanc['instance']}/thumbnail" if orthanc.get("instance") else None,
     }  # fmt: skip
 

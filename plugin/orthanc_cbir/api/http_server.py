@@ -272,6 +272,21 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
                            503: _error_content("Redis is unavailable")},
             )  # fmt: skip
 
+    @app.get(
+        "/cbir/instances/{uid}/similar-regions", tags=["similarity"], operation_id="similar_regions",
+        summary="The regions of other images most like a rectangle of a stored CT or MR slice",
+        responses={200: {"description": "the hits, each with its matching region (region.box)"},
+                   400: _error_content("a malformed box or parameter"),
+                   404: _error_content("the instance is not indexed or has no region entries"),
+                   503: _error_content("Redis is unavailable")},
+    )  # fmt: skip
+    def similar_regions(request: Request, uid: uid_parameter, box: Annotated[str, Query(
+            max_length=100, description="x0,y0,x1,y1 in the image's pixels")]) -> HttpResponse:  # fmt: skip
+        """``k``, ``offset`` and the filters (``exclude=same-series``...) as for ``/similar``."""
+        parameters = dict(request.query_params)
+        user = _user(request, settings)
+        return _call(lambda: services.similarity().similar_regions(uid, parameters, user=user))
+
     @app.post(
         "/cbir/query", tags=["similarity"], operation_id="query", summary="Search with a file that need not be stored",
         openapi_extra={"requestBody": {"required": True, "content": {

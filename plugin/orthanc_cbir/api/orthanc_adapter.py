@@ -72,6 +72,9 @@ def register(orthanc: Any, settings: Settings) -> None:
     _get(orthanc, "/cbir/(instances|series|studies)/([^/]+)/similar",
          lambda request: similarity().similar(request["groups"][0], request["groups"][1], _parameters(request),
                                               user=_user(request)))  # fmt: skip
+    _get(orthanc, "/cbir/instances/([^/]+)/similar-regions",
+         lambda request: similarity().similar_regions(request["groups"][0], _parameters(request),
+                                                      user=_user(request)))  # fmt: skip
     # GET: the same answer as a QIDO-RS endpoint, a DICOMweb client searches {...}/similar/{studies|series|instances};
     # POST .../instances/{id}/similar/series: store the answer as a "Similar cases" series in the query's study
     def qido_or_series(request: dict[str, Any]) -> routes.Response:

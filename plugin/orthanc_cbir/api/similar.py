@@ -40,12 +40,16 @@ from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue, WorkerRequests
 from ..redis_client import UNREACHABLE, client_for
 from ..search import Query, QueryContext
 from ..search.labels import upload_header
-from ..search.service import SEARCH_PARAMETERS, Answer, Page, SimilaritySearch
+from ..search.service import FILTER_PARAMETERS, SEARCH_PARAMETERS, Answer, Page, SimilaritySearch
 from .routes import Response, status_for
 
 LEVELS = {"instances": "instance", "series": "series", "studies": "study"}
 PARAMETERS = (*SEARCH_PARAMETERS, "format", "includefield", "fuzzymatching")
 """Every parameter a similarity route takes."""
+REGION_PARAMETERS = ("box", "k", "limit", "offset", *FILTER_PARAMETERS)
+"""Every parameter ``GET /cbir/instances/{id}/similar-regions`` takes."""
+MAX_BOX_PIXELS = 65535
+"""A box corner beyond this is no image's (DICOM Rows and Columns are 16-bit)."""
 MAX_QUERY_BYTES = 256 * 2**20
 """Hard ceiling of a ``POST /cbir/query`` body; the ``max_query_bytes`` setting (64 MiB) is lower."""
 QUERY_WAIT_S = 20
@@ -111,6 +115,24 @@ def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> 
     return parameters
 
 
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` (pixels of the query image, x1 > x0, y1 > y0) as numbers.
+
+    Raises:
+        BadParameters: anything else (the message does not repeat the input).
+    """
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(0 <= v <= MAX_BOX_PIXELS for v in values):
+        raise BadParameters(f"box is x0,y0,x1,y1: four numbers from 0 to {MAX_BOX_PIXELS} (pixels of the image)")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise BadParameters("box is x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
     parts = urllib.parse.urlsplit(redis_url)
@@ -168,6 +190,33 @@ class SimilarityService:
         except NotIndexed as exc:
             return Response.error(404, str(exc))
         return self._respond(answer, parameters, (user, route, level))
+
+    @_answers_503_without_redis
+    def similar_regions(self, identifier: str, parameters: Mapping[str, str], *, user: str | None = None) -> Response:
+        """``GET /cbir/instances/{identifier}/similar-regions?box=x0,y0,x1,y1``: the regions of other
+        images most like the rectangle ``box`` (pixels of the instance) and, per hit, its matching
+        region (``region.box``); ``k``, ``offset`` and the filters as for ``similar``."""
+        try:
+            if set(parameters) - set(REGION_PARAMETERS):
+                raise BadParameters(f"unknown parameter: the parameters are {', '.join(REGION_PARAMETERS)}")
+            box = parse_box(parameters.get("box", ""))
+            page = self._page({k: v for k, v in parameters.items() if k != "box"}, default_level="instance")
+            answer = self.core.similar_regions(identifier, box, page)
+        except BadParameters as exc:
+            return Response.error(400, str(exc))
+        except NotIndexed as exc:
+            return Response.error(404, str(exc))
+        result = answer.result
+        if self.audit is not None and user is not None:
+            self.audit.record(user=user, route="similar-regions", level="instance", query_uid=answer.query_uid,
+                              hits=len(answer.hits),
+                              studies=[h.entry.metadata.study_instance_uid if h.entry else None for h in answer.hits])
+        return Response.json({
+            "query": answer.query_uid, "query_region": {"box": list(answer.query_region or ())},
+            "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
+            "index_size": result.index_size, "elapsed_ms": round(result.elapsed_ms, 2),
+            "hits": [hit_json(h, result.strategy, answer.query_patient_key) for h in answer.hits],
+        })  # fmt: skip
 
     @_answers_503_without_redis
     def query_file(self, body: bytes, parameters: Mapping[str, str], *, user: str | None = None) -> Response:

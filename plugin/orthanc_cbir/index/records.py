@@ -23,6 +23,7 @@ from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME,
 from ..model.embedder import Embedder, Embeddings
 from ..model.lung_extent import aerated_lung_mm2
 from ..model.preprocess import read_picture
+from ..model.regions import embed_regions
 from .schema import IndexRecord
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -96,10 +97,15 @@ def _picture(source: Path | bytes, name: str,
     return DecodedInstance(picture_metadata(name), 1, (NormalisedImage(pixels, pixels, 0, ()),))
 
 
+REGION_MODALITIES = frozenset({"CT", "MR"})
+"""Modalities whose single-frame images get region entries (the ``regions`` setting)."""
+
 def embed_instances(
-    embedder: Embedder, instances: Sequence[DecodedInstance], orthanc: Sequence[dict[str, str]] | None = None
+    embedder: Embedder, instances: Sequence[DecodedInstance], orthanc: Sequence[dict[str, str]] | None = None,
+    *, regions: bool = False,
 ) -> list[IndexRecord]:
-    """Embed the decoded frames of each instance (one onnxruntime pass for all) into records."""
+    """Embed the decoded frames of each instance (one onnxruntime pass for all) into records;
+    with ``regions``, each single-frame CT and MR image's region entries too."""
     embedded = embedder.embed_pixels([image.model_pixels for instance in instances for image in instance.images])
     records, start = [], 0
     for n, instance in enumerate(instances):
@@ -114,8 +120,15 @@ def embed_instances(
             {head: p[chosen] for head, p in embedded.probabilities.items()},
             orthanc=dict(orthanc[n]) if orthanc else {}, frame=instance.images[chosen - span.start].frame_index,
             lung_mm2=_lung_mm2(instance),
+            regions=embed_regions(embedder, instance.images[0].model_pixels) if regions and _has_regions(instance)
+            else None,
         ))  # fmt: skip
     return records
+
+
+def _has_regions(instance: DecodedInstance) -> bool:
+    """Region entries are for cross-sectional slices (CT, MR) of one frame."""
+    return len(instance.images) == 1 and instance.metadata.modality in REGION_MODALITIES
 
 
 def _lung_mm2(instance: DecodedInstance) -> float | None:

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..dicom.metadata import InstanceMetadata
+from ..model.regions import SliceRegions
 
 LAYOUT = 2
 """The key and value layout of :mod:`orthanc_cbir.index` (1: float16 features, a hash per
@@ -213,6 +214,8 @@ class IndexRecord:
     lung_mm2: float | None = None
     """An axial CT slice's aerated lung (:func:`~orthanc_cbir.model.lung_extent.aerated_lung_mm2`),
     from which its series finds the lung landmarks (:mod:`.series_levels`); ``None`` for any other image."""
+    regions: SliceRegions | None = None
+    """The image's region entries (:mod:`.regions`), where the ``regions`` setting asks for them."""
 
     @property
     def key(self) -> str:

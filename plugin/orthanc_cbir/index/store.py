@@ -38,6 +38,7 @@ from ..model.embedder import ModelCard, card_path
 from ..model.level import LevelEncoding
 from ..redis_client import RedisClient, as_bytes
 from .hamming import MultiIndex
+from .regions import RegionIndex, encode_regions
 from .schema import (
     ATTRIBUTES,
     BLOCK_ROWS,
@@ -140,6 +141,7 @@ class IndexStore:
         self._shards: int | None = None  # known once the index in Redis says (nothing is asked before a use)
         self._shard_keys: list[KeySpace] = []
         self.series_levels = None if info.level is None else SeriesLevels(client, self.keys, info.level)
+        self.regions = RegionIndex(client, self.keys)
 
     # -- shards and the recorded layout -----------------------------------------------------
 
@@ -223,6 +225,10 @@ class IndexStore:
         for record in records:
             by_shard[shard_of(record.key, shards)].append(record)
         added = sum(self._add_to_shard(shard, group) for shard, group in sorted(by_shard.items()))
+        level = self.info.level
+        self.regions.put({record.key: encode_regions(record.regions, record.features[level.start:level.stop]
+                                                     if level is not None else np.zeros(0, np.float32))
+                          for record in records if record.regions is not None})  # fmt: skip
         if self.series_levels is not None and placed:
             moves = self.series_levels.settle(placed)
             rewritten = self._set_levels(moves)
@@ -364,6 +370,7 @@ class IndexStore:
                     pipe.hincrby(keys.generations, block, 1)
                     pipe.incr(keys.writes)
                     pipe.execute()
+                    self.regions.remove([sop_instance_uid])
                     # after, not inside, the shard's transaction: the series' key has another hash tag
                     if self.series_levels is not None and series:
                         self.series_levels.forget(series, sop_instance_uid)

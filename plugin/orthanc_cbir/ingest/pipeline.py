@@ -60,8 +60,11 @@ class _Held(Generic[Tag]):
 class EmbeddingBatch(Generic[Tag]):
     """Admitted instances waiting for one onnxruntime pass, each with its caller's tag."""
 
-    def __init__(self, embedder: Embedder, max_instances: int, max_pixels: int = HELD_PIXELS):
+    def __init__(self, embedder: Embedder, max_instances: int, max_pixels: int = HELD_PIXELS, *,
+                 regions: bool = False):  # fmt: skip
+        """``regions``: embed the region entries of CT and MR slices too (the ``regions`` setting)."""
         self.embedder = embedder
+        self.regions = regions
         self.max_instances = max(1, max_instances)
         self.max_pixels = max_pixels
         self._held: list[_Held[Tag]] = []
@@ -92,7 +95,8 @@ class EmbeddingBatch(Generic[Tag]):
         if not held:
             return []
         try:
-            records = embed_instances(self.embedder, [h.instance for h in held], [h.orthanc_ids for h in held])
+            records = embed_instances(self.embedder, [h.instance for h in held], [h.orthanc_ids for h in held],
+                                      regions=self.regions)  # fmt: skip
             return [(h.tag, record) for h, record in zip(held, records, strict=True)]
         except passes_through:
             raise
@@ -107,4 +111,4 @@ class EmbeddingBatch(Generic[Tag]):
         return out
 
     def _embed_one(self, held: _Held[Tag]) -> IndexRecord:
-        return embed_instances(self.embedder, [held.instance], [held.orthanc_ids])[0]
+        return embed_instances(self.embedder, [held.instance], [held.orthanc_ids], regions=self.regions)[0]

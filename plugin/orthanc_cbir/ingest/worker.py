@@ -98,10 +98,11 @@ class Worker:
                  frames_per_instance: int = 1, batch_size: int = 32, consumer: str | None = None,
                  series_maker: SeriesMaker | None = None, series_on_stable_study: bool = False,
                  spool: Spool | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME):  # fmt: skip
+                 max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME, regions: bool = False):  # fmt: skip
         """``series_maker`` answers ``similar-series`` requests (without it they get an error) and,
         with ``series_on_stable_study``, makes the series of each stable study; ``spool`` holds the
-        files of ``store-file`` entries (a standalone server's receivers)."""
+        files of ``store-file`` entries (a standalone server's receivers); ``regions``: index the
+        region entries of CT and MR slices too."""
         self.queue = queue
         self.requests = WorkerRequests(queue)
         self.orthanc = orthanc
@@ -114,6 +115,7 @@ class Worker:
         self.series_on_stable_study = series_on_stable_study
         self.spool = spool
         self.limits = {"max_file_bytes": max_file_bytes, "max_pixels_per_frame": max_pixels_per_frame}
+        self.regions = regions
         self.totals: Counter = Counter()
 
     @classmethod
@@ -132,6 +134,7 @@ class Worker:
             series_on_stable_study=settings.similar_series_on_stable_study,
             spool=Spool(Path(settings.spool_dir), queue) if Path(settings.spool_dir).is_dir() else None,
             max_file_bytes=settings.max_file_bytes, max_pixels_per_frame=settings.max_pixels_per_frame,
+            regions=settings.regions,
         )  # fmt: skip
 
     def run_once(self, block_ms: int = 1000) -> BatchOutcome | None:
@@ -182,7 +185,8 @@ class Worker:
                 self._guarded(event, lambda e: self._embed_query(e.orthanc_id))
         # Decoded pictures are embedded (and let go) whenever they hold more than HELD_PIXELS: a
         # batch of large frames never holds more than one instance's pictures beside that.
-        batch: EmbeddingBatch[IngestEvent] = EmbeddingBatch(self.embedder, max_instances=len(events))
+        batch: EmbeddingBatch[IngestEvent] = EmbeddingBatch(self.embedder, max_instances=len(events),
+                                                            regions=self.regions)  # fmt: skip
         embedded: list[tuple[IngestEvent, IndexRecord]] = []
         for event in events:
             if event.action in INTERACTIVE or event.action == STABLE_STUDY:

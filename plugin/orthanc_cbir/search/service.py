@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ class Answer:
     """The DICOM UID of the query (instance, series or study), where known."""
     query_patient_key: str | None = None
     """The query's one-way patient key (:attr:`QueryContext.patient_key`): which hits are the same patient's."""
+    query_region: tuple[int, int, int, int] | None = None
+    """Region answers: the query image's patch that was searched (the one the reader's box overlaps most)."""
 
 
 def search_options(parameters: Mapping[str, str], layout: CodeLayout, *, default_level: str, default_strategy: str,
@@ -106,6 +109,8 @@ def search_options(parameters: Mapping[str, str], layout: CodeLayout, *, default
         raise BadParameters(f"these parameters cannot be searched ({type(exc).__name__})") from None
     return Page(options, offset)
 
+
+_REGION_READS = 256  # region hits' entries read per round trip while filling a page
 
 class SimilaritySearch:
     """Searches one index version for stored or uploaded queries; safe to share between threads
@@ -153,6 +158,47 @@ class SimilaritySearch:
         with self._lock:
             result = self.searcher.search(query, page.options)
         return Answer(result, result.hits[page.offset :], query.context.sop_instance_uid, query.context.patient_key)
+
+    def similar_regions(self, identifier: str, box: tuple[float, float, float, float], page: Page) -> Answer:
+        """What regions of other images are like the rectangle ``box`` (x0, y0, x1, y1, pixels) of a
+        stored instance: the instance's region entry that overlaps the box most, against every
+        other image's entries (:mod:`orthanc_cbir.index.regions`), one hit per image, nearest first,
+        through the page's filters.
+
+        Raises:
+            NotIndexed: the instance is not indexed, or has no region entries.
+        """
+        started = time.perf_counter()
+        uid = identifier if looks_like_uid(identifier) else (self.resolve_uid("instance", identifier)
+                                                              if self.resolve_uid else None)  # fmt: skip
+        if uid is None:
+            raise _not_indexed("instance")
+        with self._lock:
+            snapshot = self.searcher.snapshot
+            snapshot.refresh()
+            entry = self.store.describe([uid])[0]
+            if entry is None or entry.row >= snapshot.rows or not snapshot.live[entry.row]:
+                raise _not_indexed("instance")
+            try:
+                query_region, matches = self.store.regions.matches(uid, box)
+            except KeyError:
+                raise NotIndexed("this instance has no region entries: only CT and MR slices indexed with the "
+                                 "regions setting on have them") from None  # fmt: skip
+            context = self.searcher.query_of(entry).context
+            keep = page.options.filters.mask(snapshot.attributes, context)
+            wanted = page.options.k  # the page's end: search_options counts the offset in
+            hits: list[Hit] = []
+            for start in range(0, len(matches), _REGION_READS):
+                chunk = matches[start : start + _REGION_READS]
+                for match, found in zip(chunk, self.store.describe([m.sop_instance_uid for m in chunk]), strict=True):
+                    if found is not None and found.row < snapshot.rows and keep[found.row] and len(hits) < wanted:
+                        hits.append(Hit(len(hits) + 1, match.sop_instance_uid, match.distance, found,
+                                        region=match.box))  # fmt: skip
+                if len(hits) >= wanted:
+                    break
+            result = SearchResult("regions", "instance", hits, len(matches), int(snapshot.live.sum()),
+                                  (time.perf_counter() - started) * 1000)  # fmt: skip
+        return Answer(result, hits[page.offset :], uid, context.patient_key, query_region)
 
     def _stored_query(self, level: str, identifier: str) -> tuple[str, Query]:
         uid = identifier if looks_like_uid(identifier) else (self.resolve_uid(level, identifier)

@@ -184,6 +184,8 @@ class Hit:
     take the instance to be."""
     copies: list[Copy] = field(default_factory=list)
     """The same picture stored under other SOPInstanceUIDs, best first (instance answers)."""
+    region: tuple[int, int, int, int] | None = None
+    """Region answers: the hit's matching patch, ``x0, y0, x1, y1`` in its pixels."""
 
 
 @dataclass(frozen=True)
