@@ -126,9 +126,8 @@ export default class SimilarPanel extends React.Component {
   }
 
   drawRectangle() {
-    const { toolGroupService } = this.props.services;
-    const group = toolGroupService.getToolGroupForViewport(activeImage(this.props.services)?.viewportId);
-    group?.setToolActive('RectangleROI', { bindings: [{ mouseButton: 1 }] });
+    // OHIF's own command: the tool that had the left button goes passive, the rectangle takes it
+    this.props.commandsManager.runCommand('setToolActiveToolbar', { toolName: 'RectangleROI' });
     this.setState({ status: 'Draw a rectangle on the image, then press "Similar regions".', error: null });
   }
 
@@ -174,7 +173,8 @@ export default class SimilarPanel extends React.Component {
     const set = name => event => this.setState({ [name]: event.target.value, offset: 0 }, () => this.search());
     return h(
       'div',
-      { style: styles.panel, 'data-cy': 'cbir-similar-panel', 'data-query': this.state.answer?.query ?? '' },
+      { style: styles.panel, 'data-cy': 'cbir-similar-panel', 'data-query': this.state.answer?.query ?? '',
+        'data-kind': this.state.answer ? (this.state.answer.strategy === 'regions' ? 'regions' : 'images') : '' },
       h(
         'div',
         { style: styles.row },
@@ -200,7 +200,8 @@ export default class SimilarPanel extends React.Component {
         h('div', { style: styles.row, 'data-cy': 'cbir-comparing' },
           `Beside the query: rank ${comparing.rank}. `,
           h('button', { type: 'button', style: styles.button, onClick: () => this.props.comparison.close() }, 'Close (Esc)')),
-      region && h('div', { style: styles.status }, `Region ${region.map(v => Math.round(v)).join(', ')} (x0, y0, x1, y1)`),
+      region && h('div', { style: styles.status, 'data-cy': 'cbir-region' },
+        `Region ${region.map(v => Math.round(v)).join(', ')} (x0, y0, x1, y1)`),
       status && h('div', { style: styles.status, 'data-cy': 'cbir-status' }, status),
       error && h('div', { style: { ...styles.status, color: '#ff8a80' }, role: 'alert' }, error),
       h('ol', { style: { listStyle: 'none', padding: 0, margin: 0 }, 'data-cy': 'cbir-hits' },
@@ -226,7 +227,8 @@ export default class SimilarPanel extends React.Component {
     return h(
       'li',
       { key: `${hit.SOPInstanceUID}:${hit.rank}`, style: styles.hit, 'data-cy': 'cbir-hit', 'data-rank': hit.rank,
-        'data-sop-instance-uid': hit.SOPInstanceUID, onClick: () => this.open(hit), title: 'Open beside the query' },
+        'data-sop-instance-uid': hit.SOPInstanceUID, 'data-region': hit.region?.box.join(','),
+        onClick: () => this.open(hit), title: 'Open beside the query' },
       hit.thumbnail ? h('img', { src: client.url(hit.thumbnail), alt: `hit ${hit.rank}`, style: styles.thumb }) : h('div', { style: styles.thumb }),
       h('div', { style: styles.meta },
         h('div', null, h('strong', null, `#${hit.rank}`), ` distance ${Number(hit.distance).toFixed(3)}`),

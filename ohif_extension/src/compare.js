@@ -2,6 +2,8 @@
 // loaded into OHIF, its own image shown, the matching region drawn when there is one);
 // Escape, or closing it from the panel, returns to the layout the reader had.
 
+import { activeImage } from './cbir.js';
+
 const REGION_COLOUR = '#ffd400';
 
 async function until(condition, timeoutMs = 10000) {
@@ -57,7 +59,7 @@ export class Comparison {
       this.previous = {
         numRows: before.layout.numRows,
         numCols: before.layout.numCols,
-        queryViewportId: before.activeViewportId,
+        queryImage: activeImage(this.services)?.sopInstanceUid,
         queryDisplaySets: before.viewports.get(before.activeViewportId)?.displaySetInstanceUIDs ?? [],
       };
       document.addEventListener('keydown', this.onKey);
@@ -68,10 +70,6 @@ export class Comparison {
         .getActiveDisplaySets()
         .find(set => set.SeriesInstanceUID === hit.SeriesInstanceUID && set.images?.length)
     );
-    const index = Math.max(
-      0,
-      displaySet.images.findIndex(image => image.SOPInstanceUID === hit.SOPInstanceUID)
-    );
     const state = viewportGridService.getState();
     if (state.layout.numRows !== 1 || state.layout.numCols !== 2) {
       this.commandsManager.runCommand('setViewportGridLayout', { numRows: 1, numCols: 2 });
@@ -81,17 +79,36 @@ export class Comparison {
       });
     }
     const [left, right] = orderedViewportIds(viewportGridService.getState());
+    // the left viewport keeps the query as it is; only the right one is given the hit's series
     viewportGridService.setDisplaySetsForViewports([
-      { viewportId: left, displaySetInstanceUIDs: this.previous.queryDisplaySets },
-      {
-        viewportId: right,
-        displaySetInstanceUIDs: [displaySet.displaySetInstanceUID],
-        viewportOptions: { initialImageOptions: { index } },
-      },
+      { viewportId: right, displaySetInstanceUIDs: [displaySet.displaySetInstanceUID] },
     ]);
     viewportGridService.setActiveViewportId(left);
+    // Each viewport to its own image: the query's stays, the hit's is shown (a viewport given a
+    // series it already shows keeps its slice, so the slice is set here, not as an option).
+    await Promise.all([this.showImage(left, this.previous.queryImage), this.showImage(right, hit.SOPInstanceUID)]);
     this.drawRegion(right, hit);
     this.changed(hit);
+  }
+
+  /** Scrolls the viewport's stack to the image `sopInstanceUid`, until it stays there: a viewport
+   * given a new series sets its stack asynchronously, at its first image, after the images are known. */
+  async showImage(viewportId, sopInstanceUid) {
+    if (!sopInstanceUid) return;
+    const { cornerstoneViewportService } = this.services;
+    let steady = 0;
+    await until(() => {
+      const viewport = cornerstoneViewportService.getCornerstoneViewport(viewportId);
+      const index = viewport?.getImageIds?.().findIndex(imageId => imageId.includes(sopInstanceUid)) ?? -1;
+      if (index < 0) return false;
+      if (viewport.getCurrentImageIdIndex() !== index) {
+        steady = 0;
+        viewport.setImageIdIndex(index);
+        return false;
+      }
+      steady += 1;
+      return steady >= 4; // 200 ms at the image: the stack has settled
+    });
   }
 
   /** The hit's matching region as a rectangle over its viewport (image pixels to canvas). */

@@ -19,6 +19,7 @@ const extension = {
     const services = servicesManager.services;
     shared = {
       services,
+      commandsManager,
       client: new CbirClient(cbirRoot(appConfig), services),
       comparison: new Comparison(services, commandsManager),
       defaultStrategy: appConfig?.orthancCbir?.defaultStrategy,

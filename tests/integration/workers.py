@@ -56,7 +56,8 @@ def start_worker(orthanc, redis_url: str, embedder: Embedder, **settings_overrid
     return WorkerThread(Worker(queue, orthanc.client, IndexStore(client, IndexInfo.from_card(embedder.card)), embedder,
                                 batch_size=16, consumer="series-worker",
                                 series_maker=SimilarSeriesMaker(settings, orthanc.client, client, queue.keys),
-                                series_on_stable_study=settings.similar_series_on_stable_study)).start()  # fmt: skip
+                                series_on_stable_study=settings.similar_series_on_stable_study,
+                                regions=settings.regions)).start()  # fmt: skip
 
 
 def start_spool_worker(client: redis.Redis, store: IndexStore, embedder: Embedder, spool: Spool, consumer: str,

@@ -107,6 +107,24 @@ class RegionIndex:
             pipe.incr(self.writes)
             pipe.execute()
 
+    def set_levels(self, blocks: dict[str, np.ndarray]) -> None:
+        """Replace the level block of these images' entries (their slices moved to their series'
+        level); images without entries are skipped."""
+        if not blocks:
+            return
+        uids = list(blocks)
+        values = self.client.hmget(self.entries, uids)
+        changed = {}
+        for uid, raw in zip(uids, values, strict=True):
+            if raw is None:
+                continue
+            raw = as_bytes(raw)
+            level = np.asarray(blocks[uid], "<f4").ravel()
+            if len(raw) < _HEADER.size or _HEADER.unpack_from(raw)[4] != len(level):
+                continue  # not an entry this version wrote
+            changed[uid] = raw[: _HEADER.size] + level.tobytes() + raw[_HEADER.size + level.nbytes :]
+        self.put(changed)
+
     def remove(self, sop_instance_uids: Iterable[str]) -> None:
         uids = list(sop_instance_uids)
         if uids:

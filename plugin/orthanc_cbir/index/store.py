@@ -225,16 +225,26 @@ class IndexStore:
         for record in records:
             by_shard[shard_of(record.key, shards)].append(record)
         added = sum(self._add_to_shard(shard, group) for shard, group in sorted(by_shard.items()))
-        level = self.info.level
-        self.regions.put({record.key: encode_regions(record.regions, record.features[level.start:level.stop]
-                                                     if level is not None else np.zeros(0, np.float32))
+        self.regions.put({record.key: encode_regions(record.regions, self._level_block(record.features))
                           for record in records if record.regions is not None})  # fmt: skip
         if self.series_levels is not None and placed:
             moves = self.series_levels.settle(placed)
             rewritten = self._set_levels(moves)
             self.series_levels.moved([m for m, done in zip(moves, rewritten, strict=True) if done],
                                      [m for m, done in zip(moves, rewritten, strict=True) if not done])  # fmt: skip
+            level = self.info.level
+            if level is not None:  # a moved slice's regions move with it (those without regions are skipped)
+                self.regions.set_levels({m.sop_instance_uid: level.encode(np.array([m.level_mm]))[0]
+                                         for m, done in zip(moves, rewritten, strict=True) if done})  # fmt: skip
         return AddResult(added=added, duplicates=len(records) - added)
+
+    def _level_block(self, features: np.ndarray) -> np.ndarray:
+        """The level block a record's region entries carry: its level as :meth:`LevelEncoding.encode`
+        writes it (what :meth:`_set_levels` writes too when the slice moves); empty without a level."""
+        level = self.info.level
+        if level is None:
+            return np.zeros(0, np.float32)
+        return level.encode(level.decode(features[None]))[0]
 
     def _set_levels(self, moves: Sequence[Placed]) -> list[bool]:
         """Rewrite the level block of each moved slice's row (the other dims kept, the row
