@@ -47,6 +47,7 @@ export default class SimilarPanel extends React.Component {
       region: null, // [x0, y0, x1, y1] image pixels, when the query is a drawn rectangle
       strategy: props.defaultStrategy ?? 'hamming',
       exclude: '',
+      filters: { modality: '', body_part: '', sex: '', age: '' },
       offset: 0,
       hits: [],
       answer: null,
@@ -82,7 +83,7 @@ export default class SimilarPanel extends React.Component {
   }
 
   async search() {
-    const { query, region, strategy, exclude, offset } = this.state;
+    const { query, region, strategy, exclude, offset, filters } = this.state;
     if (!query) {
       return;
     }
@@ -92,8 +93,9 @@ export default class SimilarPanel extends React.Component {
     this.setState({ status: 'Searching…', error: null });
     try {
       const answer = region
-        ? await this.props.client.regions(query.sopInstanceUid, region, { k: PAGE, exclude }, request.signal)
-        : await this.props.client.similar(query.sopInstanceUid, { strategy, exclude, k: PAGE, offset }, request.signal);
+        ? await this.props.client.regions(query.sopInstanceUid, region, { k: PAGE, exclude, filters }, request.signal)
+        : await this.props.client.similar(query.sopInstanceUid, { strategy, exclude, k: PAGE, offset, filters },
+          request.signal);
       if (this.request !== request) return;
       const hits = answer.hits ?? [];
       this.setState({
@@ -171,6 +173,17 @@ export default class SimilarPanel extends React.Component {
   render() {
     const { strategy, exclude, hits, status, error, offset, region, votes, comparing } = this.state;
     const set = name => event => this.setState({ [name]: event.target.value, offset: 0 }, () => this.search());
+    // a typed filter searches on Enter or when the field is left; a chosen one at once
+    const typed = (name, label, placeholder, size) => [
+      h('label', { key: `${name}-label`, htmlFor: `cbir-${name}` }, label),
+      h('input', {
+        key: name, id: `cbir-${name}`, style: { ...styles.select, width: size }, placeholder,
+        value: this.state.filters[name],
+        onChange: event => this.setState({ filters: { ...this.state.filters, [name]: event.target.value } }),
+        onKeyDown: event => event.key === 'Enter' && this.setState({ offset: 0 }, () => this.search()),
+        onBlur: () => this.setState({ offset: 0 }, () => this.search()),
+      }),
+    ];
     return h(
       'div',
       { style: styles.panel, 'data-cy': 'cbir-similar-panel', 'data-query': this.state.answer?.query ?? '',
@@ -188,6 +201,19 @@ export default class SimilarPanel extends React.Component {
         h('label', { htmlFor: 'cbir-exclude' }, 'Leave out'),
         h('select', { id: 'cbir-exclude', style: styles.select, value: exclude, onChange: set('exclude') },
           EXCLUDES.map(([value, label]) => h('option', { key: value, value }, label)))
+      ),
+      h('div', { style: styles.row }, ...typed('modality', 'Modality', 'CT,MR', '64px'),
+        ...typed('body_part', 'Body part', 'CHEST', '72px')),
+      h(
+        'div',
+        { style: styles.row },
+        h('label', { htmlFor: 'cbir-sex' }, 'Sex'),
+        h('select', {
+          id: 'cbir-sex', style: styles.select, value: this.state.filters.sex,
+          onChange: event => this.setState({ filters: { ...this.state.filters, sex: event.target.value }, offset: 0 },
+            () => this.search()),
+        }, ['', 'F', 'M', 'O'].map(value => h('option', { key: value, value }, value || 'any'))),
+        ...typed('age', 'Age', '40-70', '56px')
       ),
       h(
         'div',

@@ -50,10 +50,11 @@ export class CbirClient {
     return path.startsWith('/cbir/') ? this.root + path.slice('/cbir'.length) : path;
   }
 
-  async similar(sopInstanceUid, { strategy, exclude, k, offset }, signal) {
+  async similar(sopInstanceUid, { strategy, exclude, k, offset, filters = {} }, signal) {
     const query = new URLSearchParams({ k: String(k), offset: String(offset) });
     if (strategy) query.set('strategy', strategy);
     if (exclude) query.set('exclude', exclude);
+    setFilters(query, filters);
     const response = await fetch(`${this.root}/instances/${encodeURIComponent(sopInstanceUid)}/similar?${query}`, {
       headers: this.headers(),
       credentials: 'same-origin',
@@ -62,9 +63,10 @@ export class CbirClient {
     return answer(response);
   }
 
-  async regions(sopInstanceUid, box, { k, exclude }, signal) {
+  async regions(sopInstanceUid, box, { k, exclude, filters = {} }, signal) {
     const query = new URLSearchParams({ k: String(k), box: box.map(v => Math.round(v)).join(',') });
     if (exclude) query.set('exclude', exclude);
+    setFilters(query, filters);
     const response = await fetch(
       `${this.root}/instances/${encodeURIComponent(sopInstanceUid)}/similar-regions?${query}`,
       { headers: this.headers(), credentials: 'same-origin', signal }
@@ -80,6 +82,13 @@ export class CbirClient {
       body: JSON.stringify(fields),
     });
     return answer(response);
+  }
+}
+
+/** The results page's filters (modality, body_part, sex, age), those that are set. */
+function setFilters(query, filters) {
+  for (const [name, value] of Object.entries(filters)) {
+    if (value && String(value).trim()) query.set(name, String(value).trim());
   }
 }
 

@@ -99,7 +99,8 @@ def _run_demo(state_dir: Path, data_dir: Path | None) -> int:
     with ExitStack() as services:
         redis_server = _started(services, RedisServer(state_dir / "redis"))
         orthanc = _started(services, OrthancServer(state_dir / "orthanc", redis_url=redis_server.url))
-        _started(services, WorkerProcess(state_dir / "worker", redis_url=redis_server.url, orthanc=orthanc))
+        _started(services, WorkerProcess(state_dir / "worker", redis_url=redis_server.url, orthanc=orthanc,
+                                                regions=True))
         print(f"demo: redis on {redis_server.url}, Orthanc on {orthanc.url} (DICOM port {orthanc.dicom_port}), "
               f"one worker (log: {state_dir / 'worker' / 'worker.log'})")  # fmt: skip
         started = time.monotonic()
@@ -193,6 +194,8 @@ def show_in_ohif(orthanc: OrthancServer, query: str, viewer_state: Path) -> int:
             return 0
         print(f"demo: OHIF, the CT study with its \"Similar cases\" series: "
               f"{viewer.url}/viewer?StudyInstanceUIDs={study}")  # fmt: skip
+        print(f"demo: OHIF with the Similar panel (click a hit, draw a region): "
+              f"{viewer.url}/similar?StudyInstanceUIDs={study}")  # fmt: skip
         print(f"demo: results page of the query slice: {viewer.url}/cbir/ui/instances/{query}")
         if sys.stdin.isatty():
             print("demo: press Ctrl-C to stop everything")

@@ -426,9 +426,11 @@ class WorkerProcess(_Process):
 
     name = "worker"
 
-    def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer, batch_size: int = 32):
+    def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer, batch_size: int = 32,
+                 regions: bool = False):  # fmt: skip
         super().__init__(state_dir)
-        self.environment = {**cbir_environment(redis_url, orthanc), "CBIR_WORKER_BATCH_SIZE": str(batch_size)}
+        self.environment = {**cbir_environment(redis_url, orthanc), "CBIR_WORKER_BATCH_SIZE": str(batch_size),
+                            "CBIR_REGIONS": "1" if regions else "0"}  # fmt: skip
 
     def start(self) -> WorkerProcess:
         self._spawn([sys.executable, "-m", "orthanc_cbir.cli", "worker"], self.environment)

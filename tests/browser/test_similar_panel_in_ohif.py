@@ -137,6 +137,11 @@ def test_the_similar_panel_lists_hits_for_the_shown_slice_within_a_second(orthan
     assert len(others) == SLICES
     wait_for_hits(page, others)
     assert all("another patient" in h["text"] for h in panel_hits(page))
+    # the results page's filters: nothing indexed is MR, and the panel says so instead of old hits
+    page.fill("#cbir-modality", "MR")
+    page.press("#cbir-modality", "Enter")
+    wait_for_hits(page, [])
+    assert "No similar image" in page.locator('[data-cy="cbir-status"]').inner_text()
     assert_clean(page)
 
 
