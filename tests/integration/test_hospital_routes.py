@@ -61,7 +61,7 @@ def orthanc(tmp_path_factory, redis_server):
 
 @pytest.fixture(scope="module")
 def worker(orthanc, redis_server, embedder):
-    running = start_worker(orthanc, redis_server.url, embedder)
+    running = start_worker(orthanc, redis_server.url, embedder, regions=True)
     yield running
     running.stop()
 
@@ -284,6 +284,42 @@ def test_a_bad_vote_is_refused_with_a_reason_and_nothing_is_recorded(orthanc, st
     else:
         assert orthanc_answer.status_code == status and words in orthanc_answer.json()["error"], orthanc_answer.text
     assert client.xlen(STREAM) == before
+
+
+# -- region queries --------------------------------------------------------------------------
+
+
+def test_both_servers_answer_a_region_query_alike_and_audit_it(orthanc, standalone, indexed):
+    query = indexed["ct"][2]
+    path = f"/cbir/instances/{query}/similar-regions?box=10,12,40,50&k=4&exclude=same-patient"
+    answers = [from_orthanc(orthanc, path), from_standalone(standalone, path)]
+    assert comparable(answers[0]) == comparable(answers[1])
+    body = answers[0].json()
+    assert body["query"] == query and body["strategy"] == "regions" and len(body["query_region"]["box"]) == 4
+    assert body["hits"] == []  # one patient's CT and MR: nothing left once the patient is left out
+    body = from_orthanc(orthanc, f"/cbir/instances/{query}/similar-regions?box=10,12,40,50&k=4").json()
+    assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4] and query not in {h["SOPInstanceUID"] for h in body["hits"]}
+    assert all(len(h["region"]["box"]) == 4 and h["patient"] == "this patient" for h in body["hits"])
+    entry = audit_entries(orthanc)[0]
+    assert (entry["route"], entry["query"], entry["user"]) == ("similar-regions", query, orthanc.username)
+
+
+BAD_REGION_QUERIES = [
+    ("box=1,2,3", 400, "box is"), ("box=5,5,1,9", 400, "x1 > x0"), ("box=a,b,c,d", 400, "box is"),
+    ("k=3", 400, "box"), ("box=1,2,30,40&strategy=exact", 400, "unknown parameter"),
+    ("box=1,2,30,40&k=0", 400, "k"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("query_string", "status", "words"), BAD_REGION_QUERIES,
+                         ids=[f"bad-region-{i}" for i in range(len(BAD_REGION_QUERIES))])  # fmt: skip
+def test_a_bad_region_query_is_refused_with_a_reason_on_both_servers(orthanc, standalone, indexed, query_string,
+                                                                     status, words):  # fmt: skip
+    path = f"/cbir/instances/{indexed['ct'][2]}/similar-regions?{query_string}"
+    for answer in (from_orthanc(orthanc, path), from_standalone(standalone, path)):
+        assert answer.status_code == status and words in answer.json()["error"], answer.text
+    missing = "/cbir/instances/1.2.3.4.5.6/similar-regions?box=1,2,30,40"
+    assert from_orthanc(orthanc, missing).status_code == from_standalone(standalone, missing).status_code == 404
 
 
 # -- requests waiting for a worker are bounded --------------------------------------------------
