@@ -60,7 +60,6 @@ export class Comparison {
         numRows: before.layout.numRows,
         numCols: before.layout.numCols,
         queryImage: activeImage(this.services)?.sopInstanceUid,
-        queryDisplaySets: before.viewports.get(before.activeViewportId)?.displaySetInstanceUIDs ?? [],
       };
       document.addEventListener('keydown', this.onKey);
     }
@@ -162,11 +161,12 @@ export class Comparison {
     if (!this.previous) {
       return;
     }
-    const { numRows, numCols, queryDisplaySets } = this.previous;
+    const { numRows, numCols, queryImage } = this.previous;
     const { viewportGridService } = this.services;
     this.previous = null;
     this.removeRegion();
     document.removeEventListener('keydown', this.onKey);
+    // the query's viewport (the first) stays as it is; the layout goes back around it
     this.commandsManager.runCommand('setViewportGridLayout', { numRows, numCols });
     until(() => {
       const grid = viewportGridService.getState();
@@ -174,10 +174,8 @@ export class Comparison {
     })
       .then(() => {
         const [first] = orderedViewportIds(viewportGridService.getState());
-        viewportGridService.setDisplaySetsForViewports([
-          { viewportId: first, displaySetInstanceUIDs: queryDisplaySets },
-        ]);
         viewportGridService.setActiveViewportId(first);
+        return this.showImage(first, queryImage);
       })
       .catch(() => {});
     this.changed(null);

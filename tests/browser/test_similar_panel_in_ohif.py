@@ -173,6 +173,8 @@ def test_a_click_on_a_hit_shows_it_beside_the_query_and_escape_returns(orthanc, 
     page.keyboard.press("Escape")
     page.wait_for_function(f"document.querySelectorAll('{VIEWPORT_CANVAS}').length === 1", timeout=30_000)
     page.locator('[data-cy="cbir-comparing"]').wait_for(state="detached", timeout=10_000)
+    wait_until(lambda: abs(drawn_disc_radius(canvas_pixels(page, 0)) - query_radius) < 2.5, 30,
+               "the query's slice back in the one viewport")  # fmt: skip
     assert_clean(page)
 
 

@@ -298,7 +298,8 @@ def test_both_servers_answer_a_region_query_alike_and_audit_it(orthanc, standalo
     assert body["query"] == query and body["strategy"] == "regions" and len(body["query_region"]["box"]) == 4
     assert body["hits"] == []  # one patient's CT and MR: nothing left once the patient is left out
     body = from_orthanc(orthanc, f"/cbir/instances/{query}/similar-regions?box=10,12,40,50&k=4").json()
-    assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4] and query not in {h["SOPInstanceUID"] for h in body["hits"]}
+    assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4]
+    assert query not in {h["SOPInstanceUID"] for h in body["hits"]}
     assert all(len(h["region"]["box"]) == 4 and h["patient"] == "this patient" for h in body["hits"])
     entry = audit_entries(orthanc)[0]
     assert (entry["route"], entry["query"], entry["user"]) == ("similar-regions", query, orthanc.username)
