@@ -153,9 +153,11 @@ def test_a_removed_instance_loses_its_region_entries_and_is_never_answered(index
         store.add(embed_instances(Embedder(), [instance], regions=True))
 
 
-def test_an_instance_indexed_without_regions_says_so(redis_url, client):
+def test_an_instance_indexed_without_regions_says_so(redis_url):
+    import redis
+
     embedder = Embedder()
-    store = IndexStore(client, IndexInfo.from_card(embedder.card))
+    store = IndexStore(redis.Redis.from_url(redis_url), IndexInfo.from_card(embedder.card), prefix="plain")
     path = sorted(SERIES.glob("*.dcm"))[0]
     record = embed_instances(embedder, [decode_instance(path)])[0]
     assert record.regions is None
@@ -178,12 +180,22 @@ def test_region_entries_round_trip_and_other_bytes_are_refused():
         with pytest.raises(ValueError):
             decode_regions(bad)
     assert best_overlap(grid, (290, 305, 338, 378)) in range(len(grid))
+    assert best_overlap(grid, (600, 600, 700, 700)) is None
 
 
 def test_a_malformed_box_is_a_clear_400_reason():
     from orthanc_cbir.api.similar import parse_box
 
     assert parse_box("1,2,30.5,40") == (1.0, 2.0, 30.5, 40.0)
-    for bad in ("", "1,2,3", "1,2,3,4,5", "a,b,c,d", "10,10,5,20", "0,0,1e9,5", "nan,0,1,1", "-1,0,5,5"):
+    assert parse_box("30,40,1,2") == (1.0, 2.0, 30.0, 40.0), "opposite corners in either order"
+    for bad in ("", "1,2,3", "1,2,3,4,5", "a,b,c,d", "10,10,10,20", "0,0,1e9,5", "nan,0,1,1", "-1,0,5,5",
+                "1,2,3,4 ", "123456,0,1,1"):  # fmt: skip
         with pytest.raises(BadParameters, match="box is"):
             parse_box(bad)
+
+
+def test_a_box_outside_the_image_is_a_clear_400_reason(indexed):
+    store, boxes = indexed["store"], indexed["boxes"]
+    uid = next(iter(boxes))
+    with pytest.raises(BadParameters, match="outside the image"):
+        SimilaritySearch(store).similar_regions(uid, (600, 600, 700, 700), region_page(store, k="3"))

@@ -228,7 +228,7 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
 
     passes = []
 
-    def embed(embedder, instances, ids):
+    def embed(embedder, instances, ids, regions=False):
         passes.append(len(instances))
         return [SimpleNamespace(metadata=i.metadata, orthanc=dict(o)) for i, o in zip(instances, ids, strict=True)]
 

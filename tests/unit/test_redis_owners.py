@@ -14,6 +14,7 @@ OWNERS = {
     "index/store.py",  # one model version's index
     "index/versions.py",  # which model versions have an index
     "index/series_levels.py",  # each series' level offsets
+    "index/regions.py",  # the region entries of an index version
     "audit.py",  # the audit trail
     "evaluation/retrieval.py",  # its own throw-away index
 }

@@ -73,6 +73,7 @@ from ..search import STRATEGIES
 from ..search.service import FILTER_PARAMETERS
 from . import routes
 from .similar import (
+    BOX_PATTERN,
     LEVELS,
     MAX_PARAMETER_CHARS,
     SimilarityService,
@@ -281,7 +282,8 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
                    503: _error_content("Redis is unavailable")},
     )  # fmt: skip
     def similar_regions(request: Request, uid: uid_parameter, box: Annotated[str, Query(
-            max_length=100, description="x0,y0,x1,y1 in the image's pixels")]) -> HttpResponse:  # fmt: skip
+            pattern=BOX_PATTERN, max_length=40,
+            description="x0,y0,x1,y1: two opposite corners in the image's pixels")]) -> HttpResponse:  # fmt: skip
         """``k``, ``offset`` and the filters (``exclude=same-series``...) as for ``/similar``."""
         parameters = dict(request.query_params)
         user = _user(request, settings)

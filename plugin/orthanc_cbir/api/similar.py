@@ -48,8 +48,8 @@ PARAMETERS = (*SEARCH_PARAMETERS, "format", "includefield", "fuzzymatching")
 """Every parameter a similarity route takes."""
 REGION_PARAMETERS = ("box", "k", "limit", "offset", *FILTER_PARAMETERS)
 """Every parameter ``GET /cbir/instances/{id}/similar-regions`` takes."""
-MAX_BOX_PIXELS = 65535
-"""A box corner beyond this is no image's (DICOM Rows and Columns are 16-bit)."""
+BOX_PATTERN = r"^[0-9]{1,5}(\.[0-9]{1,3})?(,[0-9]{1,5}(\.[0-9]{1,3})?){3}$"
+"""``box``: four numbers (pixels; up to 5 digits, 3 decimals) separated by commas."""
 MAX_QUERY_BYTES = 256 * 2**20
 """Hard ceiling of a ``POST /cbir/query`` body; the ``max_query_bytes`` setting (64 MiB) is lower."""
 QUERY_WAIT_S = 20
@@ -117,21 +117,18 @@ def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> 
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
-    """``x0,y0,x1,y1`` (pixels of the query image, x1 > x0, y1 > y0) as numbers.
+    """``x0,y0,x1,y1`` (two opposite corners, in pixels of the query image, in either order) as
+    ``(left, top, right, bottom)``.
 
     Raises:
-        BadParameters: anything else (the message does not repeat the input).
+        BadParameters: anything else, or a box of no area (the message does not repeat the input).
     """
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4 or not all(0 <= v <= MAX_BOX_PIXELS for v in values):
-        raise BadParameters(f"box is x0,y0,x1,y1: four numbers from 0 to {MAX_BOX_PIXELS} (pixels of the image)")
-    x0, y0, x1, y1 = values
-    if x1 <= x0 or y1 <= y0:
-        raise BadParameters("box is x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-    return x0, y0, x1, y1
+    if not re.fullmatch(BOX_PATTERN, text):
+        raise BadParameters("box is x0,y0,x1,y1: four numbers (pixels of the image) separated by commas")
+    x0, y0, x1, y1 = (float(part) for part in text.split(","))
+    if x0 == x1 or y0 == y1:
+        raise BadParameters("box is x0,y0,x1,y1: a rectangle of some width and height")
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""

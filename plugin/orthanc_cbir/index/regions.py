@@ -147,6 +147,7 @@ class RegionIndex:
 
         Raises:
             KeyError: the query image has no region entries.
+            ValueError: the box lies outside the query image.
         """
         matrix = self._current()
         try:
@@ -154,7 +155,10 @@ class RegionIndex:
         except ValueError:
             raise KeyError(query_uid) from None
         own = np.flatnonzero(matrix.owner == image)
-        query = own[best_overlap(matrix.boxes[own], box)]
+        best = best_overlap(matrix.boxes[own], box)
+        if best is None:
+            raise ValueError("the box lies outside the image")
+        query = own[best]
         # |v - q|^2 = |v|^2 + |q|^2 - 2 v.q: one matrix-vector product
         distances = np.maximum(matrix.norms + matrix.norms[query] - 2 * (matrix.vectors @ matrix.vectors[query]), 0)
         # each image's nearest patch: patches sorted by (image, distance), the first of each image

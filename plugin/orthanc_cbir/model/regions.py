@@ -77,11 +77,14 @@ def region_positions(grid: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return (centre / np.array([columns, rows]) * POSITION_WEIGHT).astype(np.float32)
 
 
-def best_overlap(grid: np.ndarray, box: tuple[float, float, float, float]) -> int:
-    """The patch of ``grid`` with the largest intersection over union with ``box`` (x0, y0, x1, y1)."""
+def best_overlap(grid: np.ndarray, box: tuple[float, float, float, float]) -> int | None:
+    """The patch of ``grid`` with the largest intersection over union with ``box`` (x0, y0, x1, y1);
+    ``None`` when the box overlaps none (it lies outside the image)."""
     x0, y0, x1, y1 = box
     width = np.clip(np.minimum(grid[:, 2], x1) - np.maximum(grid[:, 0], x0), 0, None)
     height = np.clip(np.minimum(grid[:, 3], y1) - np.maximum(grid[:, 1], y0), 0, None)
     inter = width * height
     union = (grid[:, 2] - grid[:, 0]) * (grid[:, 3] - grid[:, 1]) + (x1 - x0) * (y1 - y0) - inter
+    if not inter.any():
+        return None
     return int(np.argmax(inter / np.maximum(union, 1e-9)))

@@ -184,6 +184,8 @@ class SimilaritySearch:
             except KeyError:
                 raise NotIndexed("this instance has no region entries: only CT and MR slices indexed with the "
                                  "regions setting on have them") from None  # fmt: skip
+            except ValueError:
+                raise BadParameters("box lies outside the image (x0,y0,x1,y1 are the image's pixels)") from None
             context = self.searcher.query_of(entry).context
             keep = page.options.filters.mask(snapshot.attributes, context)
             wanted = page.options.k  # the page's end: search_options counts the offset in
