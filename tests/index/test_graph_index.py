@@ -107,3 +107,25 @@ def test_removed_instances_never_answer_and_a_graph_of_many_removed_rows_is_rebu
     assert searcher.graph().wait(60) and searcher.graph().builds == 2
     assert searcher.graph().nodes == 3000 - len(removed)
     assert not removed & set(searcher.search(query, options).sop_instance_uids)
+
+
+def test_an_index_flushed_and_filled_again_is_read_again_by_a_running_searcher(store, client):
+    """Redis flushed (or restored from another backup) under a running searcher, then filled with as
+    many instances in as many writes: its write counters and block generations are back at the same
+    numbers, so only the index's epoch tells the searcher that every row it holds is gone."""
+    before, after = make_records(300, seed=5), make_records(300, seed=6, prefix="1.2.826.0.1.3680043.8.499")
+    store.add(before)
+    searcher = Searcher(store)
+    own = SearchOptions("exact", k=1, filters=Filters(exclude_self=False))
+    assert searcher.search(Query(before[3].features, before[3].code), own).sop_instance_uids == [before[3].key]
+    graph = SearchOptions("graph", k=1, filters=Filters(exclude_self=False))
+    searcher.search(Query(before[3].features, before[3].code), graph)
+    assert searcher.graph().wait(60) and searcher.graph().nodes == 300
+    client.flushdb()
+    store.add(after)
+    for options in (own, graph):
+        assert searcher.search(Query(after[3].features, after[3].code), options).sop_instance_uids == [after[3].key]
+        answered = searcher.search(Query(before[3].features, before[3].code), SearchOptions(options.strategy, k=20))
+        assert not {r.key for r in before} & set(answered.sop_instance_uids), "an instance of the flushed index"
+    assert searcher.snapshot.resets == 1
+    assert searcher.graph().wait(60) and searcher.graph().nodes == 300

@@ -199,3 +199,20 @@ def test_a_box_outside_the_image_is_a_clear_400_reason(indexed):
     uid = next(iter(boxes))
     with pytest.raises(BadParameters, match="outside the image"):
         SimilaritySearch(store).similar_regions(uid, (600, 600, 700, 700), region_page(store, k="3"))
+
+
+def test_region_entries_of_a_flushed_index_are_never_answered(redis_url, series):
+    """Redis flushed and the series indexed again, with as many region writes: the searcher's
+    matrix of entries is read again (the index's epoch moved), not kept."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = IndexStore(client, series["info"], prefix="flushed")
+    store.add(series["records"][:20])
+    uid = series["order"][5]
+    assert store.regions.matches(uid, (100, 100, 200, 200))[1]
+    client.flushdb()
+    store.add(series["records"][20:40])
+    with pytest.raises(KeyError):
+        store.regions.matches(uid, (100, 100, 200, 200))
+    client.close()

@@ -107,6 +107,7 @@ class GraphIndex:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._generation = -1
+        self._resets = snapshot.resets
         self.builds = 0
         """Graphs built from scratch (the first one included)."""
         self._live: tuple[tuple[int, int, int] | None, np.ndarray | None, np.ndarray] = (None, None, np.zeros(0))
@@ -118,6 +119,10 @@ class GraphIndex:
         if self.snapshot.generation == self._generation:
             return
         self._generation = self.snapshot.generation
+        if self.snapshot.resets != self._resets:  # another index: its rows are not this graph's nodes
+            self._resets = self.snapshot.resets
+            with self._lock:
+                self._graph, self._covered = None, np.zeros(0, bool)
         if not self._work_waiting():
             return
         if self._thread is None or not self._thread.is_alive():

@@ -80,7 +80,7 @@ class RegionMatch:
 
 @dataclass
 class _Matrix:
-    writes: int
+    writes: tuple[str, int]  # the index's epoch and the entries' write count
     uids: list[str]
     owner: np.ndarray  # image index of each patch
     boxes: np.ndarray  # (N, 4)
@@ -95,6 +95,7 @@ class RegionIndex:
         self.client = client
         self.entries = f"{keys.base}:regions"
         self.writes = f"{keys.base}:regions:writes"
+        self._info = keys.info  # its epoch: an index flushed and made again may count the same writes
         self._matrix: _Matrix | None = None
         self._lock = threading.Lock()
 
@@ -171,9 +172,13 @@ class RegionIndex:
         return _box(matrix.boxes[query]), found
 
     def _current(self) -> _Matrix:
-        """Every entry as one matrix, read again only when the write counter moved."""
+        """Every entry as one matrix, read again only when the write counter (or the index) moved."""
         with self._lock:
-            writes = int(self.client.get(self.writes) or 0)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(self._info, "epoch")
+            pipe.get(self.writes)
+            epoch, count = pipe.execute()
+            writes = (as_bytes(epoch).decode() if epoch else "", int(count or 0))
             if self._matrix is not None and self._matrix.writes == writes:
                 return self._matrix
             raw = self.client.hgetall(self.entries)

@@ -64,7 +64,10 @@ class IndexSnapshot:
         self._seen: dict[tuple[int, int], int] = {}
         self._entries: dict[int, StoredEntry] = {}
         """Decoded entries by global row, oldest first."""
-        self._writes: tuple[int, ...] | None = None
+        self._writes: tuple[str, tuple[int, ...]] | None = None
+        """The index's epoch and per-shard write counts as of the last refresh (:meth:`IndexStore.writes`)."""
+        self.resets = 0
+        """Times the index turned out to be another one (flushed and made again) and everything was re-read."""
         info = self.info
         self._capacity = 0
         names: tuple[str, ...] = ATTRIBUTES.names or ()
@@ -92,6 +95,8 @@ class IndexSnapshot:
         writes = self.store.writes()  # before the generations: a write between the two is seen next time
         if writes == self._writes:
             return 0
+        if self._writes is not None and writes[0] != self._writes[0]:
+            self._forget()
         current = self.store.generations()
         stale = sorted(key for key, generation in current.items() if self._seen.get(key) != generation)
         if not stale:
@@ -136,6 +141,18 @@ class IndexSnapshot:
         snapshot._place("uids", everything, snapshot._uid_column(list(uids) if uids is not None else [None] * rows))
         snapshot.generation = 1
         return snapshot
+
+    def _forget(self) -> None:
+        """Drop every row: the index is another one now (its epoch moved), and its blocks'
+        generations say nothing about what this copy holds."""
+        for array in self._buffers.values():
+            array[...] = np.zeros((), array.dtype)
+        self._seen.clear()
+        self._entries.clear()
+        self.rows = 0
+        self._views()
+        self.resets += 1
+        self.generation += 1
 
     def _place(self, buffer: str, where: slice, values: np.ndarray) -> None:
         # a block may be shorter than BLOCK_ROWS rows: the rest of its rows are zero

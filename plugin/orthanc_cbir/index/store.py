@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..errors import IndexLayoutError
 from ..model.codes import CodeLayout
 from ..model.embedder import ModelCard, card_path
 from ..model.level import LevelEncoding
-from ..redis_client import RedisClient, as_bytes
+from ..redis_client import RedisClient, as_bytes, text
 from .hamming import MultiIndex
 from .regions import RegionIndex, encode_regions
 from .schema import (
@@ -192,6 +193,9 @@ class IndexStore:
             "layout_of_codes": self.info.layout.to_json(), "labels": self.info.labels, "block_rows": BLOCK_ROWS,
             "rows_per_map": ROWS_PER_MAP,
         }))  # fmt: skip
+        # Set once, when the index is made: an index flushed and filled again has another, though its
+        # write counters and block generations may be back at the same numbers (IndexSnapshot.refresh).
+        self.client.hsetnx(self.keys.info, "epoch", secrets.token_hex(8))
         if self._shards is None:
             self._resolve()  # another process may have written it first: its word counts
 
@@ -509,9 +513,15 @@ class IndexStore:
         raw = self.client.hget(self.keys.info, "centroids")
         return None if raw is None else as_bytes(raw)
 
-    def writes(self) -> tuple[int, ...]:
-        """Per shard, how many writes have moved a block's generation: unchanged, nothing to re-read."""
-        return tuple(self._per_shard(lambda pipe, keys: pipe.get(keys.writes)))
+    def writes(self) -> tuple[str, tuple[int, ...]]:
+        """The index's epoch (``""`` before its first write) and, per shard, how many writes have
+        moved a block's generation, in one round trip: both unchanged, nothing to re-read."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.keys.info, "epoch")
+        for shard in range(self.shards):
+            pipe.get(self._shard_keys[shard].writes)
+        epoch, *counts = pipe.execute()
+        return (text(epoch) if epoch else ""), tuple(int(count or 0) for count in counts)
 
     def generations(self) -> dict[tuple[int, int], int]:
         """(shard, block number) -> write count, of every block of every shard."""
