@@ -344,3 +344,22 @@ def test_fuzz_pictures_never_raise(seed, cuts, end):
         if 8 <= at < len(data):  # keep the signature, so that the picture path is taken
             data[at] = value
     assert_outcome(decode_bytes(bytes(data[:end]), "upload", max_pixels_per_frame=2**16))
+
+
+def test_a_dcmtk_decoder_gets_no_secret_of_the_worker(monkeypatch, tmp_path):
+    """DCMTK parses untrusted pixel data in a child process: the worker's passwords must not be in
+    its environment. A stand-in decoder (a real child process) writes what it was given."""
+    seen = tmp_path / "environment.txt"
+    decoder = tmp_path / "dcmdrle"
+    decoder.write_text(f"#!/bin/sh\nenv > {seen}\nexit 1\n")
+    decoder.chmod(0o755)
+    monkeypatch.setenv("CBIR_REDIS_PASSWORD", "redis-secret-4471")
+    monkeypatch.setenv("CBIR_ORTHANC_PASSWORD", "orthanc-secret-9902")
+    monkeypatch.setenv("CBIR_HTTP_TOKEN", "token-secret-3315")
+    monkeypatch.setattr("orthanc_cbir.dicom.pixels._plugins", lambda decoder: [])
+    monkeypatch.setattr("orthanc_cbir.dicom.pixels._dcmtk_tool", lambda ds: str(decoder))
+    outcome = decode_instance(rle())
+    assert isinstance(outcome, Rejection) and "dcmdrle failed" in outcome.detail, str(outcome)
+    environment = seen.read_text()
+    assert "PATH=" in environment
+    assert not any(secret in environment for secret in ("redis-secret", "orthanc-secret", "token-secret", "CBIR_"))

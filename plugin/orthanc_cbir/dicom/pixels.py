@@ -166,6 +166,8 @@ class DecodedInstance:
 
 # The DCMTK tools that decompress a transfer syntax in place of pydicom's plugins
 # where those refuse (notably 12-bit JPEG Extended, which pylibjpeg and GDCM lack).
+_DECODER_ENVIRONMENT = ("DCMDICTPATH", "LANG", "LC_ALL", "TMPDIR")
+"""Variables a DCMTK decoder is given besides PATH (:func:`decoder_environment`)."""
 _DCMTK_DECOMPRESSORS: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": "dcmdjpeg",
     "1.2.840.10008.1.2.4.51": "dcmdjpeg",
@@ -734,6 +736,14 @@ def _plugins(decoder: Decoder) -> list[str]:
     return ordered or list(available)
 
 
+def decoder_environment() -> dict[str, str]:
+    """The environment of a DCMTK decoder: what DCMTK reads, nothing else. A decoder parses
+    untrusted pixel data; should a file ever take it over, the worker's secrets
+    (``CBIR_REDIS_PASSWORD``, ``CBIR_ORTHANC_PASSWORD``...) are not in its environment to read."""
+    kept = {name: os.environ[name] for name in _DECODER_ENVIRONMENT if name in os.environ}
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **kept}
+
+
 def _dcmtk_tool(ds: Dataset) -> str | None:
     tool = _DCMTK_DECOMPRESSORS.get(str(ds.file_meta.TransferSyntaxUID))
     return tool if tool and shutil.which(tool) else None
@@ -751,7 +761,8 @@ def _dcmtk_decompress(ds: Dataset) -> tuple[Dataset, str]:
             detail = f"cannot hand the file to {tool}: {_first_line(exc)}"
             raise _DecodeFailure(RejectionReason.CORRUPT_PIXEL_DATA, detail) from exc
         try:
-            done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([tool, str(src), str(dst)], capture_output=True, text=True, timeout=120,
+                                  env=decoder_environment())  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise _DecodeFailure(RejectionReason.NO_DECODER, f"{tool} failed: {_first_line(exc)}") from exc
         if done.returncode != 0 or not dst.exists():
