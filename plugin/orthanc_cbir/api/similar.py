@@ -115,7 +115,6 @@ def request_parameters(query: Mapping[str, Any], headers: Mapping[str, Any]) -> 
     return parameters
 
 
-
 def parse_box(text: str) -> tuple[float, float, float, float]:
     """``x0,y0,x1,y1`` (two opposite corners, in pixels of the query image, in either order) as
     ``(left, top, right, bottom)``.
@@ -129,6 +128,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     if x0 == x1 or y0 == y1:
         raise BadParameters("box is x0,y0,x1,y1: a rectangle of some width and height")
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
 
 def redis_unreachable(redis_url: str, exc: BaseException) -> Response:
     """The 503 of a route while Redis does not answer: where (host and port, never a password) and why."""
@@ -204,10 +204,7 @@ class SimilarityService:
         except NotIndexed as exc:
             return Response.error(404, str(exc))
         result = answer.result
-        if self.audit is not None and user is not None:
-            self.audit.record(user=user, route="similar-regions", level="instance", query_uid=answer.query_uid,
-                              hits=len(answer.hits),
-                              studies=[h.entry.metadata.study_instance_uid if h.entry else None for h in answer.hits])
+        self._audit(answer, (user, "similar-regions", "instance"))
         return Response.json({
             "query": answer.query_uid, "query_region": {"box": list(answer.query_region or ())},
             "strategy": result.strategy, "level": result.level, "model": self.store.info.version,
@@ -348,15 +345,20 @@ class SimilarityService:
         answer = Response.json({"job": job, "state": "queued", "status": f"/cbir/jobs/{job}"}, status=202)
         return dataclasses.replace(answer, headers={"Location": f"/cbir/jobs/{job}"})
 
+    def _audit(self, answer: Answer, audited: tuple[str | None, str, str]) -> None:
+        """Record the answer in the audit trail when there is a user and an audit log; ``audited`` is
+        (user, route, query level). A failed record raises: no record, no answer."""
+        user, route, level = audited
+        if self.audit is not None and user is not None:
+            studies = [h.entry.metadata.study_instance_uid if h.entry else None for h in answer.hits]
+            self.audit.record(user=user, route=route, level=level, query_uid=answer.query_uid,
+                              hits=len(answer.hits), studies=studies)  # fmt: skip
+
     def _respond(self, answer: Answer, parameters: Mapping[str, str], audited: tuple[str | None, str, str]) -> Response:
         """The hits as the request asks; ``audited`` is (user, route, query level): with a user and
         an audit log, the answer is recorded first (no record, no answer)."""
         result, hits = answer.result, answer.hits
-        user, route, level = audited
-        if self.audit is not None and user is not None:
-            studies = [h.entry.metadata.study_instance_uid if h.entry else None for h in hits]
-            self.audit.record(user=user, route=route, level=level, query_uid=answer.query_uid, hits=len(hits),
-                              studies=studies)
+        self._audit(answer, audited)
         if _format(parameters) == "dicom+json":
             extra = included_fields(parameters.get("includefield"))
             objects = [hit_dataset(result.level, h.rank, h.distance, result.strategy,

@@ -100,6 +100,7 @@ def _picture(source: Path | bytes, name: str,
 REGION_MODALITIES = frozenset({"CT", "MR"})
 """Modalities whose single-frame images get region entries (the ``regions`` setting)."""
 
+
 def embed_instances(
     embedder: Embedder, instances: Sequence[DecodedInstance], orthanc: Sequence[dict[str, str]] | None = None,
     *, regions: bool = False,

@@ -112,6 +112,7 @@ def search_options(parameters: Mapping[str, str], layout: CodeLayout, *, default
 
 _REGION_READS = 256  # region hits' entries read per round trip while filling a page
 
+
 class SimilaritySearch:
     """Searches one index version for stored or uploaded queries; safe to share between threads
     (one query at a time touches the searcher's snapshot). It never runs the model: a stored
@@ -169,16 +170,9 @@ class SimilaritySearch:
             NotIndexed: the instance is not indexed, or has no region entries.
         """
         started = time.perf_counter()
-        uid = identifier if looks_like_uid(identifier) else (self.resolve_uid("instance", identifier)
-                                                              if self.resolve_uid else None)  # fmt: skip
-        if uid is None:
-            raise _not_indexed("instance")
         with self._lock:
+            uid, query = self._stored_query("instance", identifier)  # refreshes the snapshot
             snapshot = self.searcher.snapshot
-            snapshot.refresh()
-            entry = self.store.describe([uid])[0]
-            if entry is None or entry.row >= snapshot.rows or not snapshot.live[entry.row]:
-                raise _not_indexed("instance")
             try:
                 query_region, matches = self.store.regions.matches(uid, box)
             except KeyError:
@@ -186,7 +180,7 @@ class SimilaritySearch:
                                  "regions setting on have them") from None  # fmt: skip
             except ValueError:
                 raise BadParameters("box lies outside the image (x0,y0,x1,y1 are the image's pixels)") from None
-            context = self.searcher.query_of(entry).context
+            context = query.context
             keep = page.options.filters.mask(snapshot.attributes, context)
             wanted = page.options.k  # the page's end: search_options counts the offset in
             hits: list[Hit] = []
