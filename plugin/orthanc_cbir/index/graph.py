@@ -11,10 +11,17 @@ Redis stays the durable truth and the only thing the workers write: each process
 answers queries grows its graph from its own snapshot (:mod:`.snapshot`), so all of them hold
 the same rows. A query never waits for a build:
 
+- A graph is built from every live row at once, in a random order and :data:`BUILD_BATCH` rows
+  per FAISS ``add``: HNSW links each node to the nodes already there, so rows arriving
+  in the order they were indexed (a series' slices together, one kind of study after another)
+  make a worse graph (below).
 - Live rows the graph does not hold yet (indexed since it last grew, or all of them while the
   first build runs) are *late*: :meth:`GraphIndex.late` gives them to the query, which scans
   them exactly beside the graph's answer, and a background thread adds them to the graph
-  :data:`ADD_CHUNK` rows at a time.
+  :data:`ADD_CHUNK` rows at a time. Once the rows added that way outnumber those of the last
+  build (:data:`REBUILD_GROWN`), the thread builds a new graph beside the old one and swaps it
+  in: a graph grown from ten rows to a million is rebuilt about seventeen times, each rebuild
+  costing at most twice the one before.
 - A removed instance stays a node of the graph (HNSW cannot drop one) but the query's
   selector keeps it out of every answer. Once :data:`REBUILD_REMOVED` of the nodes are removed
   rows, the thread builds a new graph beside the old one and swaps it in.
@@ -49,10 +56,19 @@ EF_SEARCH = 128
 SCAN_BELOW = 0.02
 """Filters that keep fewer than this share of the graph's nodes: the allowed rows are scanned."""
 ADD_CHUNK = 512
-"""Rows the builder links in per FAISS ``add`` (and per hold of the lock: a query waits at most that
-long, ~0.2 s). Also the batch of a new graph: FAISS links a batch's vertices level by level, and
-mid-sized batches make a worse graph (10^5 benchmark rows, recall@10 of the graph alone at
-efSearch 64: 0.972 in batches of 512, 0.971 in one, 0.959 in batches of 8,192, 0.922 of 32,768)."""
+"""Late rows the builder links into the graph that queries walk per FAISS ``add``, which holds the
+lock: a query waits at most that long, ~0.2 s."""
+BUILD_BATCH = 65_536
+"""Rows per FAISS ``add`` while a new graph is built (beside the one queries walk: no lock), in a
+random order; 136 MB of float32 at a time. On 10^5 benchmark rows (MedNIST's real rows sorted by
+class, then interpolations), recall@10 of the graph alone at efSearch 64: 0.867 added in index
+order 512 at a time, 0.953 in a random order 512 at a time, 0.969 in a random order 65,536 at a
+time or all at once (FAISS shuffles each ``add``'s nodes and links the upper layers first)."""
+REBUILD_GROWN = 1.0
+"""Rows linked in late (:data:`ADD_CHUNK` at a time, in the order they were indexed), as a share of
+the rows of the last build, from which a new graph is built. On the same rows at efSearch 128, a
+graph built from half of them that grew to all of them 512 at a time found 0.984 of the top 10, one
+built from all of them at once 0.982."""
 REBUILD_REMOVED = 0.2
 """Share of the graph's nodes that are removed rows from which a new graph is built."""
 TRAIN_ROWS = 65_536
@@ -68,7 +84,7 @@ class _Graph:
         self.index = faiss.IndexHNSWSQ(dim, quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = EF_CONSTRUCTION
         self.index.train(np.ascontiguousarray(training, np.float32))
-        self._rows = np.zeros(ADD_CHUNK, np.int64)  # grows geometrically: a build adds ADD_CHUNK at a time
+        self._rows = np.zeros(ADD_CHUNK, np.int64)  # grows geometrically: late rows come ADD_CHUNK at a time
         self._size = 0
 
     @property
@@ -110,6 +126,9 @@ class GraphIndex:
         self._resets = snapshot.resets
         self.builds = 0
         """Graphs built from scratch (the first one included)."""
+        self._built_rows = 0
+        """Rows linked in by the build of the current graph (the rest were linked in late)."""
+        self._random = np.random.default_rng(0)
         self._live: tuple[tuple[int, int, int] | None, np.ndarray | None, np.ndarray] = (None, None, np.zeros(0))
         """(snapshot generation, builds, nodes): the live rows' selector bits and late rows (:meth:`search_live`)."""
 
@@ -184,9 +203,17 @@ class GraphIndex:
         graph = self._graph
         if graph is None:
             return bool(live.any())
-        if self._removed_share(live) >= REBUILD_REMOVED:
+        if self._rebuild_due(live):
             return True
         return len(self.late(live)) > 0
+
+    def _rebuild_due(self, live: np.ndarray) -> bool:
+        """Too many of the graph's nodes are removed rows, or were linked in late."""
+        graph = self._graph
+        if graph is None:
+            return True
+        grown = len(graph.rows) - self._built_rows
+        return self._removed_share(live) >= REBUILD_REMOVED or grown > REBUILD_GROWN * self._built_rows
 
     def _removed_share(self, live: np.ndarray) -> float:
         graph = self._graph
@@ -207,27 +234,16 @@ class GraphIndex:
                 log.exception("graph index: building failed; queries scan the rows it lacks")
 
     def _build(self) -> None:
-        """Build a graph when there is none or too much of it is removed rows, then link in the
-        live rows it lacks, :data:`ADD_CHUNK` at a time."""
-        live = self.snapshot.live
-        if self._graph is None or self._removed_share(live) >= REBUILD_REMOVED:
-            started = time.perf_counter()
-            rows = np.flatnonzero(live)
-            if not len(rows):
-                return
-            sample = self.snapshot.vectors(rows[:: max(1, len(rows) // TRAIN_ROWS)])
-            graph = _Graph(self.snapshot.info.feature_dim, sample)
-            covered = np.zeros(len(live), bool)
-            for start in range(0, len(rows), ADD_CHUNK):  # see ADD_CHUNK: larger batches make a worse graph
-                chunk = rows[start : start + ADD_CHUNK]
-                graph.add(chunk, self.snapshot.vectors(chunk))
-                covered[chunk] = True
-            with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
-                self._graph, self._covered = graph, covered
-                self.builds += 1
-            log.info("graph index: %d rows linked in %.1f s", len(rows), time.perf_counter() - started)
+        """Until the graph holds every live row: build a new one when there is none or
+        :meth:`_rebuild_due` (linking late rows in may make it due), else link in the live rows
+        it lacks, :data:`ADD_CHUNK` at a time."""
         while True:
-            late = self.late(self.snapshot.live)
+            live = self.snapshot.live
+            if self._rebuild_due(live):
+                if not self._rebuild(live):
+                    return
+                continue
+            late = self.late(live)
             if not len(late):
                 return
             chunk = late[:ADD_CHUNK]
@@ -238,6 +254,27 @@ class GraphIndex:
                 covered = _padded(self._covered, len(self.snapshot.live))
                 covered[chunk] = True
                 self._covered = covered
+
+    def _rebuild(self, live: np.ndarray) -> bool:
+        """Build a graph of the ``live`` rows beside the one queries walk and swap it in; whether
+        there was a row to build it from."""
+        started = time.perf_counter()
+        rows = np.flatnonzero(live)
+        if not len(rows):
+            return False
+        sample = self.snapshot.vectors(rows[:: max(1, len(rows) // TRAIN_ROWS)])
+        graph = _Graph(self.snapshot.info.feature_dim, sample)
+        order = self._random.permutation(rows)  # see BUILD_BATCH: index order makes a worse graph
+        for start in range(0, len(order), BUILD_BATCH):
+            chunk = order[start : start + BUILD_BATCH]
+            graph.add(chunk, self.snapshot.vectors(chunk))
+        covered = np.zeros(len(live), bool)
+        covered[rows] = True
+        with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
+            self._graph, self._covered, self._built_rows = graph, covered, len(rows)
+            self.builds += 1
+        log.info("graph index: %d rows linked in %.1f s", len(rows), time.perf_counter() - started)
+        return True
 
 
 def _walk(graph: _Graph, query: np.ndarray, count: int, bitmap: np.ndarray | None) -> np.ndarray:
