@@ -8,14 +8,20 @@ For each size N the script starts a private redis-server, fills it with N instan
 through ``IndexStore.add`` (each with a realistic CT / MR / CR metadata record) and
 times ``Searcher.search`` one query at a time (``time.perf_counter`` around the call,
 hits' records read: what a client waits for, minus the query's own embedding) for
-each strategy: ``exact``, ``hamming`` with the code scan and with the multi-index
-(per ``--candidates``), ``class``, ``multilateral``, and ``cluster`` where the
-offline ``recluster`` is affordable (``--cluster-up-to``). Then, in the same run
-and over the same float32 vectors and packed codes, the baselines: a numpy
-brute-force scan, FAISS ``IndexFlatL2``, and FAISS ``IndexBinaryFlat`` /
+each strategy: ``graph`` (the default), ``exact``, ``hamming`` with the code scan and
+with the multi-index (per ``--candidates``), ``class``, ``multilateral``, and ``cluster``
+where the offline ``recluster`` is affordable (``--cluster-up-to``). These answers list
+every stored row (``copies=False``): rows interpolated from one real pair lie closer
+than two copies of one picture may (``COPY_DISTANCE``) and would be folded into one hit
+as copies; the default answer, one hit per picture, is timed in its own rows against
+``exact``'s answer folded the same way, as are filters keeping 1% and 10% of the rows.
+Then, in the same run and over the same float32 vectors and packed codes, the
+baselines: a numpy brute-force scan, FAISS ``IndexFlatL2``, FAISS ``IndexHNSWFlat`` and
+``IndexHNSWSQ`` (8-bit) and hnswlib (the graph libraries, M 32, efConstruction 64,
+built with one ``add`` of every row), and FAISS ``IndexBinaryFlat`` /
 ``IndexBinaryMultiHash`` taking the top C by Hamming distance and re-ranking those
 C by float32 distance (the same coarse-to-fine work as ``hamming``). Everything runs
-on one thread: FAISS's OpenMP and numpy's OpenBLAS (``OPENBLAS_NUM_THREADS=1``
+on one thread: FAISS's OpenMP, hnswlib and numpy's OpenBLAS (``OPENBLAS_NUM_THREADS=1``
 unless set otherwise), so latencies are per core and the baselines compare evenly.
 
 The rows: the shipped model's outputs (features, code logits, class logits) for the
@@ -59,6 +65,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import faiss
+import hnswlib
 import numpy as np
 import redis
 
@@ -68,7 +75,7 @@ from orthanc_cbir.config import DEFAULT_MODEL  # noqa: E402
 from orthanc_cbir.dicom.metadata import InstanceMetadata  # noqa: E402
 from orthanc_cbir.evaluation.metrics import code_statistics, recall_vs_exact  # noqa: E402
 from orthanc_cbir.index import IndexInfo, IndexRecord, IndexStore  # noqa: E402
-from orthanc_cbir.index.graph import EF_CONSTRUCTION, EF_SEARCH, GRAPH_M  # noqa: E402
+from orthanc_cbir.index.graph import BUILD_BATCH, EF_CONSTRUCTION, EF_SEARCH, GRAPH_M  # noqa: E402
 from orthanc_cbir.local_services import RedisServer  # noqa: E402
 from orthanc_cbir.model.codes import pack_codes  # noqa: E402
 from orthanc_cbir.model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, Embedder  # noqa: E402
@@ -85,6 +92,8 @@ CHUNK = 20_000
 """Rows generated (and turned into records) at a time."""
 ADD_BATCH = 2_000
 """Records per ``IndexStore.add`` call."""
+EF_SEARCHES = (32, 64, 128)
+"""The graph libraries' efSearch settings timed."""
 TIE = 1e-6
 """Similarity slack when a hit is compared with the exact 10th (float32 summation order)."""
 
@@ -395,16 +404,20 @@ def pools(candidates: list[int | None], size: int) -> list[tuple[int | None, str
 
 
 def strategies(candidates: list[int | None], size: int, cluster: bool) -> dict[str, SearchOptions]:
-    """The searches timed through ``Searcher``, by report name."""
-    runs = {"exact": SearchOptions("exact", k=K), "graph": SearchOptions("graph", k=K)}
+    """The searches timed through ``Searcher``, by report name: every stored row its own hit
+    (``copies=False``, see the module's note)."""
+    default = SearchOptions().strategy
+    runs = {f"{default} (default)": SearchOptions(k=K, copies=False)}
+    runs |= {name: SearchOptions(name, k=K, copies=False) for name in ("exact", "graph") if name != default}
     for pool, label in pools(candidates, size):
         for how in ("scan", "multi-index"):
-            runs[f"hamming {how} ({label})"] = SearchOptions("hamming", k=K, candidates=pool, hamming_search=how)
-    runs["class"] = SearchOptions("class", k=K)
+            runs[f"hamming {how} ({label})"] = SearchOptions("hamming", k=K, candidates=pool, hamming_search=how,
+                                                             copies=False)  # fmt: skip
+    runs["class"] = SearchOptions("class", k=K, copies=False)
     if cluster:
-        runs["cluster"] = SearchOptions("cluster", k=K)
+        runs["cluster"] = SearchOptions("cluster", k=K, copies=False)
     pool, label = pools(candidates, size)[0]
-    runs[f"multilateral ({label})"] = SearchOptions("multilateral", k=K, candidates=pool)
+    runs[f"multilateral ({label})"] = SearchOptions("multilateral", k=K, candidates=pool, copies=False)
     return runs
 
 
@@ -440,7 +453,8 @@ def run_strategies(size: int, real: Rows, neighbours: np.ndarray, queries: Rows,
         rss, started = rss_bytes(), time.perf_counter()
         graph = searcher.graph()
         built = graph.wait(24 * 3600)
-        notes.append(f"graph (HNSW SQ8, M={GRAPH_M}, efConstruction {EF_CONSTRUCTION}) built from the snapshot in "
+        notes.append(f"graph (HNSW SQ8, M={GRAPH_M}, efConstruction {EF_CONSTRUCTION}, {BUILD_BATCH:,} rows per add in "
+                     "a random order) built from the snapshot in "
                      f"{time.perf_counter() - started:.0f} s{'' if built else ' (not finished)'} on "
                      f"{faiss.omp_get_max_threads()} thread(s), RSS +{(rss_bytes() - rss) / size:,.0f} bytes/instance; "
                      "until then a graph query scans the rows it lacks")  # fmt: skip
@@ -453,7 +467,13 @@ def run_strategies(size: int, real: Rows, neighbours: np.ndarray, queries: Rows,
         results = {name: Result(size, name, bytes_per_instance=index.redis_bytes / size) for name in runs}
         load = os.getloadavg()[0]
         measure(results, {name: through(options) for name, options in runs.items()}, index, queries, args.budget_s)
-        filtered = [measure_filtered(searcher, query_objects, size, days, args.budget_s) for days in (37, 365)]
+        against_exact = [measure_against_exact(searcher, query_objects, size, "one hit per picture", Filters(),
+                                               args.budget_s)]  # fmt: skip
+        for days in (37, 365):  # 1% of the rows, which the graph strategy scans; 10%, a walk with a selector
+            end = dt.date(2015, 1, 1) + dt.timedelta(days=days - 1)
+            filters = Filters.parse([f"date=2015-01-01..{end.isoformat()}"])
+            against_exact.append(measure_against_exact(searcher, query_objects, size,
+                                                       f"filter keeping {days / 3650:.0%}", filters, args.budget_s))
         graph_alone = [np.count_nonzero(index.features[graph.search(queries.features[q], searcher.snapshot.live, K)]
                                         @ queries.features[q] >= index.nearest[q, -1] - TIE) / K
                        for q in range(len(queries))]  # fmt: skip
@@ -461,36 +481,34 @@ def run_strategies(size: int, real: Rows, neighbours: np.ndarray, queries: Rows,
                      f"8-bit distances, no re-rank, efSearch {EF_SEARCH}): recall@10 {np.mean(graph_alone):.3f}")
         notes.append(f"load average (1 min) while timing the strategies: {load:.1f} at the start, "
                      f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    return index, list(results.values()) + [r for pair in filtered for r in pair], notes
+    return index, list(results.values()) + [r for pair in against_exact for r in pair], notes
 
 
-def measure_filtered(searcher: Searcher, query_objects: list[Query], size: int, days: int,
-                     budget_s: float) -> tuple[Result, Result]:  # fmt: skip
-    """``graph`` and ``exact`` under a study-date filter keeping ``days`` of the records' ten years (37
-    days: 1% of the rows, which the graph strategy scans; 365: 10%, a walk of the graph with a selector),
-    one query at a time, taking turns; recall@10 against ``exact`` under the same filter, and how many
-    answers held fewer than k hits."""
-    end = dt.date(2015, 1, 1) + dt.timedelta(days=days - 1)
-    filters = Filters.parse([f"date=2015-01-01..{end.isoformat()}"])
-    label = f"filter keeping {days / 3650:.0%}"
-    found: dict[str, list[list[str]]] = {"exact": [], "graph": []}
-    elapsed: dict[str, list[float]] = {"exact": [], "graph": []}
+def measure_against_exact(searcher: Searcher, query_objects: list[Query], size: int, label: str, filters: Filters,
+                          budget_s: float) -> tuple[Result, Result]:  # fmt: skip
+    """The default strategy and ``exact`` as the product answers (one hit per picture, copies
+    folded) under ``filters`` (the study-date filters keep 37 or 365 days of the records' ten
+    years: 1% or 10% of the rows), one query at a time, taking turns; recall@10 against ``exact``'s
+    answer, and how many answers held fewer than k hits."""
+    strategies = ("exact", SearchOptions().strategy)
+    found: dict[str, list[list[str]]] = {name: [] for name in strategies}
+    elapsed: dict[str, list[float]] = {name: [] for name in strategies}
     for query in query_objects:
-        for strategy in found:
+        for strategy in strategies:
             started = time.perf_counter()
             hits = searcher.search(query, SearchOptions(strategy, k=K, filters=filters)).sop_instance_uids
             elapsed[strategy].append((time.perf_counter() - started) * 1000)
             found[strategy].append(hits)
-        if sum(elapsed["exact"]) + sum(elapsed["graph"]) > budget_s * 1000:
+        if sum(sum(times) for times in elapsed.values()) > budget_s * 1000:
             break
     out = []
-    for strategy in ("exact", "graph"):
+    for strategy in strategies:
         recall = np.mean([len(set(g) & set(e)) / K for g, e in zip(found[strategy], found["exact"], strict=True)])
         short = sum(len(hits) < K for hits in found[strategy])
         p50, p95 = np.percentile(elapsed[strategy], [50, 95])
         out.append(Result(size, f"{strategy}, {label}", p50, p95, float(recall),
-                          notes=[f"recall against exact under the filter; {short} of {len(found[strategy])} answers "
-                                 "with fewer than 10 hits"]))  # fmt: skip
+                          notes=[f"recall against exact's answer ({label}); {short} of {len(found[strategy])} "
+                                 "answers with fewer than 10 hits"]))  # fmt: skip
     return out[0], out[1]
 
 
@@ -541,13 +559,30 @@ def run_baselines(size: int, index: Index, queries: Rows, args) -> tuple[list[Re
         graph.train(features[:: max(1, size // 65536)])
         graph.add(features)
         build_s, graph_bytes = time.perf_counter() - started, (rss_bytes() - rss) / size
-        for ef in (32, EF_SEARCH, 128):
+        for ef in EF_SEARCHES:
             label = f"{name} efSearch={ef}"
             parameters = faiss.SearchParametersHNSW(efSearch=ef)
             searches[label] = (lambda g, p: lambda q: g.search(queries.features[q : q + 1], K, params=p)[1][0])(
                 graph, parameters)  # fmt: skip
             results[label] = Result(size, label, bytes_per_instance=graph_bytes,
                                     notes=[f"built in {build_s:.0f} s on {faiss.omp_get_max_threads()} thread(s)"])
+        del graph
+        gc.collect()
+    rss, started = rss_bytes(), time.perf_counter()
+    hnsw = hnswlib.Index(space="ip", dim=dim)
+    hnsw.init_index(max_elements=size, M=GRAPH_M, ef_construction=EF_CONSTRUCTION)
+    hnsw.add_items(features, num_threads=1)
+    build_s, graph_bytes = time.perf_counter() - started, (rss_bytes() - rss) / size
+    for ef in EF_SEARCHES:
+        label = f"hnswlib M={GRAPH_M} ef={ef}"
+
+        def search(q: int, ef: int = ef) -> np.ndarray:
+            hnsw.set_ef(ef)  # one index for every ef: set before each query, as the methods take turns
+            return hnsw.knn_query(queries.features[q : q + 1], K, num_threads=1)[0][0].astype(np.int64)
+
+        searches[label] = search
+        results[label] = Result(size, label, bytes_per_instance=graph_bytes,
+                                notes=[f"built in {build_s:.0f} s on 1 thread"])
     for pool, pool_label in pools(args.candidates, size):
         for name, (binary, binary_bytes) in built.items():
             label = f"{name} ({pool_label})"

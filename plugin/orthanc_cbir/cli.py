@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import load_settings
+from .config import Settings, load_settings
 
 STRATEGY_NAMES = ("exact", "graph", "hamming", "class", "cluster", "multilateral")
 """The strategies of :mod:`orthanc_cbir.search.strategies` (kept here so --help needs no numpy)."""
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("file", nargs="?", type=Path, metavar="FILE")
     source.add_argument("--uid", help="SOPInstanceUID of an indexed instance")
     query.add_argument("--k", type=int, default=10)
-    query.add_argument("--strategy", default="hamming", choices=STRATEGY_NAMES)
+    query.add_argument("--strategy", default=Settings.default_strategy, choices=STRATEGY_NAMES)
     query.add_argument("--level", default="instance", choices=("instance", "series", "study"))
     query.add_argument("--filter", action="append", default=[], metavar="NAME=VALUE",
                        help="modality=CT,MR | body_part=CHEST | sex=F | age=40-70 | date=2020-01-01..2020-12-31 | "

@@ -74,8 +74,8 @@ class Settings:
     what "Similar regions" in OHIF searches. It costs about 63 KB of Redis per image (122 patches
     of 516 bytes) and 244 more model inputs per image; ``benchmarks/regions.py`` measures both."""
 
-    default_strategy: str = "hamming"
-    """Strategy of a similarity query that names none (exact, hamming, class, cluster, multilateral)."""
+    default_strategy: str = "graph"
+    """Strategy of a similarity query that names none (graph, exact, hamming, class, cluster, multilateral)."""
 
     max_results: int = 100
     """Largest ``k`` a similarity query may ask for."""

@@ -107,14 +107,14 @@ class LabelMap:
         from_file = (np.take(keys, where) == values) & (values != 0)
         return np.where(from_file, np.take(classes, where), predicted).astype(np.uint8), from_file
 
-    def describe(self, metadata: Mapping, probabilities: Mapping[str, Sequence[float]]) -> dict[str, dict]:
+    def describe(self, metadata: Mapping, probabilities: Mapping[str, Sequence[float] | np.ndarray]) -> dict[str, dict]:
         """A stored instance's labels as a hit shows them: ``{head: {"value": name, "source":
         "file" | "model"}}`` for every head of the model (``value`` ``None`` when neither says)."""
         values = {"modality": metadata.get("modality"), "region": metadata.get("body_part_examined")}
+        arrays = {h: np.asarray(p) for h, p in probabilities.items()}
         out = {}
         for head, names in self.labels.items():
-            number, source = self.query_class(head, values.get(head),
-                                              {h: np.asarray(p) for h, p in probabilities.items()})  # fmt: skip
+            number, source = self.query_class(head, values.get(head), arrays)
             out[head] = {"value": names[number] if number is not None and number < len(names) else None,
                          "source": source}  # fmt: skip
         return out

@@ -106,7 +106,7 @@ class Query:
 class SearchOptions:
     """How to search. Defaults suit an interactive query."""
 
-    strategy: str = "hamming"
+    strategy: str = "graph"
     k: int = 10
     filters: Filters = Filters()
     level: str = "instance"
@@ -477,7 +477,7 @@ class Searcher:
 
     def _labels(self, entry: StoredEntry) -> dict[str, dict[str, str | None]]:
         said = {"modality": entry.metadata.modality, "body_part_examined": entry.metadata.body_part_examined}
-        return self.labels.describe(said, {head: p.tolist() for head, p in entry.probabilities.items()})
+        return self.labels.describe(said, entry.probabilities)
 
     def _collapse(self, ranking: Ranking, k: int
                   ) -> tuple[list[int], dict[int, list[int]], dict[int, StoredEntry | None]]:  # fmt: skip
