@@ -13,9 +13,9 @@ const h = React.createElement;
 const PAGE = 10;
 const FOLLOW_MS = 400; // how often the panel looks at the active viewport's image
 const STRATEGIES = [
-  ['hamming', 'hamming (binary codes, fast)'],
+  ['graph', 'graph (HNSW, fast)'],
   ['exact', 'exact (features)'],
-  ['graph', 'graph (HNSW)'],
+  ['hamming', 'hamming (binary codes)'],
   ['class', 'class (predicted labels first)'],
   ['cluster', 'cluster (community first)'],
   ['multilateral', 'multilateral (weighted sub-codes)'],
@@ -45,7 +45,7 @@ export default class SimilarPanel extends React.Component {
     this.state = {
       query: null, // {sopInstanceUid, viewportId}
       region: null, // [x0, y0, x1, y1] image pixels, when the query is a drawn rectangle
-      strategy: props.defaultStrategy ?? 'hamming',
+      strategy: props.defaultStrategy ?? 'graph',
       exclude: '',
       filters: { modality: '', body_part: '', sex: '', age: '' },
       offset: 0,

@@ -46,7 +46,7 @@ def hits_shown(page) -> list[tuple[str, str]]:
 
 def test_the_results_page_shows_hits_and_follows_the_strategy(viewer, indexed, page):
     page.goto(f"{viewer.url}/cbir/ui/instances/{indexed['query']}")
-    page.wait_for_selector("body[data-strategy='hamming']")
+    page.wait_for_selector("body[data-strategy='graph']")
     assert page.locator("#hits li").count() == 12
     first = hits_shown(page)
     page.wait_for_function("[...document.querySelectorAll('#hits img')].every(i => i.complete && i.naturalWidth > 0)")
@@ -54,7 +54,7 @@ def test_the_results_page_shows_hits_and_follows_the_strategy(viewer, indexed, p
     page.wait_for_selector("body[data-strategy='multilateral']")
     second = hits_shown(page)
     save_screenshot(page, "results-page.png")
-    assert len(second) == 12 and second != first, "the multilateral answer is the hamming one"
+    assert len(second) == 12 and second != first, "the multilateral answer is the graph one"
     ohif_link = page.locator("#hits li a", has_text="OHIF").first.get_attribute("href")
     assert ohif_link.startswith("/viewer?StudyInstanceUIDs=")
     page.fill("#modality", "MR")  # nothing indexed is MR: the page says so instead of old hits
@@ -69,7 +69,7 @@ def test_a_readers_votes_on_the_results_page_land_in_the_audit_trail_and_in_eval
     from orthanc_cbir.cli import main
 
     page.goto(f"{viewer.url}/cbir/ui/instances/{indexed['query']}")
-    page.wait_for_selector("body[data-strategy='hamming']")
+    page.wait_for_selector("body[data-strategy='graph']")
     shown = hits_shown(page)
     cards = page.locator("#hits li")
     cards.nth(0).locator("button.up").click()
@@ -82,8 +82,8 @@ def test_a_readers_votes_on_the_results_page_land_in_the_audit_trail_and_in_eval
     votes = [e for e in orthanc.get_json("/cbir/audit?count=10")["entries"] if e["route"] == "vote"][::-1]
     query_uid = orthanc.get_json(f"/instances/{indexed['query']}/simplified-tags")["SOPInstanceUID"]
     assert [(e["user"], e["query"], e["hit"], e["vote"], e["rank"], e["strategy"]) for e in votes] == [
-        (orthanc.username, query_uid, shown[0][0], "up", 1, "hamming"),
-        (orthanc.username, query_uid, shown[1][0], "down", 2, "hamming")]  # fmt: skip
+        (orthanc.username, query_uid, shown[0][0], "up", 1, "graph"),
+        (orthanc.username, query_uid, shown[1][0], "down", 2, "graph")]  # fmt: skip
     capsys.readouterr()
     assert main(["evaluate", "--votes", "--redis-url", redis_server.url]) == 0
     report = json.loads(capsys.readouterr().out)

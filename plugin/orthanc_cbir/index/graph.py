@@ -58,12 +58,13 @@ SCAN_BELOW = 0.02
 ADD_CHUNK = 512
 """Late rows the builder links into the graph that queries walk per FAISS ``add``, which holds the
 lock: a query waits at most that long, ~0.2 s."""
-BUILD_BATCH = 65_536
+BUILD_BATCH = 262_144
 """Rows per FAISS ``add`` while a new graph is built (beside the one queries walk: no lock), in a
-random order; 136 MB of float32 at a time. On 10^5 benchmark rows (MedNIST's real rows sorted by
-class, then interpolations), recall@10 of the graph alone at efSearch 64: 0.867 added in index
-order 512 at a time, 0.953 in a random order 512 at a time, 0.969 in a random order 65,536 at a
-time or all at once (FAISS shuffles each ``add``'s nodes and links the upper layers first)."""
+random order; 0.54 GB of float32 at a time. Both matter. On the benchmark's rows (MedNIST's real
+rows sorted by class, then interpolations), recall@10 at efSearch 128: at 10^5, of the walk's top
+10, 0.881 added in index order 512 at a time, 0.953 in a random order 512 at a time, 0.970 65,536 at
+a time or all at once; at 10^6, of its top 32 re-ranked, 0.879 65,536 at a time, 0.953 262,144 at a
+time, 0.944 all at once (FAISS shuffles each ``add``'s nodes and links its upper layers first)."""
 REBUILD_GROWN = 1.0
 """Rows linked in late (:data:`ADD_CHUNK` at a time, in the order they were indexed), as a share of
 the rows of the last build, from which a new graph is built. On the same rows at efSearch 128, a
