@@ -802,10 +802,10 @@ def _to_grey(
         return luma, luma, False
 
     view = _frame_view(ds, index)
-    values, modality_note = _modality_lut(raw, view)
-    decisions.append(modality_note)
-    display = _voi(values, view, metadata, decisions)
-    model = _model_grey(values, view, metadata, decisions)
+    frame = _GreyFrame(raw, view)
+    decisions.append(frame.modality_note)
+    display = _voi(frame, view, metadata, decisions)
+    model = _model_grey(frame, view, metadata, decisions)
     inverse_shape = str(view.get("PresentationLUTShape", "")).upper() == "INVERSE"
     inverted = photometric == "MONOCHROME1" or inverse_shape
     if inverted:
@@ -813,7 +813,60 @@ def _to_grey(
         decisions.append(
             "inverted (MONOCHROME1)" if photometric == "MONOCHROME1" else "inverted (Presentation LUT INVERSE)"
         )
-    return _clip01(display), _clip01(model), _in_hounsfield_units(view, metadata) and not inverted
+    hounsfield = _in_hounsfield_units(view, metadata) and not inverted
+    return frame.per_pixel(_clip01(display)), frame.per_pixel(_clip01(model)), hounsfield
+
+
+class _GreyFrame:
+    """One grey frame's modality-LUT values, worked out once per stored value where that is cheaper.
+
+    Every step from the stored value to the clipped float32 picture (modality LUT, window, the
+    CT mapping, the percentile scaling once its range is known, inversion) maps one stored value
+    to one number wherever the value stands in the frame. An integer frame with far fewer
+    possible values than pixels (a 12-bit 512 x 512 CT slice: at most 4,096 values for 262,144
+    pixels) is therefore mapped as a table of its value range, which the frame then indexes
+    (:meth:`per_pixel`): the same pictures, bit for bit, for a fraction of the float64
+    arithmetic. Only the percentile range reads the whole frame, through the table. A VOI LUT
+    Sequence is applied to the whole frame: whether its input is integral is a property of the
+    frame, not of one value.
+    """
+
+    values: np.ndarray
+    """The modality-LUT values (float64) of the table's stored values, else of every pixel."""
+    modality_note: str
+
+    def __init__(self, raw: np.ndarray, view: Dataset) -> None:
+        self._offsets: np.ndarray | None = None
+        self._range: tuple[float, float] | None = None
+        stored = raw
+        table = _table_range(raw, view)
+        if table is not None:
+            low, high = table
+            # the table's values in the frame's own dtype: the modality LUT sees what it would have
+            stored = (np.arange(high - low + 1, dtype=np.int64) + low).astype(raw.dtype)
+            self._offsets = np.subtract(raw, low, dtype=np.intp)  # made once, indexed twice or thrice
+        self.values, self.modality_note = _modality_lut(stored, view)
+
+    def percentile_range(self) -> tuple[float, float]:
+        """:func:`_percentile_range` of the whole frame's values (the display and the model may both ask)."""
+        if self._range is None:
+            whole = self.values if self._offsets is None else np.take(self.values, self._offsets)
+            self._range = _percentile_range(whole)
+        return self._range
+
+    def per_pixel(self, picture: np.ndarray) -> np.ndarray:
+        """A picture computed from :attr:`values`, as the frame's pixels."""
+        return picture if self._offsets is None else np.take(picture, self._offsets)
+
+
+def _table_range(raw: np.ndarray, view: Dataset) -> tuple[int, int] | None:
+    """(lowest, highest) stored value of a frame that :class:`_GreyFrame` maps as a table, ``None``
+    for a frame mapped pixel by pixel: not integers of 32 bits at most (whose offsets are exact
+    in intp), a VOI LUT Sequence, or more possible values than half the pixels."""
+    if raw.dtype.kind not in "iu" or raw.dtype.itemsize > 4 or not raw.size or view.get("VOILUTSequence"):
+        return None
+    low, high = int(raw.min()), int(raw.max())
+    return (low, high) if high - low < raw.size // 2 else None
 
 
 _PALETTE_DATA = tuple(f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue"))
@@ -849,13 +902,14 @@ def _modality_lut(raw: np.ndarray, view: Dataset) -> tuple[np.ndarray, str]:
     return np.asarray(apply_modality_lut(raw, view), dtype=np.float64), note
 
 
-def _model_grey(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
+def _model_grey(frame: _GreyFrame, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
     """The model's picture: CT in Hounsfield units through :data:`CT_MODEL_MAPPING`, anything else
     through its own 0.5-99.5 percentile range; never the file's window."""
+    values = frame.values
     if _in_hounsfield_units(view, metadata):
         decisions.append("model input: CT Hounsfield units through the fixed mapping (file window ignored)")
         return hounsfield_to_grey(values)
-    low, high = _percentile_range(values)
+    low, high = frame.percentile_range()
     decisions.append("model input: 0.5-99.5 percentile range of the modality-LUT values (file window ignored)")
     return (values - low) / (high - low)
 
@@ -871,8 +925,9 @@ def _percentile_range(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1.0)
 
 
-def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
+def _voi(frame: _GreyFrame, view: Dataset, metadata: InstanceMetadata, decisions: list[str]) -> np.ndarray:
     """The display picture: the file's VOI (LUT sequence, else its first window), else a default."""
+    values = frame.values
     if view.get("VOILUTSequence"):
         item = view.VOILUTSequence[0]
         out_bits = int(item.LUTDescriptor[2])
@@ -890,7 +945,7 @@ def _voi(values: np.ndarray, view: Dataset, metadata: InstanceMetadata, decision
         name, centre, width = _ct_default(metadata.body_part_examined)
         decisions.append(f"display VOI: none in file; CT {name} default centre {centre:g} width {width:g}")
         return _apply_window(values, centre, width, "LINEAR")
-    low, high = _percentile_range(values)
+    low, high = frame.percentile_range()
     decisions.append(
         f"display VOI: none in file; auto window {_AUTO_PERCENTILES[0]:g}-{_AUTO_PERCENTILES[1]:g} percentile "
         f"[{low:g}, {high:g}]"
@@ -997,7 +1052,12 @@ def _luma(rgb: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _clip01(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0).astype(np.float32)
+    """``values`` clipped to 0..1 as float32, NaN as 0 (what ``np.nan_to_num`` then ``np.clip`` give,
+    without nan_to_num's copy and its four infinity and NaN masks: clip sends infinities to 0 or 1)."""
+    clipped = np.clip(values, 0.0, 1.0)
+    if clipped.dtype.kind == "f":
+        np.copyto(clipped, 0.0, where=np.isnan(clipped))
+    return clipped.astype(np.float32, copy=False)
 
 
 def _as_list(value: object) -> list:
