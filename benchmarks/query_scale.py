@@ -407,7 +407,8 @@ def strategies(candidates: list[int | None], size: int, cluster: bool) -> dict[s
     """The searches timed through ``Searcher``, by report name: every stored row its own hit
     (``copies=False``, see the module's note)."""
     default = SearchOptions().strategy
-    runs = {f"{default} (default)": SearchOptions(k=K, copies=False)}
+    runs = {f"{default} (default)": SearchOptions(k=K, copies=False),
+            f"{default} (default), ranking only": SearchOptions(k=K, copies=False, with_records=False)}
     runs |= {name: SearchOptions(name, k=K, copies=False) for name in ("exact", "graph") if name != default}
     for pool, label in pools(candidates, size):
         for how in ("scan", "multi-index"):

@@ -1,6 +1,8 @@
 """Receiving and indexing speed: the standalone SCP (``orthanc-cbir serve``) beside Orthanc with
 the plugin, the same files pushed with storescu to each, in one run; and the standalone
 server's STOW-RS (dicomweb-client, 32 instances a request) with another copy of the files.
+Beside them, in the same run, what each path is measured against: DCMTK's ``storescp`` writing
+to a RAM disk (a null receiver: the push's own speed) and Orthanc without the plugin.
 
     .venv/bin/python benchmarks/scp.py [--copies 4] [--workers 1]
 
@@ -8,7 +10,9 @@ The files are the real 64-slice CT of ../shared/data, ``--copies`` times with ne
 every copy is a new instance). For each receiver it prints instances/s received (storescu's
 push, from its start to its end: what the PACS sees) and instances/s indexed (from the
 push's start to the last instance in the index), with ``--workers`` worker threads for the
-standalone server and as many ``orthanc-cbir worker`` processes for Orthanc.
+standalone server and as many ``orthanc-cbir worker`` processes for Orthanc, then each path's
+indexing rate as a share of its reference's receiving rate. DCMTK and Orthanc run with
+``TCP_NODELAY=1`` (without it each message waits on Nagle's algorithm: a push ~30x slower).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pydicom import dcmread
@@ -35,6 +39,7 @@ from orthanc_cbir.local_services import (  # noqa: E402
     StandaloneServer,
     WorkerProcess,
     dcmtk_environment,
+    free_port,
 )
 
 SERIES = (
@@ -91,6 +96,25 @@ def timed_stow(files: list[Path], url: str, token: str, indexed: Callable[[], in
     return pushed - started, time.monotonic() - started
 
 
+@contextmanager
+def null_receiver(out: Path) -> Iterator[int]:
+    """DCMTK's ``storescp`` writing each file it receives to ``out`` and doing nothing else; yields its port."""
+    port = free_port()
+    process = subprocess.Popen(["storescp", "-aet", "NULL", "-od", str(out), str(port)], env=dcmtk_environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["echoscu", "-aec", "NULL", "127.0.0.1", str(port)], capture_output=True,
+                             env=dcmtk_environment()).returncode:  # fmt: skip
+            if time.monotonic() > deadline:
+                sys.exit("storescp did not answer C-ECHO in 10 s")
+            time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def get_json(url: str, headers: dict[str, str]) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return json.loads(response.read())
@@ -131,11 +155,25 @@ def main() -> None:
             time.sleep(3)
             results["Orthanc + plugin + worker, storescu"] = timed_push(
                 files, orthanc.dicom_port, orthanc.aet, lambda: orthanc.get_json("/cbir/status").get("indexed", 0))
+        with OrthancServer(state / "orthanc-alone", redis_url="redis://127.0.0.1:1", with_cbir=False) as alone:
+            results[ORTHANC_ALONE] = timed_push(files, alone.dicom_port, alone.aet, lambda: len(files))
+        ram = Path("/dev/shm") if Path("/dev/shm").is_dir() else state
+        with tempfile.TemporaryDirectory(prefix="cbir-null-", dir=ram) as out, null_receiver(Path(out)) as port:
+            results[NULL_RECEIVER] = timed_push(files, port, "NULL", lambda: len(files))
     print(f"{len(files)} CT instances (512x512, {args.copies} copies of the 64-slice series), storescu, "
           f"{args.workers} worker(s):")
     print("| receiver | received instances/s | indexed instances/s |\n|---|---:|---:|")
     for name, (received, indexed) in results.items():
-        print(f"| {name} | {len(files) / received:.1f} | {len(files) / indexed:.1f} |")
+        stored_only = name in (ORTHANC_ALONE, NULL_RECEIVER)
+        print(f"| {name} | {len(files) / received:.1f} | {'-' if stored_only else f'{len(files) / indexed:.1f}'} |")
+    print("\n| path | indexed / its reference's received |\n|---|---:|")
+    for name, reference in (("Orthanc + plugin + worker, storescu", ORTHANC_ALONE),
+                            ("standalone SCP (orthanc-cbir serve), storescu", NULL_RECEIVER)):  # fmt: skip
+        print(f"| {name} against {reference} | {results[reference][0] / results[name][1]:.2f}x |")
+
+
+ORTHANC_ALONE = "Orthanc 1.10 alone (no plugin), storescu"
+NULL_RECEIVER = "DCMTK storescp to a RAM disk (null receiver), storescu"
 
 
 if __name__ == "__main__":

@@ -337,10 +337,13 @@ class OrthancServer(_Process):
         aet: str = "CBIR",
         cbir: dict[str, Any] | None = None,
         stable_age_s: int | None = None,
+        with_cbir: bool = True,
     ):
         """``cbir``: settings of the ``Cbir`` section besides ``RedisUrl``; ``stable_age_s``: Orthanc's
-        ``StableAge``, seconds without a new instance before a study is stable (default: orthanc.json's)."""
+        ``StableAge``, seconds without a new instance before a study is stable (default: orthanc.json's);
+        ``with_cbir`` False: Orthanc with its DICOMweb plugin only, what the benchmarks compare with."""
         super().__init__(state_dir)
+        self.with_cbir = with_cbir
         self.stable_age_s = stable_age_s
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
@@ -371,12 +374,12 @@ class OrthancServer(_Process):
                 "RemoteAccessAllowed": False,
                 "AuthenticationEnabled": True,
                 "RegisteredUsers": {self.username: self.password},
-                "Plugins": [
-                    str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so"), str(ORTHANC_PLUGINS / "libOrthancPython.so")
-                ],
-                "PythonScript": str(REPO_ROOT / "plugin" / "orthanc_entry.py"),
+                "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")],
             }
         )
+        if self.with_cbir:
+            config["Plugins"].append(str(ORTHANC_PLUGINS / "libOrthancPython.so"))
+            config["PythonScript"] = str(REPO_ROOT / "plugin" / "orthanc_entry.py")
         if self.stable_age_s is not None:
             config["StableAge"] = self.stable_age_s
         config["Cbir"] = {**config.get("Cbir", {}), **self.cbir_section}
