@@ -10,7 +10,8 @@ The files are the real 64-slice CT of ../shared/data, ``--copies`` times with ne
 every copy is a new instance). For each receiver it prints instances/s received (storescu's
 push, from its start to its end: what the PACS sees) and instances/s indexed (from the
 push's start to the last instance in the index), with ``--workers`` worker threads for the
-standalone server and as many ``orthanc-cbir worker`` processes for Orthanc, then each path's
+standalone server (and, in another row, as many ``orthanc-cbir worker`` processes beside
+``serve --workers 0``) and as many ``orthanc-cbir worker`` processes for Orthanc, then each path's
 indexing rate as a share of its reference's receiving rate. DCMTK and Orthanc run with
 ``TCP_NODELAY=1`` (without it each message waits on Nagle's algorithm: a push ~30x slower).
 """
@@ -147,6 +148,19 @@ def main() -> None:
                 files, server.dicom_port, server.aet, indexed)
             results["standalone STOW-RS (orthanc-cbir serve), dicomweb-client"] = timed_stow(
                 stow_files, server.url, server.token, indexed)
+        # the same, its workers as processes of their own: the receiver no longer shares a GIL with them
+        with ExitStack() as stack:
+            redis_server = stack.enter_context(RedisServer(state / "redis-processes"))
+            server = stack.enter_context(StandaloneServer(state / "serve-processes", redis_url=redis_server.url,
+                                                          workers=0))  # fmt: skip
+            for n in range(args.workers):
+                stack.enter_context(WorkerProcess(state / f"spool-worker{n}", redis_url=redis_server.url,
+                                                  spool_dir=server.spool_dir))  # fmt: skip
+            auth = {"Authorization": f"Bearer {server.token}"}
+            time.sleep(3)
+            results[STANDALONE_PROCESSES] = timed_push(
+                files, server.dicom_port, server.aet,
+                lambda: get_json(server.url + "/cbir/status", auth).get("indexed", 0))  # fmt: skip
         with ExitStack() as stack:
             redis_server = stack.enter_context(RedisServer(state / "redis-orthanc"))
             orthanc = stack.enter_context(OrthancServer(state / "orthanc", redis_url=redis_server.url))
@@ -168,11 +182,13 @@ def main() -> None:
         print(f"| {name} | {len(files) / received:.1f} | {'-' if stored_only else f'{len(files) / indexed:.1f}'} |")
     print("\n| path | indexed / its reference's received |\n|---|---:|")
     for name, reference in (("Orthanc + plugin + worker, storescu", ORTHANC_ALONE),
-                            ("standalone SCP (orthanc-cbir serve), storescu", NULL_RECEIVER)):  # fmt: skip
+                            ("standalone SCP (orthanc-cbir serve), storescu", NULL_RECEIVER),
+                            (STANDALONE_PROCESSES, NULL_RECEIVER)):  # fmt: skip
         print(f"| {name} against {reference} | {results[reference][0] / results[name][1]:.2f}x |")
 
 
 ORTHANC_ALONE = "Orthanc 1.10 alone (no plugin), storescu"
+STANDALONE_PROCESSES = "standalone SCP (orthanc-cbir serve --workers 0) + orthanc-cbir worker processes, storescu"
 NULL_RECEIVER = "DCMTK storescp to a RAM disk (null receiver), storescu"
 
 

@@ -425,14 +425,19 @@ def cbir_environment(redis_url: str, orthanc: OrthancServer) -> dict[str, str]:
 
 
 class WorkerProcess(_Process):
-    """An ``orthanc-cbir worker`` process indexing what one Orthanc stores into one Redis."""
+    """An ``orthanc-cbir worker`` process indexing into one Redis what one Orthanc stores, or
+    (``orthanc`` None, ``spool_dir`` given) what an ``orthanc-cbir serve`` spools there."""
 
     name = "worker"
 
-    def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer, batch_size: int = 32,
-                 regions: bool = False):  # fmt: skip
+    def __init__(self, state_dir: Path, *, redis_url: str, orthanc: OrthancServer | None = None,
+                 spool_dir: Path | None = None, batch_size: int = 32, regions: bool = False):  # fmt: skip
         super().__init__(state_dir)
-        self.environment = {**cbir_environment(redis_url, orthanc), "CBIR_WORKER_BATCH_SIZE": str(batch_size),
+        if (orthanc is None) == (spool_dir is None):
+            raise ValueError("a worker indexes what one Orthanc stores or what one spool holds: give one of them")
+        source = cbir_environment(redis_url, orthanc) if orthanc is not None else {
+            "CBIR_REDIS_URL": redis_url, "CBIR_SPOOL_DIR": str(spool_dir)}  # fmt: skip
+        self.environment = {**source, "CBIR_WORKER_BATCH_SIZE": str(batch_size),
                             "CBIR_REGIONS": "1" if regions else "0"}  # fmt: skip
 
     def start(self) -> WorkerProcess:

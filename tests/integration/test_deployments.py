@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from orthanc_cbir.config import Settings
-from orthanc_cbir.index import IndexStore
+from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.scp import StoreSCP
 from orthanc_cbir.ingest.spool import Spool
@@ -36,6 +36,7 @@ from orthanc_cbir.local_services import (
     dcmtk_environment,
     free_port,
 )
+from orthanc_cbir.model.embedder import Embedder
 from orthanc_cbir.redis_client import client_for
 from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
 
@@ -90,6 +91,20 @@ def test_a_worker_refuses_a_stream_that_a_standalone_server_reads(orthanc, redis
         paths = synthetic_series(tmp_path / "push", slices=3, texture=6)
         storescu(server, paths)  # the server's entries were left to its own workers
         wait_until(lambda: all_indexed(store, paths), 60, "the server's files indexed")
+
+
+def test_a_standalone_server_without_worker_threads_is_indexed_by_worker_processes(tmp_path):
+    """``serve --workers 0`` beside ``orthanc-cbir worker`` processes reading its spool: the receiver
+    no longer shares its GIL with the workers (``benchmarks/scp.py``: 117 against 82 received/s)."""
+    with RedisServer(tmp_path / "redis") as redis_server, \
+            StandaloneServer(tmp_path / "serve", redis_url=redis_server.url, workers=0) as server, \
+            WorkerProcess(tmp_path / "worker", redis_url=redis_server.url, spool_dir=server.spool_dir,
+                          batch_size=4):  # fmt: skip
+        store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(Embedder().card))
+        paths = synthetic_series(tmp_path / "push", slices=4, texture=5)
+        storescu(server, paths)
+        wait_until(lambda: all_indexed(store, paths), 90, "what the server spooled indexed by the worker process")
+        assert not list(server.spool_dir.glob("*.dcm")), "an indexed file left in the spool"
 
 
 def test_a_standalone_server_refuses_the_stream_of_orthanc_workers(orthanc_worker, orthanc, redis_server, tmp_path):
