@@ -11,8 +11,8 @@ Redis stays the durable truth and the only thing the workers write: each process
 answers queries grows its graph from its own snapshot (:mod:`.snapshot`), so all of them hold
 the same rows. A query never waits for a build:
 
-- A graph is built from every live row at once, in a random order and :data:`BUILD_BATCH` rows
-  per FAISS ``add``: HNSW links each node to the nodes already there, so rows arriving
+- A graph is built from every live row at once, in a random order and up to :data:`BUILD_BATCH`
+  rows per FAISS ``add``: HNSW links each node to the nodes already there, so rows arriving
   in the order they were indexed (a series' slices together, one kind of study after another)
   make a worse graph (below).
 - Live rows the graph does not hold yet (indexed since it last grew, or all of them while the
@@ -58,13 +58,16 @@ SCAN_BELOW = 0.02
 ADD_CHUNK = 512
 """Late rows the builder links into the graph that queries walk per FAISS ``add``, which holds the
 lock: a query waits at most that long, ~0.2 s."""
-BUILD_BATCH = 262_144
+BUILD_BATCH = 1_048_576
 """Rows per FAISS ``add`` while a new graph is built (beside the one queries walk: no lock), in a
-random order; 0.54 GB of float32 at a time. Both matter. On the benchmark's rows (MedNIST's real
-rows sorted by class, then interpolations), recall@10 at efSearch 128: at 10^5, of the walk's top
-10, 0.881 added in index order 512 at a time, 0.953 in a random order 512 at a time, 0.970 65,536 at
-a time or all at once; at 10^6, of its top 32 re-ranked, 0.879 65,536 at a time, 0.953 262,144 at a
-time, 0.944 all at once (FAISS shuffles each ``add``'s nodes and links its upper layers first)."""
+random order: up to a million rows in one ``add`` (2 GB of float32 while it runs). Both matter. On
+the benchmark's rows (MedNIST's real rows sorted by class, then interpolations), recall@10 of the
+walk at efSearch 128: at 10^5, of its top 10, 0.881 added in index order 512 at a time, 0.953 in a
+random order 512 at a time, 0.970 65,536 at a time or all at once; at 10^6, of its top 32
+re-ranked, 0.879 65,536 at a time, 0.880 to 0.953 262,144 at a time (three random orders of the
+same rows), 0.944 all at once, and the walk's own top 10 0.927 to 0.946 all at once (three runs)
+against 0.868 to 0.934 262,144 at a time (FAISS shuffles each ``add``'s nodes and links its upper
+layers first)."""
 REBUILD_GROWN = 1.0
 """Rows linked in late (:data:`ADD_CHUNK` at a time, in the order they were indexed), as a share of
 the rows of the last build, from which a new graph is built. On the same rows at efSearch 128, a
