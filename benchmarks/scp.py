@@ -116,6 +116,12 @@ def null_receiver(out: Path) -> Iterator[int]:
         process.wait(timeout=10)
 
 
+def indexed_by(server: StandaloneServer) -> Callable[[], int]:
+    """How many instances a standalone server has indexed, asked of its ``/cbir/status``."""
+    auth = {"Authorization": f"Bearer {server.token}"}
+    return lambda: get_json(server.url + "/cbir/status", auth).get("indexed", 0)
+
+
 def get_json(url: str, headers: dict[str, str]) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return json.loads(response.read())
@@ -139,11 +145,8 @@ def main() -> None:
             redis_server = stack.enter_context(RedisServer(state / "redis-standalone"))
             server = stack.enter_context(StandaloneServer(state / "serve", redis_url=redis_server.url,
                                                           workers=args.workers))  # fmt: skip
-            auth = {"Authorization": f"Bearer {server.token}"}
             time.sleep(3)  # the workers load the model before the clock starts
-            def indexed() -> int:
-                return get_json(server.url + "/cbir/status", auth).get("indexed", 0)
-
+            indexed = indexed_by(server)
             results["standalone SCP (orthanc-cbir serve), storescu"] = timed_push(
                 files, server.dicom_port, server.aet, indexed)
             results["standalone STOW-RS (orthanc-cbir serve), dicomweb-client"] = timed_stow(
@@ -156,11 +159,8 @@ def main() -> None:
             for n in range(args.workers):
                 stack.enter_context(WorkerProcess(state / f"spool-worker{n}", redis_url=redis_server.url,
                                                   spool_dir=server.spool_dir))  # fmt: skip
-            auth = {"Authorization": f"Bearer {server.token}"}
             time.sleep(3)
-            results[STANDALONE_PROCESSES] = timed_push(
-                files, server.dicom_port, server.aet,
-                lambda: get_json(server.url + "/cbir/status", auth).get("indexed", 0))  # fmt: skip
+            results[STANDALONE_PROCESSES] = timed_push(files, server.dicom_port, server.aet, indexed_by(server))
         with ExitStack() as stack:
             redis_server = stack.enter_context(RedisServer(state / "redis-orthanc"))
             orthanc = stack.enter_context(OrthancServer(state / "orthanc", redis_url=redis_server.url))

@@ -255,7 +255,7 @@ class GraphIndex:
             with self._lock:
                 assert self._graph is not None
                 self._graph.add(chunk, vectors)
-                covered = _padded(self._covered, len(self.snapshot.live))
+                covered = _padded(self._covered, len(live))  # the chunk's rows are rows of live
                 covered[chunk] = True
                 self._covered = covered
 
@@ -272,8 +272,7 @@ class GraphIndex:
         for start in range(0, len(order), BUILD_BATCH):
             chunk = order[start : start + BUILD_BATCH]
             graph.add(chunk, self.snapshot.vectors(chunk))
-        covered = np.zeros(len(live), bool)
-        covered[rows] = True
+        covered = live.copy()  # every live row is a node now
         with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
             self._graph, self._covered, self._built_rows = graph, covered, len(rows)
             self.builds += 1
