@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -14,6 +15,7 @@ from orthanc_cbir.index.schema import LAYOUT, decode_entry, encode_entry, quanti
 from orthanc_cbir.ingest.orthanc_client import OrthancClient
 from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.worker import Worker
+from orthanc_cbir.model.level import LevelEncoding
 from tests.records_factory import DIM, make_info, make_records
 
 
@@ -154,6 +156,30 @@ def test_snapshot_similarities_are_the_dequantized_dot_products(store):
     some = np.array([5, 17, 250, 3])
     np.testing.assert_allclose(snapshot.similarities(query, some), expected[some], atol=1e-5)
     np.testing.assert_allclose(snapshot.similarities(query, np.arange(1, 290)), expected[1:290], atol=1e-5)
+
+
+def test_a_level_block_has_its_own_scale_so_the_other_dims_keep_their_precision(client):
+    # the shipped model's proportions: a level block of half the squared length whose values
+    # dwarf every other dim's; with one scale per row, its peak set every dim's step
+    level = LevelEncoding(start=120, periods_mm=(3200.0, 800.0, 250.0, 160.0), weight=0.5)
+    store = IndexStore(client, dataclasses.replace(make_info("level-model@000000000000", dim=128), level=level))
+    rng = np.random.default_rng(7)
+    records = make_records(200, seed=7, dim=128)
+    appearance = rng.normal(size=(len(records), 120)).astype(np.float32)
+    appearance *= np.sqrt(1 - level.weight) / np.linalg.norm(appearance, axis=1, keepdims=True)
+    features = np.hstack([appearance, level.encode(rng.uniform(-600, 200, len(records)))])
+    store.add([dataclasses.replace(r, features=f) for r, f in zip(records, features, strict=True)])
+    snapshot = IndexSnapshot(store)
+    snapshot.refresh()
+    rows = np.array([store.row(r.key) for r in records])
+    stored = snapshot.vectors(rows)
+    step = np.abs(appearance).max(axis=1, keepdims=True) / 127  # the appearance dims' own int8 step
+    assert np.all(np.abs(stored[:, :120] - appearance) <= 0.75 * step)
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1, atol=1e-5)  # each span keeps its length
+    np.testing.assert_allclose(level.decode(stored), level.decode(features), atol=2.0)
+    query = features[3]
+    np.testing.assert_allclose(snapshot.similarities(query, rows), stored @ query, atol=1e-5)
+    assert client.strlen("cbir:{level-model@000000000000}:block:scales:0") == 4095 * 2 * 4  # two scales a row
 
 
 def test_an_entry_keeps_the_record_in_a_few_hundred_bytes():

@@ -9,7 +9,7 @@ Rows are global rows: shard ``s`` of ``S``'s block ``b`` holds the global rows
 ``(b * BLOCK_ROWS + i) * S + s``, so the shards' rows interleave and every strategy
 works on one set of arrays whatever ``S``.
 
-Features stay int8 (``quantized``, with a float32 ``scales`` per row): a float32
+Features stay int8 (``quantized``, with float32 ``scales`` per span of each row): a float32
 copy of 10^7 rows would take 20 GB. :meth:`IndexSnapshot.similarities` computes
 dot products from them in chunks and :meth:`IndexSnapshot.vectors` dequantizes the
 rows it is given. The snapshot also knows each row's SOPInstanceUID (read with its
@@ -27,7 +27,7 @@ from itertools import islice
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .schema import ATTRIBUTES, BLOCK_ROWS, StoredEntry, quantize
+from .schema import ATTRIBUTES, BLOCK_ROWS, StoredEntry
 from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore
 
 CHUNK_ROWS = 65536
@@ -41,8 +41,8 @@ ENTRY_CACHE = 8192
 
 
 class IndexSnapshot:
-    """For every allocated global row: ``quantized`` (rows, D) int8 and ``scales`` (rows,)
-    float32 (the row's features are ``quantized * scale``), ``codes`` (rows, B/8) uint8
+    """For every allocated global row: ``quantized`` (rows, D) int8 and ``scales`` (rows, spans)
+    float32 (the row's features, :attr:`quantizer`), ``codes`` (rows, B/8) uint8
     and ``attributes``, one contiguous (rows,) array per :data:`~.schema.ATTRIBUTES` field
     (a filter over a million rows reads one column, not a strided field of a record array).
 
@@ -58,6 +58,7 @@ class IndexSnapshot:
             info = store.info
         self.store = store
         self.info = info
+        self.quantizer = info.quantizer
         self.rows = 0
         self.generation = 0
         """Counts the refreshes that changed anything: what a cache of derived columns is keyed on."""
@@ -73,7 +74,7 @@ class IndexSnapshot:
         names: tuple[str, ...] = ATTRIBUTES.names or ()
         self._buffers: dict[str, np.ndarray] = {
             "quantized": np.zeros((0, info.feature_dim), FEATURE_DTYPE),
-            "scales": np.zeros(0, np.float32),
+            "scales": np.zeros((0, self.quantizer.scales_per_row), np.float32),
             "codes": np.zeros((0, info.code_bytes), np.uint8),
             "uids": np.zeros(0, f"S{UID_BYTES}"),
             **{f"attribute:{name}": np.zeros(0, ATTRIBUTES[name]) for name in names},
@@ -111,7 +112,7 @@ class IndexSnapshot:
                 # shard s's block b: global rows (b * BLOCK_ROWS + i) * S + s
                 where = slice(block * BLOCK_ROWS * shards + shard, (block + 1) * BLOCK_ROWS * shards, shards)
                 self._place("quantized", where, _rows(columns["features"], FEATURE_DTYPE, dim))
-                self._place("scales", where, _rows(columns["scales"], SCALE_DTYPE))
+                self._place("scales", where, _rows(columns["scales"], SCALE_DTYPE, self.quantizer.scales_per_row))
                 self._place("codes", where, _rows(columns["codes"], np.uint8, self.codes.shape[1]))
                 records = _rows(columns["attributes"], ATTRIBUTES)
                 for name in ATTRIBUTES.names or ():
@@ -132,7 +133,7 @@ class IndexSnapshot:
         snapshot = cls(None, info)
         snapshot._grow(rows)
         everything = slice(0, rows)
-        quantized, scales = quantize(np.asarray(features, np.float32))
+        quantized, scales = snapshot.quantizer.quantize(np.asarray(features, np.float32))
         snapshot._place("quantized", everything, quantized)
         snapshot._place("scales", everything, scales)
         snapshot._place("codes", everything, np.asarray(codes, np.uint8))
@@ -218,7 +219,7 @@ class IndexSnapshot:
     def vectors(self, rows: ArrayLike) -> np.ndarray:
         """float32 (n, D): the dequantized features of ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
-        return np.take(self.quantized, rows, axis=0).astype(np.float32) * np.take(self.scales, rows)[:, None]
+        return self.quantizer.dequantize(np.take(self.quantized, rows, axis=0), np.take(self.scales, rows, axis=0))
 
     def similarities(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32: the dot product of ``query`` (D,) with the features of ``rows`` (every row
@@ -229,7 +230,7 @@ class IndexSnapshot:
             out = np.empty(self.rows, np.float32)
             for start in range(0, self.rows, CHUNK_ROWS):
                 rows_here = slice(start, start + CHUNK_ROWS)
-                out[rows_here] = np.einsum("ij,j->i", self.quantized[rows_here], query) * self.scales[rows_here]
+                out[rows_here] = self.quantizer.dot(self.quantized[rows_here], self.scales[rows_here], query)
             return out
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) > self.rows // 4:  # most rows: one pass in place beats gathering copies
@@ -239,7 +240,7 @@ class IndexSnapshot:
             chunk = rows[start : start + CHUNK_ROWS]
             # np.take gathers whole rows five times faster than fancy indexing
             gathered = np.take(self.quantized, chunk, axis=0)
-            out[start : start + len(chunk)] = np.einsum("ij,j->i", gathered, query) * np.take(self.scales, chunk)
+            out[start : start + len(chunk)] = self.quantizer.dot(gathered, np.take(self.scales, chunk, axis=0), query)
         return out
 
 

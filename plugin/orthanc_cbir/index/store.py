@@ -46,19 +46,20 @@ from .schema import (
     LAYOUT,
     MAX_SHARDS,
     ROWS_PER_MAP,
+    FeatureQuantizer,
     IndexRecord,
     KeySpace,
     StoredEntry,
     decode_entry,  # fmt: skip
     encode_entry,
     entry_row,
-    quantize,
     shard_of,
 )
 from .series_levels import Placed, SeriesLevels
 
 FEATURE_DTYPE = np.dtype("i1")
-"""Stored features: int8, with a float32 scale per row in the ``scales`` column."""
+"""Stored features: int8, with a float32 scale per span of each row in the ``scales`` column
+(:class:`~.schema.FeatureQuantizer`)."""
 SCALE_DTYPE = np.dtype("<f4")
 _FIELDS: Mapping[str, tuple[Any, ...]] = ATTRIBUTES.fields or {}
 """Each attribute's (dtype, byte offset) in an attributes row (a structured dtype always has them)."""
@@ -99,9 +100,15 @@ class IndexInfo:
             return MultiIndex.for_span(0, self.layout.bits)
         return MultiIndex.for_span(searched.start, searched.length)
 
+    @property
+    def quantizer(self) -> FeatureQuantizer:
+        """How the features are stored: the level block, where there is one, has a scale of its own."""
+        return FeatureQuantizer.split(self.feature_dim, (self.level.start, self.level.stop) if self.level else None)
+
     def column_width(self, column: str) -> int:
         """Bytes per row of a column block."""
-        return {"features": self.feature_dim * FEATURE_DTYPE.itemsize, "scales": SCALE_DTYPE.itemsize,
+        scales = SCALE_DTYPE.itemsize * self.quantizer.scales_per_row
+        return {"features": self.feature_dim * FEATURE_DTYPE.itemsize, "scales": scales,
                 "codes": self.code_bytes, "attributes": ATTRIBUTES.itemsize}[column]  # fmt: skip
 
 
@@ -271,9 +278,11 @@ class IndexStore:
             for column, width in widths.items():
                 read.getrange(keys.block(column, block), slot * width, (slot + 1) * width - 1)
         raw = [as_bytes(value) for value in read.execute()]
-        stored = np.frombuffer(b"".join(raw[0::2]), FEATURE_DTYPE).reshape(len(found), -1).astype(np.float32)
-        stored *= np.frombuffer(b"".join(raw[1::2]), SCALE_DTYPE)[:, None]
-        quantized, scales = quantize(level.with_levels(stored, np.array([level_mm for *_, level_mm in found])))
+        quantizer = self.info.quantizer
+        stored = quantizer.dequantize(np.frombuffer(b"".join(raw[0::2]), FEATURE_DTYPE).reshape(len(found), -1),
+                                      np.frombuffer(b"".join(raw[1::2]), SCALE_DTYPE).reshape(len(found), -1))
+        levels = np.array([level_mm for *_, level_mm in found])
+        quantized, scales = quantizer.quantize(level.with_levels(stored, levels))
         by_shard: dict[str, list[int]] = defaultdict(list)  # one transaction per shard: one hash tag each
         for n, (keys, *_) in enumerate(found):
             by_shard[keys.base].append(n)
@@ -332,10 +341,10 @@ class IndexStore:
         """Queue the writes of new (record, local row) pairs of one shard in its transaction;
         ``missing``: blocks that may not exist yet, created at full size first."""
         heads = tuple(self.info.labels)
-        quantized, scales = quantize(np.stack([record.features for record, _ in new]))
+        quantized, scales = self.info.quantizer.quantize(np.stack([record.features for record, _ in new]))
         columns = {
             "features": [row.tobytes() for row in quantized],
-            "scales": [scale.tobytes() for scale in scales.astype(SCALE_DTYPE)],
+            "scales": [row.tobytes() for row in scales.astype(SCALE_DTYPE)],
             "codes": [np.asarray(record.code, np.uint8).tobytes() for record, _ in new],
             "attributes": [record.attributes(heads).tobytes() for record, _ in new],
         }
