@@ -9,7 +9,7 @@ import redis
 
 from orthanc_cbir.errors import BadParameters, NotIndexed
 from orthanc_cbir.index import IndexStore
-from orthanc_cbir.search import Searcher, SearchOptions
+from orthanc_cbir.search import Query, Searcher, SearchOptions
 from orthanc_cbir.search.service import Page, SimilaritySearch
 from tests.records_factory import make_records
 
@@ -38,17 +38,47 @@ def round_trips(call):
     return CountingConnection.sent, result
 
 
-@pytest.mark.parametrize("strategy", ["exact", "hamming", "multilateral"])
-def test_a_stored_instance_query_makes_at_most_three_redis_round_trips(store, counted, strategy):
+@pytest.mark.parametrize("strategy", ["exact", "graph", "hamming", "multilateral"])
+def test_a_stored_instance_query_makes_at_most_two_redis_round_trips(store, counted, strategy):
     records = make_records(300)
     store.add(records)
     page = Page(SearchOptions(strategy, k=10, candidates=50))
     counted.similar_to_stored("instance", records[0].key, page)  # loads the snapshot and the shard count
     trips, answer = round_trips(lambda: counted.similar_to_stored("instance", records[7].key, page))
-    # the snapshot's write counters, the query's own entry, the hits' entries
-    assert trips <= 3, trips
+    # the query's own entry with the snapshot's write counters, then the hits' entries
+    assert trips <= 2, trips
     assert len(answer.hits) == 10 and answer.query_uid == records[7].key
     assert all(hit.entry is not None and hit.entry.sop_instance_uid == hit.sop_instance_uid for hit in answer.hits)
+
+
+def test_an_uploaded_query_reads_its_hits_and_the_write_counters_in_one_round_trip(store, counted):
+    records = make_records(300, seed=8)
+    store.add(records)
+    page = Page(SearchOptions("graph", k=10))
+    counted.similar_to(as_query(records[0]), page)  # loads the snapshot
+    trips, answer = round_trips(lambda: counted.similar_to(as_query(records[5]), page))
+    assert trips == 1, trips
+    assert answer.hits[0].sop_instance_uid == records[5].key and len(answer.hits) == 10
+
+
+@pytest.mark.parametrize("strategy", ["exact", "graph"])
+def test_an_answer_ranked_on_a_copy_the_index_moved_past_is_ranked_again(store, counted, strategy):
+    records = make_records(301, seed=9)
+    store.add(records[:300])
+    page = Page(SearchOptions(strategy, k=5))
+    first = counted.similar_to(as_query(records[300]), page)
+    assert records[300].key not in [h.sop_instance_uid for h in first.hits]
+    store.add([records[300]])  # another process indexes the query's own picture
+    again = counted.similar_to(as_query(records[300]), page)
+    assert again.hits[0].sop_instance_uid == records[300].key and again.hits[0].distance < 0.02
+    gone = again.hits[1].sop_instance_uid
+    assert store.remove(gone)
+    assert gone not in [h.sop_instance_uid for h in counted.similar_to(as_query(records[300]), page).hits]
+    assert counted.similar_to_stored("instance", records[300].key, page).hits  # the stored path sees it too
+
+
+def as_query(record) -> Query:
+    return Query(record.features, record.code, record.probabilities)
 
 
 def test_the_core_answers_as_the_searcher_with_the_stored_vector(store):

@@ -472,18 +472,40 @@ class IndexStore:
         """The stored entry of each instance, its row the global row (``None`` if absent); one round trip."""
         if not sop_instance_uids:
             return []
-        count = self.shards
-        shards = [shard_of(uid, count) for uid in sop_instance_uids]
-        keys = [self._shard_keys[shard].instance(uid) for uid, shard in zip(sop_instance_uids, shards, strict=True)]
+        keys = self._entry_keys(sop_instance_uids)
         # one MGET, not a GET per hit: redis-py packs each command in Python (~15 us apiece); a
         # cluster's (redis-py's mget_nonatomic, a LazyCluster's too) is one per slot, and a shard's
         # keys share one slot (one hash tag)
         mget = getattr(self.client, "mget_nonatomic", None) or self.client.mget
-        raws = mget(keys)
+        return self._decoded(sop_instance_uids, mget(keys))
+
+    def describe_with_writes(self, sop_instance_uids: Sequence[str]) -> tuple[list[StoredEntry | None],
+                                                                            tuple[str, tuple[int, ...]]]:  # fmt: skip
+        """:meth:`describe` and :meth:`writes` in one round trip (two on a Redis Cluster, whose
+        pipelines take no MGET of keys in several slots): an answer ranked on a searcher's copy
+        reads its hits and learns whether the index moved since that copy's refresh together."""
+        if not sop_instance_uids or hasattr(self.client, "mget_nonatomic"):
+            return self.describe(sop_instance_uids), self.writes()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget(self._entry_keys(sop_instance_uids))
+        self._queue_writes(pipe)
+        raws, *writes = pipe.execute()
+        return self._decoded(sop_instance_uids, raws), self._writes_of(writes)
+
+    def _entry_keys(self, sop_instance_uids: Sequence[str]) -> list[str]:
+        count = self.shards
+        return [self._shard_keys[shard_of(uid, count)].instance(uid) for uid in sop_instance_uids]
+
+    def _decoded(self, sop_instance_uids: Sequence[str], raws: Sequence[bytes | str | None]
+                 ) -> list[StoredEntry | None]:  # fmt: skip
+        """Entries as read, each with its global row (``None`` where absent)."""
+        count = self.shards
         out: list[StoredEntry | None] = []
-        for uid, shard, raw in zip(sop_instance_uids, shards, raws, strict=True):
-            entry = None if raw is None else decode_entry(uid, raw)
-            out.append(None if entry is None else dataclasses.replace(entry, row=entry.row * count + shard))
+        for uid, raw in zip(sop_instance_uids, raws, strict=True):
+            entry = None if raw is None else decode_entry(uid, as_bytes(raw))
+            if entry is not None:
+                entry = dataclasses.replace(entry, row=entry.row * count + shard_of(uid, count))
+            out.append(entry)
         return out
 
     def read_blocks(self, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], BlockData]:
@@ -529,10 +551,17 @@ class IndexStore:
         """The index's epoch (``""`` before its first write) and, per shard, how many writes have
         moved a block's generation, in one round trip: both unchanged, nothing to re-read."""
         pipe = self.client.pipeline(transaction=False)
+        self._queue_writes(pipe)
+        return self._writes_of(pipe.execute())
+
+    def _queue_writes(self, pipe: Pipeline) -> None:
         pipe.hget(self.keys.info, "epoch")
         for shard in range(self.shards):
             pipe.get(self._shard_keys[shard].writes)
-        epoch, *counts = pipe.execute()
+
+    @staticmethod
+    def _writes_of(replies: Sequence[Any]) -> tuple[str, tuple[int, ...]]:
+        epoch, *counts = replies
         return (text(epoch) if epoch else ""), tuple(int(count or 0) for count in counts)
 
     def generations(self) -> dict[tuple[int, int], int]:

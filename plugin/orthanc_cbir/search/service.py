@@ -11,9 +11,10 @@ the routes (:mod:`orthanc_cbir.api.similar`) turn parameters into
 JSON and statuses; the "Similar cases" maker (:mod:`orthanc_cbir.answers.similar_series`)
 calls it directly.
 
-A stored-instance query costs three Redis round trips when the index has not changed
-since the last one: the snapshot's write counters, the query's own entry, and the hits'
-entries (the snapshot knows each row's SOPInstanceUID).
+A stored-instance query costs two Redis round trips when the index has not changed since the
+last one: the query's own entry with the snapshot's write counters, then the hits' entries (the
+snapshot knows each row's SOPInstanceUID); an uploaded image's query one, its hits' entries with
+the write counters (:meth:`~.strategies.Searcher.search`).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class SimilaritySearch:
                                         region=match.box))  # fmt: skip
                 if len(hits) >= wanted:
                     break
-            result = SearchResult("regions", "instance", hits, len(matches), int(snapshot.live.sum()),
+            result = SearchResult("regions", "instance", hits, len(matches), snapshot.live_count,
                                   (time.perf_counter() - started) * 1000)  # fmt: skip
         return Answer(result, hits[page.offset :], uid, context.patient_key, query_region)
 
@@ -202,12 +203,12 @@ class SimilaritySearch:
         if uid is None:
             raise _not_indexed(level)
         snapshot = self.searcher.snapshot
-        snapshot.refresh()
         if level == "instance":
-            entry = self.store.describe([uid])[0]  # the query's own entry, read once
+            entry = snapshot.refresh_reading([uid])[0]  # the query's own entry, read once
             if entry is None or entry.row >= snapshot.rows or not snapshot.live[entry.row]:
                 raise _not_indexed(level)
             return uid, self.searcher.query_of(entry)
+        snapshot.refresh()
         column = snapshot.attributes["series" if level == "series" else "study"]
         rows = np.flatnonzero((column == uid_hash(uid)) & snapshot.live)
         if not len(rows):

@@ -232,13 +232,37 @@ class Searcher:
         self.labels = LabelMap(self.info.labels)
         self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
         self._graph: GraphIndex | None = None
+        self._checking = False
+        """The next read of entries also reads the index's write counters (:meth:`search`)."""
+        self._moved: bool | None = None
+        """Whether they had moved since the snapshot's refresh (``None``: not read)."""
 
     def search(self, query: Query, options: SearchOptions = SearchOptions(), refresh: bool = True) -> SearchResult:
         """Rank the index for ``query``; ``refresh=False`` when the caller refreshed the snapshot
-        for this query already (:class:`.service.SimilaritySearch`: one read of the writes, not two)."""
+        for this query already (:class:`.service.SimilaritySearch`: one read of the writes, not two).
+
+        An answer with its hits' records is ranked on the snapshot as it stands, and the read of the
+        hits learns in the same round trip whether the index moved since the snapshot's refresh:
+        when it did, the snapshot is refreshed and the answer ranked again. A query costs one round
+        trip while the index stands still, two when it moved, as a refresh before each query would."""
         started = time.perf_counter()
-        if refresh:
+        if refresh and options.with_records and self.store is not None and self.snapshot.refreshed:
+            self._checking, self._moved = True, None  # the first read of entries reads the write counters too
+            try:
+                result = self._answer(query, options, started)
+            finally:
+                self._checking = False
+            if self._moved is False:
+                return result
+            generation = self.snapshot.generation  # moved, or no entry read: refresh
             self.snapshot.refresh()
+            if self.snapshot.generation == generation:  # nothing re-read: the answer stands
+                return result
+        elif refresh:
+            self.snapshot.refresh()
+        return self._answer(query, options, started)
+
+    def _answer(self, query: Query, options: SearchOptions, started: float) -> SearchResult:
         mask = options.filters.mask(self.snapshot.attributes, query.context)
         if options.filters.exclude_self and query.context.sop_instance_uid:
             row = query.row if query.row is not None else self._store().row(query.context.sop_instance_uid)
@@ -259,7 +283,7 @@ class Searcher:
             ranking = ranker(self, query, options, mask, depth)
             hits = self._hits(ranking, options)
         return SearchResult(options.strategy, options.level, hits, ranking.candidates,
-                            int(np.count_nonzero(self.snapshot.live)), (time.perf_counter() - started) * 1000,
+                            self.snapshot.live_count, (time.perf_counter() - started) * 1000,
                             ranking.examined or ranking.candidates)  # fmt: skip
 
     # -- the strategies ---------------------------------------------------------------------
@@ -533,8 +557,13 @@ class Searcher:
         return dict(zip(indices, self._stored_entries(rows[indices]), strict=True))
 
     def _stored_entries(self, rows: np.ndarray) -> list[StoredEntry | None]:
-        """The entries of ``rows``, kept by the snapshot once read (only Redis holds them)."""
+        """The entries of ``rows``, kept by the snapshot once read (only Redis holds them); the first
+        read of an answer :meth:`search` ranked before refreshing learns whether the index moved."""
         self._store()
+        if self._checking:
+            self._checking = False
+            entries, self._moved = self.snapshot.entries_checking_writes(rows)
+            return entries
         return self.snapshot.entries(rows)
 
     def _collapsed_hits(self, ranking: Ranking, leads: list[int], copies: dict[int, list[int]],
