@@ -182,6 +182,26 @@ def test_a_level_block_has_its_own_scale_so_the_other_dims_keep_their_precision(
     assert client.strlen("cbir:{level-model@000000000000}:block:scales:0") == 4095 * 2 * 4  # two scales a row
 
 
+def test_an_index_written_with_one_scale_a_row_is_read_and_grown_as_it_is(client):
+    # what the release before layout 3 made of a model with a level block: one scale per row
+    level = LevelEncoding(start=120, periods_mm=(3200.0, 800.0, 250.0, 160.0), weight=0.5)
+    info = dataclasses.replace(make_info("level-model@000000000000", dim=128), level=level)
+    records = make_records(60, seed=11, dim=128)
+    IndexStore(client, dataclasses.replace(info, level=None)).add(records[:40])  # one span, as layout 2 stored it
+    schema = json.loads(client.hget("cbir:{level-model@000000000000}:info", "schema"))
+    client.hset("cbir:{level-model@000000000000}:info", "schema", json.dumps({**schema, "layout": 2}))
+    upgraded = IndexStore(client, info)
+    assert upgraded.add(records[40:]).added == 20  # the workers keep indexing into it
+    snapshot = IndexSnapshot(upgraded)
+    snapshot.refresh()
+    features = np.stack([r.features for r in records])
+    quantized, scales = quantize(features)
+    rows = np.array([upgraded.row(r.key) for r in records])
+    np.testing.assert_allclose(snapshot.vectors(rows), quantized * scales[:, None], atol=1e-6)
+    assert client.strlen("cbir:{level-model@000000000000}:block:scales:0") == 4095 * 4  # still one scale a row
+    assert upgraded.stats()["layout"] == 2
+
+
 def test_an_entry_keeps_the_record_in_a_few_hundred_bytes():
     record = make_records(1)[0]
     orthanc = {"instance": "0c5d6a4e-2f2a56fb-4d5a5c1e-8e1e2a47-03c1bd2f", "series": "x", "study": "s",

@@ -59,9 +59,12 @@ from ..dicom.metadata import InstanceMetadata
 from ..model.regions import SliceRegions
 
 LAYOUT = 3
-"""The key and value layout of :mod:`orthanc_cbir.index` (1: float16 features, a hash per
-instance, one ``rows`` hash, multi-index buckets in Redis; 2: one scale per row; 3: this module's,
-a scale per span of each row's features, :class:`FeatureQuantizer`)."""
+"""The key and value layout of :mod:`orthanc_cbir.index` a new index is written with (1: float16
+features, a hash per instance, one ``rows`` hash, multi-index buckets in Redis; 2: one scale per
+row; 3: this module's, a scale per span of each row's features, :class:`FeatureQuantizer`)."""
+READABLE_LAYOUTS = (2, 3)
+"""Layouts read and written as they are: layout 2 differs only in its one scale per row, which an
+index keeps for as long as it lives (a release that writes layout 3 refuses no index it made)."""
 
 BLOCK_ROWS = 4095
 """Rows per column block: big enough that a million rows are 245 keys, small

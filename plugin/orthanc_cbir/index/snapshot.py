@@ -27,7 +27,7 @@ from itertools import islice
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .schema import ATTRIBUTES, BLOCK_ROWS, StoredEntry
+from .schema import ATTRIBUTES, BLOCK_ROWS, FeatureQuantizer, StoredEntry
 from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore
 
 CHUNK_ROWS = 65536
@@ -101,6 +101,7 @@ class IndexSnapshot:
         if self._writes is not None and writes[0] != self._writes[0]:
             self._forget()
         current = self.store.generations()
+        self._use_quantizer(self.store.quantizer)
         stale = sorted(key for key, generation in current.items() if self._seen.get(key) != generation)
         if not stale:
             self._writes = writes
@@ -124,6 +125,16 @@ class IndexSnapshot:
         self._writes = writes
         self.generation += 1
         return len(stale)
+
+    def _use_quantizer(self, quantizer: FeatureQuantizer) -> None:
+        """Read the index's scales as it stores them (an index of layout 2 has one a row): on the
+        first refresh, or when the index turned out to be another one; every block is read again."""
+        if quantizer == self.quantizer:
+            return
+        self.quantizer = quantizer
+        self._buffers["scales"] = np.zeros((self._capacity, quantizer.scales_per_row), np.float32)
+        self._seen.clear()
+        self._views()
 
     @classmethod
     def from_arrays(cls, info: IndexInfo, features: np.ndarray, codes: np.ndarray, attributes: np.ndarray,

@@ -11,11 +11,11 @@ on one instance add it once). Removing an instance clears its ``live`` attribute
 row mapping and its entry; its row stays a gap.
 
 The layout of the keys and values is :data:`~.schema.LAYOUT` (see :mod:`.schema`);
-an index written with another layout (layout 1 stored float16 features, a hash per
-instance and multi-index buckets) is refused with :class:`IndexLayoutError`: the key
-space is per model version, so re-indexing (``orthanc-cbir reconcile`` or ``backfill``
-after deleting the old ``cbir:{<version>}*`` keys) is the way forward, not a reader
-of the old layout.
+an index of layout 2 (one scale per row: :class:`~.schema.FeatureQuantizer`) is read and
+written as it is, its rows keeping one scale; one written with layout 1 (float16 features, a
+hash per instance and multi-index buckets) is refused with :class:`IndexLayoutError`: the key
+space is per model version, so re-indexing (``orthanc-cbir reconcile`` or ``backfill`` after
+deleting the old ``cbir:{<version>}*`` keys) is the way forward, not a reader of that layout.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .schema import (
     BLOCK_ROWS,
     LAYOUT,
     MAX_SHARDS,
+    READABLE_LAYOUTS,
     ROWS_PER_MAP,
     FeatureQuantizer,
     IndexRecord,
@@ -102,14 +103,9 @@ class IndexInfo:
 
     @property
     def quantizer(self) -> FeatureQuantizer:
-        """How the features are stored: the level block, where there is one, has a scale of its own."""
+        """How a new index stores the features: the level block, where there is one, has a scale of
+        its own (an index of layout 2 keeps one scale per row: :attr:`IndexStore.quantizer`)."""
         return FeatureQuantizer.split(self.feature_dim, (self.level.start, self.level.stop) if self.level else None)
-
-    def column_width(self, column: str) -> int:
-        """Bytes per row of a column block."""
-        scales = SCALE_DTYPE.itemsize * self.quantizer.scales_per_row
-        return {"features": self.feature_dim * FEATURE_DTYPE.itemsize, "scales": scales,
-                "codes": self.code_bytes, "attributes": ATTRIBUTES.itemsize}[column]  # fmt: skip
 
 
 COLUMNS = ("features", "scales", "codes", "attributes")
@@ -147,6 +143,7 @@ class IndexStore:
         """The index's unsharded key space: its ``info`` hash (and, with one shard, every key)."""
         self._asked = shards
         self._shards: int | None = None  # known once the index in Redis says (nothing is asked before a use)
+        self._layout = LAYOUT  # the index's own once it says (a new one is written with this)
         self._shard_keys: list[KeySpace] = []
         self.series_levels = None if info.level is None else SeriesLevels(client, self.keys, info.level)
         self.regions = RegionIndex(client, self.keys)
@@ -176,16 +173,35 @@ class IndexStore:
         schema = json.loads(raw)
         layout, shards = schema.get("layout"), schema.get("shards", 1)
         layout = layout if isinstance(layout, int) else 1  # layout 1 kept the code layout (a list) there
-        if layout != LAYOUT:
+        if layout not in READABLE_LAYOUTS:
+            readable = ", ".join(map(str, READABLE_LAYOUTS))
             raise IndexLayoutError(
-                f"the index {self.keys.base} was written with layout {layout}; this version reads layout {LAYOUT} "
-                f"only: delete its keys ({self.keys.base}*) and index again")  # fmt: skip
+                f"the index {self.keys.base} was written with layout {layout}; this version reads layouts "
+                f"{readable} only: delete its keys ({self.keys.base}*) and index again")  # fmt: skip
         if self._asked is not None and shards != self._asked:
             raise IndexLayoutError(
                 f"the index {self.keys.base} has {shards} shard(s), this process was told {self._asked} "
                 f"(setting index_shards / CBIR_INDEX_SHARDS): set it to {shards}")  # fmt: skip
+        self._layout = layout
         self._shards = self._use(shards)
         return shards
+
+    @property
+    def layout(self) -> int:
+        """The index's layout (:data:`~.schema.READABLE_LAYOUTS`; before its first write, a new one's)."""
+        self._resolve()
+        return self._layout
+
+    @property
+    def quantizer(self) -> FeatureQuantizer:
+        """How this index stores its features: layout 2 kept one scale per row, for as long as it lives."""
+        return self.info.quantizer if self.layout >= 3 else FeatureQuantizer.split(self.info.feature_dim)
+
+    def column_width(self, column: str) -> int:
+        """Bytes per row of a column block."""
+        scales = SCALE_DTYPE.itemsize * self.quantizer.scales_per_row
+        return {"features": self.info.feature_dim * FEATURE_DTYPE.itemsize, "scales": scales,
+                "codes": self.info.code_bytes, "attributes": ATTRIBUTES.itemsize}[column]  # fmt: skip
 
     def _use(self, shards: int) -> int:
         if len(self._shard_keys) != shards:
@@ -264,7 +280,7 @@ class IndexStore:
         if not moves or level is None:
             return [False] * len(moves)
         shards = self.shards
-        widths = {column: self.info.column_width(column) for column in ("features", "scales")}
+        widths = {column: self.column_width(column) for column in ("features", "scales")}
         look = self.client.pipeline(transaction=False)
         for move in moves:
             look.get(self._keys_of(move.sop_instance_uid, shards).instance(move.sop_instance_uid))
@@ -278,7 +294,7 @@ class IndexStore:
             for column, width in widths.items():
                 read.getrange(keys.block(column, block), slot * width, (slot + 1) * width - 1)
         raw = [as_bytes(value) for value in read.execute()]
-        quantizer = self.info.quantizer
+        quantizer = self.quantizer
         stored = quantizer.dequantize(np.frombuffer(b"".join(raw[0::2]), FEATURE_DTYPE).reshape(len(found), -1),
                                       np.frombuffer(b"".join(raw[1::2]), SCALE_DTYPE).reshape(len(found), -1))
         levels = np.array([level_mm for *_, level_mm in found])
@@ -341,7 +357,7 @@ class IndexStore:
         """Queue the writes of new (record, local row) pairs of one shard in its transaction;
         ``missing``: blocks that may not exist yet, created at full size first."""
         heads = tuple(self.info.labels)
-        quantized, scales = self.info.quantizer.quantize(np.stack([record.features for record, _ in new]))
+        quantized, scales = self.quantizer.quantize(np.stack([record.features for record, _ in new]))
         columns = {
             "features": [row.tobytes() for row in quantized],
             "scales": [row.tobytes() for row in scales.astype(SCALE_DTYPE)],
@@ -351,11 +367,11 @@ class IndexStore:
         rows = np.array([row for _, row in new])
         for block in sorted(missing & set((rows // BLOCK_ROWS).tolist())):
             for column in COLUMNS:  # SET NX: a block another worker made meanwhile is kept
-                pipe.set(keys.block(column, block), bytes(BLOCK_ROWS * self.info.column_width(column)), nx=True)
+                pipe.set(keys.block(column, block), bytes(BLOCK_ROWS * self.column_width(column)), nx=True)
         for first, last in _runs(rows):  # consecutive rows of one block: one SETRANGE per column
             block, slot = divmod(int(rows[first]), BLOCK_ROWS)
             for column, payloads in columns.items():
-                pipe.setrange(keys.block(column, block), slot * self.info.column_width(column),
+                pipe.setrange(keys.block(column, block), slot * self.column_width(column),
                               b"".join(payloads[first:last]))  # fmt: skip
         maps: dict[int, dict[int, str]] = defaultdict(dict)
         for record, row in new:
@@ -450,7 +466,8 @@ class IndexStore:
         allocated = self._per_shard(lambda pipe, keys: pipe.get(keys.next_row))
         return {"version": self.info.version, "instances": self.count(), "rows_allocated": sum(allocated),
                 "blocks": sum(-(-n // BLOCK_ROWS) for n in allocated), "shards": self.shards,
-                "feature_dim": self.info.feature_dim, "code_bits": self.info.layout.bits, "layout": LAYOUT}  # fmt: skip
+                "feature_dim": self.info.feature_dim, "code_bits": self.info.layout.bits,
+                "layout": self.layout}  # fmt: skip
 
     def _per_shard(self, command: Callable[[Pipeline, KeySpace], object]) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
