@@ -245,7 +245,8 @@ class Searcher:
         An answer with its hits' records is ranked on the snapshot as it stands, and the read of the
         hits learns in the same round trip whether the index moved since the snapshot's refresh:
         when it did, the snapshot is refreshed and the answer ranked again. A query costs one round
-        trip while the index stands still, two when it moved, as a refresh before each query would."""
+        trip while the index stands still (a refresh before each query: two), and one more than that
+        refresh's reads when it moved: the first answer's read."""
         started = time.perf_counter()
         if refresh and options.with_records and self.store is not None and self.snapshot.refreshed:
             self._checking, self._moved = True, None  # the first read of entries reads the write counters too
