@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from .schema import ATTRIBUTES, BLOCK_ROWS, FeatureQuantizer, StoredEntry
-from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore
+from .store import FEATURE_DTYPE, SCALE_DTYPE, IndexInfo, IndexStore, WriteCounters
 
 CHUNK_ROWS = 65536
 """Rows whose int8 features one step of :meth:`IndexSnapshot.similarities` converts at a time."""
@@ -65,7 +65,7 @@ class IndexSnapshot:
         self._seen: dict[tuple[int, int], int] = {}
         self._entries: dict[int, StoredEntry] = {}
         """Decoded entries by global row, oldest first."""
-        self._writes: tuple[str, tuple[int, ...]] | None = None
+        self._writes: WriteCounters | None = None
         """The index's epoch and per-shard write counts as of the last refresh (:meth:`IndexStore.writes`)."""
         self._live: tuple[tuple[int, int], np.ndarray, int] = ((-1, -1), np.zeros(0, bool), 0)
         """(generation, rows) it was made at, :attr:`live` and :attr:`live_count`."""
@@ -91,11 +91,13 @@ class IndexSnapshot:
         self.attributes: dict[str, np.ndarray] = {name: self._buffers[f"attribute:{name}"][: self.rows]
                                                   for name in ATTRIBUTES.names or ()}  # fmt: skip
 
-    def refresh(self) -> int:
-        """Bring the copy up to date; returns the number of blocks re-read."""
+    def refresh(self, writes: WriteCounters | None = None) -> int:
+        """Bring the copy up to date; returns the number of blocks re-read. ``writes``: the write
+        counters (:meth:`IndexStore.writes`) as just read with something else, not read again."""
         if self.store is None:  # built from arrays: nothing to read
             return 0
-        writes = self.store.writes()  # before the generations: a write between the two is seen next time
+        if writes is None:
+            writes = self.store.writes()  # before the generations: a write between the two is seen next time
         if writes == self._writes:
             return 0
         if self._writes is not None and writes[0] != self._writes[0]:
@@ -201,8 +203,7 @@ class IndexSnapshot:
         if self.store is None:
             raise ValueError("a snapshot built from arrays has no stored entries")
         entries, writes = self.store.describe_with_writes(sop_instance_uids)
-        if writes != self._writes:
-            self.refresh()
+        self.refresh(writes)
         return entries
 
     def entries(self, rows: ArrayLike) -> list[StoredEntry | None]:
@@ -210,13 +211,19 @@ class IndexSnapshot:
         removed since); the rows not decoded before are read in one round trip."""
         return self._entries_of(rows, check_writes=False)[0]
 
-    def entries_checking_writes(self, rows: ArrayLike) -> tuple[list[StoredEntry | None], bool]:
-        """:meth:`entries`, and whether the index moved since the last refresh, learnt in the same
-        round trip (the write counters :meth:`refresh` compares): an answer ranked on this copy
-        reads its hits and learns whether it must be ranked again at once."""
-        return self._entries_of(rows, check_writes=True)
+    def entries_checking_writes(self, rows: ArrayLike) -> tuple[list[StoredEntry | None], WriteCounters]:
+        """:meth:`entries`, and the index's write counters read in the same round trip: an answer
+        ranked on this copy reads its hits and learns whether it must be ranked again at once
+        (:meth:`is_current`; :meth:`refresh` takes them as read)."""
+        entries, writes = self._entries_of(rows, check_writes=True)
+        assert writes is not None  # read whenever they are asked for
+        return entries, writes
 
-    def _entries_of(self, rows: ArrayLike, check_writes: bool) -> tuple[list[StoredEntry | None], bool]:
+    def is_current(self, writes: WriteCounters) -> bool:
+        """Whether write counters read since the last refresh are those it read: nothing moved."""
+        return writes == self._writes
+
+    def _entries_of(self, rows: ArrayLike, check_writes: bool) -> tuple[list[StoredEntry | None], WriteCounters | None]:
         rows = np.asarray(rows, dtype=np.int64)
         uids = self.sop_uids(rows)
         live = np.take(self.attributes["live"], rows) == 1
@@ -230,14 +237,13 @@ class IndexSnapshot:
                 out[i] = cached
             else:
                 missing.append(i)
-        moved = False
+        writes = None
         if missing or check_writes:
             if self.store is None:
                 raise ValueError("a snapshot built from arrays has no stored entries")
             wanted = [uids[i] or "" for i in missing]
             if check_writes:
                 read, writes = self.store.describe_with_writes(wanted)
-                moved = writes != self._writes
             else:
                 read = self.store.describe(wanted)
             for i, entry in zip(missing, read, strict=True):
@@ -247,7 +253,7 @@ class IndexSnapshot:
             if len(self._entries) > ENTRY_CACHE:
                 for row in list(islice(self._entries, len(self._entries) - ENTRY_CACHE // 2)):
                     self._entries.pop(row, None)
-        return out, moved
+        return out, writes
 
     @property
     def refreshed(self) -> bool:

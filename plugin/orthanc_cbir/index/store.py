@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import redis
@@ -62,6 +62,8 @@ FEATURE_DTYPE = np.dtype("i1")
 """Stored features: int8, with a float32 scale per span of each row in the ``scales`` column
 (:class:`~.schema.FeatureQuantizer`)."""
 SCALE_DTYPE = np.dtype("<f4")
+WriteCounters: TypeAlias = tuple[str, tuple[int, ...]]
+"""The index's epoch and, per shard, its write count (:meth:`IndexStore.writes`)."""
 _FIELDS: Mapping[str, tuple[Any, ...]] = ATTRIBUTES.fields or {}
 """Each attribute's (dtype, byte offset) in an attributes row (a structured dtype always has them)."""
 
@@ -365,14 +367,14 @@ class IndexStore:
             "attributes": [record.attributes(heads).tobytes() for record, _ in new],
         }
         rows = np.array([row for _, row in new])
+        widths = {column: self.column_width(column) for column in COLUMNS}
         for block in sorted(missing & set((rows // BLOCK_ROWS).tolist())):
             for column in COLUMNS:  # SET NX: a block another worker made meanwhile is kept
-                pipe.set(keys.block(column, block), bytes(BLOCK_ROWS * self.column_width(column)), nx=True)
+                pipe.set(keys.block(column, block), bytes(BLOCK_ROWS * widths[column]), nx=True)
         for first, last in _runs(rows):  # consecutive rows of one block: one SETRANGE per column
             block, slot = divmod(int(rows[first]), BLOCK_ROWS)
             for column, payloads in columns.items():
-                pipe.setrange(keys.block(column, block), slot * self.column_width(column),
-                              b"".join(payloads[first:last]))  # fmt: skip
+                pipe.setrange(keys.block(column, block), slot * widths[column], b"".join(payloads[first:last]))
         maps: dict[int, dict[int, str]] = defaultdict(dict)
         for record, row in new:
             pipe.set(keys.instance(record.key), encode_entry(record, row))
@@ -496,8 +498,7 @@ class IndexStore:
         mget = getattr(self.client, "mget_nonatomic", None) or self.client.mget
         return self._decoded(sop_instance_uids, mget(keys))
 
-    def describe_with_writes(self, sop_instance_uids: Sequence[str]) -> tuple[list[StoredEntry | None],
-                                                                            tuple[str, tuple[int, ...]]]:  # fmt: skip
+    def describe_with_writes(self, sop_instance_uids: Sequence[str]) -> tuple[list[StoredEntry | None], WriteCounters]:
         """:meth:`describe` and :meth:`writes` in one round trip (two on a Redis Cluster, whose
         pipelines take no MGET of keys in several slots): an answer ranked on a searcher's copy
         reads its hits and learns whether the index moved since that copy's refresh together."""
@@ -564,7 +565,7 @@ class IndexStore:
         raw = self.client.hget(self.keys.info, "centroids")
         return None if raw is None else as_bytes(raw)
 
-    def writes(self) -> tuple[str, tuple[int, ...]]:
+    def writes(self) -> WriteCounters:
         """The index's epoch (``""`` before its first write) and, per shard, how many writes have
         moved a block's generation, in one round trip: both unchanged, nothing to re-read."""
         pipe = self.client.pipeline(transaction=False)
@@ -577,7 +578,7 @@ class IndexStore:
             pipe.get(self._shard_keys[shard].writes)
 
     @staticmethod
-    def _writes_of(replies: Sequence[Any]) -> tuple[str, tuple[int, ...]]:
+    def _writes_of(replies: Sequence[Any]) -> WriteCounters:
         epoch, *counts = replies
         return (text(epoch) if epoch else ""), tuple(int(count or 0) for count in counts)
 

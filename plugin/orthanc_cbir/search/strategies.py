@@ -56,7 +56,7 @@ from ..index.graph import SCAN_BELOW, GraphIndex
 from ..index.hamming import CodeTables
 from ..index.schema import NO_CLUSTER, StoredEntry
 from ..index.snapshot import IndexSnapshot
-from ..index.store import IndexStore
+from ..index.store import IndexStore, WriteCounters
 from ..model.codes import hamming_distances, weighted_hamming_distances
 from .filters import Filters, QueryContext
 from .labels import FILE, LabelMap
@@ -235,8 +235,8 @@ class Searcher:
         self._graph: GraphIndex | None = None
         self._checking = False
         """The next read of entries also reads the index's write counters (:meth:`search`)."""
-        self._moved: bool | None = None
-        """Whether they had moved since the snapshot's refresh (``None``: not read)."""
+        self._writes_read: WriteCounters | None = None
+        """The write counters that read found (``None``: no entry read)."""
 
     def search(self, query: Query, options: SearchOptions = SearchOptions(), refresh: bool = True) -> SearchResult:
         """Rank the index for ``query``; ``refresh=False`` when the caller refreshed the snapshot
@@ -244,20 +244,21 @@ class Searcher:
 
         An answer with its hits' records is ranked on the snapshot as it stands, and the read of the
         hits learns in the same round trip whether the index moved since the snapshot's refresh:
-        when it did, the snapshot is refreshed and the answer ranked again. A query costs one round
-        trip while the index stands still (a refresh before each query: two), and one more than that
-        refresh's reads when it moved: the first answer's read."""
+        when it did, the snapshot is refreshed (the counters as read) and the answer ranked again. A
+        query costs one round trip while the index stands still (a refresh before each query: two),
+        and as many as a refresh before the query when it moved."""
         started = time.perf_counter()
         if refresh and options.with_records and self.store is not None and self.snapshot.refreshed:
-            self._checking, self._moved = True, None  # the first read of entries reads the write counters too
+            self._checking, self._writes_read = True, None  # the first read of entries reads the write counters too
             try:
                 result = self._answer(query, options, started)
             finally:
                 self._checking = False
-            if self._moved is False:
+            writes = self._writes_read
+            if writes is not None and self.snapshot.is_current(writes):
                 return result
             generation = self.snapshot.generation  # moved, or no entry read: refresh
-            self.snapshot.refresh()
+            self.snapshot.refresh(writes)
             if self.snapshot.generation == generation:  # nothing re-read: the answer stands
                 return result
         elif refresh:
@@ -564,7 +565,7 @@ class Searcher:
         self._store()
         if self._checking:
             self._checking = False
-            entries, self._moved = self.snapshot.entries_checking_writes(rows)
+            entries, self._writes_read = self.snapshot.entries_checking_writes(rows)
             return entries
         return self.snapshot.entries(rows)
 
