@@ -34,7 +34,7 @@ from ..index.records import decode_bytes, embed_instances
 from ..model.embedder import Embedder
 from ..redis_client import UNREACHABLE as REDIS_UNREACHABLE
 from ..redis_client import RedisClient
-from .orthanc_client import OrthancClient
+from .orthanc_client import OrthancClient, dicom_identifiers
 from .pipeline import EmbeddingBatch, admit
 from .queue import (
     DELETE,
@@ -230,7 +230,8 @@ class Worker:
             self._reject(event, result.reason.value, result.detail, uid)
             outcome.rejected += 1
         else:
-            batch.add(event, result, self.orthanc.parents(event.orthanc_id) if event.action == STORE else {})
+            parents = {} if event.action != STORE else self.orthanc.parents(event.orthanc_id, dicom_identifiers(data))
+            batch.add(event, result, parents)
 
     def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
         self.queue.reject(SPOOL if event.action == STORE_FILE else ORTHANC, event.orthanc_id, reason, detail, uid)
