@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from orthanc_cbir.ingest.queue import IngestQueue
-from orthanc_cbir.ingest.scp import StoreSCP
+from orthanc_cbir.ingest.scp import MAXIMUM_PDU_BYTES, StoreSCP
 from orthanc_cbir.ingest.spool import Spool
 from orthanc_cbir.local_services import dcmtk_environment, free_port
 from tests import dicom_factory as factory
@@ -103,6 +103,16 @@ def test_echo_answers(scp):
     association = ae.associate("127.0.0.1", scp.port, ae_title="CBIR_SCP")
     try:
         assert int(association.send_c_echo().Status) == 0
+    finally:
+        association.release()
+
+
+def test_the_scp_takes_pdus_of_a_mebibyte(scp):
+    ae = AE(ae_title="TEST_PACS")
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", scp.port, ae_title="CBIR_SCP")
+    try:  # what a sender may put in one P-DATA PDU: a slice in one PDU instead of thirty-two
+        assert association.is_established and association.acceptor.maximum_length == MAXIMUM_PDU_BYTES
     finally:
         association.release()
 
