@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
-from ..evaluation.metrics import exact_top_k
 from ..index.store import IndexStore
 from .strategies import Searcher
 
@@ -40,14 +40,16 @@ def recluster(store: IndexStore, neighbours: int = 10, resolution: float = 1.0, 
     rows = np.flatnonzero(searcher.snapshot.live)
     if len(rows) < 2:
         raise ValueError(f"clustering needs at least 2 indexed instances, the index has {len(rows)}")
-    features = searcher.snapshot.vectors(rows)  # float32 (n, D): the graph needs every pair anyway
-    nearest = exact_top_k(features, features, min(neighbours + 1, len(rows)))
+    features = np.ascontiguousarray(searcher.snapshot.vectors(rows), np.float32)  # the graph needs every pair anyway
+    # FAISS's brute-force k-NN (no index kept): each row's nearest rows and their cosine similarities
+    similarities, nearest = faiss.knn(features, features, min(neighbours + 1, len(rows)),
+                                      metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
     graph = nx.Graph()
     graph.add_nodes_from(range(len(rows)))
-    for i, row in enumerate(nearest):
-        for j in row:
-            if j != i:
-                graph.add_edge(i, int(j), weight=max(float(features[i] @ features[j]), 0.0))
+    for i, (row, similarity) in enumerate(zip(nearest, similarities, strict=True)):
+        for j, weight in zip(row.tolist(), similarity.tolist(), strict=True):
+            if j != i and j >= 0:
+                graph.add_edge(i, j, weight=max(weight, 0.0))
     communities = louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
     communities = sorted(communities, key=len, reverse=True)
     labels = np.empty(len(rows), dtype=np.int32)
