@@ -53,6 +53,15 @@ def published(port: str | dict[str, Any]) -> tuple[str, int]:
     return (parts[0] if len(parts) == 3 else "0.0.0.0"), int(parts[-2])
 
 
+def mounted(volume: str | dict[str, Any]) -> tuple[str, str]:
+    """``(source, target)`` of a mounted volume, short syntax (``name:/path:rw``, docker-compose 1) or
+    long (``source``, ``target``: Compose 2)."""
+    if isinstance(volume, dict):
+        return volume["source"], volume["target"]
+    source, target = volume.split(":")[:2]
+    return source, target
+
+
 def ports(config: dict[str, Any]) -> dict[int, str]:
     """Every published port of every service, with the address it is published on."""
     found = [published(port) for service in config.values() for port in service.get("ports", [])]
@@ -80,7 +89,7 @@ def test_every_service_that_talks_to_redis_gets_its_password_apart_from_the_url(
     assert config["redis"]["environment"]["REDIS_PASSWORD"] == REQUIRED["REDIS_PASSWORD"]
     clients = {name: service["environment"] for name, service in config.items() if "CBIR_REDIS_URL" in
                service.get("environment", {})}  # fmt: skip
-    assert sorted(clients) == ["orthanc", "standalone", "worker"]
+    assert sorted(clients) == ["orthanc", "standalone", "standalone-worker", "worker"]
     for environment in clients.values():
         assert environment["CBIR_REDIS_PASSWORD"] == REQUIRED["REDIS_PASSWORD"]
         assert "@" not in environment["CBIR_REDIS_URL"]
@@ -102,6 +111,20 @@ def test_compose_gives_the_standalone_server_its_own_stream():
                for name, service in services().items() if name != "redis"}  # fmt: skip
     assert streams["orthanc"] == streams["worker"]
     assert streams["standalone"] != streams["orthanc"]
+
+
+def test_the_standalone_servers_workers_are_processes_of_their_own_on_its_stream_and_spool():
+    config = services()
+    server, worker = config["standalone"], config["standalone-worker"]
+    assert server["entrypoint"][-2:] == ["--workers", "0"]  # no worker thread beside the DICOM receiver
+    assert worker["entrypoint"][-1] == "worker"
+    assert worker["environment"]["CBIR_INGEST_STREAM"] == server["environment"]["CBIR_INGEST_STREAM"]
+    spool = server["environment"]["CBIR_SPOOL_DIR"]
+    assert worker["environment"]["CBIR_SPOOL_DIR"] == spool
+    mounts = {name: {mounted(volume) for volume in config[name]["volumes"]} for name in ("standalone",
+                                                                                         "standalone-worker")}
+    assert mounts["standalone"] == mounts["standalone-worker"]
+    assert {target for _, target in mounts["standalone"]} == {spool}
 
 
 # -- the Redis service's command, with a real redis-server -----------------------------------------
