@@ -45,7 +45,7 @@ from orthanc_cbir.local_services import (  # noqa: E402
 SERIES = (
     ROOT.parent / "shared" / "data" / "dicom" / "series" / "lung_pet_ct_dx" / "Lung_Dx-A0001_CT_chest_5mm_kernelL_64sl"
 )
-STRATEGIES = ("exact", "hamming", "class", "cluster", "multilateral")
+STRATEGIES = ("graph", "exact", "hamming", "class", "cluster", "multilateral")
 
 
 def source_series(scratch: Path) -> tuple[list[Path], str]:
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds of load (default 20)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (threads with --standalone)")
     parser.add_argument("--standalone", action="store_true", help="orthanc-cbir serve instead of Orthanc + plugin")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated mix (default: all five)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated mix (default: all six)")
     parser.add_argument("--copies", type=int, default=16, help="series copies prepared for the push loop (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
