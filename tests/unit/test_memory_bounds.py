@@ -236,7 +236,7 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
     monkeypatch.setattr(pipeline, "embed_instances", embed)
     monkeypatch.setattr(pipeline, "reject_own_output", lambda outcome: outcome)
     orthanc = SimpleNamespace(instance_file=lambda orthanc_id: orthanc_id,
-                              parents=lambda orthanc_id: {"instance": orthanc_id})  # fmt: skip
+                              parents=lambda orthanc_id, identifiers: {"instance": orthanc_id})  # fmt: skip
     store = mock.MagicMock()
     store.add.side_effect = lambda records: SimpleNamespace(added=len(records), duplicates=0)
     worker = worker_module.Worker(mock.MagicMock(), orthanc, store, embedder=None)
