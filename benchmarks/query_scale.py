@@ -344,12 +344,12 @@ Search = Callable[[int], np.ndarray]
 def measure(results: dict[str, Result], searches: dict[str, Search], index: Index, queries: Rows,
             budget_s: float) -> None:  # fmt: skip
     """Time each search on every query and score its top K against the exact one. Each method
-    first answers every query once untimed (up to ``budget_s``): the graphs are built for minutes
-    before the timing, and at 10^6 rows the machine had meanwhile reclaimed pages of the indexes
-    and of Redis, which every method's first visits then paid for (two to five times its time).
-    Then the methods take turns query by query, so that a busy moment of the shared machine
-    falls on all of them. A method that raises is reported and dropped; one that has used up
-    ``budget_s`` stops there."""
+    first answers every query once untimed (up to ``budget_s``), so that no method's timing pays
+    for the first visit of its pages (the graphs are built for minutes before it). Then the methods
+    take turns query by query, so that a busy moment of the shared machine falls on all of them;
+    each answer so starts on caches the method before it left cold, and a method that reads Redis
+    after its ranking finds it idle for that long (the README says what that costs on a VM). A
+    method that raises is reported and dropped; one that has used up ``budget_s`` stops there."""
     elapsed: dict[str, list[float]] = {name: [] for name in searches}
     found: dict[str, list[np.ndarray]] = {name: [] for name in searches}
     active, failed = dict(searches), set()
