@@ -5,7 +5,7 @@ pipeline, :mod:`.metadata` for the record and :mod:`.own_output` for how this se
 own "Similar cases" objects (:mod:`orthanc_cbir.answers`) are told apart.
 """
 
-from .metadata import InstanceMetadata, extract_metadata, looks_like_uid, parse_age, parse_da
+from .metadata import InstanceMetadata, element_text, extract_metadata, looks_like_uid, parse_age, parse_da
 from .pixels import (
     DecodedInstance,
     NormalisedImage,
@@ -25,6 +25,7 @@ __all__ = [
     "RejectionReason",
     "decode_dataset",
     "decode_instance",
+    "element_text",
     "extract_metadata",
     "looks_like_uid",
     "parse_age",

@@ -98,20 +98,20 @@ class InstanceMetadata:
 
 def extract_metadata(ds: Dataset) -> InstanceMetadata:
     """Read the :class:`InstanceMetadata` of a dataset; absent or malformed values become ``None``."""
-    study_date = parse_da(_text(ds, "StudyDate"))
+    study_date = parse_da(element_text(ds, "StudyDate"))
     return InstanceMetadata(
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        sop_class_uid=_text(ds, "SOPClassUID") or _meta_text(ds, "MediaStorageSOPClassUID"),
-        modality=_text(ds, "Modality"),
-        body_part_examined=_upper(_text(ds, "BodyPartExamined")),
-        study_description=_text(ds, "StudyDescription"),
-        series_description=_text(ds, "SeriesDescription"),
-        patient_sex=_sex(_text(ds, "PatientSex")),
+        sop_instance_uid=element_text(ds, "SOPInstanceUID"),
+        series_instance_uid=element_text(ds, "SeriesInstanceUID"),
+        study_instance_uid=element_text(ds, "StudyInstanceUID"),
+        sop_class_uid=element_text(ds, "SOPClassUID") or _meta_text(ds, "MediaStorageSOPClassUID"),
+        modality=element_text(ds, "Modality"),
+        body_part_examined=_upper(element_text(ds, "BodyPartExamined")),
+        study_description=element_text(ds, "StudyDescription"),
+        series_description=element_text(ds, "SeriesDescription"),
+        patient_sex=_sex(element_text(ds, "PatientSex")),
         patient_age_years=_age_years(ds, study_date),
         study_date=study_date,
-        manufacturer=_text(ds, "Manufacturer"),
+        manufacturer=element_text(ds, "Manufacturer"),
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         number_of_frames=max(_int(ds, "NumberOfFrames") or 1, 1),
@@ -155,10 +155,10 @@ def parse_da(value: str | None) -> dt.date | None:
 
 
 def _age_years(ds: Dataset, study_date: dt.date | None) -> float | None:
-    age = parse_age(_text(ds, "PatientAge"))
+    age = parse_age(element_text(ds, "PatientAge"))
     if age is not None:
         return age
-    birth = parse_da(_text(ds, "PatientBirthDate"))
+    birth = parse_da(element_text(ds, "PatientBirthDate"))
     if birth is None or study_date is None or study_date < birth:
         return None
     return round((study_date - birth).days / 365.25, 3)
@@ -201,7 +201,7 @@ def patient_key(patient_id: str | None, issuer: str | None = None) -> str | None
 
 
 def _patient_key(ds: Dataset) -> str | None:
-    return patient_key(_text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"))
+    return patient_key(element_text(ds, "PatientID"), element_text(ds, "IssuerOfPatientID"))
 
 
 def _sex(value: str | None) -> str | None:
@@ -220,7 +220,9 @@ def _raw(ds: Dataset, keyword: str) -> Any:
         return None
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def element_text(ds: Dataset, keyword: str) -> str | None:
+    """An element's value as text without its padding (the first of several), ``None`` where it is
+    absent, empty or malformed."""
     value = _raw(ds, keyword)
     if value is None:
         return None
@@ -232,7 +234,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 def _meta_text(ds: Dataset, keyword: str) -> str | None:
     meta = getattr(ds, "file_meta", None)
-    return _text(meta, keyword) if meta is not None else None
+    return element_text(meta, keyword) if meta is not None else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

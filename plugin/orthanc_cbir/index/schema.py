@@ -404,6 +404,9 @@ def _compact_id(value: str) -> str:
 
 
 def _dashed_id(value: str) -> str:
-    if isinstance(value, str) and _ORTHANC_HEX.fullmatch(value):
-        return "-".join(value[i : i + 8] for i in range(0, 40, 8))
-    return value
+    return dashed_orthanc_id(value) if isinstance(value, str) and _ORTHANC_HEX.fullmatch(value) else value
+
+
+def dashed_orthanc_id(hex_digits: str) -> str:
+    """An Orthanc id as Orthanc writes it: its 40 hex digits (a SHA-1) in five groups of eight."""
+    return "-".join(hex_digits[at : at + 8] for at in range(0, 40, 8))

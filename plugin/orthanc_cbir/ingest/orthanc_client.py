@@ -18,9 +18,10 @@ from typing import Any
 
 import urllib3
 
+from ..dicom import element_text
 from ..dicom.pixels import Source, read_header
+from ..index.schema import ORTHANC_LEVELS, dashed_orthanc_id
 
-ORTHANC_LEVELS = ("patient", "study", "series", "instance")
 DicomIdentifiers = tuple[str, str, str, str]
 """An instance's PatientID, StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID."""
 
@@ -31,9 +32,8 @@ def orthanc_ids(identifiers: DicomIdentifiers) -> dict[str, str]:
     the StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID down to the level, in five groups
     of eight hex digits."""
     ids = {}
-    for depth, level in enumerate(ORTHANC_LEVELS, start=1):
-        digest = hashlib.sha1("|".join(identifiers[:depth]).encode()).hexdigest()
-        ids[level] = "-".join(digest[at : at + 8] for at in range(0, 40, 8))
+    for depth, level in enumerate(reversed(ORTHANC_LEVELS), start=1):  # the patient's first
+        ids[level] = dashed_orthanc_id(hashlib.sha1("|".join(identifiers[:depth]).encode()).hexdigest())
     return ids
 
 
@@ -44,18 +44,13 @@ def dicom_identifiers(source: Source) -> DicomIdentifiers | None:
         warnings.simplefilter("ignore")
         try:
             header = read_header(source)
-            patient, study, series, instance = (_stripped(header.get(keyword)) for keyword in _IDENTIFIERS)
+            patient, study, series, instance = (element_text(header, keyword) or "" for keyword in _IDENTIFIERS)
         except Exception:  # noqa: BLE001 - any unreadable header: Orthanc is asked instead
             return None
     return patient, study, series, instance
 
 
 _IDENTIFIERS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-def _stripped(value: object) -> str:
-    # Orthanc strips the padding and the blanks around a value before it hashes it
-    return "" if value is None else str(value).strip().strip("\x00").strip()
 
 
 class OrthancClient:

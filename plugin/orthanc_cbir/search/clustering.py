@@ -48,7 +48,7 @@ def recluster(store: IndexStore, neighbours: int = 10, resolution: float = 1.0, 
     graph.add_nodes_from(range(len(rows)))
     for i, (row, similarity) in enumerate(zip(nearest, similarities, strict=True)):
         for j, weight in zip(row.tolist(), similarity.tolist(), strict=True):
-            if j != i and j >= 0:
+            if j != i:
                 graph.add_edge(i, j, weight=max(weight, 0.0))
     communities = louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
     communities = sorted(communities, key=len, reverse=True)
