@@ -78,7 +78,13 @@ from orthanc_cbir.config import DEFAULT_MODEL  # noqa: E402
 from orthanc_cbir.dicom.metadata import InstanceMetadata  # noqa: E402
 from orthanc_cbir.evaluation.metrics import code_statistics, recall_vs_exact  # noqa: E402
 from orthanc_cbir.index import IndexInfo, IndexRecord, IndexStore  # noqa: E402
-from orthanc_cbir.index.graph import BUILD_BATCH, EF_CONSTRUCTION, EF_SEARCH, GRAPH_M  # noqa: E402
+from orthanc_cbir.index.graph import (  # noqa: E402
+    BUILD_BATCH,
+    EF_CONSTRUCTION,
+    EF_SEARCH,
+    GRAPH_M,
+    SIMD_DIMENSIONS,
+)
 from orthanc_cbir.local_services import RedisServer  # noqa: E402
 from orthanc_cbir.model.codes import pack_codes  # noqa: E402
 from orthanc_cbir.model.embedder import CLASS_LOGITS_PREFIX, CODE_LOGITS, FEATURES, INPUT_NAME, Embedder  # noqa: E402
@@ -572,22 +578,27 @@ def run_baselines(size: int, index: Index, queries: Rows, args) -> tuple[list[Re
     results = {"numpy brute force": Result(size, "numpy brute force", bytes_per_instance=vector_bytes),
                "faiss IndexFlatL2": Result(size, "faiss IndexFlatL2", bytes_per_instance=flat_bytes)}  # fmt: skip
     dim = features.shape[1]
-    for name, make in (
-        (f"faiss IndexHNSWFlat M={GRAPH_M}", lambda: faiss.IndexHNSWFlat(dim, GRAPH_M, faiss.METRIC_INNER_PRODUCT)),
+    # FAISS's scalar quantizer takes its SIMD path only at a dimension that is a multiple of 8 (index/graph.py's
+    # SIMD_DIMENSIONS): its SQ8 graph gets the vectors padded with zeros, as the product's graph does
+    sq_dim = -(-dim // SIMD_DIMENSIONS) * SIMD_DIMENSIONS
+    for name, make, width in (
+        (f"faiss IndexHNSWFlat M={GRAPH_M}", lambda: faiss.IndexHNSWFlat(dim, GRAPH_M, faiss.METRIC_INNER_PRODUCT),
+         dim),
         (f"faiss IndexHNSWSQ 8-bit M={GRAPH_M}",
-         lambda: faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_M, faiss.METRIC_INNER_PRODUCT)),
+         lambda: faiss.IndexHNSWSQ(sq_dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_M, faiss.METRIC_INNER_PRODUCT), sq_dim),
     ):  # fmt: skip
         rss, started = rss_bytes(), time.perf_counter()
         graph = make()
         graph.hnsw.efConstruction = EF_CONSTRUCTION
-        graph.train(features[:: max(1, size // 65536)])
-        graph.add(features)
+        graph.train(padded(features[:: max(1, size // 65536)], width))
+        graph.add(padded(features, width))
         build_s, graph_bytes = time.perf_counter() - started, (rss_bytes() - rss) / size
+        graph_queries = padded(queries.features, width)
         for ef in EF_SEARCHES:
             label = f"{name} efSearch={ef}"
             parameters = faiss.SearchParametersHNSW(efSearch=ef)
-            searches[label] = (lambda g, p: lambda q: g.search(queries.features[q : q + 1], K, params=p)[1][0])(
-                graph, parameters)  # fmt: skip
+            searches[label] = (lambda g, p, x: lambda q: g.search(x[q : q + 1], K, params=p)[1][0])(
+                graph, parameters, graph_queries)  # fmt: skip
             results[label] = Result(size, label, bytes_per_instance=graph_bytes,
                                     notes=[f"built in {build_s:.0f} s on {faiss.omp_get_max_threads()} thread(s)"])
         del graph
@@ -617,6 +628,15 @@ def run_baselines(size: int, index: Index, queries: Rows, args) -> tuple[list[Re
     measure(results, searches, index, queries, args.budget_s)
     return list(results.values()), (f"load average (1 min) while timing the baselines: {load:.1f} at the start, "
                                     f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+
+
+def padded(vectors: np.ndarray, width: int) -> np.ndarray:
+    """``vectors`` with zero dimensions added up to ``width`` (themselves when they are that wide)."""
+    if vectors.shape[1] == width:
+        return vectors
+    out = np.zeros((len(vectors), width), np.float32)
+    out[:, : vectors.shape[1]] = vectors
+    return out
 
 
 def multihash(codes: np.ndarray, args) -> faiss.IndexBinaryMultiHash:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.index import IndexSnapshot
-from orthanc_cbir.index.graph import REBUILD_GROWN, REBUILD_REMOVED, SCAN_BELOW
+from orthanc_cbir.index.graph import REBUILD_GROWN, REBUILD_REMOVED, SCAN_BELOW, padded_vectors
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
 from tests.records_factory import make_info, make_records
 
@@ -45,6 +45,24 @@ def test_graph_finds_what_exact_finds(large):
         assert len(graph) == 10
         recalls.append(len(set(graph) & set(exact)) / 10)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+def test_the_graph_walks_vectors_padded_to_a_multiple_of_eight_dimensions_and_finds_the_same_rows():
+    dim, rows = 38, 3_000  # FAISS's scalar quantizer takes its SIMD path only when the dimension is a multiple of 8
+    records = make_records(rows, seed=5, dim=dim)
+    features, codes = np.stack([r.features for r in records]), np.stack([r.code for r in records])
+    attributes = np.stack([r.attributes() for r in records])
+    snapshot = IndexSnapshot.from_arrays(make_info(dim=dim), features, codes, attributes, [r.key for r in records])
+    searcher = Searcher(None, snapshot)
+    graph = searcher.graph()
+    assert graph.wait(60)
+    assert graph.dimensions == 40
+    sample = np.arange(0, rows, 97)
+    padded = padded_vectors(snapshot, sample)
+    assert padded.shape == (len(sample), 40)
+    assert np.array_equal(padded[:, :dim], snapshot.vectors(sample)) and not padded[:, dim:].any()
+    for row in sample:  # the walk with a padded query: each row's nearest is itself
+        assert graph.search(snapshot.vectors([row])[0], snapshot.live, 1)[0] == row
 
 
 def test_a_stored_instance_never_finds_itself_and_still_gets_k_hits(large):

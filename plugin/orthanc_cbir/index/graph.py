@@ -77,17 +77,26 @@ REBUILD_REMOVED = 0.2
 """Share of the graph's nodes that are removed rows from which a new graph is built."""
 TRAIN_ROWS = 65_536
 """Rows the 8-bit quantizer learns each dimension's range from."""
+SIMD_DIMENSIONS = 8
+"""FAISS's scalar quantizer compares 8 dimensions per instruction (AVX2, or NEON) only when the
+dimension is a multiple of 8, and one at a time otherwise: the graph's vectors are padded with zero
+dimensions up to a multiple of 8, which changes no distance. With the shipped model's 518 dimensions
+(520 padded), at 5 * 10^4 rows: a walk at efSearch 128 in 0.27 ms against 1.22 ms, linking every row
+in 9 s against 56 s, the same top 10."""
+READ_ROWS = 65_536
+"""Rows of the snapshot dequantized at a time into the padded vectors of a build."""
 
 
 class _Graph:
     """One FAISS graph and the snapshot row of each of its nodes (node ids are FAISS's: 0, 1, ...)."""
 
-    def __init__(self, dim: int, training: np.ndarray):
+    def __init__(self, training: np.ndarray):
+        """``training``: :func:`padded_vectors` the 8-bit quantizer learns each dimension's range from."""
         # FAISS's stubs (SWIG) type its enum constants as int where the functions want the enum
         quantizer_type: Any = faiss.ScalarQuantizer.QT_8bit
-        self.index = faiss.IndexHNSWSQ(dim, quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
+        self.index = faiss.IndexHNSWSQ(training.shape[1], quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = EF_CONSTRUCTION
-        self.index.train(np.ascontiguousarray(training, np.float32))
+        self.index.train(training)
         self._rows = np.zeros(ADD_CHUNK, np.int64)  # grows geometrically: late rows come ADD_CHUNK at a time
         self._size = 0
 
@@ -97,7 +106,8 @@ class _Graph:
         return self._rows[: self._size]
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add(np.ascontiguousarray(vectors, np.float32))
+        """Link in the snapshot ``rows`` with their :func:`padded_vectors`."""
+        self.index.add(vectors)
         if self._size + len(rows) > len(self._rows):
             grown = np.zeros(max(2 * len(self._rows), self._size + len(rows)), np.int64)
             grown[: self._size] = self.rows
@@ -167,6 +177,12 @@ class GraphIndex:
     def nodes(self) -> int:
         graph = self._graph
         return len(graph.rows) if graph is not None else 0
+
+    @property
+    def dimensions(self) -> int:
+        """The dimension of the graph's vectors: the features' padded (:data:`SIMD_DIMENSIONS`); 0 without a graph."""
+        graph = self._graph
+        return graph.index.d if graph is not None else 0
 
     def late(self, allowed: np.ndarray) -> np.ndarray:
         """Rows among ``allowed`` (bool over the snapshot's rows) that are not nodes of the graph."""
@@ -251,7 +267,7 @@ class GraphIndex:
             if not len(late):
                 return
             chunk = late[:ADD_CHUNK]
-            vectors = self.snapshot.vectors(chunk)
+            vectors = padded_vectors(self.snapshot, chunk)
             with self._lock:
                 assert self._graph is not None
                 self._graph.add(chunk, vectors)
@@ -266,12 +282,11 @@ class GraphIndex:
         rows = np.flatnonzero(live)
         if not len(rows):
             return False
-        sample = self.snapshot.vectors(rows[:: max(1, len(rows) // TRAIN_ROWS)])
-        graph = _Graph(self.snapshot.info.feature_dim, sample)
+        graph = _Graph(padded_vectors(self.snapshot, rows[:: max(1, len(rows) // TRAIN_ROWS)]))
         order = self._random.permutation(rows)  # see BUILD_BATCH: index order makes a worse graph
         for start in range(0, len(order), BUILD_BATCH):
             chunk = order[start : start + BUILD_BATCH]
-            graph.add(chunk, self.snapshot.vectors(chunk))
+            graph.add(chunk, padded_vectors(self.snapshot, chunk))
         covered = live.copy()  # every live row is a node now
         with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
             self._graph, self._covered, self._built_rows = graph, covered, len(rows)
@@ -287,8 +302,22 @@ def _walk(graph: _Graph, query: np.ndarray, count: int, bitmap: np.ndarray | Non
     parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
     if bitmap is not None:
         parameters.sel = faiss.IDSelectorBitmap(len(graph.rows), faiss.swig_ptr(bitmap))
-    _, found = graph.index.search(np.asarray(query, np.float32).reshape(1, -1), count, params=parameters)
+    padded = np.zeros((1, graph.index.d), np.float32)
+    padded[0, : len(query)] = query
+    _, found = graph.index.search(padded, count, params=parameters)
     return graph.rows[found[0][found[0] >= 0]]
+
+
+def padded_vectors(snapshot: IndexSnapshot, rows: np.ndarray) -> np.ndarray:
+    """float32 (rows, D'): the snapshot's (dequantized) vectors of ``rows``, padded with zero
+    dimensions to D', the next multiple of :data:`SIMD_DIMENSIONS`; read :data:`READ_ROWS` rows at a
+    time, so a build of a million rows holds one padded copy, not two."""
+    dim = snapshot.info.feature_dim
+    vectors = np.zeros((len(rows), -(-dim // SIMD_DIMENSIONS) * SIMD_DIMENSIONS), np.float32)
+    for start in range(0, len(rows), READ_ROWS):
+        piece = rows[start : start + READ_ROWS]
+        vectors[start : start + len(piece), :dim] = snapshot.vectors(piece)
+    return vectors
 
 
 def _bitmap(nodes: np.ndarray) -> np.ndarray | None:
