@@ -195,3 +195,19 @@ def test_a_graph_that_grew_past_twice_its_build_is_rebuilt_in_a_random_order(sto
     store.add(later[900:])
     assert searcher.search(Query(later[-1].features, later[-1].code), own).sop_instance_uids == [later[-1].key]
     assert searcher.graph().wait(60) and searcher.graph().builds == 2 and searcher.graph().nodes == 2100
+
+
+def test_an_unfiltered_graph_query_leaves_its_own_row_out_without_a_mask_over_every_row(large, monkeypatch):
+    records, searcher = large
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("an unfiltered graph query made a mask over every row")
+
+    monkeypatch.setattr(Filters, "mask", no_mask)
+    snapshot = searcher.snapshot
+    for row in (11, 4_321):
+        context = QueryContext(sop_instance_uid=records[row].key)
+        query = Query(snapshot.vectors([row])[0], snapshot.codes[row], context=context, row=row)
+        options = SearchOptions("graph", k=10, with_records=False, copies=False)
+        found = searcher.search(query, options, refresh=False).sop_instance_uids
+        assert len(found) == 10 and records[row].key not in found

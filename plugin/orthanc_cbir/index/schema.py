@@ -364,7 +364,7 @@ class StoredEntry:
     :meth:`~.store.IndexStore.describe` (decoded in :func:`decode_entry`, nowhere else)."""
 
     row: int
-    """The instance's row: local in :func:`decode_entry`, global once the store has it."""
+    """The instance's row: global as the store reads it (:func:`decode_entry`'s ``shards`` and ``shard``)."""
     frame: int
     """The frame whose code and probabilities the index holds."""
     metadata: InstanceMetadata
@@ -378,8 +378,9 @@ class StoredEntry:
         return self.metadata.sop_instance_uid or ""
 
 
-def decode_entry(sop_instance_uid: str, raw: bytes) -> StoredEntry:
-    """:func:`encode_entry` back (its row the local row)."""
+def decode_entry(sop_instance_uid: str, raw: bytes, shards: int = 1, shard: int = 0) -> StoredEntry:
+    """:func:`encode_entry` back; its row the global row of local row ``row`` of ``shard`` among
+    ``shards`` (``row * shards + shard``: the local row itself by default)."""
     unpacker = zlib.decompressobj(-15, zdict=_ZDICT)
     row, frame, values, probabilities, orthanc = json.loads(
         (unpacker.decompress(raw) + unpacker.flush()).decode("utf-8", "surrogatepass"))
@@ -387,7 +388,7 @@ def decode_entry(sop_instance_uid: str, raw: bytes) -> StoredEntry:
     metadata.update(zip(METADATA_FIELDS, values, strict=False))
     if isinstance(orthanc, list):
         orthanc = dict(zip(ORTHANC_LEVELS, orthanc, strict=True))
-    return StoredEntry(int(row), int(frame), InstanceMetadata.from_json(metadata),
+    return StoredEntry(int(row) * shards + shard, int(frame), InstanceMetadata.from_json(metadata),
                        {head: np.asarray(p, np.float32) for head, p in probabilities.items()},
                        {k: _dashed_id(v) for k, v in orthanc.items()})  # fmt: skip
 
@@ -409,4 +410,5 @@ def _dashed_id(value: str) -> str:
 
 def dashed_orthanc_id(hex_digits: str) -> str:
     """An Orthanc id as Orthanc writes it: its 40 hex digits (a SHA-1) in five groups of eight."""
-    return "-".join(hex_digits[at : at + 8] for at in range(0, 40, 8))
+    h = hex_digits
+    return f"{h[:8]}-{h[8:16]}-{h[16:24]}-{h[24:32]}-{h[32:40]}"

@@ -20,7 +20,6 @@ deleting the old ``cbir:{<version>}*`` keys) is the way forward, not a reader of
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 from collections import defaultdict
@@ -520,10 +519,7 @@ class IndexStore:
         count = self.shards
         out: list[StoredEntry | None] = []
         for uid, raw in zip(sop_instance_uids, raws, strict=True):
-            entry = None if raw is None else decode_entry(uid, as_bytes(raw))
-            if entry is not None:
-                entry = dataclasses.replace(entry, row=entry.row * count + shard_of(uid, count))
-            out.append(entry)
+            out.append(None if raw is None else decode_entry(uid, as_bytes(raw), count, shard_of(uid, count)))
         return out
 
     def read_blocks(self, blocks: Sequence[tuple[int, int]]) -> dict[tuple[int, int], BlockData]:
