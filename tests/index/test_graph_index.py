@@ -151,8 +151,8 @@ def test_an_index_flushed_and_filled_again_is_read_again_by_a_running_searcher(s
 
 def kinds_one_after_another(rows: int, dim: int = 518, seed: int = 0) -> np.ndarray:
     """Unit features as an archive indexes them: six kinds of study, one kind after another, each
-    kind a hundred tight groups (a series' slices). The model's 518 dimensions: in 32 or 128, a graph
-    grown in this order is hardly worse."""
+    kind a hundred tight groups (a series' slices). About the model's 520 dimensions (518: the graph pads
+    them to 520): in 32 or 128, a graph grown in this order is hardly worse."""
     rng = np.random.default_rng(seed)
     kinds = rng.normal(size=(6, dim))
     kinds /= np.linalg.norm(kinds, axis=1, keepdims=True)
