@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from orthanc_cbir.index import IndexInfo, IndexStore
@@ -83,6 +84,31 @@ def test_a_worker_asks_orthanc_only_for_the_file_of_each_instance_it_indexes(ort
     ours = {entry.orthanc[level] for entry in entries if entry for level in ("instance", "series", "study")}
     about_ours = [path for path in counting.paths if any(resource in path for resource in ours)]
     assert sorted(about_ours) == sorted(f"/instances/{e.orthanc['instance']}/file" for e in entries if e)
+
+
+def test_a_worker_parses_each_file_it_indexes_once(orthanc, client, embedder, tmp_path, monkeypatch):
+    parsed: list[str] = []  # the SOPInstanceUID of every dataset pydicom parses, in any thread
+    dcmread = pydicom.dcmread
+
+    def counting_dcmread(*args, **kwargs):
+        dataset = dcmread(*args, **kwargs)
+        parsed.append(str(dataset.get("SOPInstanceUID", "")))
+        return dataset
+
+    paths = synthetic_series(tmp_path / "series", slices=4, texture=6)
+    uids = sop_instance_uids(paths)
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)  # from here on, the worker's parsing only
+    store = IndexStore(client, IndexInfo.from_card(embedder.card))
+    worker = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), orthanc.client, store, embedder,
+                                 batch_size=16, consumer="parsing-worker")).start()  # fmt: skip
+    try:
+        storescu(orthanc, paths)
+        wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the series indexed")
+    finally:
+        worker.stop()
+    entries = store.describe(sorted(uids))
+    assert all(entry is not None and entry.orthanc["series"] for entry in entries)  # its ids worked out
+    assert {uid: parsed.count(uid) for uid in uids} == dict.fromkeys(uids, 1)
 
 
 def test_requests_to_one_orthanc_share_a_kept_alive_connection(orthanc):

@@ -14,6 +14,7 @@ from .pixels import (
     decode_dataset,
     decode_instance,
     read_dataset,
+    read_instance,
     select_frames,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "parse_age",
     "parse_da",
     "read_dataset",
+    "read_instance",
     "select_frames",
 ]

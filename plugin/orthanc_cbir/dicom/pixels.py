@@ -386,12 +386,29 @@ def decode_instance(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME,
 ) -> DecodedInstance | Rejection:
-    """Decode a DICOM file into up to ``max_frames`` normalised images, or reject it.
+    """Decode a DICOM file into up to ``max_frames`` normalised images, or reject it:
+    :func:`read_instance`, then :func:`decode_dataset`.
 
     A file over ``max_file_bytes`` is refused before it is read, a frame over
     ``max_pixels_per_frame`` (or whose pixel data is shorter than its attributes
     declare) before anything the size of a frame is allocated.
     """
+    ds = read_instance(source, max_file_bytes=max_file_bytes, max_pixels_per_frame=max_pixels_per_frame)
+    if isinstance(ds, Rejection):
+        return ds
+    return decode_dataset(ds, max_frames=max_frames, max_pixels_per_frame=max_pixels_per_frame)
+
+
+def read_instance(
+    source: Source,
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels_per_frame: int = DEFAULT_MAX_PIXELS_PER_FRAME,
+) -> Dataset | Rejection:
+    """The parsed dataset of a DICOM file for :func:`decode_dataset`, or why it cannot be decoded
+    (too large, not DICOM, truncated); never raises. A caller that needs more of the file than the
+    decoded instance holds (the worker: the identifiers Orthanc's ids are made of) reads it here
+    once instead of parsing the file twice."""
     size = _source_size(source)
     if size is not None and size > max_file_bytes:
         return Rejection(
@@ -412,7 +429,7 @@ def decode_instance(
         truncated = _truncated_element(ds)
         if truncated:
             return Rejection(RejectionReason.TRUNCATED, truncated, _metadata_or_none(ds))
-        return decode_dataset(ds, max_frames=max_frames, max_pixels_per_frame=max_pixels_per_frame)
+    return ds
 
 
 def decode_dataset(

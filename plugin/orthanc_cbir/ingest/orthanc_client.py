@@ -17,6 +17,7 @@ from base64 import b64encode
 from typing import Any
 
 import urllib3
+from pydicom import Dataset
 
 from ..dicom import element_text
 from ..dicom.pixels import Source, read_header
@@ -37,13 +38,14 @@ def orthanc_ids(identifiers: DicomIdentifiers) -> dict[str, str]:
     return ids
 
 
-def dicom_identifiers(source: Source) -> DicomIdentifiers | None:
-    """The identifiers :func:`orthanc_ids` needs, read from a file's header (``None``: unreadable).
-    They stay here: the PatientID is hashed, never kept nor logged (pydicom's warnings quote values)."""
+def dicom_identifiers(source: Source | Dataset) -> DicomIdentifiers | None:
+    """The identifiers :func:`orthanc_ids` needs, read from a file's header, or from the dataset
+    parsed from it already (``None``: unreadable). They stay here: the PatientID is hashed, never
+    kept nor logged (pydicom's warnings quote values)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            header = read_header(source)
+            header = source if isinstance(source, Dataset) else read_header(source)
             patient, study, series, instance = (element_text(header, keyword) or "" for keyword in _IDENTIFIERS)
         except Exception:  # noqa: BLE001 - any unreadable header: Orthanc is asked instead
             return None

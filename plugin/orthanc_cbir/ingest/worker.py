@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
-from ..dicom import Rejection, decode_instance
+from ..dicom import Rejection, decode_dataset, read_instance
 from ..dicom.pixels import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS_PER_FRAME
 from ..errors import CbirError, Unavailable, UpstreamFailed, WorkerFailed
 from ..index import IndexInfo, IndexLayoutError, IndexRecord, IndexStore
@@ -224,14 +224,22 @@ class Worker:
         if data is None:
             outcome.gone += 1
             return
-        result = admit(decode_instance(data, max_frames=self.frames_per_instance, **self.limits))
+        dataset = read_instance(data, **self.limits)  # parsed once: decoded, and the identifiers of Orthanc's ids
+        if isinstance(dataset, Rejection):
+            self._rejected(event, dataset, outcome)
+            return
+        result = admit(decode_dataset(dataset, max_frames=self.frames_per_instance,
+                                      max_pixels_per_frame=self.limits["max_pixels_per_frame"]))  # fmt: skip
         if isinstance(result, Rejection):
-            uid = result.metadata.sop_instance_uid if result.metadata else None
-            self._reject(event, result.reason.value, result.detail, uid)
-            outcome.rejected += 1
-        else:
-            parents = {} if event.action != STORE else self.orthanc.parents(event.orthanc_id, dicom_identifiers(data))
-            batch.add(event, result, parents)
+            self._rejected(event, result, outcome)
+            return
+        parents = {} if event.action != STORE else self.orthanc.parents(event.orthanc_id, dicom_identifiers(dataset))
+        batch.add(event, result, parents)
+
+    def _rejected(self, event: IngestEvent, rejection: Rejection, outcome: BatchOutcome) -> None:
+        uid = rejection.metadata.sop_instance_uid if rejection.metadata else None
+        self._reject(event, rejection.reason.value, rejection.detail, uid)
+        outcome.rejected += 1
 
     def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
         self.queue.reject(SPOOL if event.action == STORE_FILE else ORTHANC, event.orthanc_id, reason, detail, uid)
