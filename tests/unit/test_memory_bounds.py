@@ -232,7 +232,8 @@ def test_a_worker_batch_holds_one_large_instance_at_a_time(monkeypatch):
         passes.append(len(instances))
         return [SimpleNamespace(metadata=i.metadata, orthanc=dict(o)) for i, o in zip(instances, ids, strict=True)]
 
-    monkeypatch.setattr(worker_module, "decode_instance", decode)
+    monkeypatch.setattr(worker_module, "read_instance", lambda data, **_: data)  # the "dataset" is the id
+    monkeypatch.setattr(worker_module, "decode_dataset", decode)
     monkeypatch.setattr(pipeline, "embed_instances", embed)
     monkeypatch.setattr(pipeline, "reject_own_output", lambda outcome: outcome)
     orthanc = SimpleNamespace(instance_file=lambda orthanc_id: orthanc_id,
