@@ -87,7 +87,7 @@ from orthanc_cbir.index.graph import (  # noqa: E402
     EF_CONSTRUCTION,
     EF_SEARCH,
     GRAPH_M,
-    SIMD_DIMENSIONS,
+    padded_dimension,
 )
 from orthanc_cbir.local_services import RedisServer  # noqa: E402
 from orthanc_cbir.model.codes import pack_codes  # noqa: E402
@@ -590,7 +590,7 @@ def run_baselines(size: int, index: Index, queries: Rows, args) -> tuple[list[Re
     dim = features.shape[1]
     # FAISS's scalar quantizer takes its SIMD path only at a dimension that is a multiple of 8 (index/graph.py's
     # SIMD_DIMENSIONS): its SQ8 graph gets the vectors padded with zeros, as the product's graph does
-    sq_dim = -(-dim // SIMD_DIMENSIONS) * SIMD_DIMENSIONS
+    sq_dim = padded_dimension(dim)
     for name, make, width in (
         (f"faiss IndexHNSWFlat M={GRAPH_M}", lambda: faiss.IndexHNSWFlat(dim, GRAPH_M, faiss.METRIC_INNER_PRODUCT),
          dim),

@@ -59,19 +59,26 @@ def test_the_ids_worked_out_from_a_file_are_those_orthanc_gives_it(orthanc):
     assert worked_out >= 0.95 * stored, f"{worked_out} of {stored}"
 
 
-def test_a_worker_asks_orthanc_only_for_the_file_of_each_instance_it_indexes(orthanc, client, embedder, tmp_path):
-    paths = synthetic_series(tmp_path / "series", slices=4, texture=5)
-    counting = CountingClient(orthanc.url, orthanc.username, orthanc.password)
+def indexed_through_a_worker(orthanc, client, embedder, orthanc_client: OrthancClient, paths: list[Path],
+                             uids: set[str], consumer: str) -> list:  # fmt: skip
+    """Push ``paths`` (SOPInstanceUIDs ``uids``) to Orthanc with a worker (``orthanc_client`` its client
+    of Orthanc) running until every one is in the index; their entries, in UID order."""
     store = IndexStore(client, IndexInfo.from_card(embedder.card))
-    worker = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), counting, store, embedder,
-                                 batch_size=16, consumer="counted-worker")).start()  # fmt: skip
+    worker = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), orthanc_client, store, embedder,
+                                 batch_size=16, consumer=consumer)).start()  # fmt: skip
     try:
         storescu(orthanc, paths)
-        uids = sop_instance_uids(paths)
         wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the series indexed")
     finally:
         worker.stop()
-    entries = store.describe(sorted(uids))
+    return store.describe(sorted(uids))
+
+
+def test_a_worker_asks_orthanc_only_for_the_file_of_each_instance_it_indexes(orthanc, client, embedder, tmp_path):
+    paths = synthetic_series(tmp_path / "series", slices=4, texture=5)
+    counting = CountingClient(orthanc.url, orthanc.username, orthanc.password)
+    entries = indexed_through_a_worker(orthanc, client, embedder, counting, paths, sop_instance_uids(paths),
+                                       "counted-worker")
     for entry in entries:
         assert entry is not None
         instance = entry.orthanc["instance"]
@@ -98,15 +105,7 @@ def test_a_worker_parses_each_file_it_indexes_once(orthanc, client, embedder, tm
     paths = synthetic_series(tmp_path / "series", slices=4, texture=6)
     uids = sop_instance_uids(paths)
     monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)  # from here on, the worker's parsing only
-    store = IndexStore(client, IndexInfo.from_card(embedder.card))
-    worker = WorkerThread(Worker(IngestQueue(client, claim_idle_ms=1500), orthanc.client, store, embedder,
-                                 batch_size=16, consumer="parsing-worker")).start()  # fmt: skip
-    try:
-        storescu(orthanc, paths)
-        wait_until(lambda: all(store.contains(uid) for uid in uids), 60, "the series indexed")
-    finally:
-        worker.stop()
-    entries = store.describe(sorted(uids))
+    entries = indexed_through_a_worker(orthanc, client, embedder, orthanc.client, paths, uids, "parsing-worker")
     assert all(entry is not None and entry.orthanc["series"] for entry in entries)  # its ids worked out
     assert {uid: parsed.count(uid) for uid in uids} == dict.fromkeys(uids, 1)
 

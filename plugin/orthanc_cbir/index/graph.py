@@ -309,12 +309,17 @@ def _walk(graph: _Graph, query: np.ndarray, count: int, bitmap: np.ndarray | Non
     return graph.rows[found[0][found[0] >= 0]]
 
 
+def padded_dimension(dim: int) -> int:
+    """The dimension the graph pads ``dim`` features to: the next multiple of :data:`SIMD_DIMENSIONS`."""
+    return -(-dim // SIMD_DIMENSIONS) * SIMD_DIMENSIONS
+
+
 def padded_vectors(snapshot: IndexSnapshot, rows: np.ndarray) -> np.ndarray:
     """float32 (rows, D'): the snapshot's (dequantized) vectors of ``rows``, padded with zero
-    dimensions to D', the next multiple of :data:`SIMD_DIMENSIONS`; read :data:`READ_ROWS` rows at a
+    dimensions to D' (:func:`padded_dimension`); read :data:`READ_ROWS` rows at a
     time, so a build of a million rows holds one padded copy, not two."""
     dim = snapshot.info.feature_dim
-    vectors = np.zeros((len(rows), -(-dim // SIMD_DIMENSIONS) * SIMD_DIMENSIONS), np.float32)
+    vectors = np.zeros((len(rows), padded_dimension(dim)), np.float32)
     for start in range(0, len(rows), READ_ROWS):
         piece = rows[start : start + READ_ROWS]
         vectors[start : start + len(piece), :dim] = snapshot.vectors(piece)

@@ -238,11 +238,9 @@ class Worker:
 
     def _rejected(self, event: IngestEvent, rejection: Rejection, outcome: BatchOutcome) -> None:
         uid = rejection.metadata.sop_instance_uid if rejection.metadata else None
-        self._reject(event, rejection.reason.value, rejection.detail, uid)
+        self.queue.reject(SPOOL if event.action == STORE_FILE else ORTHANC, event.orthanc_id, rejection.reason.value,
+                          rejection.detail, uid)  # fmt: skip
         outcome.rejected += 1
-
-    def _reject(self, event: IngestEvent, reason: str, detail: str, uid: str | None) -> None:
-        self.queue.reject(SPOOL if event.action == STORE_FILE else ORTHANC, event.orthanc_id, reason, detail, uid)
         if event.action == STORE_FILE and self.spool is not None:  # kept for the operator to look at
             self.spool.set_aside(event.orthanc_id)
 
