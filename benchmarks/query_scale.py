@@ -85,8 +85,8 @@ from orthanc_cbir.index import IndexInfo, IndexRecord, IndexStore  # noqa: E402
 from orthanc_cbir.index.graph import (  # noqa: E402
     BUILD_BATCH,
     EF_CONSTRUCTION,
-    EF_SEARCH,
     GRAPH_M,
+    ef_search,
     padded_dimension,
 )
 from orthanc_cbir.local_services import RedisServer  # noqa: E402
@@ -517,7 +517,8 @@ def run_strategies(size: int, real: Rows, neighbours: np.ndarray, queries: Rows,
                                         @ queries.features[q] >= index.nearest[q, -1] - TIE) / K
                        for q in range(len(queries))]  # fmt: skip
         notes.append(f"graph after the timing: {graph.nodes:,} nodes, {graph.builds} build(s); the graph alone (its "
-                     f"8-bit distances, no re-rank, efSearch {EF_SEARCH}): recall@10 {np.mean(graph_alone):.3f}")
+                     f"8-bit distances, no re-rank, efSearch {ef_search(graph.nodes, graph.nodes)}): recall@10 "
+                     f"{np.mean(graph_alone):.3f}")  # fmt: skip
         notes.append(f"load average (1 min) while timing the strategies: {load:.1f} at the start, "
                      f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     return index, list(results.values()) + [r for pair in against_exact for r in pair], notes

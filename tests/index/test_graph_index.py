@@ -5,11 +5,12 @@ real redis-server where rows arrive and leave."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
 from orthanc_cbir.index import IndexSnapshot
-from orthanc_cbir.index.graph import REBUILD_GROWN, REBUILD_REMOVED, SCAN_BELOW, padded_vectors
+from orthanc_cbir.index.graph import REBUILD_GROWN, REBUILD_REMOVED, SCAN_BELOW, ef_search, padded_vectors
 from orthanc_cbir.search import Filters, Query, QueryContext, Searcher, SearchOptions
 from tests.records_factory import make_info, make_records
 
@@ -211,3 +212,25 @@ def test_an_unfiltered_graph_query_leaves_its_own_row_out_without_a_mask_over_ev
         options = SearchOptions("graph", k=10, with_records=False, copies=False)
         found = searcher.search(query, options, refresh=False).sop_instance_uids
         assert len(found) == 10 and records[row].key not in found
+
+
+def test_the_walk_keeps_fewer_candidates_in_a_smaller_graph_and_more_among_fewer_allowed_nodes(large, monkeypatch):
+    """efSearch follows the graph's size (128 at a million nodes, halved per tenfold fewer) and the
+    share of its nodes a filter allows: a small index pays for no more walking than it needs, a
+    filtered walk is not left short of the candidates it needs."""
+    assert [ef_search(n, n) for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000)] == [32, 32, 64, 128, 256]
+    assert ef_search(100_000, 10_000) == ef_search(1_000_000, 1_000_000) == 128
+    assert ef_search(1_000_000, 900_000) < ef_search(1_000_000, 500_000) < ef_search(1_000_000, 100_000)
+    records, searcher = large
+    walked: list[int] = []
+    real = faiss.SearchParametersHNSW
+
+    def recorded(efSearch: int):  # noqa: N803 - FAISS's keyword
+        walked.append(efSearch)
+        return real(efSearch=efSearch)
+
+    monkeypatch.setattr(faiss, "SearchParametersHNSW", recorded)
+    rows_found(searcher, 0, "graph")
+    rows_found(searcher, 0, "graph", Filters.parse(["modality=CT"]))
+    allowed = sum(r.metadata.modality == "CT" for r in records)
+    assert walked == [ef_search(ROWS, ROWS), ef_search(ROWS, allowed)] and walked[0] < walked[1]

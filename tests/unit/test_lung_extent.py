@@ -10,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from orthanc_cbir.dicom.pixels import hounsfield_to_grey
 from orthanc_cbir.evaluation.model_report import LANDMARKS
+from orthanc_cbir.index.records import decode_file
 from orthanc_cbir.model.lung_extent import (
+    AIR_GREY,
     BASE_BELOW_SHRUNK_MM,
     LungLandmarks,
     aerated_lung_mm2,
+    filled_holes,
     series_landmarks,
 )
 from tests.records_factory import lung_profile
@@ -101,7 +105,7 @@ def test_a_series_without_lungs_gives_no_landmark_even_with_bowel_gas():
 
 @pytest.mark.skipif(not SHARED_CHEST.is_dir(), reason="../shared data not present")
 def test_the_real_chest_ct_decoded_as_the_index_decodes_it_shows_the_landmarks_annotated_by_eye():
-    from orthanc_cbir.index.records import decode_file, embed_instances
+    from orthanc_cbir.index.records import embed_instances
     from orthanc_cbir.model.embedder import Embedder
 
     decoded = [decode_file(path) for path in sorted(SHARED_CHEST.glob("*.dcm"))]
@@ -111,3 +115,22 @@ def test_the_real_chest_ct_decoded_as_the_index_decodes_it_shows_the_landmarks_a
     by_eye = next(entry for entry in json.loads(LANDMARKS.read_text())["series"].values() if "A0001" in entry["name"])
     assert found.apex_mm == pytest.approx(by_eye["lung_apex_mm"], abs=10.0)
     assert found.base_mm == pytest.approx(by_eye["lung_base_mm"], abs=10.0)
+
+
+def test_the_body_is_filled_as_scipy_fills_holes_nested_edge_touching_and_diagonal_ones_alike():
+    """filled_holes labels the background once where scipy dilates until nothing changes: the same
+    mask on random pieces (holes inside holes, background touching an edge, gaps only diagonal) and
+    on every slice of the real chest CT as the lung measure samples it."""
+    rng = np.random.default_rng(7)
+    masks = [ndimage.binary_opening(rng.random((40 + i % 37, 30 + i % 53)) < rng.uniform(0.3, 0.8)) for i in range(200)]
+    ring = np.zeros((9, 9), bool)
+    ring[1:8, 1:8], ring[2:7, 2:7], ring[3:6, 3:6], ring[4, 4] = True, False, True, False  # a hole in a piece in a hole
+    diagonal = np.array([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], bool)  # holes meeting at a corner
+    masks += [ring, diagonal, np.zeros((5, 5), bool), np.ones((5, 5), bool)]
+    if SHARED_CHEST.is_dir():
+        for path in sorted(SHARED_CHEST.glob("*.dcm")):
+            tissue = decode_file(path).images[0].model_pixels[::4, ::4] >= AIR_GREY
+            labels, _ = ndimage.label(tissue)
+            masks += [tissue, labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1]  # all of it; the body
+    for mask in masks:
+        assert np.array_equal(filled_holes(mask), ndimage.binary_fill_holes(mask))

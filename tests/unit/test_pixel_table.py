@@ -72,3 +72,25 @@ def test_the_value_table_gives_the_pictures_of_the_pixel_by_pixel_mapping(case, 
             assert mine.dtype == other.dtype == np.float32 and mine.shape == other.shape
             assert mine.tobytes() == other.tobytes(), f"{name} differ"
         assert (ours.decisions, ours.hounsfield) == (theirs.decisions, theirs.hounsfield)
+
+
+def test_the_displayed_picture_is_made_when_first_read_not_for_indexing(monkeypatch):
+    """Indexing reads only the model's picture: decoding and embedding a CT slice makes no displayed
+    picture (a lookup over every pixel), reading ``pixels`` makes it once, the same as at once."""
+    made = []
+    real = pixels.TablePicture.made
+    monkeypatch.setattr(pixels.TablePicture, "made", lambda self: made.append(1) or real(self))
+    from orthanc_cbir.index.records import embed_instances
+    from orthanc_cbir.model.embedder import Embedder
+
+    stored, attributes = CASES["CT, file window"]
+    decoded = decode_dataset(factory.grey_image(stored, **attributes))
+    assert isinstance(decoded, DecodedInstance)
+    embed_instances(Embedder(), [decoded])
+    assert made == []
+    image = decoded.images[0]
+    first, again = image.pixels, image.pixels
+    assert len(made) == 1 and first is again
+    monkeypatch.setattr(pixels, "_table_range", lambda raw, view: None)
+    whole = decode_dataset(factory.grey_image(stored, **attributes))
+    assert isinstance(whole, DecodedInstance) and first.tobytes() == whole.images[0].pixels.tobytes()

@@ -36,8 +36,10 @@ the same rows. A query never waits for a build:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -52,7 +54,12 @@ GRAPH_M = 32
 EF_CONSTRUCTION = 64
 """Candidates kept while a node is linked in: 4,300-6,300 nodes/s per core at 520 dimensions (10^6 and 10^5 rows)."""
 EF_SEARCH = 128
-"""Candidates kept while a query walks (at least the rows asked for)."""
+"""Candidates kept while a query walks a graph of :data:`EF_SEARCH_NODES` nodes (at least the rows
+asked for); :func:`ef_search` for a graph of another size."""
+EF_SEARCH_NODES = 1_000_000
+"""The graph size :data:`EF_SEARCH` is set for."""
+EF_SEARCH_LEAST = 32
+"""The smallest ``efSearch`` (a graph of 10^4 nodes or fewer)."""
 SCAN_BELOW = 0.02
 """Filters that keep fewer than this share of the graph's nodes: the allowed rows are scanned."""
 ADD_CHUNK = 512
@@ -144,8 +151,9 @@ class GraphIndex:
         self._built_rows = 0
         """Rows linked in by the build of the current graph (the rest were linked in late)."""
         self._random = np.random.default_rng(0)
-        self._live: tuple[tuple[int, int, int] | None, np.ndarray | None, np.ndarray] = (None, None, np.zeros(0))
-        """(snapshot generation, builds, nodes): the live rows' selector bits and late rows (:meth:`search_live`)."""
+        self._live: tuple[tuple[int, int, int] | None, _Selection, np.ndarray] = \
+            (None, _Selection(None, 0), np.zeros(0))  # fmt: skip
+        """(snapshot generation, builds, nodes): the live rows' selection and late rows (:meth:`search_live`)."""
 
     def update(self) -> None:
         """Note what the snapshot holds now: wake the builder when live rows are not nodes yet or
@@ -191,12 +199,12 @@ class GraphIndex:
 
     def search(self, query: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
         """Up to ``count`` rows among ``allowed`` that are nodes of the graph, nearest first by the
-        graph's 8-bit distance (``efSearch`` :data:`EF_SEARCH`, or ``count`` if more)."""
+        graph's 8-bit distance (``efSearch`` :func:`ef_search` of its nodes, or ``count`` if more)."""
         with self._lock:
             graph = self._graph
             if graph is None or not len(graph.rows):
                 return np.zeros(0, np.int64)
-            return _walk(graph, query, count, _bitmap(graph.nodes_in(allowed)))
+            return _walk(graph, query, count, _Selection.of(graph.nodes_in(allowed)))
 
     def search_live(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` among every live row, and :meth:`late` of them. Finding the nodes of a
@@ -209,9 +217,9 @@ class GraphIndex:
             key = (self.snapshot.generation, self.builds, len(graph.rows))
             if self._live[0] != key:
                 live = self.snapshot.live  # a comparison over every row: only when the key moved
-                self._live = (key, _bitmap(graph.nodes_in(live)), self.late(live))
-            _, bitmap, late = self._live
-            return _walk(graph, query, count, bitmap), late
+                self._live = (key, _Selection.of(graph.nodes_in(live)), self.late(live))
+            _, selection, late = self._live
+            return _walk(graph, query, count, selection), late
 
     def allowed_share(self, allowed_count: int) -> float:
         """How much of the graph ``allowed_count`` rows are (1.0 without a graph)."""
@@ -296,17 +304,36 @@ class GraphIndex:
         return True
 
 
-def _walk(graph: _Graph, query: np.ndarray, count: int, bitmap: np.ndarray | None) -> np.ndarray:
-    """The graph's search, among the nodes set in ``bitmap`` (``None``: all of them): a selector costs
-    ~0.4 ms a query at 10^5 nodes, so there is none when none is needed."""
+def _walk(graph: _Graph, query: np.ndarray, count: int, selection: _Selection) -> np.ndarray:
+    """The graph's search among the ``selection``'s nodes: a selector costs ~0.4 ms a query at 10^5
+    nodes, so there is none when every node is allowed."""
+    nodes = len(graph.rows)
+    ef = ef_search(nodes, selection.allowed if selection.bits is not None else nodes)
     # in FAISS since 1.7.3, missing from its stubs
-    parameters = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, count))  # type: ignore[attr-defined]
-    if bitmap is not None:
-        parameters.sel = faiss.IDSelectorBitmap(len(graph.rows), faiss.swig_ptr(bitmap))
+    parameters = faiss.SearchParametersHNSW(efSearch=max(ef, count))  # type: ignore[attr-defined]
+    if selection.bits is not None:
+        parameters.sel = faiss.IDSelectorBitmap(nodes, faiss.swig_ptr(selection.bits))
     padded = np.zeros((1, graph.index.d), np.float32)
     padded[0, : len(query)] = query
     _, found = graph.index.search(padded, count, params=parameters)
     return graph.rows[found[0][found[0] >= 0]]
+
+
+def ef_search(nodes: int, allowed: int) -> int:
+    """``efSearch`` for a walk among ``allowed`` of a graph's ``nodes``: :data:`EF_SEARCH` for every
+    node of :data:`EF_SEARCH_NODES`, half as many for each tenfold fewer nodes (twice as many for
+    each tenfold more), at least :data:`EF_SEARCH_LEAST`; a walk among a share of the nodes is given
+    that of a graph as many times larger as the share is smaller.
+
+    An HNSW walk at one ``efSearch`` finds less of the true top 10 the larger the graph, and the
+    fewer of its nodes a selector allows; its cost grows with ``efSearch``: a fixed 128 spends on a
+    small index what only a large one needs. Measured on ``benchmarks/query_scale.py``'s rows (200
+    held-out queries, the ``graph`` ranking with its re-rank of
+    :data:`~orthanc_cbir.search.strategies.GRAPH_RERANKED`): at 10^6 nodes recall@10 0.945 at 96,
+    0.962 at 128, 0.965 at 160; at 10^5 0.979 at 32, 0.990 at 48, 0.993 at 64 (0.40 ms), 0.994
+    at 128 (0.59 ms); at 10^5 with a filter keeping 10%, 0.943 at 64 and 0.986 at 128."""
+    effective = max(nodes, 1) * max(nodes, 1) / max(allowed, 1)
+    return max(EF_SEARCH_LEAST, round(EF_SEARCH * 2 ** math.log10(effective / EF_SEARCH_NODES)))
 
 
 def padded_dimension(dim: int) -> int:
@@ -326,9 +353,19 @@ def padded_vectors(snapshot: IndexSnapshot, rows: np.ndarray) -> np.ndarray:
     return vectors
 
 
-def _bitmap(nodes: np.ndarray) -> np.ndarray | None:
-    """An ``IDSelectorBitmap``'s bits for the allowed ``nodes`` (``None``: all allowed, no selector)."""
-    return None if nodes.all() else np.packbits(nodes, bitorder="little")
+@dataclass(frozen=True)
+class _Selection:
+    """The nodes a walk may return: an ``IDSelectorBitmap``'s bits (``None``: all of them, no
+    selector) and how many are allowed."""
+
+    bits: np.ndarray | None
+    allowed: int
+
+    @classmethod
+    def of(cls, nodes: np.ndarray) -> _Selection:
+        """The selection of the allowed ``nodes`` (bool per node)."""
+        allowed = int(np.count_nonzero(nodes))
+        return cls(None if allowed == len(nodes) else np.packbits(nodes, bitorder="little"), allowed)
 
 
 def _padded(covered: np.ndarray, rows: int) -> np.ndarray:
