@@ -87,13 +87,26 @@ class InstanceMetadata:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> InstanceMetadata:
         """:meth:`to_json` back; a field the record lacks (written before it existed) is ``None``."""
-        values: dict[str, Any] = {name: record.get(name) for name in cls.__dataclass_fields__}
-        values["study_date"] = dt.date.fromisoformat(values["study_date"]) if values["study_date"] else None
-        values["number_of_frames"] = values["number_of_frames"] or 1
-        for name in ("pixel_spacing_mm", "image_position_patient", "image_orientation_patient"):
-            if values[name] is not None:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return cls.from_values([record.get(name) for name in cls.__dataclass_fields__])
+
+    @classmethod
+    def from_values(cls, values: list[Any]) -> InstanceMetadata:
+        """:meth:`to_json`'s values back, in the order of the fields (``values`` is changed); fields
+        past its end (written before they existed) are ``None``. Positional: an index entry's
+        metadata is read with each hit of an answer."""
+        values += [None] * (len(_FIELDS) - len(values))
+        values[_STUDY_DATE] = dt.date.fromisoformat(values[_STUDY_DATE]) if values[_STUDY_DATE] else None
+        values[_FRAMES] = values[_FRAMES] or 1
+        for at in _TUPLES:
+            if values[at] is not None:
+                values[at] = tuple(values[at])
+        return cls(*values)
+
+
+_FIELDS = tuple(InstanceMetadata.__dataclass_fields__)
+_STUDY_DATE, _FRAMES = _FIELDS.index("study_date"), _FIELDS.index("number_of_frames")
+_TUPLES = tuple(_FIELDS.index(name) for name in ("pixel_spacing_mm", "image_position_patient",
+                                                  "image_orientation_patient"))  # fmt: skip
 
 
 def extract_metadata(ds: Dataset) -> InstanceMetadata:

@@ -384,11 +384,11 @@ def decode_entry(sop_instance_uid: str, raw: bytes, shards: int = 1, shard: int 
     unpacker = zlib.decompressobj(-15, zdict=_ZDICT)
     row, frame, values, probabilities, orthanc = json.loads(
         (unpacker.decompress(raw) + unpacker.flush()).decode("utf-8", "surrogatepass"))
-    metadata = {"sop_instance_uid": sop_instance_uid, **dict.fromkeys(METADATA_FIELDS)}
-    metadata.update(zip(METADATA_FIELDS, values, strict=False))
     if isinstance(orthanc, list):
         orthanc = dict(zip(ORTHANC_LEVELS, orthanc, strict=True))
-    return StoredEntry(int(row) * shards + shard, int(frame), InstanceMetadata.from_json(metadata),
+    # the entry's values are the metadata's fields after the SOPInstanceUID, in order (METADATA_FIELDS)
+    metadata = InstanceMetadata.from_values([sop_instance_uid, *values[: len(METADATA_FIELDS)]])
+    return StoredEntry(int(row) * shards + shard, int(frame), metadata,
                        {head: np.asarray(p, np.float32) for head, p in probabilities.items()},
                        {k: _dashed_id(v) for k, v in orthanc.items()})  # fmt: skip
 
@@ -405,7 +405,8 @@ def _compact_id(value: str) -> str:
 
 
 def _dashed_id(value: str) -> str:
-    return dashed_orthanc_id(value) if isinstance(value, str) and _ORTHANC_HEX.fullmatch(value) else value
+    compact = isinstance(value, str) and len(value) == 40 and _ORTHANC_HEX.fullmatch(value)
+    return dashed_orthanc_id(value) if compact else value
 
 
 def dashed_orthanc_id(hex_digits: str) -> str:
