@@ -94,3 +94,11 @@ def test_the_displayed_picture_is_made_when_first_read_not_for_indexing(monkeypa
     monkeypatch.setattr(pixels, "_table_range", lambda raw, view: None)
     whole = decode_dataset(factory.grey_image(stored, **attributes))
     assert isinstance(whole, DecodedInstance) and first.tobytes() == whole.images[0].pixels.tobytes()
+
+
+def test_decoding_leaves_the_files_own_attributes_as_they_were():
+    """The pixel step sets the rescale on its own view of a frame's attributes (an empty slope reads
+    as 1): the dataset it was handed, which the worker reads Orthanc's ids from, keeps its own."""
+    ds = factory.grey_image(CT_STORED, RescaleSlope="", RescaleIntercept="-1024")
+    assert isinstance(decode_dataset(ds), DecodedInstance)
+    assert ds["RescaleSlope"].value in ("", None) and ds["RescaleSlope"].VR == "DS"
