@@ -17,6 +17,18 @@ def test_square_image_is_resized_to_the_model_input():
     np.testing.assert_allclose(out, 0.25, atol=1e-6)
 
 
+@pytest.mark.parametrize("side", [512, 500, 130, 128])
+def test_a_shrunk_image_is_the_box_average_of_its_pixels_whole_factor_or_not(side):
+    """A whole factor (512, 128) goes through PIL's reduce, any other through its box resize: each
+    model pixel is the mean of the pixels it covers, as it was before reduce took the whole factors."""
+    image = np.random.default_rng(side).random((side, side)).astype(np.float32)
+    expected = np.asarray(Image.fromarray(image, mode="F").resize((64, 64), Image.Resampling.BOX), dtype=np.float32)
+    np.testing.assert_allclose(to_model_input(image), expected, atol=1e-6)
+    if side % 64 == 0:
+        np.testing.assert_allclose(to_model_input(image), image.reshape(64, side // 64, 64, -1).mean(axis=(1, 3)),
+                                   atol=1e-6)  # fmt: skip
+
+
 def test_non_square_image_is_padded_around_its_centre_not_stretched():
     image = np.ones((32, 64), dtype=np.float32)
     out = to_model_input(image)
