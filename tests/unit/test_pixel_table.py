@@ -75,18 +75,21 @@ def test_the_value_table_gives_the_pictures_of_the_pixel_by_pixel_mapping(case, 
 
 
 def test_the_displayed_picture_is_made_when_first_read_not_for_indexing(monkeypatch):
-    """Indexing reads only the model's picture: decoding and embedding a CT slice makes no displayed
-    picture (a lookup over every pixel), reading ``pixels`` makes it once, the same as at once."""
+    """Indexing reads only the model's picture: decoding a CT slice, holding it in the worker's
+    embedding batch and embedding it makes no displayed picture (a lookup over every pixel);
+    reading ``pixels`` makes it once, the same as at once."""
     made = []
     real = pixels.TablePicture.made
     monkeypatch.setattr(pixels.TablePicture, "made", lambda self: made.append(1) or real(self))
-    from orthanc_cbir.index.records import embed_instances
+    from orthanc_cbir.ingest.pipeline import EmbeddingBatch
     from orthanc_cbir.model.embedder import Embedder
 
     stored, attributes = CASES["CT, file window"]
     decoded = decode_dataset(factory.grey_image(stored, **attributes))
     assert isinstance(decoded, DecodedInstance)
-    embed_instances(Embedder(), [decoded])
+    batch: EmbeddingBatch[str] = EmbeddingBatch(Embedder(), max_instances=2)
+    batch.add("slice", decoded)
+    assert not batch.full and len(batch.embed()) == 1
     assert made == []
     image = decoded.images[0]
     first, again = image.pixels, image.pixels

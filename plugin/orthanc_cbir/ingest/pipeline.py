@@ -76,7 +76,7 @@ class EmbeddingBatch(Generic[Tag]):
     def add(self, tag: Tag, instance: DecodedInstance, orthanc_ids: dict[str, str] | None = None) -> None:
         """Hold one admitted instance (``orthanc_ids``: its Orthanc ids, kept in its record)."""
         self._held.append(_Held(tag, instance, orthanc_ids or {}))
-        self._pixels += sum(image.pixels.size for image in instance.images)
+        self._pixels += sum(image.model_pixels.size for image in instance.images)  # not pixels: made when read
 
     @property
     def full(self) -> bool:
