@@ -151,8 +151,7 @@ class GraphIndex:
         self._built_rows = 0
         """Rows linked in by the build of the current graph (the rest were linked in late)."""
         self._random = np.random.default_rng(0)
-        self._live: tuple[tuple[int, int, int] | None, _Selection, np.ndarray] = \
-            (None, _Selection(None, 0), np.zeros(0))  # fmt: skip
+        self._live: tuple[tuple[int, int, int], _Selection, np.ndarray] | None = None
         """(snapshot generation, builds, nodes): the live rows' selection and late rows (:meth:`search_live`)."""
 
     def update(self) -> None:
@@ -215,7 +214,7 @@ class GraphIndex:
             if graph is None or not len(graph.rows):
                 return np.zeros(0, np.int64), self.late(self.snapshot.live)
             key = (self.snapshot.generation, self.builds, len(graph.rows))
-            if self._live[0] != key:
+            if self._live is None or self._live[0] != key:
                 live = self.snapshot.live  # a comparison over every row: only when the key moved
                 self._live = (key, _Selection.of(graph.nodes_in(live)), self.late(live))
             _, selection, late = self._live
@@ -308,9 +307,8 @@ def _walk(graph: _Graph, query: np.ndarray, count: int, selection: _Selection) -
     """The graph's search among the ``selection``'s nodes: a selector costs ~0.4 ms a query at 10^5
     nodes, so there is none when every node is allowed."""
     nodes = len(graph.rows)
-    ef = ef_search(nodes, selection.allowed if selection.bits is not None else nodes)
     # in FAISS since 1.7.3, missing from its stubs
-    parameters = faiss.SearchParametersHNSW(efSearch=max(ef, count))  # type: ignore[attr-defined]
+    parameters = faiss.SearchParametersHNSW(efSearch=max(ef_search(nodes, selection.allowed), count))  # type: ignore[attr-defined]
     if selection.bits is not None:
         parameters.sel = faiss.IDSelectorBitmap(nodes, faiss.swig_ptr(selection.bits))
     padded = np.zeros((1, graph.index.d), np.float32)
