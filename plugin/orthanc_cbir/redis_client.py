@@ -103,5 +103,23 @@ class LazyCluster:
         self.close()
 
 
+def server_of(client: Any) -> str:
+    """Which Redis server (or cluster) and database a client talks to, without its password: what
+    tells two clients of one process apart from two of the same index. A client of another kind
+    (Sentinel) is its own: ``client:<id>``.
+
+    >>> server_of(connect("redis://:secret@127.0.0.1:6390/2")), server_of(connect("unix:///run/redis.sock"))
+    ('127.0.0.1:6390/2', '/run/redis.sock/0')
+    """
+    if isinstance(client, LazyCluster):
+        return f"cluster {_public(client.url)}"
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) if type(pool) is redis.ConnectionPool else None
+    if not kwargs or not (kwargs.get("path") or kwargs.get("host")):
+        return f"client:{id(client)}"
+    where = kwargs.get("path") or f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+    return f"{where}/{kwargs.get('db', 0)}"
+
+
 def _public(url: str) -> str:
     return url.split("@")[-1]

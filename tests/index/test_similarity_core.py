@@ -77,6 +77,22 @@ def test_an_answer_ranked_on_a_copy_the_index_moved_past_is_ranked_again(store, 
     assert counted.similar_to_stored("instance", records[300].key, page).hits  # the stored path sees it too
 
 
+def test_the_cores_of_one_index_in_a_process_search_through_one_snapshot_and_graph(redis_url, store):
+    """``orthanc-cbir serve`` makes a core for its HTTP routes and one for each worker's "Similar
+    cases" maker, each over a client of its own: one snapshot and graph between them, not one each."""
+    records = make_records(300, seed=11)
+    store.add(records)
+    routes, maker = (SimilaritySearch(IndexStore(redis.Redis.from_url(redis_url), store.info)) for _ in range(2))
+    page = Page(SearchOptions("graph", k=10))
+    routes.similar_to_stored("instance", records[0].key, page)
+    assert routes.searcher.graph().wait(30)
+    answer = maker.similar_to_stored("instance", records[1].key, page)
+    assert maker.searcher is routes.searcher and maker.searcher.graph().builds == 1
+    assert len(answer.hits) == 10 and records[1].key not in [hit.sop_instance_uid for hit in answer.hits]
+    elsewhere = SimilaritySearch(IndexStore(redis.Redis.from_url(redis_url), store.info, prefix="other"))
+    assert elsewhere.searcher is not routes.searcher  # another index: a searcher of its own
+
+
 def as_query(record) -> Query:
     return Query(record.features, record.code, record.probabilities)
 

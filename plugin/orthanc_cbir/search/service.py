@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from ..errors import BadParameters, NotIndexed
 from ..index.schema import uid_hash
 from ..index.store import IndexStore
 from ..model.codes import CodeLayout
+from ..redis_client import server_of
 from .filters import Filters, parse_weights
 from .strategies import LEVELS, STRATEGIES, Hit, Query, Searcher, SearchOptions, SearchResult
 
@@ -117,15 +119,21 @@ _REGION_READS = 256  # region hits' entries read per round trip while filling a 
 class SimilaritySearch:
     """Searches one index version for stored or uploaded queries; safe to share between threads
     (one query at a time touches the searcher's snapshot). It never runs the model: a stored
-    resource is searched with its stored vector."""
+    resource is searched with its stored vector.
+
+    Every core of one index in a process searches through one :class:`Searcher`
+    (:func:`_process_searcher`): the HTTP routes' and each worker's "Similar cases" maker's in
+    ``orthanc-cbir serve`` hold one snapshot and one graph between them, not one each (at 10^6
+    instances a snapshot and its graph take 1.5 GB, and the graph 4 minutes of a core to build)."""
 
     def __init__(self, store: IndexStore, resolve_uid: Callable[[str, str], str | None] | None = None):
         """``resolve_uid(level, identifier)`` turns another identifier (an Orthanc id) into the
         DICOM UID of that level; without it only DICOM UIDs are accepted."""
         self.store = store
-        self.searcher = Searcher(store)
+        self._shared = _process_searcher(store)
+        self.searcher = self._shared.searcher
         self.resolve_uid = resolve_uid
-        self._lock = threading.Lock()
+        self._lock = self._shared.lock
 
     def page_for(self, parameters: Mapping[str, str], *, default_level: str, default_strategy: str,
                  max_results: int) -> Page:  # fmt: skip
@@ -214,6 +222,29 @@ class SimilaritySearch:
         if not len(rows):
             raise _not_indexed(level)
         return uid, self.searcher.stored_query(rows)
+
+
+class _SharedSearcher:
+    """A process's searcher of one index and the lock that lets one query at a time use it."""
+
+    def __init__(self, store: IndexStore):
+        self.searcher = Searcher(store)
+        self.lock = threading.Lock()
+
+
+_SEARCHERS: weakref.WeakValueDictionary[tuple[str, str], _SharedSearcher] = weakref.WeakValueDictionary()
+_SEARCHERS_LOCK = threading.Lock()
+
+
+def _process_searcher(store: IndexStore) -> _SharedSearcher:
+    """This process's searcher of ``store``'s index (its Redis server and key space), made by the
+    first core that asks and kept while a core holds it."""
+    key = (server_of(store.client), store.keys.base)
+    with _SEARCHERS_LOCK:
+        shared = _SEARCHERS.get(key)
+        if shared is None:
+            shared = _SEARCHERS[key] = _SharedSearcher(store)
+        return shared
 
 
 def _not_indexed(level: str) -> NotIndexed:
