@@ -128,6 +128,13 @@ class Settings:
     """Standalone server (``orthanc-cbir serve``): where received instances wait, on disk, until a
     worker has indexed them (workers of a standalone server must see this directory)."""
 
+    graph_dir: str = ""
+    """Where the ``graph`` strategy's HNSW graph is written once built and read back: by every
+    process on this host that answers queries over the index (the Orthanc plugin, ``serve``, the
+    workers making "Similar cases" series), and by each when it starts again, instead of each
+    building its own (about 4 minutes of a core at 10^6 instances). Empty: each process builds
+    its own and keeps it in memory only. Give the processes one directory (a shared volume)."""
+
     scp_aet: str = "CBIR"
     """Standalone server: the DICOM AE title of its C-STORE SCP."""
 
@@ -203,6 +210,11 @@ class Settings:
         decoders: every entry point (worker, ``index``, ``query``, ``preview``, backfill, the
         "Similar cases" pictures) decodes under the same configured limits."""
         return {"max_file_bytes": self.max_file_bytes, "max_pixels_per_frame": self.max_pixels_per_frame}
+
+    @property
+    def graph_path(self) -> Path | None:
+        """:attr:`graph_dir` as a path, ``None`` when it is empty (each process builds its own graph)."""
+        return Path(self.graph_dir) if self.graph_dir else None
 
 
 def load_settings(

@@ -124,7 +124,19 @@ def test_the_standalone_servers_workers_are_processes_of_their_own_on_its_stream
     mounts = {name: {mounted(volume) for volume in config[name]["volumes"]} for name in ("standalone",
                                                                                          "standalone-worker")}
     assert mounts["standalone"] == mounts["standalone-worker"]
-    assert {target for _, target in mounts["standalone"]} == {spool}
+    assert {target for _, target in mounts["standalone"]} == {spool, server["environment"]["CBIR_GRAPH_DIR"]}
+
+
+def test_every_service_that_answers_queries_reads_the_graph_from_one_shared_volume():
+    """The Orthanc plugin, the standalone server and the workers (their "Similar cases" series) search
+    one index: the first to build its graph writes it, the others (and every restart) read it."""
+    config = services()
+    answering = ("orthanc", "worker", "standalone", "standalone-worker")
+    folders = {config[name]["environment"]["CBIR_GRAPH_DIR"] for name in answering}
+    assert len(folders) == 1
+    sources = {source for name in answering for source, target in map(mounted, config[name]["volumes"])
+               if target == next(iter(folders))}  # fmt: skip
+    assert len(sources) == 1 and not next(iter(sources)).startswith("/")  # one named volume, on no host path
 
 
 # -- the Redis service's command, with a real redis-server -----------------------------------------

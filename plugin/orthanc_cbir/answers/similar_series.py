@@ -180,7 +180,8 @@ class SimilarSeriesMaker:
     def _similarity(self) -> SimilaritySearch:
         if self._core is None:
             info = IndexInfo.for_model(self.settings.model)
-            self._core = SimilaritySearch(IndexStore(self.client, info, shards=self.settings.index_shards))
+            store = IndexStore(self.client, info, shards=self.settings.index_shards)
+            self._core = SimilaritySearch(store, graph_dir=self.settings.graph_path)
         return self._core
 
     def _case(self, query: Dataset, hit: Hit, strategy: str) -> SimilarCase:

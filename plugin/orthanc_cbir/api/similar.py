@@ -169,7 +169,7 @@ class SimilarityService:
         self.queue = IngestQueue.for_settings(self.client, settings)
         self.requests = WorkerRequests(self.queue, replies=client_for(settings, socket_timeout=SERIES_WAIT_S + 10))
         self.store = IndexStore(self.client, IndexInfo.for_model(settings.model), shards=settings.index_shards)
-        self.core = SimilaritySearch(self.store, resolve_uid)
+        self.core = SimilaritySearch(self.store, resolve_uid, graph_dir=settings.graph_path)
 
     # -- routes -----------------------------------------------------------------------------
 

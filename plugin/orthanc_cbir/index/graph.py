@@ -39,12 +39,14 @@ import logging
 import math
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
+from .graph_file import NO_ROW, GraphFiles
 from .snapshot import IndexSnapshot
 
 log = logging.getLogger(__name__)
@@ -98,15 +100,25 @@ READ_ROWS = 65_536
 class _Graph:
     """One FAISS graph and the snapshot row of each of its nodes (node ids are FAISS's: 0, 1, ...)."""
 
-    def __init__(self, training: np.ndarray):
-        """``training``: :func:`padded_vectors` the 8-bit quantizer learns each dimension's range from."""
+    def __init__(self, index: Any, rows: np.ndarray | None = None):
+        """``index``: a FAISS ``IndexHNSWSQ`` whose nodes are ``rows`` (none yet by default)."""
+        self.index = index
+        rows = np.zeros(0, np.int64) if rows is None else np.asarray(rows, np.int64)
+        # grows geometrically: late rows come ADD_CHUNK at a time
+        self._rows = np.zeros(max(ADD_CHUNK, len(rows)), np.int64)
+        self._rows[: len(rows)] = rows
+        self._size = len(rows)
+
+    @classmethod
+    def trained(cls, training: np.ndarray) -> _Graph:
+        """An empty graph whose 8-bit quantizer learnt each dimension's range from ``training``
+        (:func:`padded_vectors`)."""
         # FAISS's stubs (SWIG) type its enum constants as int where the functions want the enum
         quantizer_type: Any = faiss.ScalarQuantizer.QT_8bit
-        self.index = faiss.IndexHNSWSQ(training.shape[1], quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
-        self.index.hnsw.efConstruction = EF_CONSTRUCTION
-        self.index.train(training)
-        self._rows = np.zeros(ADD_CHUNK, np.int64)  # grows geometrically: late rows come ADD_CHUNK at a time
-        self._size = 0
+        index = faiss.IndexHNSWSQ(training.shape[1], quantizer_type, GRAPH_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = EF_CONSTRUCTION
+        index.train(training)
+        return cls(index)
 
     @property
     def rows(self) -> np.ndarray:
@@ -136,8 +148,13 @@ class GraphIndex:
     :meth:`search` for the graph's part of an answer and :meth:`late` for the rows it does
     not cover yet."""
 
-    def __init__(self, snapshot: IndexSnapshot):
+    def __init__(self, snapshot: IndexSnapshot, files: GraphFiles | None = None):
+        """``files``: where graphs of this index are written and read (:mod:`.graph_file`, the
+        ``graph_dir`` setting); ``None``: this process builds its own and keeps it to itself."""
         self.snapshot = snapshot
+        self._files = files
+        self._build_name: str | None = None
+        """The build of :attr:`_files` the current graph is (written here, or read), if any."""
         self._graph: _Graph | None = None
         self._covered = np.zeros(0, bool)
         """Per snapshot row: a node of the current graph."""
@@ -148,11 +165,13 @@ class GraphIndex:
         self._resets = snapshot.resets
         self.builds = 0
         """Graphs built from scratch (the first one included)."""
+        self.reads = 0
+        """Graphs read from :attr:`_files` (another process built them, or this one before a restart)."""
         self._built_rows = 0
         """Rows linked in by the build of the current graph (the rest were linked in late)."""
         self._random = np.random.default_rng(0)
-        self._live: tuple[tuple[int, int, int], _Selection, np.ndarray] | None = None
-        """(snapshot generation, builds, nodes): the live rows' selection and late rows (:meth:`search_live`)."""
+        self._live: tuple[tuple[int, int, int, int], _Selection, np.ndarray] | None = None
+        """(snapshot generation, builds, reads, nodes): the live rows' selection and late rows (:meth:`search_live`)."""
 
     def update(self) -> None:
         """Note what the snapshot holds now: wake the builder when live rows are not nodes yet or
@@ -163,7 +182,7 @@ class GraphIndex:
         if self.snapshot.resets != self._resets:  # another index: its rows are not this graph's nodes
             self._resets = self.snapshot.resets
             with self._lock:
-                self._graph, self._covered = None, np.zeros(0, bool)
+                self._graph, self._covered, self._build_name = None, np.zeros(0, bool), None
         if not self._work_waiting():
             return
         if self._thread is None or not self._thread.is_alive():
@@ -213,7 +232,7 @@ class GraphIndex:
             graph = self._graph
             if graph is None or not len(graph.rows):
                 return np.zeros(0, np.int64), self.late(self.snapshot.live)
-            key = (self.snapshot.generation, self.builds, len(graph.rows))
+            key = (self.snapshot.generation, self.builds, self.reads, len(graph.rows))
             if self._live is None or self._live[0] != key:
                 live = self.snapshot.live  # a comparison over every row: only when the key moved
                 self._live = (key, _Selection.of(graph.nodes_in(live)), self.late(live))
@@ -268,7 +287,7 @@ class GraphIndex:
         while True:
             live = self.snapshot.live
             if self._rebuild_due(live):
-                if not self._rebuild(live):
+                if not self._renew(live):
                     return
                 continue
             late = self.late(live)
@@ -283,24 +302,87 @@ class GraphIndex:
                 covered[chunk] = True
                 self._covered = covered
 
+    def _renew(self, live: np.ndarray) -> bool:
+        """A new graph in place of the one queries walk (none yet, or a rebuild is due): the one
+        another process wrote since, when it is not due for a rebuild itself, else one built here
+        of the ``live`` rows (and written for the others); whether there was a row to build it from."""
+        if self._files is None:
+            return self._rebuild(live)
+        with ExitStack() as stack:
+            try:  # another process building this index's graph: wait for it
+                stack.enter_context(self._files.building())
+            except OSError as exc:
+                log.warning("graph index: %s cannot be used (%s); built here alone", self._files.directory,
+                            type(exc).__name__)  # fmt: skip
+                return self._rebuild(live)
+            if self._read_written() and not self._rebuild_due(self.snapshot.live):
+                return True
+            return self._rebuild(self.snapshot.live)
+
+    def _read_written(self) -> bool:
+        """Take the graph :attr:`_files` holds for this index, if it is not the current one; whether it did.
+        A node whose row holds another instance in this snapshot than when it was linked in becomes a
+        removed row (:data:`~.graph_file.NO_ROW`)."""
+        assert self._files is not None
+        snapshot = self.snapshot
+        build = self._files.current(snapshot.epoch, padded_dimension(snapshot.info.feature_dim))
+        if build is None or build == self._build_name:
+            return False
+        started = time.perf_counter()
+        saved = self._files.load(build)
+        if saved is None:
+            return False
+        rows = saved.rows.copy()
+        same = rows < snapshot.rows
+        same[same] = snapshot.uid_fingerprints(rows[same]) == saved.fingerprints[same]
+        rows[~same] = NO_ROW
+        covered = np.zeros(snapshot.rows, bool)
+        covered[rows[same]] = True
+        with self._lock:
+            self._graph, self._covered, self._built_rows = _Graph(saved.index, rows), covered, saved.built_rows
+            self._build_name = build
+            self.reads += 1
+        log.info("graph index: %d nodes read in %.1f s (%d of them removed rows)", len(rows),
+                 time.perf_counter() - started, np.count_nonzero(~same))  # fmt: skip
+        return True
+
     def _rebuild(self, live: np.ndarray) -> bool:
-        """Build a graph of the ``live`` rows beside the one queries walk and swap it in; whether
-        there was a row to build it from."""
+        """Build a graph of the ``live`` rows beside the one queries walk and swap it in (and write
+        it to :attr:`_files`); whether there was a row to build it from."""
         started = time.perf_counter()
         rows = np.flatnonzero(live)
         if not len(rows):
             return False
-        graph = _Graph(padded_vectors(self.snapshot, rows[:: max(1, len(rows) // TRAIN_ROWS)]))
+        graph = _Graph.trained(padded_vectors(self.snapshot, rows[:: max(1, len(rows) // TRAIN_ROWS)]))
         order = self._random.permutation(rows)  # see BUILD_BATCH: index order makes a worse graph
+        epoch, fingerprints = self.snapshot.epoch, self.snapshot.uid_fingerprints(order)  # what its nodes are
         for start in range(0, len(order), BUILD_BATCH):
             chunk = order[start : start + BUILD_BATCH]
             graph.add(chunk, padded_vectors(self.snapshot, chunk))
         covered = live.copy()  # every live row is a node now
         with self._lock:  # the count moves with the graph: caches keyed on it never meet another graph's nodes
             self._graph, self._covered, self._built_rows = graph, covered, len(rows)
+            self._build_name = None
             self.builds += 1
         log.info("graph index: %d rows linked in %.1f s", len(rows), time.perf_counter() - started)
+        if self._files is not None and epoch == self.snapshot.epoch:  # not written for an index flushed since
+            self._write(graph, fingerprints, epoch)
         return True
+
+    def _write(self, graph: _Graph, fingerprints: np.ndarray, epoch: str) -> None:
+        """Write a graph just built for the other processes (and this one's next start); a folder that
+        cannot be written costs them a build, not this process its graph."""
+        assert self._files is not None
+        started = time.perf_counter()
+        try:
+            build = self._files.save(graph.index, graph.rows, fingerprints, len(graph.rows), epoch)
+        except OSError as exc:
+            log.warning("graph index: not written to %s (%s)", self._files.directory, type(exc).__name__)
+            return
+        with self._lock:
+            if self._graph is graph:
+                self._build_name = build
+        log.info("graph index: written in %.1f s", time.perf_counter() - started)
 
 
 def _walk(graph: _Graph, query: np.ndarray, count: int, selection: _Selection) -> np.ndarray:

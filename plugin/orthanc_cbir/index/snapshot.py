@@ -36,6 +36,7 @@ READ_BLOCKS = 8
 """Blocks read from Redis per round trip while refreshing (bounds the bytes in flight)."""
 UID_BYTES = 64
 """Width of the SOPInstanceUID column: a DICOM UID has at most 64 characters (a longer key widens it)."""
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 ENTRY_CACHE = 8192
 """Decoded entries kept (a few MB): the oldest half goes when it is full."""
 
@@ -197,6 +198,19 @@ class IndexSnapshot:
         """The SOPInstanceUID of each row as of the last refresh (``None``: a gap or a removed instance)."""
         return [uid.decode() if uid else None for uid in np.take(self._uids, np.asarray(rows, dtype=np.int64))]
 
+    def uid_fingerprints(self, rows: ArrayLike) -> np.ndarray:
+        """uint64 per row: a hash of its SOPInstanceUID as of the last refresh (a gap's is the empty
+        UID's): what a graph written by another process (:mod:`.graph_file`) checks that a node's
+        row still holds the instance it was linked in for."""
+        uids = np.take(self._uids, np.asarray(rows, dtype=np.int64))
+        width = -(-uids.dtype.itemsize // 8) * 8  # whole words
+        words = np.frombuffer(uids.astype(f"S{width}").tobytes(), "<u8").reshape(len(uids), width // 8)
+        fingerprints = np.full(len(uids), _FNV_OFFSET, np.uint64)
+        for word in words.T:  # FNV-1a over 64-bit words (wrapping); the padding's zero words left out,
+            # so a column widened for a longer key gives every UID the fingerprint it has in another process
+            fingerprints = np.where(word != 0, (fingerprints ^ word) * _FNV_PRIME, fingerprints)
+        return fingerprints
+
     def refresh_reading(self, sop_instance_uids: Sequence[str]) -> list[StoredEntry | None]:
         """:meth:`refresh`, and the stored entries of ``sop_instance_uids`` read with the write
         counters it compares: one round trip while the index stands still."""
@@ -259,6 +273,12 @@ class IndexSnapshot:
                 for row in list(islice(self._entries, len(self._entries) - ENTRY_CACHE // 2)):
                     self._entries.pop(row, None)
         return out, writes
+
+    @property
+    def epoch(self) -> str:
+        """The index's epoch as of the last refresh (``""`` before it, or before the index's first
+        write): another one once the index was flushed and made again."""
+        return self._writes[0] if self._writes is not None else ""
 
     @property
     def refreshed(self) -> bool:

@@ -25,11 +25,13 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..dicom.metadata import looks_like_uid
 from ..errors import BadParameters, NotIndexed
+from ..index.graph_file import GraphFiles
 from ..index.schema import uid_hash
 from ..index.store import IndexStore
 from ..model.codes import CodeLayout
@@ -126,11 +128,14 @@ class SimilaritySearch:
     ``orthanc-cbir serve`` hold one snapshot and one graph between them, not one each (at 10^6
     instances a snapshot and its graph take 1.5 GB, and the graph 4 minutes of a core to build)."""
 
-    def __init__(self, store: IndexStore, resolve_uid: Callable[[str, str], str | None] | None = None):
+    def __init__(self, store: IndexStore, resolve_uid: Callable[[str, str], str | None] | None = None,
+                 graph_dir: Path | None = None):  # fmt: skip
         """``resolve_uid(level, identifier)`` turns another identifier (an Orthanc id) into the
-        DICOM UID of that level; without it only DICOM UIDs are accepted."""
+        DICOM UID of that level; without it only DICOM UIDs are accepted. ``graph_dir``: where
+        the graph of the ``graph`` strategy is shared with the other processes of the host
+        (the ``graph_dir`` setting, :mod:`orthanc_cbir.index.graph_file`)."""
         self.store = store
-        self._shared = _process_searcher(store)
+        self._shared = _process_searcher(store, graph_dir)
         self.searcher = self._shared.searcher
         self.resolve_uid = resolve_uid
         self._lock = self._shared.lock
@@ -227,8 +232,9 @@ class SimilaritySearch:
 class _SharedSearcher:
     """A process's searcher of one index and the lock that lets one query at a time use it."""
 
-    def __init__(self, store: IndexStore):
-        self.searcher = Searcher(store)
+    def __init__(self, store: IndexStore, graph_dir: Path | None):
+        files = GraphFiles(graph_dir, store.info.version) if graph_dir is not None else None
+        self.searcher = Searcher(store, graph_files=files)
         self.lock = threading.Lock()
 
 
@@ -236,14 +242,14 @@ _SEARCHERS: weakref.WeakValueDictionary[tuple[str, str], _SharedSearcher] = weak
 _SEARCHERS_LOCK = threading.Lock()
 
 
-def _process_searcher(store: IndexStore) -> _SharedSearcher:
+def _process_searcher(store: IndexStore, graph_dir: Path | None) -> _SharedSearcher:
     """This process's searcher of ``store``'s index (its Redis server and key space), made by the
-    first core that asks and kept while a core holds it."""
+    first core that asks (with its ``graph_dir``: one process, one settings) and kept while a core holds it."""
     key = (server_of(store.client), store.keys.base)
     with _SEARCHERS_LOCK:
         shared = _SEARCHERS.get(key)
         if shared is None:
-            shared = _SEARCHERS[key] = _SharedSearcher(store)
+            shared = _SEARCHERS[key] = _SharedSearcher(store, graph_dir)
         return shared
 
 

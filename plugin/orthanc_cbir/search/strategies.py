@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..index.graph import SCAN_BELOW, GraphIndex
+from ..index.graph_file import GraphFiles
 from ..index.hamming import CodeTables
 from ..index.schema import NO_CLUSTER, StoredEntry
 from ..index.snapshot import IndexSnapshot
@@ -219,10 +220,13 @@ class SearchResult:
 class Searcher:
     """Runs queries against one index version, on a snapshot refreshed before each query."""
 
-    def __init__(self, store: IndexStore | None, snapshot: IndexSnapshot | None = None):
+    def __init__(self, store: IndexStore | None, snapshot: IndexSnapshot | None = None,
+                 graph_files: GraphFiles | None = None):  # fmt: skip
         """``store``: the index searched, its snapshot refreshed before each query. ``None`` with an
         array-built ``snapshot`` (:meth:`~orthanc_cbir.index.IndexSnapshot.from_arrays`): the
-        strategies without Redis, which rank rows only (``SearchOptions(with_records=False)``)."""
+        strategies without Redis, which rank rows only (``SearchOptions(with_records=False)``).
+        ``graph_files``: where the ``graph`` strategy's graph is shared with other processes
+        (:mod:`orthanc_cbir.index.graph_file`)."""
         if snapshot is None:
             if store is None:
                 raise ValueError("a searcher needs an index store or a snapshot")
@@ -237,6 +241,7 @@ class Searcher:
         self.labels = LabelMap(self.info.labels)
         self._classes: dict[str, tuple[int, tuple[np.ndarray, np.ndarray]]] = {}
         self._graph: GraphIndex | None = None
+        self._graph_files = graph_files
         self._checking = False
         """The next read of entries also reads the index's write counters (:meth:`search`)."""
         self._writes_read: WriteCounters | None = None
@@ -314,7 +319,7 @@ class Searcher:
         """The HNSW graph of this searcher's snapshot, made on the first ``graph`` query (a process
         never asked for one holds none) and told of each refresh."""
         if self._graph is None:
-            self._graph = GraphIndex(self.snapshot)
+            self._graph = GraphIndex(self.snapshot, self._graph_files)
         self._graph.update()
         return self._graph
 
