@@ -10,8 +10,10 @@ refuses to start without it). Storage goes to the volume.
 
 Orthanc's DICOM server stores only what the AE titles of ``CBIR_DICOM_ALLOWED_AETS``
 (comma-separated) send: each becomes a modality allowed C-ECHO and C-STORE, nothing else
-(no C-FIND, C-MOVE or C-GET of what Orthanc holds), and ``DicomAlwaysAllowStore`` is off.
-``*`` accepts a C-STORE from any calling AE title. Unset or empty, no configuration is
+(no C-FIND, C-MOVE or C-GET of what Orthanc holds), and ``DicomAlwaysAllowStore`` and
+``DicomAlwaysAllowEcho`` are off: a title not listed is refused the association, so it is not
+even told that the AE answers.
+``*`` accepts a C-ECHO and a C-STORE from any calling AE title. Unset or empty, no configuration is
 written and the container does not start.
 """
 
@@ -48,7 +50,8 @@ def dicom_permissions(allowed: str) -> dict[str, Any]:
                 "AllowFind": False, "AllowMove": False, "AllowGet": False}
         for title in dict.fromkeys(titles)
     }  # fmt: skip
-    return {"DicomAlwaysAllowStore": False, "DicomCheckModalityHost": False, "DicomModalities": modalities}
+    return {"DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False, "DicomCheckModalityHost": False,
+            "DicomModalities": modalities}  # fmt: skip
 
 
 def container_configuration(source: dict[str, Any], allowed: str) -> dict[str, Any]:

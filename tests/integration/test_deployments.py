@@ -216,8 +216,8 @@ def container_dicom_options(tmp_path: Path, allowed_aets: str) -> dict[str, Any]
     subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "orthanc_config.py"), str(REPO_ROOT / "orthanc.json"),
                     str(target)], env={"CBIR_DICOM_ALLOWED_AETS": allowed_aets}, check=True, timeout=30)  # fmt: skip
     config = json.loads(target.read_text())
-    return {key: config[key] for key in ("DicomAlwaysAllowStore", "DicomCheckModalityHost", "DicomModalities")
-            if key in config}  # fmt: skip
+    return {key: config[key] for key in ("DicomAlwaysAllowStore", "DicomAlwaysAllowEcho", "DicomCheckModalityHost",
+                                         "DicomModalities") if key in config}  # fmt: skip
 
 
 def storescu_as(orthanc: OrthancServer, calling: str, paths) -> subprocess.CompletedProcess:
@@ -229,10 +229,12 @@ def storescu_as(orthanc: OrthancServer, calling: str, paths) -> subprocess.Compl
 def test_the_container_orthanc_stores_only_what_a_listed_ae_title_sends(tmp_path):
     options = container_dicom_options(tmp_path, "PACS_MAIN,CT_2")
     with ContainerDicomOrthanc(tmp_path / "orthanc", options) as orthanc:
+        # Orthanc answers a C-ECHO from anyone unless told otherwise: a stranger learnt the AE was there
+        assert echo(orthanc.dicom_port, "CT_2", orthanc.aet) and not echo(orthanc.dicom_port, "STRANGER", orthanc.aet)
         refused = synthetic_series(tmp_path / "stranger", slices=1)
         done = storescu_as(orthanc, "STRANGER", refused)
         assert done.returncode != 0, done.stdout + done.stderr
-        assert 'Rejected Store request from remote DICOM modality with AET "STRANGER"' in orthanc.log_tail(50)
+        assert "Rejected association for remote AET STRANGER" in orthanc.log_tail(50)  # not even associated
         assert orthanc.get_json("/instances") == []
         accepted = synthetic_series(tmp_path / "listed", slices=1, texture=4)
         done = storescu_as(orthanc, "CT_2", accepted)

@@ -39,7 +39,7 @@ def test_orthancs_dicom_server_stores_only_what_the_listed_ae_titles_send(tmp_pa
     done, target = container_configuration(tmp_path, " PACS_MAIN, CT-2 ,,PACS_MAIN", "etc/orthanc-cbir/orthanc.json")
     assert done.returncode == 0, done.stderr
     config = json.loads(target.read_text())
-    assert config["DicomAlwaysAllowStore"] is False
+    assert config["DicomAlwaysAllowStore"] is False and config["DicomAlwaysAllowEcho"] is False
     assert config["DicomCheckModalityHost"] is False  # told by AE title: the PACS's address is not known here
     modalities = config["DicomModalities"].values()
     assert sorted(modality["AET"] for modality in modalities) == ["CT-2", "PACS_MAIN"]
