@@ -9,7 +9,10 @@ features, so its distances are those of every other strategy.
 
 Redis stays the durable truth and the only thing the workers write: each process that
 answers queries grows its graph from its own snapshot (:mod:`.snapshot`), so all of them hold
-the same rows. A query never waits for a build:
+the same rows. With the ``graph_dir`` setting a graph built in one process is written there and
+read by the others, and by each process that starts again, instead of built once more
+(:mod:`.graph_file`); a process then grows it from its own snapshot as before. A query never
+waits for a build:
 
 - A graph is built from every live row at once, in a random order and up to :data:`BUILD_BATCH`
   rows per FAISS ``add``: HNSW links each node to the nodes already there, so rows arriving

@@ -5,7 +5,7 @@
 - ``graph`` (the default): the same distance as ``exact``, found through an HNSW graph of the
   features (FAISS, :mod:`orthanc_cbir.index.graph`) and re-ranked with the snapshot's features:
   approximate (recall@10 0.977 of the float32 top 10 at 10^5 instances, ``exact`` 0.996; 0.962 at
-  10^6, ``exact`` 0.989; 1.0 and 1.3 ms with the hits' records, timed alone: README, "Query latency
+  10^6, ``exact`` 0.989; 1.1 and 1.2 ms with the hits' records, timed alone: README, "Query latency
   against index size"). Rows the graph does not
   hold yet are scanned beside it; filters that keep few rows
   (:data:`~orthanc_cbir.index.graph.SCAN_BELOW`) scan the rows they keep.
