@@ -86,8 +86,10 @@ def test_a_damaged_graph_file_is_built_again(redis_url, store, tmp_path):
     records = make_records(800, seed=26)
     store.add(records)
     graph_ready(process(redis_url, store, tmp_path), records[0])
-    (written,) = GraphFiles(tmp_path, store.info.version).directory.glob("*.faiss")
-    written.write_bytes(written.read_bytes()[:1000])  # cut short: a disk that failed under it
+    files = GraphFiles(tmp_path, store.info.version)
+    with files.building():  # the builder holds it until the graph it built is written
+        (written,) = files.directory.glob("*.faiss")
+        written.write_bytes(written.read_bytes()[:1000])  # cut short: a disk that failed under it
     second = process(redis_url, store, tmp_path)
     assert graph_ready(second, records[7])[0] == records[7].key
     assert (second.graph().builds, second.graph().reads) == (1, 0)
