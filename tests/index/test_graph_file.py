@@ -77,9 +77,7 @@ def test_a_graph_written_for_an_index_since_flushed_is_not_read(redis_url, store
     graph_ready(process(redis_url, store, tmp_path), before[0])
     client.flushdb()  # the index made again: another epoch, rows that are other instances
     store.add(after)
-    second = process(redis_url, store, tmp_path)
-    assert graph_ready(second, after[3])[0] == after[3].key
-    assert (second.graph().builds, second.graph().reads) == (1, 0)
+    assert_built_not_read(process(redis_url, store, tmp_path), after[3])
 
 
 def test_a_damaged_graph_file_is_built_again(redis_url, store, tmp_path):
@@ -90,9 +88,13 @@ def test_a_damaged_graph_file_is_built_again(redis_url, store, tmp_path):
     with files.building():  # the builder holds it until the graph it built is written
         (written,) = files.directory.glob("*.faiss")
         written.write_bytes(written.read_bytes()[:1000])  # cut short: a disk that failed under it
-    second = process(redis_url, store, tmp_path)
-    assert graph_ready(second, records[7])[0] == records[7].key
-    assert (second.graph().builds, second.graph().reads) == (1, 0)
+    assert_built_not_read(process(redis_url, store, tmp_path), records[7])
+
+
+def assert_built_not_read(searcher: Searcher, record) -> None:
+    """``searcher`` built a graph of its own, which finds ``record`` by its own vector first."""
+    assert graph_ready(searcher, record)[0] == record.key
+    assert (searcher.graph().builds, searcher.graph().reads) == (1, 0)
 
 
 def test_a_graph_folder_that_cannot_be_used_leaves_each_process_its_own_graph(redis_url, store, tmp_path):
