@@ -543,6 +543,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
 
 def _run_indexes(args: argparse.Namespace) -> int:
     from .index import IndexInfo
+    from .index.graph_file import GraphFiles
     from .index.versions import IndexStillNeeded, drop_version, index_versions
 
     settings = load_settings(redis_url=args.redis_url)
@@ -555,6 +556,8 @@ def _run_indexes(args: argparse.Namespace) -> int:
             print(f"not dropped: {exc}", file=sys.stderr)
             return 1
         print(f"dropped {args.drop}: {deleted} keys")
+        if settings.graph_path is not None and GraphFiles(settings.graph_path, args.drop).remove():
+            print(f"and its graph in {settings.graph_path}")
         return 0
     versions = index_versions(client)
     for version in versions:

@@ -7,6 +7,7 @@ import pytest
 
 from orthanc_cbir.cli import main
 from orthanc_cbir.index import IndexStore
+from orthanc_cbir.index.graph_file import GraphFiles
 from orthanc_cbir.index.versions import IndexStillNeeded, drop_version, index_versions
 from tests.records_factory import make_info, make_records
 
@@ -44,3 +45,16 @@ def test_the_cli_lists_versions_and_refuses_an_early_drop(client, redis_url, cap
     assert f"{OLD}: 5 instances, 1 shard(s)" in out and "nothing indexed yet (current model)" in out
     assert main(["indexes", "--drop", OLD, "--redis-url", redis_url]) == 1
     assert "holds 0 instances" in capsys.readouterr().err and keys_of(client, OLD)
+
+
+def test_a_dropped_index_leaves_no_graph_behind_and_the_others_keep_theirs(client, redis_url, tmp_path, monkeypatch):
+    old, record = IndexStore(client, make_info(OLD)), make_records(1)[0]
+    old.add([record])
+    old.remove(record.key)  # nothing left in it: the current index holds as many, it may go
+    dropped, kept = GraphFiles(tmp_path, OLD).directory, GraphFiles(tmp_path, NEW).directory
+    for folder in (dropped, kept):
+        folder.mkdir(parents=True)
+        (folder / "current.json").write_text("{}")
+    monkeypatch.setenv("CBIR_GRAPH_DIR", str(tmp_path))
+    assert main(["indexes", "--drop", OLD, "--redis-url", redis_url]) == 0
+    assert keys_of(client, OLD) == [] and not dropped.exists() and (kept / "current.json").exists()

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +108,13 @@ class GraphFiles:
             log.warning("graph index: the graph written in %s does not match its node list", self.directory)
             return None
         return SavedGraph(build, index, rows, fingerprints, built_rows)
+
+    def remove(self) -> bool:
+        """Delete the folder (its index was dropped: ``orthanc-cbir indexes --drop``); whether there was one."""
+        if not self.directory.is_dir():
+            return False
+        shutil.rmtree(self.directory)
+        return True
 
     def save(self, index: Any, rows: np.ndarray, fingerprints: np.ndarray, built_rows: int, epoch: str) -> str:
         """Write a graph and make it the current one; returns its build name. Call it holding
