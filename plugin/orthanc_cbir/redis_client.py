@@ -31,6 +31,12 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterE
 """What a Redis server or Redis Cluster that is down, restarting or too slow raises."""
 
 
+SEARCH_COMMAND_TIMEOUT_S = 10
+"""How long a Redis command of a search may take before it fails (a similarity route answers 503): a
+hung Redis must not hold a server thread for the worker waits of the routes. Snapshot refreshes read
+in bounded blocks. Every similarity core's client has it, a worker's "Similar cases" maker's too: the
+cores of a process share one searcher, which reads through the client of the first core made."""
+
 RedisClient: TypeAlias = redis.Redis | RedisCluster
 """What :func:`connect` makes: one server (or Sentinel-managed master) or a Redis Cluster."""
 

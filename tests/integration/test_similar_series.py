@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -376,3 +378,43 @@ def test_a_series_half_written_when_orthanc_died_is_replaced_by_one_complete_ser
             assert [(s["ID"], len(s["Instances"])) for s in own_series()] == [(made["series"]["orthanc"], made["hits"])]
         finally:
             running.stop()
+
+
+def test_a_hung_redis_fails_a_search_within_the_routes_timeout_when_a_maker_made_the_shared_searcher(
+        tmp_path, monkeypatch):  # fmt: skip
+    """The cores of a process share one searcher, which reads through the client of the first core
+    made. A worker hands its maker its own client, which need not have a command timeout (redis-py
+    before 6 had none by default): had the maker's core come first, a route's search would have waited
+    on a hung Redis for ever instead of answering 503."""
+    from orthanc_cbir.answers import similar_series
+    from orthanc_cbir.config import load_settings
+    from orthanc_cbir.search import SearchOptions
+    from orthanc_cbir.search.service import Page, SimilaritySearch
+
+    monkeypatch.setattr(similar_series, "SEARCH_COMMAND_TIMEOUT_S", 1)
+    with RedisServer(tmp_path / "redis") as server:
+        settings = load_settings(env={}, redis_url=server.url)
+        worker_client = redis.Redis.from_url(server.url, socket_timeout=None)  # a worker's: it may wait
+        maker = SimilarSeriesMaker(settings, OrthancClient("http://127.0.0.1:1"), worker_client)
+        maker_core = maker._similarity()  # a "Similar cases" request came first
+        routes = SimilaritySearch(IndexStore(redis.Redis.from_url(server.url, socket_timeout=1),
+                                             IndexInfo.for_model(settings.model)))  # fmt: skip
+        assert routes.searcher is maker_core.searcher
+        outcome: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                routes.similar_to_stored("instance", "1.2.3.4", Page(SearchOptions()))
+            except BaseException as exc:  # noqa: BLE001 - what the route would map to a status
+                outcome.append(exc)
+
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # hung: the socket open, nothing answered
+        try:
+            thread = threading.Thread(target=search, daemon=True)
+            thread.start()
+            thread.join(10)
+            assert not thread.is_alive(), "the search still waits on the hung Redis"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert outcome and isinstance(outcome[0], redis.TimeoutError)

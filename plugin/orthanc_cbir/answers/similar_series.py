@@ -26,7 +26,7 @@ from ..errors import BadParameters, NotFound
 from ..index import IndexInfo, IndexStore
 from ..ingest.orthanc_client import OrthancClient
 from ..ingest.queue import IngestQueue, Marks, QueueKeys
-from ..redis_client import RedisClient
+from ..redis_client import SEARCH_COMMAND_TIMEOUT_S, RedisClient, client_for
 from ..search.service import SEARCH_PARAMETERS, SimilaritySearch
 from ..search.strategies import Hit
 from . import similar_cases
@@ -180,7 +180,9 @@ class SimilarSeriesMaker:
     def _similarity(self) -> SimilaritySearch:
         if self._core is None:
             info = IndexInfo.for_model(self.settings.model)
-            store = IndexStore(self.client, info, shards=self.settings.index_shards)
+            # the routes' timeout, not the worker's client's: the process's cores share one searcher
+            client = client_for(self.settings, socket_timeout=SEARCH_COMMAND_TIMEOUT_S)
+            store = IndexStore(client, info, shards=self.settings.index_shards)
             self._core = SimilaritySearch(store, graph_dir=self.settings.graph_path)
         return self._core
 

@@ -37,7 +37,7 @@ from ..config import Settings
 from ..errors import BadParameters, Busy, NotIndexed
 from ..index import IndexInfo, IndexStore
 from ..ingest.queue import QUERY, SIMILAR_SERIES, IngestQueue, WorkerRequests
-from ..redis_client import UNREACHABLE, client_for
+from ..redis_client import SEARCH_COMMAND_TIMEOUT_S, UNREACHABLE, client_for
 from ..search import Query, QueryContext
 from ..search.labels import upload_header
 from ..search.service import FILTER_PARAMETERS, SEARCH_PARAMETERS, Answer, Page, SimilaritySearch
@@ -56,9 +56,6 @@ QUERY_WAIT_S = 20
 """How long ``POST /cbir/query`` waits for a worker to embed the file."""
 SERIES_WAIT_S = 120
 """How long ``POST .../similar/series`` waits for a worker to fetch, draw and store the hits."""
-REDIS_COMMAND_TIMEOUT_S = 10
-"""How long a route's Redis command may take before the route answers 503: a hung Redis must not
-hold a server thread for the worker waits above. Snapshot refreshes read in bounded blocks."""
 JOB_QUEUE_S = 600
 """How long an asynchronous series request (``Prefer: respond-async``) may wait for a worker to take it."""
 JOB_TTL_S = 3600
@@ -163,7 +160,7 @@ class SimilarityService:
         # A route waiting for a worker holds one of the server's threads (in Orthanc, one the
         # worker itself may need for its REST calls): at most max_worker_waits wait, more get 429.
         self._worker_waits = threading.BoundedSemaphore(max(1, settings.max_worker_waits))
-        self.client = client_for(settings, socket_timeout=REDIS_COMMAND_TIMEOUT_S)
+        self.client = client_for(settings, socket_timeout=SEARCH_COMMAND_TIMEOUT_S)
         # Only the wait for a worker's reply blocks that long; on the client every command uses, a
         # hung Redis would hold the route (an Orthanc HTTP thread) as long before its 503.
         self.queue = IngestQueue.for_settings(self.client, settings)
