@@ -36,7 +36,7 @@ READ_BLOCKS = 8
 """Blocks read from Redis per round trip while refreshing (bounds the bytes in flight)."""
 UID_BYTES = 64
 """Width of the SOPInstanceUID column: a DICOM UID has at most 64 characters (a longer key widens it)."""
-_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's
 ENTRY_CACHE = 8192
 """Decoded entries kept (a few MB): the oldest half goes when it is full."""
 
