@@ -122,3 +122,23 @@ def rows_of(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     records = make_records(count, seed=28)
     return (np.stack([r.features for r in records]), np.stack([r.code for r in records]),
             np.stack([r.attributes() for r in records]))  # fmt: skip
+
+
+def test_a_graph_that_cannot_be_written_still_answers_and_grows(redis_url, store, tmp_path, monkeypatch):
+    """A full disk fails FAISS's write with a RuntimeError: the graph just built stays and answers,
+    and the rows indexed after it are linked in."""
+    import faiss
+
+    def full_disk(*_):
+        raise RuntimeError("Error in faiss::FileIOWriter::operator(): fwrite failed")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    first, later = make_records(800, seed=29), make_records(100, seed=30, prefix="1.2.826.0.1.3680043.8.499")
+    store.add(first)
+    searcher = process(redis_url, store, tmp_path)
+    graph_ready(searcher, first[0])
+    store.add(later)
+    assert graph_ready(searcher, later[5])[0] == later[5].key
+    assert searcher.graph().builds == 1 and searcher.graph().nodes == 900
+    files = GraphFiles(tmp_path, store.info.version)
+    assert files.current(searcher.snapshot.epoch, searcher.graph().dimensions) is None  # nothing half-written

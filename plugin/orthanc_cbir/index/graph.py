@@ -379,7 +379,7 @@ class GraphIndex:
         started = time.perf_counter()
         try:
             build = self._files.save(graph.index, graph.rows, fingerprints, len(graph.rows), epoch)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # FAISS raises RuntimeError when its write fails (a full disk)
             log.warning("graph index: not written to %s (%s)", self._files.directory, type(exc).__name__)
             return
         with self._lock:
