@@ -4,15 +4,18 @@ server's STOW-RS (dicomweb-client, 32 instances a request) with another copy of 
 Beside them, in the same run, what each path is measured against: DCMTK's ``storescp`` writing
 to a RAM disk (a null receiver: the push's own speed) and Orthanc without the plugin.
 
-    .venv/bin/python benchmarks/scp.py [--copies 4] [--workers 1]
+    .venv/bin/python benchmarks/scp.py [--copies 4] [--workers 1] [--associations 1] [--receiving-processes 2]
 
 The files are the real 64-slice CT of ../shared/data, ``--copies`` times with new UIDs (so
 every copy is a new instance). For each receiver it prints instances/s received (storescu's
 push, from its start to its end: what the PACS sees) and instances/s indexed (from the
 push's start to the last instance in the index), with ``--workers`` worker threads for the
 standalone server (and, in another row, as many ``orthanc-cbir worker`` processes beside
-``serve --workers 0``) and as many ``orthanc-cbir worker`` processes for Orthanc, then each path's
-indexing rate as a share of its reference's receiving rate. DCMTK and Orthanc run with
+``serve --workers 0``, and once more with ``--receiving-processes`` processes receiving on its port:
+``CBIR_SCP_PROCESSES``) and as many ``orthanc-cbir worker`` processes for Orthanc, then each path's
+indexing rate as a share of its reference's receiving rate. ``--associations``: storescu processes
+pushing at once, each a share of the files, to every receiver alike (a PACS sending a study over
+several associations; the kernel hands each to one of a server's receiving processes). DCMTK and Orthanc run with
 ``TCP_NODELAY=1`` (without it each message waits on Nagle's algorithm: a push ~30x slower).
 """
 
@@ -63,11 +66,19 @@ def copies_of_series(files: list[Path], copies: int, out: Path) -> list[Path]:
     return paths
 
 
-def timed_push(files: list[Path], port: int, aet: str, indexed: Callable[[], int]) -> tuple[float, float]:
-    """(seconds storescu took, seconds from its start until ``indexed()`` reaches the file count)."""
+def timed_push(files: list[Path], port: int, aet: str, indexed: Callable[[], int],
+               associations: int = 1) -> tuple[float, float]:  # fmt: skip
+    """(seconds the storescu pushes took, seconds from their start until ``indexed()`` reaches the file
+    count): ``associations`` storescu at once, each sending every ``associations``-th file."""
     started = time.monotonic()
-    subprocess.run(["storescu", "-aet", "BENCH_PACS", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-                   check=True, capture_output=True, timeout=600, env=dcmtk_environment())  # fmt: skip
+    pushes = [subprocess.Popen(["storescu", "-aet", "BENCH_PACS", "-aec", aet, "127.0.0.1", str(port),
+                                *map(str, files[n::associations])], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=dcmtk_environment())  # fmt: skip
+              for n in range(associations)]  # fmt: skip
+    for push in pushes:
+        _, errors = push.communicate(timeout=600)
+        if push.returncode:
+            sys.exit(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
     pushed = time.monotonic()
     while indexed() < len(files):
         if time.monotonic() - pushed > 600:
@@ -131,7 +142,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--associations", type=int, default=1, help="storescu pushing at once to each receiver")
+    parser.add_argument("--receiving-processes", type=int, default=2,
+                        help="CBIR_SCP_PROCESSES of the standalone row that receives in several processes")
     args = parser.parse_args()
+    together = args.associations
     series = sorted(SERIES.glob("*.dcm"))
     if not series:
         sys.exit(f"no series at {SERIES}")
@@ -148,19 +163,21 @@ def main() -> None:
             time.sleep(3)  # the workers load the model before the clock starts
             indexed = indexed_by(server)
             results["standalone SCP (orthanc-cbir serve), storescu"] = timed_push(
-                files, server.dicom_port, server.aet, indexed)
+                files, server.dicom_port, server.aet, indexed, together)
             results["standalone STOW-RS (orthanc-cbir serve), dicomweb-client"] = timed_stow(
                 stow_files, server.url, server.token, indexed)
-        # the same, its workers as processes of their own: the receiver no longer shares a GIL with them
-        with ExitStack() as stack:
-            redis_server = stack.enter_context(RedisServer(state / "redis-processes"))
-            server = stack.enter_context(StandaloneServer(state / "serve-processes", redis_url=redis_server.url,
-                                                          workers=0))  # fmt: skip
-            for n in range(args.workers):
-                stack.enter_context(WorkerProcess(state / f"spool-worker{n}", redis_url=redis_server.url,
-                                                  spool_dir=server.spool_dir))  # fmt: skip
-            time.sleep(3)
-            results[STANDALONE_PROCESSES] = timed_push(files, server.dicom_port, server.aet, indexed_by(server))
+        # the same, its workers as processes of their own: the receiver no longer shares a GIL with them;
+        # then receiving in several processes too
+        for name, receiving in ((STANDALONE_PROCESSES, 1), (RECEIVING_PROCESSES, args.receiving_processes)):
+            with ExitStack() as stack:
+                redis_server = stack.enter_context(RedisServer(state / f"redis-processes-{receiving}"))
+                server = stack.enter_context(StandaloneServer(state / f"serve-processes-{receiving}", workers=0,
+                                                              redis_url=redis_server.url, scp_processes=receiving))
+                for n in range(args.workers):
+                    stack.enter_context(WorkerProcess(state / f"spool-worker{receiving}-{n}",
+                                                      redis_url=redis_server.url, spool_dir=server.spool_dir))
+                time.sleep(3)
+                results[name] = timed_push(files, server.dicom_port, server.aet, indexed_by(server), together)
         with ExitStack() as stack:
             redis_server = stack.enter_context(RedisServer(state / "redis-orthanc"))
             orthanc = stack.enter_context(OrthancServer(state / "orthanc", redis_url=redis_server.url))
@@ -168,14 +185,15 @@ def main() -> None:
                 stack.enter_context(WorkerProcess(state / f"worker{n}", redis_url=redis_server.url, orthanc=orthanc))
             time.sleep(3)
             results["Orthanc + plugin + worker, storescu"] = timed_push(
-                files, orthanc.dicom_port, orthanc.aet, lambda: orthanc.get_json("/cbir/status").get("indexed", 0))
+                files, orthanc.dicom_port, orthanc.aet, lambda: orthanc.get_json("/cbir/status").get("indexed", 0),
+                together)
         with OrthancServer(state / "orthanc-alone", redis_url="redis://127.0.0.1:1", with_cbir=False) as alone:
-            results[ORTHANC_ALONE] = timed_push(files, alone.dicom_port, alone.aet, lambda: len(files))
+            results[ORTHANC_ALONE] = timed_push(files, alone.dicom_port, alone.aet, lambda: len(files), together)
         ram = Path("/dev/shm") if Path("/dev/shm").is_dir() else state
         with tempfile.TemporaryDirectory(prefix="cbir-null-", dir=ram) as out, null_receiver(Path(out)) as port:
-            results[NULL_RECEIVER] = timed_push(files, port, "NULL", lambda: len(files))
-    print(f"{len(files)} CT instances (512x512, {args.copies} copies of the 64-slice series), storescu, "
-          f"{args.workers} worker(s):")
+            results[NULL_RECEIVER] = timed_push(files, port, "NULL", lambda: len(files), together)
+    print(f"{len(files)} CT instances (512x512, {args.copies} copies of the 64-slice series), {together} storescu "
+          f"at once, {args.workers} worker(s):")
     print("| receiver | received instances/s | indexed instances/s |\n|---|---:|---:|")
     for name, (received, indexed) in results.items():
         stored_only = name in (ORTHANC_ALONE, NULL_RECEIVER)
@@ -183,12 +201,14 @@ def main() -> None:
     print("\n| path | indexed / its reference's received |\n|---|---:|")
     for name, reference in (("Orthanc + plugin + worker, storescu", ORTHANC_ALONE),
                             ("standalone SCP (orthanc-cbir serve), storescu", NULL_RECEIVER),
-                            (STANDALONE_PROCESSES, NULL_RECEIVER)):  # fmt: skip
+                            (STANDALONE_PROCESSES, NULL_RECEIVER), (RECEIVING_PROCESSES, NULL_RECEIVER)):  # fmt: skip
         print(f"| {name} against {reference} | {results[reference][0] / results[name][1]:.2f}x |")
 
 
 ORTHANC_ALONE = "Orthanc 1.10 alone (no plugin), storescu"
 STANDALONE_PROCESSES = "standalone SCP (orthanc-cbir serve --workers 0) + orthanc-cbir worker processes, storescu"
+RECEIVING_PROCESSES = ("standalone SCP in several receiving processes (CBIR_SCP_PROCESSES, serve --workers 0) + "
+                       "orthanc-cbir worker processes, storescu")
 NULL_RECEIVER = "DCMTK storescp to a RAM disk (null receiver), storescu"
 
 

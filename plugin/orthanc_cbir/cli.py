@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings, load_settings
+from .logs import configure_logging
 
 STRATEGY_NAMES = ("exact", "graph", "hamming", "class", "cluster", "multilateral")
 """The strategies of :mod:`orthanc_cbir.search.strategies` (kept here so --help needs no numpy)."""
@@ -29,16 +30,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(frames_per_instance=getattr(args, "frames", None))
     configure_logging(settings.log_level)
     return args.run(args)
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr. pydicom's own messages can quote element values (names included)
-    and log every refused decoder plugin with a trace: outcomes say what matters, so
-    they stay silent."""
-    import pydicom  # noqa: F401  (importing it sets its logger's level: set ours after)
-
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -149,6 +149,13 @@ class Settings:
     Empty admits any too, but only while ``scp_host`` is a loopback address: off loopback the
     server refuses to start without a list (or ``*``)."""
 
+    scp_processes: int = 1
+    """Standalone server: processes that receive on the DICOM port (1 = the server's own). pynetdicom
+    runs every association in a thread of one interpreter, so one process receives 100-170 instances/s
+    however many associations a PACS opens; each more process (``SO_REUSEPORT``: the kernel hands it
+    a share of the associations, Linux only) adds to that where the host has a core for it. They all
+    write the one spool and stream."""
+
     http_host: str = "127.0.0.1"
     """Standalone server: the address its HTTP API listens on."""
 

@@ -455,7 +455,9 @@ class StandaloneServer(_Process):
     name = "serve"
 
     def __init__(self, state_dir: Path, *, redis_url: str, aet: str = "CBIR", allowed_aets: str = "",
-                 workers: int = 1, dicom_port: int | None = None, http_port: int | None = None):  # fmt: skip
+                 workers: int = 1, dicom_port: int | None = None, http_port: int | None = None,
+                 scp_processes: int = 1):  # fmt: skip
+        """``scp_processes``: processes receiving on its DICOM port (the ``scp_processes`` setting)."""
         super().__init__(state_dir)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
@@ -465,7 +467,8 @@ class StandaloneServer(_Process):
         self.spool_dir = self.state_dir / "spool"
         self.environment = {"CBIR_REDIS_URL": redis_url, "CBIR_SPOOL_DIR": str(self.spool_dir), "CBIR_SCP_AET": aet,
                             "CBIR_SCP_PORT": str(self.dicom_port), "CBIR_HTTP_PORT": str(self.http_port),
-                            "CBIR_HTTP_TOKEN": self.token, "CBIR_SCP_ALLOWED_AETS": allowed_aets}  # fmt: skip
+                            "CBIR_HTTP_TOKEN": self.token, "CBIR_SCP_ALLOWED_AETS": allowed_aets,
+                            "CBIR_SCP_PROCESSES": str(scp_processes)}  # fmt: skip
 
     @property
     def url(self) -> str:

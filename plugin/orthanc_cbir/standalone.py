@@ -2,7 +2,9 @@
 
 One process runs
 
-- the DICOM SCP (:class:`~orthanc_cbir.ingest.scp.StoreSCP`) on ``scp_host:scp_port``,
+- the DICOM SCP (:class:`~orthanc_cbir.ingest.scp.StoreSCP`) on ``scp_host:scp_port``, with
+  ``scp_processes`` - 1 receiving processes beside it on the same port
+  (:mod:`~orthanc_cbir.ingest.receivers`), each started again if it ends,
 - the HTTP API (:mod:`orthanc_cbir.api.http_server`: the routes Orthanc serves, STOW-RS,
   OpenAPI) on ``http_host:http_port``,
 - ``workers`` worker threads that index what both receivers spool,
@@ -26,6 +28,7 @@ from pathlib import Path
 from .answers.similar_series import SimilarSeriesMaker
 from .config import Settings
 from .ingest.queue import SPOOL_WORKERS, IngestQueue, StreamKindError
+from .ingest.receivers import ReceivingProcesses, shared_port_supported
 from .ingest.scp import StoreSCP, allowed_calling_aets
 from .ingest.spool import Spool
 from .ingest.worker import Worker
@@ -43,6 +46,10 @@ def serve(settings: Settings, workers: int = 1) -> int:
         print(f"orthanc-cbir serve: the DICOM SCP would accept any calling AE title on {settings.scp_host}: set "
               "CBIR_SCP_ALLOWED_AETS to the AE titles that may send (comma-separated), or * to accept any, "
               "or listen on 127.0.0.1", file=sys.stderr, flush=True)  # fmt: skip
+        return 2
+    if settings.scp_processes < 1 or (settings.scp_processes > 1 and not shared_port_supported()):
+        print("orthanc-cbir serve: CBIR_SCP_PROCESSES must be 1 or more (more than 1 only where the system has "
+              "SO_REUSEPORT: Linux)", file=sys.stderr, flush=True)  # fmt: skip
         return 2
     client = client_for(settings)  # connects on its first command
     queue = IngestQueue.for_settings(client, settings)
@@ -66,19 +73,33 @@ def serve(settings: Settings, workers: int = 1) -> int:
     series_maker = SimilarSeriesMaker.factory(settings, client)  # for the Orthanc of CBIR_ORTHANC_URL, if any
     threads = [threading.Thread(target=Worker.from_settings(settings, client, series_maker).run, args=(stop,),
                                 name=f"worker-{n}", daemon=True) for n in range(workers)]  # fmt: skip
-    for thread in threads:
-        thread.start()
-    scp = StoreSCP(spool, settings.scp_aet, allowed).start(settings.scp_host, settings.scp_port) \
+    shared = settings.scp_processes > 1
+    scp = StoreSCP(spool, settings.scp_aet, allowed).start(settings.scp_host, settings.scp_port, shared_port=shared) \
         if settings.scp_port else None  # fmt: skip
+    receivers = None
+    if scp is not None and shared:
+        try:
+            receivers = ReceivingProcesses(settings, scp.port, settings.scp_processes - 1).start()
+        except RuntimeError as exc:
+            print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
+            scp.stop()
+            return 1
+    for thread in threads:  # what was received meanwhile waits on the stream
+        thread.start()
     http = HttpServerThread(app, settings.http_host, settings.http_port).start()
-    print(f"orthanc-cbir serve: DICOM {settings.scp_aet}@{settings.scp_host}:{settings.scp_port if scp else '(off)'}, "
-          f"HTTP http://{settings.http_host}:{settings.http_port} (OpenAPI at /docs), {workers} worker(s), "
-          f"spool {spool.directory}", flush=True)  # fmt: skip
+    dicom = f"{settings.scp_host}:{settings.scp_port}" if scp else "(off)"
+    if receivers is not None:
+        dicom += f" in {settings.scp_processes} processes"
+    print(f"orthanc-cbir serve: DICOM {settings.scp_aet}@{dicom}, HTTP http://{settings.http_host}:"
+          f"{settings.http_port} (OpenAPI at /docs), {workers} worker(s), spool {spool.directory}", flush=True)
     while not stop.wait(1.0):  # until SIGTERM / SIGINT (a timed wait: the handler runs between waits)
-        pass
+        if receivers is not None:
+            receivers.check()
     # receivers first, so nothing is acknowledged that no one indexes
     if scp is not None:
         scp.stop()
+    if receivers is not None:
+        receivers.stop()
     http.stop()
     for thread in threads:
         thread.join(timeout=30)

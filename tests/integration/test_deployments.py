@@ -165,6 +165,12 @@ def test_serve_refuses_an_http_api_off_loopback_without_authentication_with_a_me
     assert "without authentication" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_refuses_fewer_than_one_receiving_process_with_a_message(tmp_path):
+    done = serve_refusal(tmp_path, CBIR_SCP_PROCESSES="0")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "CBIR_SCP_PROCESSES" in done.stderr and "Traceback" not in done.stderr
+
+
 def echo(port: int, calling: str, called: str) -> bool:
     """Whether ``calling`` gets an association with ``called`` at 127.0.0.1:``port`` and a C-ECHO answered."""
     ae = AE(ae_title=calling)

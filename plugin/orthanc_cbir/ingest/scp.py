@@ -15,11 +15,15 @@ Only calling AE titles in ``scp_allowed_aets`` may associate when it is set; ``*
 any (``orthanc-cbir serve`` wants a list or ``*`` before it listens off loopback).
 
 Accepted: every storage SOP class, in the transfer syntaxes the pixel step decodes.
+
+Several processes may listen on one port (``start(..., shared_port=True)``: ``SO_REUSEPORT``, the
+kernel hands each new association to one of them): :mod:`.receivers`.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 from typing import cast
@@ -99,12 +103,19 @@ class StoreSCP:
         self._mismatched: set[tuple[int, int]] = set()  # (association, MessageID) of C-STOREs re-routed below
         self._lock = threading.Lock()
 
-    def start(self, host: str, port: int) -> StoreSCP:
-        """Listen on ``host:port`` in background threads; returns at once."""
+    def start(self, host: str, port: int, shared_port: bool = False) -> StoreSCP:
+        """Listen on ``host:port`` in background threads; returns at once. ``shared_port``: other
+        processes may listen on the same port the same way (:mod:`.receivers`)."""
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
                                             (evt.EVT_DIMSE_RECV, self._on_message)]  # fmt: skip
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, host, self.port)
+        server_class = _SharedPortServer if shared_port else ThreadedAssociationServer
+        server = self.ae.make_server((host, port), evt_handlers=handlers, server_class=server_class)
+        # what AE.start_server does for a server of its own class; its shutdown() takes it off the list
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True).start()
+        self._server = server
+        log.info("DICOM SCP %s listening on %s:%d%s", self.ae.ae_title, host, self.port,
+                 " (a port shared with other receiving processes)" if shared_port else "")  # fmt: skip
         return self
 
     @property
@@ -154,6 +165,16 @@ class StoreSCP:
             log.error("C-STORE from %s not spooled: %s: %s", event.assoc.requestor.ae_title, type(exc).__name__, exc)
             return OUT_OF_RESOURCES
         return SUCCESS
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other processes may listen on too (``SO_REUSEPORT``, which
+    Linux allows only to processes of the same user)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None  # made by TCPServer before it binds
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def allowed_calling_aets(text: str) -> tuple[str, ...]:
