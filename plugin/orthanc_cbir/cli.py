@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         description="One process: a C-STORE / C-ECHO SCP (CBIR_SCP_AET on CBIR_SCP_HOST:CBIR_SCP_PORT, calling AE "
         "titles limited by CBIR_SCP_ALLOWED_AETS), the HTTP API of the Orthanc plugin plus STOW-RS at "
         "/dicom-web/studies (CBIR_HTTP_HOST:CBIR_HTTP_PORT, OpenAPI at /docs, CBIR_HTTP_TOKEN or "
-        "CBIR_HTTP_USERNAME / CBIR_HTTP_PASSWORD), and worker threads. What is received is written to "
+        "CBIR_HTTP_USERNAME / CBIR_HTTP_PASSWORD), and worker threads; with --scp-processes N, N - 1 more "
+        "processes receive on the same DICOM port. What is received is written to "
         "CBIR_SPOOL_DIR before it is acknowledged, so a crash loses nothing acknowledged.",
     )
     serve.add_argument("--redis-url", help="default: settings (CBIR_REDIS_URL)")
@@ -149,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dicom-port", type=int, help="default: settings (CBIR_SCP_PORT); 0 turns the SCP off")
     serve.add_argument("--http-port", type=int, help="default: settings (CBIR_HTTP_PORT)")
     serve.add_argument("--workers", type=int, default=1, help="worker threads in this process (default 1)")
+    serve.add_argument("--scp-processes", type=int,
+                       help="processes receiving on the DICOM port, this one included; default: settings "
+                            "(CBIR_SCP_PROCESSES, 1)")  # fmt: skip
     serve.set_defaults(run=_run_serve)
 
     reconcile_parser = commands.add_parser(
@@ -512,7 +516,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .standalone import serve
 
     settings = load_settings(redis_url=args.redis_url, spool_dir=args.spool, scp_port=args.dicom_port,
-                             http_port=args.http_port)  # fmt: skip
+                             http_port=args.http_port, scp_processes=args.scp_processes)  # fmt: skip
     return serve(settings, workers=args.workers)
 
 

@@ -48,8 +48,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
               "or listen on 127.0.0.1", file=sys.stderr, flush=True)  # fmt: skip
         return 2
     if settings.scp_processes < 1 or (settings.scp_processes > 1 and not shared_port_supported()):
-        print("orthanc-cbir serve: CBIR_SCP_PROCESSES must be 1 or more (more than 1 only where the system has "
-              "SO_REUSEPORT: Linux)", file=sys.stderr, flush=True)  # fmt: skip
+        print("orthanc-cbir serve: CBIR_SCP_PROCESSES (--scp-processes) must be 1 or more (more than 1 only where "
+              "the system has SO_REUSEPORT: Linux)", file=sys.stderr, flush=True)  # fmt: skip
         return 2
     client = client_for(settings)  # connects on its first command
     queue = IngestQueue.for_settings(client, settings)

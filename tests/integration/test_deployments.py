@@ -138,8 +138,9 @@ def test_a_redis_password_given_apart_from_the_url_opens_redis_and_none_is_refus
             assert client.ping()
 
 
-def serve_refusal(tmp_path, **settings: str) -> subprocess.CompletedProcess:
-    """``orthanc-cbir serve`` with ``settings`` over a Redis that is not there: what it says when it refuses."""
+def serve_refusal(tmp_path, *flags: str, **settings: str) -> subprocess.CompletedProcess:
+    """``orthanc-cbir serve`` with ``flags`` and ``settings`` over a Redis that is not there: what it says when it
+    refuses."""
     environment = {
         "CBIR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing there: refused before Redis
         "CBIR_SPOOL_DIR": str(tmp_path / "spool"),
@@ -147,8 +148,8 @@ def serve_refusal(tmp_path, **settings: str) -> subprocess.CompletedProcess:
         "CBIR_HTTP_PORT": str(free_port()),
         **settings,
     }
-    return subprocess.run([sys.executable, "-m", "orthanc_cbir.cli", "serve"], env=environment, capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "orthanc_cbir.cli", "serve", *flags], env=environment,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
 
 
 def test_serve_refuses_to_listen_off_loopback_without_a_list_of_calling_ae_titles(tmp_path):
@@ -166,9 +167,9 @@ def test_serve_refuses_an_http_api_off_loopback_without_authentication_with_a_me
 
 
 def test_serve_refuses_fewer_than_one_receiving_process_with_a_message(tmp_path):
-    done = serve_refusal(tmp_path, CBIR_SCP_PROCESSES="0")
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "CBIR_SCP_PROCESSES" in done.stderr and "Traceback" not in done.stderr
+    for done in (serve_refusal(tmp_path, CBIR_SCP_PROCESSES="0"), serve_refusal(tmp_path, "--scp-processes", "-1")):
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "CBIR_SCP_PROCESSES (--scp-processes)" in done.stderr and "Traceback" not in done.stderr
 
 
 def echo(port: int, calling: str, called: str) -> bool:
