@@ -23,8 +23,10 @@ PROCESSES = 3
 def listening_sockets(port: int) -> int:
     """Sockets listening on ``port`` on this host (/proc/net/tcp: state 0A is LISTEN)."""
     count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():  # a kernel without IPv6
+            continue
+        for line in table.read_text().splitlines()[1:]:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
                 count += 1
