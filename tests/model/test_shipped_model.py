@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.config import DEFAULT_MODEL
-from orthanc_cbir.evaluation.metrics import all_heads_correct, exact_top_k
+from orthanc_cbir.evaluation.metrics import exact_top_k
 from orthanc_cbir.model.embedder import Embedder, file_sha256
+from orthanc_cbir.model.heads import all_heads_correct
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MEDNIST = SHARED / "mednist" / "mednist_dev.tar.gz"

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from orthanc_cbir.evaluation.metrics import (
-    all_heads_correct,
     average_precision_at_k,
     code_statistics,
     exact_top_k,
     map_at_k,
     recall_vs_exact,
 )
+from orthanc_cbir.model.heads import all_heads_correct
 
 
 def test_average_precision_at_k_by_hand():

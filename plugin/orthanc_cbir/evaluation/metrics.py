@@ -83,15 +83,6 @@ def map_at_k(query_labels: np.ndarray, ranked_gallery_labels: np.ndarray, galler
     ]))  # fmt: skip
 
 
-def all_heads_correct(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> np.ndarray:
-    """(N,) bool: for each image, whether every head in ``scores`` (N, classes) ranks
-    its label first. A MedNIST class is right when modality and region both are."""
-    correct = np.ones(len(next(iter(labels.values()))), dtype=bool)
-    for head, values in scores.items():
-        correct &= np.asarray(values).argmax(axis=1) == labels[head]
-    return correct
-
-
 def code_statistics(packed_codes: np.ndarray) -> dict[str, float]:
     """Distinct codes, mean bucket size (how many images share an image's code, on
     average over images) and bit balance (mean |share of ones - 0.5| over bits: 0 is

@@ -39,6 +39,7 @@ from PIL import Image
 
 from ..dicom import DecodedInstance, decode_dataset
 from ..model.embedder import Embedder
+from ..model.heads import all_heads_correct
 from ..training.anatomy import HELD_OUT_PATIENTS, VolumeSource, read_organamnist, read_volume
 from ..training.data import (
     AUX_LABELS,
@@ -51,7 +52,7 @@ from ..training.data import (
     read_mednist,
     read_pneumonia,
 )
-from .metrics import all_heads_correct, code_statistics, exact_top_k, map_at_k, recall_vs_exact
+from .metrics import code_statistics, exact_top_k, map_at_k, recall_vs_exact
 
 POOL_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
 

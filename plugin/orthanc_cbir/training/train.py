@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..evaluation.metrics import all_heads_correct
+from ..model.heads import all_heads_correct
 from ..model.preprocess import INPUT_SIZE
 from .anatomy import HELD_OUT_PATIENTS, anatomy_volumes, read_organamnist, read_volumes
 from .augment import jpeg_recompress, random_view
