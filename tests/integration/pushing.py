@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
 from orthanc_cbir.local_services import dcmtk_environment
 from tests import dicom_factory as factory
@@ -55,3 +59,28 @@ def synthetic_series(folder: Path, slices: int = 12, size: int = 64, texture: in
         paths.append(folder / f"slice{z:03d}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     return paths
+
+
+def push(server, paths, acknowledged: list[str], started: threading.Event | None = None) -> None:
+    """C-STORE each file on one association to ``server`` (its ``dicom_port`` and ``aet``), as pynetdicom's SCU,
+    recording the SOPInstanceUIDs answered Success, until the association breaks; ``started`` is set at the 5th."""
+    ae = AE(ae_title="TEST_PACS")
+    ae.add_requested_context(CTImageStorage)
+    association = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.aet)
+    if not association.is_established:
+        return
+    try:
+        for path in paths:
+            ds = dcmread(path)
+            try:
+                status = association.send_c_store(ds)
+            except (RuntimeError, OSError):  # pynetdicom's word for an association that broke meanwhile
+                return
+            if not association.is_established or "Status" not in status or int(status.Status) != 0:
+                return
+            acknowledged.append(str(ds.SOPInstanceUID))
+            if started is not None and len(acknowledged) == 5:
+                started.set()
+    finally:
+        if association.is_established:
+            association.release()

@@ -7,30 +7,56 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
+from orthanc_cbir.index import IndexInfo, IndexStore
 from orthanc_cbir.local_services import StandaloneServer
-from tests.integration.pushing import storescu, synthetic_series, wait_until
+from orthanc_cbir.model.embedder import Embedder
+from tests.integration.pushing import push, storescu, synthetic_series, wait_until
 
 pytestmark = pytest.mark.integration
 
 PROCESSES = 3
 
 
-def listening_sockets(port: int) -> int:
-    """Sockets listening on ``port`` on this host (/proc/net/tcp: state 0A is LISTEN)."""
-    count = 0
+def sockets(port: int, state: str) -> list[str]:
+    """The inodes of this host's TCP sockets on local ``port`` in ``state`` (/proc/net/tcp: 0A is
+    LISTEN, 01 ESTABLISHED)."""
+    found = []
     for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
         if not table.exists():  # a kernel without IPv6
             continue
         for line in table.read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                count += 1
-    return count
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                found.append(fields[9])
+    return found
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` on this host."""
+    return len(sockets(port, "0A"))
+
+
+def holds_an_association(pid: int, port: int) -> bool:
+    """Whether ``pid`` holds a connection accepted on ``port`` (one of its descriptors is that socket)."""
+    accepted = {f"socket:[{inode}]" for inode in sockets(port, "01")}
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in accepted:
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
 
 
 def receiving_processes(server: StandaloneServer) -> list[int]:
@@ -113,3 +139,28 @@ def test_receiving_processes_end_with_their_killed_server_and_free_the_port(serv
     server.kill()  # SIGKILL: the server cannot stop them itself
     wait_until(lambda: not any(alive(pid) for pid in children), 30, "the receiving processes gone")
     assert listening_sockets(server.dicom_port) == 0
+
+
+def test_a_receiving_process_killed_mid_association_loses_nothing_it_acknowledged(server, redis_server, tmp_path):
+    store = IndexStore(redis.Redis.from_url(redis_server.url), IndexInfo.from_card(Embedder().card))
+    senders: list[threading.Thread] = []
+    acknowledged: list[list[str]] = []
+    victim = None
+    for n in range(20):  # associations one after another until a receiving process (not the server) holds one
+        paths, sent, started = synthetic_series(tmp_path / f"push{n}", slices=60, size=256), [], threading.Event()
+        senders.append(threading.Thread(target=push, args=(server, paths, sent, started)))
+        acknowledged.append(sent)
+        senders[-1].start()
+        assert started.wait(60), "the SCP acknowledged nothing"
+        victim = next((pid for pid in receiving_processes(server) if holds_an_association(pid, server.dicom_port)),
+                      None)  # fmt: skip
+        if victim is not None:
+            break
+    assert victim is not None, "no association reached a receiving process (1 in 3 each)"
+    os.kill(victim, signal.SIGKILL)  # mid-association: the SCU learns it broke, the rest is not acknowledged
+    for sender in senders:
+        sender.join(timeout=120)
+    assert any(len(sent) < 60 for sent in acknowledged), "no association was cut"
+    kept = [uid for sent in acknowledged for uid in sent]
+    wait_until(lambda: all(store.row(uid) is not None for uid in kept), 120,
+               f"the {len(kept)} acknowledged instances indexed")  # fmt: skip

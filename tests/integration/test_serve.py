@@ -19,31 +19,9 @@ from orthanc_cbir.ingest.queue import IngestQueue
 from orthanc_cbir.ingest.spool import Spool
 from orthanc_cbir.local_services import RedisServer, StandaloneServer
 from orthanc_cbir.model.embedder import Embedder
-from tests.integration.pushing import sop_instance_uids, storescu, synthetic_series, wait_until
+from tests.integration.pushing import push, sop_instance_uids, storescu, synthetic_series, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def push(server: StandaloneServer, paths, acknowledged: list[str], started: threading.Event | None = None) -> None:
-    """C-STORE each file on one association, recording the SOPInstanceUIDs answered Success,
-    until the association breaks."""
-    ae = AE(ae_title="TEST_PACS")
-    ae.add_requested_context(CTImageStorage)
-    association = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.aet)
-    if not association.is_established:
-        return
-    try:
-        for path in paths:
-            ds = dcmread(path)
-            status = association.send_c_store(ds)
-            if not association.is_established or "Status" not in status or int(status.Status) != 0:
-                return
-            acknowledged.append(str(ds.SOPInstanceUID))
-            if started is not None and len(acknowledged) == 5:
-                started.set()
-    finally:
-        if association.is_established:
-            association.release()
 
 
 def status(server: StandaloneServer) -> dict:
