@@ -11,10 +11,15 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .logs import configure_logging
+
+if TYPE_CHECKING:  # for annotations only: --help imports neither numpy nor redis
+    from .index import IndexInfo, IndexStore
+    from .model.embedder import Embedder
+    from .redis_client import RedisClient
 
 STRATEGY_NAMES = ("exact", "graph", "hamming", "class", "cluster", "multilateral")
 """The strategies of :mod:`orthanc_cbir.search.strategies` (kept here so --help needs no numpy)."""
@@ -375,7 +380,7 @@ def _vote_report(redis_url: str | None) -> int:
     return 0
 
 
-def _redis(url: str | None, cluster: bool | None = None, password: str | None = None):
+def _redis(url: str | None, cluster: bool | None = None, password: str | None = None) -> RedisClient:
     """A client of ``url`` (default: the settings'); a cluster client when ``cluster`` or the
     settings say so; ``password`` (default: the settings' ``redis_password``) when the URL has none."""
     from .redis_client import connect
@@ -385,14 +390,14 @@ def _redis(url: str | None, cluster: bool | None = None, password: str | None = 
                    password=settings.redis_password if password is None else password)  # fmt: skip
 
 
-def _store(client, info):
+def _store(client: RedisClient, info: IndexInfo) -> IndexStore:
     """The index of ``info``'s model version, with the settings' shard count."""
     from .index import IndexStore
 
     return IndexStore(client, info, shards=load_settings().index_shards)
 
 
-def _embedder():
+def _embedder() -> Embedder:
     from .model.embedder import Embedder
 
     return Embedder.from_settings(load_settings())

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class _Process:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, cwd=self.state_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _wait_until(self, ready, timeout_s: float) -> None:
+    def _wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:

@@ -37,8 +37,9 @@ hung Redis must not hold a server thread for the worker waits of the routes. Sna
 in bounded blocks. Every similarity core's client has it, a worker's "Similar cases" maker's too: the
 cores of a process share one searcher, which reads through the client of the first core made."""
 
-RedisClient: TypeAlias = redis.Redis | RedisCluster
-"""What :func:`connect` makes: one server (or Sentinel-managed master) or a Redis Cluster."""
+RedisClient: TypeAlias = "redis.Redis | RedisCluster | LazyCluster"
+"""What :func:`connect` makes: one server (or Sentinel-managed master) or a Redis Cluster (a
+:class:`LazyCluster`: every attribute is the cluster client's)."""
 
 
 def text(value: bytes | str) -> str:
@@ -56,7 +57,7 @@ def as_bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def connect(url: str, *, cluster: bool = False, password: str = "", **options: Any):
+def connect(url: str, *, cluster: bool = False, password: str = "", **options: Any) -> RedisClient:
     """A client of ``url`` (``redis://``, ``rediss://``); ``options`` go to ``from_url``
     (``socket_timeout``...). ``password`` is sent when the URL carries none (redis-py lets the URL's
     own win): a password given apart needs no URL quoting. With ``cluster``: a :class:`LazyCluster`."""
@@ -67,7 +68,7 @@ def connect(url: str, *, cluster: bool = False, password: str = "", **options: A
     return redis.Redis.from_url(url, **options)
 
 
-def client_for(settings: Settings, **options: Any):
+def client_for(settings: Settings, **options: Any) -> RedisClient:
     """:func:`connect` to the Redis of ``settings`` (``redis_url``, ``redis_password``, ``redis_cluster``)."""
     return connect(settings.redis_url, cluster=settings.redis_cluster, password=settings.redis_password, **options)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from ..dicom import DecodedInstance, decode_dataset
 from ..model.embedder import Embedder
@@ -123,7 +124,8 @@ def validate_model(embedder: Embedder, data: ValidationData, seed: int = 0, copi
     return figures
 
 
-def _curve(qf, qc, gf, gc, weights=None) -> dict[str, float]:
+def _curve(qf: np.ndarray, qc: np.ndarray, gf: np.ndarray, gc: np.ndarray,
+           weights: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
     curve = recall_vs_exact(qf, qc, gf, gc, POOL_FRACTIONS, k=10, bit_weights=weights)
     return {f"{fraction:.3f}": round(recall, 4) for fraction, recall in curve.items()}
 
@@ -133,7 +135,8 @@ def _class_accuracy(probabilities: dict[str, np.ndarray], image_set: ImageSet, i
     return round(float(all_heads_correct(scores, {h: image_set.labels[h][index] for h in scores}).mean()), 5)
 
 
-def _map_exact(query_features, query_labels, gallery_features, gallery_labels, k: int = 10) -> float:
+def _map_exact(query_features: np.ndarray, query_labels: np.ndarray, gallery_features: np.ndarray,
+               gallery_labels: np.ndarray, k: int = 10) -> float:  # fmt: skip
     top = exact_top_k(query_features, gallery_features, k)
     return round(map_at_k(query_labels, gallery_labels[top], gallery_labels, k), 4)
 
@@ -152,7 +155,8 @@ def perturb_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(shifted * rng.uniform(0.9, 1.1), 0, 255) / 255.0
 
 
-def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, seed: int, copies: int) -> dict:
+def _copy_detection(embedder: Embedder, mednist: ImageSet, train_index: np.ndarray, gallery_features: np.ndarray,
+                    seed: int, copies: int) -> dict:  # fmt: skip
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(train_index), size=min(copies, len(train_index)), replace=False)
     queries = np.stack([perturb_copy(mednist.images[train_index[i]], rng) for i in chosen]).astype(np.float32)
@@ -164,7 +168,7 @@ def _copy_detection(embedder, mednist: ImageSet, train_index, gallery_features, 
             "perturbation": "JPEG q70, shift <= 4 px, intensity x U(0.9, 1.1)"}  # fmt: skip
 
 
-def _pathology(embedder, root: Path) -> dict:
+def _pathology(embedder: Embedder, root: Path) -> dict:
     train, validation = read_pneumonia(root, "train"), read_pneumonia(root, "val")
     kept, held_back = pneumonia_holdback(train)
     gallery, answers = embedder.embed(train.as_float()), embedder.embed(validation.as_float())
@@ -185,7 +189,7 @@ def _pathology(embedder, root: Path) -> dict:
     }  # fmt: skip
 
 
-def _organs(embedder, npz: Path) -> dict:
+def _organs(embedder: Embedder, npz: Path) -> dict:
     train, test = read_organamnist(npz, "train"), read_organamnist(npz, "test")
     gallery, queries = embedder.embed(train.as_float()), embedder.embed(test.as_float())
     return {
@@ -194,7 +198,8 @@ def _organs(embedder, npz: Path) -> dict:
     }  # fmt: skip
 
 
-def cross_patient_level(embedder, first: Path, second: Path, tolerance_mm: float = LEVEL_TOLERANCE_MM) -> dict:
+def cross_patient_level(embedder: Embedder, first: Path, second: Path,
+                        tolerance_mm: float = LEVEL_TOLERANCE_MM) -> dict:  # fmt: skip
     """Both ways: the share of slices (within the range both series cover once aligned) whose
     nearest slice of the other patient lies within ``tolerance_mm`` of the same level."""
     import json
@@ -229,21 +234,21 @@ def _landmark_pair(folder: Path, landmarks: dict) -> tuple[float, float]:
     return float(entry["lung_apex_mm"]), float(entry["lung_base_mm"])
 
 
-def _series_levels(embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _series_levels(embedder: Embedder, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     axial = read_volume(VolumeSource(folder, "CT", "chest", folder.name), group=0, reformats=())
     positions = axial.aux["level"].astype(np.float64)
     return positions, _as_indexed(embedder, embedder.embed(axial.as_float()).features, positions,
                                   axial.aux["lung_mm2"])  # fmt: skip
 
 
-def _as_indexed(embedder, features: np.ndarray, positions: np.ndarray, lung_mm2: np.ndarray) -> np.ndarray:
+def _as_indexed(embedder: Embedder, features: np.ndarray, positions: np.ndarray, lung_mm2: np.ndarray) -> np.ndarray:
     """One series' axial slices as the index holds them: at the series' level (:mod:`..model.level`)."""
     level = embedder.card.level
     return features if level is None else level.refine_series(features, positions, lung_mm2)
 
 
 def plane_region(
-    embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS
+    embedder: Embedder, sources: list[VolumeSource], k: int = 5, held_out: tuple[str, ...] = HELD_OUT_PATIENTS
 ) -> dict:
     """Precision@k of same plane and same region among hits from other patients (queries: images
     of a region at least two patients show; volumes without a region label left out), over all
@@ -319,7 +324,7 @@ def _plane_region_precision(features: np.ndarray, plane: np.ndarray, region: np.
     }  # fmt: skip
 
 
-def window_invariance(embedder, folder: Path, slices: int = 8) -> dict:
+def window_invariance(embedder: Embedder, folder: Path, slices: int = 8) -> dict:
     """Slices of a real CT saved with a lung window, a soft-tissue window and none: the largest
     distance between those versions, against the distance to the neighbouring slice."""
     import pydicom
@@ -338,7 +343,7 @@ def window_invariance(embedder, folder: Path, slices: int = 8) -> dict:
             "share_below_a_tenth": round(float(np.mean(np.array(ratios) < 0.1)), 4)}  # fmt: skip
 
 
-def _embed_with_window(embedder, dataset, window: tuple[float, float] | None) -> np.ndarray:
+def _embed_with_window(embedder: Embedder, dataset: Dataset, window: tuple[float, float] | None) -> np.ndarray:
     ds = dataset.copy()
     for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTSequence"):
         if keyword in ds:
@@ -351,7 +356,7 @@ def _embed_with_window(embedder, dataset, window: tuple[float, float] | None) ->
     return embedder.embed_pixels([outcome.images[0].model_pixels]).features[0]
 
 
-def _series(embedder, folder: Path, mednist_features: np.ndarray) -> dict:
+def _series(embedder: Embedder, folder: Path, mednist_features: np.ndarray) -> dict:
     series = read_dicom_series(folder)
     features = embedder.embed(series.as_float()).features
     index = np.concatenate([features, mednist_features])

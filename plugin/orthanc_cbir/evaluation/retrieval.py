@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..index import IndexInfo, IndexStore
 from ..index.records import picture_records
 from ..model.embedder import Embedder, Embeddings
+from ..redis_client import RedisClient
 from ..search import STRATEGIES, Query, Searcher, SearchOptions
 from ..training.data import ImageSet
 from .metrics import average_precision_at_k, ndcg_at_k, precision_at_k
@@ -73,8 +74,9 @@ def index_images(store: IndexStore, names: list[str], embedded: Embeddings, name
 
 
 def evaluate(
-    client, embedder: Embedder, gallery: Labelled, queries: Labelled, strategies: tuple[str, ...] = STRATEGIES,
-    k: int = 10, copies: int = 0, seed: int = 0, progress: bool = True, recluster_first: bool = True,
+    client: RedisClient, embedder: Embedder, gallery: Labelled, queries: Labelled,
+    strategies: tuple[str, ...] = STRATEGIES, k: int = 10, copies: int = 0, seed: int = 0, progress: bool = True,
+    recluster_first: bool = True,
 ) -> tuple[dict, dict[str, StrategyReport]]:  # fmt: skip
     """Index ``gallery`` into a private key space of ``client``, query it; returns the
     JSON-ready summary (the shape DESIGN.md promises) and the per-strategy reports.
@@ -116,7 +118,9 @@ def _query(embedded: Embeddings, i: int) -> Query:
     return Query(embedded.features[i], embedded.codes[i], {h: p[i] for h, p in embedded.probabilities.items()})
 
 
-def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, exact_top, k, progress) -> StrategyReport:
+def _run_strategy(searcher: Searcher, strategy: str, embedded: Embeddings, gallery: Labelled, queries: Labelled,
+                  row_of_uid: dict[str, int], exact_top: list[list[int]] | None, k: int,
+                  progress: bool) -> StrategyReport:  # fmt: skip
     options = SearchOptions(strategy, k=DEPTH, with_records=False)
     labels, gallery_labels = queries.labels, gallery.labels
     totals = np.bincount(gallery_labels, minlength=len(gallery.classes))
@@ -150,7 +154,8 @@ def _run_strategy(searcher, strategy, embedded, gallery, queries, row_of_uid, ex
     return StrategyReport(out, per_class, rankings)
 
 
-def _copy_detection(searcher, embedder, gallery: Labelled, row_of_uid, strategies, copies: int, seed: int) -> dict:
+def _copy_detection(searcher: Searcher, embedder: Embedder, gallery: Labelled, row_of_uid: dict[str, int],
+                    strategies: tuple[str, ...], copies: int, seed: int) -> dict:  # fmt: skip
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(gallery.images), size=min(copies, len(gallery.images)), replace=False)
     perturbed = np.stack([perturb_copy(gallery.images.images[i], rng) for i in chosen]).astype(np.float32)
@@ -192,7 +197,8 @@ def write_report(out_dir: Path, summary: dict, reports: dict[str, StrategyReport
     return out_dir / "report.md"
 
 
-def _precision_recall_png(path: Path, reports, gallery: Labelled, queries: Labelled, size: int = 420) -> None:
+def _precision_recall_png(path: Path, reports: dict[str, StrategyReport], gallery: Labelled, queries: Labelled,
+                          size: int = 420) -> None:  # fmt: skip
     totals = np.bincount(gallery.labels, minlength=len(gallery.classes))
     image = Image.new("RGB", (size + 160, size + 40), "white")
     draw = ImageDraw.Draw(image)

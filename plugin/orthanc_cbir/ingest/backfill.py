@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -52,6 +53,9 @@ from ..errors import BackfillError
 from ..index import IndexStore
 from .pipeline import EmbeddingBatch, admit
 from .queue import DICOMWEB, IngestQueue, Marks
+
+if TYPE_CHECKING:
+    from ..model.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +257,7 @@ def backfill(
     client: DICOMwebClient,
     store: IndexStore,
     queue: IngestQueue,
-    embedder,
+    embedder: Embedder,
     *,
     since: date | str | None = None,
     modalities: Sequence[str] | None = None,
@@ -548,7 +552,7 @@ def _describe(exc: requests.RequestException, url: str, what: str) -> str:
     return f"cannot reach the DICOMweb server {url} ({type(exc).__name__}); stopped (rerun to resume)"
 
 
-def _value(item: dict, tag: str):
+def _value(item: dict, tag: str) -> Any:
     """The first value of ``tag`` in a DICOM JSON object (``None`` when absent or empty)."""
     values = (item.get(tag) or {}).get("Value") or []
     return values[0] if values else None

@@ -257,7 +257,7 @@ def decoded_slices(folder: Path) -> list[DecodedSlice]:
     return sorted(slices, key=lambda s: s.position)
 
 
-def _slice_key(header) -> float:
+def _slice_key(header: Dataset) -> float:
     try:
         orientation = np.array(header.ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
