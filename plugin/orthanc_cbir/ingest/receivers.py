@@ -75,17 +75,14 @@ class ReceivingProcesses:
                     raise RuntimeError(f"a DICOM receiving process did not listen (exit code {process.exitcode})")
         return self
 
-    def check(self) -> int:
-        """Start again each process that ended (the server's loop calls it every second); returns how many."""
-        restarted = 0
+    def check(self) -> None:
+        """Start again each process that ended (the server's loop calls it every second)."""
         for n, (process, _) in enumerate(self._processes):
-            if process.is_alive():
-                continue
-            log.warning("DICOM receiving process %d ended (exit code %s); starting it again", n + 1, process.exitcode)
-            process.close()
-            self._processes[n] = self._launch()
-            restarted += 1
-        return restarted
+            if not process.is_alive():
+                log.warning("DICOM receiving process %d ended (exit code %s); starting it again", n + 1,
+                            process.exitcode)  # fmt: skip
+                process.close()
+                self._processes[n] = self._launch()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM each, wait for it to end its associations, SIGKILL the ones that do not."""
