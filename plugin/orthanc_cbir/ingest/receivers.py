@@ -10,7 +10,9 @@ AE titles and spool), so the spool's guarantee holds whichever process received 
 synced, renamed and enqueued before Success.
 
 A receiving process that ends is started again within a second (:meth:`ReceivingProcesses.check`);
-the associations it held are aborted, and their SCUs send again what was not acknowledged. One
+the associations it held are aborted, and their SCUs send again what was not acknowledged. One that
+keeps ending soon after its start waits longer each time before it is started again
+(:func:`restart_delay`): a process that cannot run costs a spawn a minute, not a core. One
 whose server is gone (killed: it had no chance to stop them) stops by itself, so that no process
 keeps the port and acknowledges what no server watches over.
 """
@@ -24,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -41,6 +44,23 @@ START_TIMEOUT_S = 60.0
 """How long a receiving process may take to listen (it imports pynetdicom and pydicom)."""
 _PARENT_CHECK_S = 1.0
 """How often a receiving process looks whether its server is still there."""
+STABLE_S = 60.0
+"""A receiving process that ran this long before it ended is started again at once."""
+MAX_RESTART_DELAY_S = 60.0
+"""The longest wait before a receiving process that keeps ending is started again."""
+
+
+def restart_delay(ran_s: float, previous_s: float) -> float:
+    """Seconds to wait before starting again a receiving process that ended after ``ran_s`` seconds,
+    the wait before its start having been ``previous_s``: none after a run of :data:`STABLE_S`, else
+    twice the last wait (1 s the first time), at most :data:`MAX_RESTART_DELAY_S`.
+
+    >>> restart_delay(3600, 8.0), restart_delay(0.5, 0.0), restart_delay(0.5, 1.0), restart_delay(2, 40.0)
+    (0.0, 1.0, 2.0, 60.0)
+    """
+    if ran_s >= STABLE_S:
+        return 0.0
+    return min(max(2 * previous_s, 1.0), MAX_RESTART_DELAY_S)
 
 
 def shared_port_supported() -> bool:
@@ -57,8 +77,7 @@ class ReceivingProcesses:
         self.port = port
         self.count = count
         self._context = multiprocessing.get_context("spawn")  # no fork of a process running threads
-        self._processes: list[tuple[SpawnProcess, Event]] = []
-        """Each process and the event it sets once it listens (kept: the child reads it at its start)."""
+        self._processes: list[_Receiver] = []
 
     def start(self) -> ReceivingProcesses:
         """Start them and wait until each listens.
@@ -68,41 +87,66 @@ class ReceivingProcesses:
         """
         self._processes = [self._launch() for _ in range(self.count)]
         deadline = time.monotonic() + START_TIMEOUT_S
-        for process, listening in self._processes:
-            while not listening.wait(0.1):
+        for receiver in self._processes:
+            process = receiver.process
+            while not receiver.listening.wait(0.1):
                 if not process.is_alive() or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"a DICOM receiving process did not listen (exit code {process.exitcode})")
         return self
 
     def check(self) -> None:
-        """Start again each process that ended (the server's loop calls it every second)."""
-        for n, (process, _) in enumerate(self._processes):
-            if not process.is_alive():
-                log.warning("DICOM receiving process %d ended (exit code %s); starting it again", n + 1,
-                            process.exitcode)  # fmt: skip
+        """Start again each process that ended, once its :func:`restart_delay` is over (the server's
+        loop calls it every second)."""
+        now = time.monotonic()
+        for n, receiver in enumerate(self._processes):
+            process = receiver.process
+            if receiver.restart_at is None:
+                if process.is_alive():
+                    continue
+                receiver.delay_s = restart_delay(now - receiver.started, receiver.delay_s)
+                receiver.restart_at = now + receiver.delay_s
+                log.warning("DICOM receiving process %d ended (exit code %s); starting it again in %.0f s", n + 1,
+                            process.exitcode, receiver.delay_s)  # fmt: skip
+            if now >= receiver.restart_at:
                 process.close()
-                self._processes[n] = self._launch()
+                self._processes[n] = self._launch(delay_s=receiver.delay_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM each, wait for it to end its associations, SIGKILL the ones that do not."""
-        for process, _ in self._processes:
-            if process.is_alive():
-                process.terminate()
-        for process, _ in self._processes:
+        for receiver in self._processes:
+            if receiver.process.is_alive():
+                receiver.process.terminate()
+        for receiver in self._processes:
+            process = receiver.process
             process.join(timeout_s)
             if process.is_alive():
                 process.kill()
                 process.join(5)
         self._processes = []
 
-    def _launch(self) -> tuple[SpawnProcess, Event]:
-        """A receiving process, started, and the event it sets once it listens."""
+    def _launch(self, delay_s: float = 0.0) -> _Receiver:
+        """A receiving process, started; ``delay_s``: the wait before this start."""
         listening = self._context.Event()
         process = self._context.Process(target=receive, args=(self.settings, self.port, os.getpid(), listening),
                                         name="cbir-receiver")  # fmt: skip
         process.start()
-        return process, listening
+        return _Receiver(process, listening, time.monotonic(), delay_s)
+
+
+@dataclass
+class _Receiver:
+    """One receiving process as the server watches it."""
+
+    process: SpawnProcess
+    listening: Event
+    """Set by the process once it listens (kept here: the process reads it when it starts)."""
+    started: float
+    """``time.monotonic()`` at its start."""
+    delay_s: float
+    """The wait before this start (:func:`restart_delay`)."""
+    restart_at: float | None = None
+    """Once it ended: when it is started again."""
 
 
 def receive(settings: Settings, port: int, server_pid: int, listening: Event) -> None:
