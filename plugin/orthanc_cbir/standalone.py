@@ -54,8 +54,10 @@ def serve(settings: Settings, workers: int = 1) -> int:
     client = client_for(settings)  # connects on its first command
     queue = IngestQueue.for_settings(client, settings)
     spool = Spool(Path(settings.spool_dir), queue)
-    try:
-        app = create_app(settings, spool)  # refuses a non-loopback address without authentication
+    receivers = ReceivingProcesses(settings, settings.scp_processes - 1) if settings.scp_port and \
+        settings.scp_processes > 1 else None  # fmt: skip
+    try:  # refuses a non-loopback address without authentication
+        app = create_app(settings, spool, receiving=receivers.status if receivers is not None else None)
     except ValueError as exc:
         print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -73,13 +75,12 @@ def serve(settings: Settings, workers: int = 1) -> int:
     series_maker = SimilarSeriesMaker.factory(settings, client)  # for the Orthanc of CBIR_ORTHANC_URL, if any
     threads = [threading.Thread(target=Worker.from_settings(settings, client, series_maker).run, args=(stop,),
                                 name=f"worker-{n}", daemon=True) for n in range(workers)]  # fmt: skip
-    shared = settings.scp_processes > 1
+    shared = receivers is not None
     scp = StoreSCP(spool, settings.scp_aet, allowed).start(settings.scp_host, settings.scp_port, shared_port=shared) \
         if settings.scp_port else None  # fmt: skip
-    receivers = None
-    if scp is not None and shared:
+    if scp is not None and receivers is not None:
         try:
-            receivers = ReceivingProcesses(settings, scp.port, settings.scp_processes - 1).start()
+            receivers.start(scp.port)
         except RuntimeError as exc:
             print(f"orthanc-cbir serve: {exc}", file=sys.stderr, flush=True)
             scp.stop()

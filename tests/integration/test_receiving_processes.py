@@ -92,10 +92,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def indexed(server: StandaloneServer) -> int:
+def status(server: StandaloneServer) -> dict:
     request = urllib.request.Request(server.url + "/cbir/status", headers={"Authorization": f"Bearer {server.token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        return int(json.loads(response.read()).get("indexed", 0))
+        return json.loads(response.read())
+
+
+def indexed(server: StandaloneServer) -> int:
+    return int(status(server).get("indexed", 0))
 
 
 @pytest.fixture
@@ -109,6 +113,7 @@ def test_every_receiving_process_listens_on_the_one_port_and_spools_what_it_rece
     paths = synthetic_series(tmp_path / "push", slices=12, size=128)
     children = receiving_processes(server)
     assert len(children) == PROCESSES - 1
+    assert status(server)["receiving_processes"] == {"processes": PROCESSES, "running": PROCESSES - 1, "restarts": 0}
     before = {pid: written_bytes(pid) for pid in children}
     already = indexed(server)  # the Redis is the session's
     for path in paths:  # an association each: the kernel hands each to one of the listening processes
@@ -119,12 +124,16 @@ def test_every_receiving_process_listens_on_the_one_port_and_spools_what_it_rece
     assert max(written_bytes(pid) - before[pid] for pid in children) >= smallest
 
 
-def test_a_receiving_process_that_dies_is_started_again_and_the_port_keeps_receiving(server, tmp_path):
+def test_a_receiving_process_that_dies_is_started_again_is_counted_in_the_status_and_the_port_keeps_receiving(
+    server, tmp_path
+):
     first, *others = receiving_processes(server)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: first not in receiving_processes(server) and len(receiving_processes(server)) == PROCESSES - 1,
                30, "the receiving process started again")  # fmt: skip
     assert set(others) <= set(receiving_processes(server))
+    wait_until(lambda: status(server)["receiving_processes"] == {"processes": PROCESSES, "running": PROCESSES - 1,
+                                                                 "restarts": 1}, 30, "the restart in /cbir/status")
     wait_until(lambda: listening_sockets(server.dicom_port) == PROCESSES, 60,
                f"every process listening again ({listening_sockets(server.dicom_port)} now)")
     paths = synthetic_series(tmp_path / "push", slices=8, size=64)

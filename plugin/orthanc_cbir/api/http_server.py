@@ -165,13 +165,15 @@ def _refuse_open_exposure(host: str, authentication: str | None) -> None:
 
 
 def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_STOW_BYTES,
-               max_query_bytes: int | None = None,
-               similarity: SimilarityService | None = None) -> FastAPI:  # fmt: skip
+               max_query_bytes: int | None = None, similarity: SimilarityService | None = None,
+               receiving: Callable[[], dict[str, int]] | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app of the standalone server's HTTP API.
 
     ``spool`` receives STOW-RS instances; ``similarity`` defaults to one made on first use (Redis
-    may come up after the server). Raises ``ValueError`` for ``settings.http_host`` off loopback
-    without authentication, or a Basic user without a password."""
+    may come up after the server); ``receiving``: what ``/cbir/status`` says of the receiving
+    processes (:meth:`~orthanc_cbir.ingest.receivers.ReceivingProcesses.status`), if there are any.
+    Raises ``ValueError`` for ``settings.http_host`` off loopback without authentication, or a Basic
+    user without a password."""
     authentication = _authentication_scheme(settings)
     _refuse_open_exposure(settings.http_host, authentication)
     use_patient_key_secret(settings.patient_key_secret)  # the spool's workers key patients with it too
@@ -192,6 +194,8 @@ def create_app(settings: Settings, spool: Spool, *, max_stow_bytes: int = MAX_ST
             response = routes.status(settings)
             body = json.loads(response.body)
             body["spooled"] = spool.pending()  # received by this server, not yet indexed
+            if receiving is not None:
+                body["receiving_processes"] = receiving()
             return routes.Response.json(body, response.status)
 
         return _call(answer)
@@ -713,7 +717,13 @@ _SCHEMAS: dict[str, Any] = {
         "redis": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
         "model": _NULLABLE_STRING, "model_error": {"type": "string"},
         "indexed": {"type": "integer"}, "queued": {"type": "integer"}, "pending": {"type": "integer"},
-        "rejected": {"type": "integer"}, "spooled": {"type": "integer", "description": "received, not yet indexed"}}},
+        "rejected": {"type": "integer"}, "spooled": {"type": "integer", "description": "received, not yet indexed"},
+        "receiving_processes": {
+            "type": "object", "description": "with CBIR_SCP_PROCESSES > 1: the processes receiving on the DICOM port",
+            "required": ["processes", "running", "restarts"],
+            "properties": {"processes": {"type": "integer", "description": "the server's own included"},
+                           "running": {"type": "integer", "description": "how many of the others run now"},
+                           "restarts": {"type": "integer", "description": "started again after one ended"}}}}},
     "Rejected": {"type": "object", "required": ["rejected"], "properties": {"rejected": {"type": "array", "items": {
         "type": "object", "required": ["orthanc_id", "reason"],
         "properties": {"orthanc_id": {"type": "string",

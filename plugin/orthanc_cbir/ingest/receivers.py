@@ -69,22 +69,25 @@ def shared_port_supported() -> bool:
 
 
 class ReceivingProcesses:
-    """``count`` processes receiving on ``port``, beside a server whose own SCP listens there with
-    ``shared_port=True``."""
+    """``count`` processes receiving on one port (:meth:`start`), beside a server whose own SCP
+    listens there with ``shared_port=True``."""
 
-    def __init__(self, settings: Settings, port: int, count: int):
+    def __init__(self, settings: Settings, count: int):
         self.settings = settings
-        self.port = port
         self.count = count
+        self.port = 0
+        self.restarts = 0
+        """Receiving processes started again after one ended."""
         self._context = multiprocessing.get_context("spawn")  # no fork of a process running threads
         self._processes: list[_Receiver] = []
 
-    def start(self) -> ReceivingProcesses:
-        """Start them and wait until each listens.
+    def start(self, port: int) -> ReceivingProcesses:
+        """Start them on ``port`` and wait until each listens.
 
         Raises:
             RuntimeError: one ended, or did not listen within :data:`START_TIMEOUT_S` (its log says why).
         """
+        self.port = port
         self._processes = [self._launch() for _ in range(self.count)]
         deadline = time.monotonic() + START_TIMEOUT_S
         for receiver in self._processes:
@@ -111,6 +114,13 @@ class ReceivingProcesses:
             if now >= receiver.restart_at:
                 process.close()
                 self._processes[n] = self._launch(delay_s=receiver.delay_s)
+                self.restarts += 1
+
+    def status(self) -> dict[str, int]:
+        """What ``/cbir/status`` says of them: ``processes`` receiving on the port (the server's own
+        included), how many of the others run now, and how many were started again."""
+        running = sum(1 for receiver in self._processes if receiver.process.is_alive())
+        return {"processes": self.count + 1, "running": running, "restarts": self.restarts}
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM each, wait for it to end its associations, SIGKILL the ones that do not."""
