@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -64,8 +65,9 @@ def restart_delay(ran_s: float, previous_s: float) -> float:
 
 
 def shared_port_supported() -> bool:
-    """Whether this system lets several processes listen on one port (``SO_REUSEPORT``)."""
-    return hasattr(socket, "SO_REUSEPORT")
+    """Whether this system spreads the connections of one port over several listening processes:
+    Linux's ``SO_REUSEPORT`` (BSD and macOS have the option, but hand every connection to one socket)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 class ReceivingProcesses:
