@@ -5,6 +5,7 @@ Real processes: the server, its spawned receiving processes, redis-server and st
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import threading
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from orthanc_cbir.config import load_settings
 from orthanc_cbir.index import IndexInfo, IndexStore
-from orthanc_cbir.local_services import StandaloneServer
+from orthanc_cbir.ingest.receivers import ReceivingProcesses
+from orthanc_cbir.local_services import StandaloneServer, free_port
 from orthanc_cbir.model.embedder import Embedder
 from tests.integration.pushing import push, storescu, synthetic_series, wait_until
 
@@ -173,3 +176,34 @@ def test_a_receiving_process_killed_mid_association_loses_nothing_it_acknowledge
     kept = [uid for sent in acknowledged for uid in sent]
     wait_until(lambda: all(store.row(uid) is not None for uid in kept), 120,
                f"the {len(kept)} acknowledged instances indexed")  # fmt: skip
+
+
+def test_the_status_of_the_receiving_processes_can_be_read_while_one_is_started_again(redis_server, tmp_path):
+    """``/cbir/status`` reads it in an HTTP thread while the server's loop starts a process again;
+    the status asked each process whether it ran, one of them the process just closed: ValueError."""
+    settings = load_settings(env={}, redis_url=redis_server.url, spool_dir=str(tmp_path / "spool"))
+    receivers = ReceivingProcesses(settings, 1).start(free_port())
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def read_status() -> None:
+        while not done.is_set():
+            try:
+                receivers.status()
+            except BaseException as exc:  # noqa: BLE001 - what a status request would have answered 500 for
+                failures.append(exc)
+
+    reader = threading.Thread(target=read_status, daemon=True)
+    try:
+        reader.start()
+        for _ in range(3):  # kill it and start it again, three times, with the status read all along
+            (child,) = [process for process in multiprocessing.active_children() if process.name == "cbir-receiver"]
+            os.kill(child.pid, signal.SIGKILL)
+            restarts = receivers.restarts
+            wait_until(lambda r=restarts: receivers.check() or receivers.restarts > r, 30, "the process started again")
+    finally:
+        done.set()
+        reader.join(10)
+        receivers.stop()
+    assert not failures, failures[:1]
+    assert receivers.status()["restarts"] == 3

@@ -722,7 +722,8 @@ _SCHEMAS: dict[str, Any] = {
             "type": "object", "description": "with CBIR_SCP_PROCESSES > 1: the processes receiving on the DICOM port",
             "required": ["processes", "running", "restarts"],
             "properties": {"processes": {"type": "integer", "description": "the server's own included"},
-                           "running": {"type": "integer", "description": "how many of the others run now"},
+                           "running": {"type": "integer",
+                                       "description": "how many of the others ran at the last look (every second)"},
                            "restarts": {"type": "integer", "description": "started again after one ended"}}}}},
     "Rejected": {"type": "object", "required": ["rejected"], "properties": {"rejected": {"type": "array", "items": {
         "type": "object", "required": ["orthanc_id", "reason"],

@@ -120,8 +120,10 @@ class ReceivingProcesses:
 
     def status(self) -> dict[str, int]:
         """What ``/cbir/status`` says of them: ``processes`` receiving on the port (the server's own
-        included), how many of the others run now, and how many were started again."""
-        running = sum(1 for receiver in self._processes if receiver.process.is_alive())
+        included), how many of the others ran at the server's last look (:meth:`check`, every second),
+        and how many were started again. It asks no process: an HTTP thread reads it while
+        :meth:`check` closes the process it starts again."""
+        running = sum(1 for receiver in self._processes if receiver.restart_at is None)
         return {"processes": self.count + 1, "running": running, "restarts": self.restarts}
 
     def stop(self, timeout_s: float = 30.0) -> None:
